@@ -1,0 +1,917 @@
+//! The replicated state machine's data and its `apply`: pure, deterministic, no I/O.
+//!
+//! Every member applies the same commands in the same order and must end in the same
+//! state, so nothing here reads a clock (commands carry the leader's `at`), iterates a
+//! hash map in an order that matters, or touches a file. Persistence is the store's job:
+//! `apply` records which records it touched in [`Touched`], and the store writes those.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use starling_proto::{
+    Build, BuildStatus, Command, Event, Millis, Outcome, Rejection, Release, Repo, RepoSpec,
+    Transition,
+};
+
+/// The environment a repository's successful builds go to when `auto_deploy` is on.
+pub const DEFAULT_ENV: &str = "default";
+
+/// A repository with the fields the API never shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRepo {
+    pub repo: Repo,
+    pub webhook_secret: String,
+}
+
+/// What a repository's environment should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goal {
+    pub repo: String,
+    pub env: String,
+    pub release: String,
+    pub at: Millis,
+}
+
+/// The durable facts. Everything else in [`ControlState`] is derived from these.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Records {
+    pub repos: BTreeMap<String, StoredRepo>,
+    pub builds: BTreeMap<u64, Build>,
+    /// `events[i]` has index `i + 1`.
+    pub events: Vec<Event>,
+    pub releases: BTreeMap<String, Release>,
+    /// Keyed by `repo/env`.
+    pub goals: BTreeMap<String, Goal>,
+}
+
+/// Keys of the records an `apply` changed, for the store to write.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub repos: BTreeSet<String>,
+    pub builds: BTreeSet<u64>,
+    /// Events with an index at or above this were appended.
+    pub events_from: Option<u64>,
+    pub releases: BTreeSet<String>,
+    pub goals: BTreeSet<String>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        *self == Touched::default()
+    }
+}
+
+/// Look-ups derived from [`Records`], rebuilt on load rather than stored.
+#[derive(Debug, Default, Clone)]
+struct Indexes {
+    /// Queued builds; the smallest id is the oldest and is leased first.
+    queue: BTreeSet<u64>,
+    /// Running builds, for the lease reaper.
+    running: BTreeSet<u64>,
+    by_delivery: HashMap<String, u64>,
+    /// The newest build of each (repo, sha).
+    by_commit: HashMap<(String, String), u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ControlState {
+    records: Records,
+    index: Indexes,
+    touched: Touched,
+}
+
+/// Filter of `GET /v1/builds`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct BuildQuery {
+    pub repo: Option<String>,
+    pub status: Option<BuildStatus>,
+    /// A full sha or a prefix of one.
+    pub sha: Option<String>,
+    /// Only builds created at or after this time (ms).
+    pub since: Option<Millis>,
+    /// Only builds created before this time (ms).
+    pub until: Option<Millis>,
+    pub limit: Option<usize>,
+}
+
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+pub const MAX_LIST_LIMIT: usize = 100_000;
+
+impl ControlState {
+    pub fn from_records(records: Records) -> Self {
+        let mut index = Indexes::default();
+        for b in records.builds.values() {
+            index_build(&mut index, b);
+        }
+        ControlState {
+            records,
+            index,
+            touched: Touched::default(),
+        }
+    }
+
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// The records changed since the last call.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    pub fn repo(&self, name: &str) -> Option<&StoredRepo> {
+        self.records.repos.get(name)
+    }
+
+    pub fn build(&self, id: u64) -> Option<&Build> {
+        self.records.builds.get(&id)
+    }
+
+    pub fn last_event_index(&self) -> u64 {
+        self.records.events.len() as u64
+    }
+
+    /// Events with an index above `after`, at most `limit` of them.
+    pub fn events_after(&self, after: u64, limit: usize) -> &[Event] {
+        let start = (after as usize).min(self.records.events.len());
+        let end = start.saturating_add(limit).min(self.records.events.len());
+        &self.records.events[start..end]
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.index.queue.len()
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &Build> {
+        self.index
+            .running
+            .iter()
+            .filter_map(|id| self.records.builds.get(id))
+    }
+
+    /// Builds matching `q`, newest first.
+    pub fn list_builds(&self, q: &BuildQuery) -> Vec<Build> {
+        let limit = q
+            .limit
+            .unwrap_or(DEFAULT_LIST_LIMIT)
+            .clamp(1, MAX_LIST_LIMIT);
+        self.records
+            .builds
+            .values()
+            .rev()
+            .filter(|b| q.repo.as_ref().is_none_or(|r| &b.repo == r))
+            .filter(|b| q.status.is_none_or(|s| b.status == s))
+            .filter(|b| q.sha.as_ref().is_none_or(|s| b.sha.starts_with(s.as_str())))
+            .filter(|b| q.since.is_none_or(|t| b.created_at >= t))
+            .filter(|b| q.until.is_none_or(|t| b.created_at < t))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn list_repos(&self) -> Vec<Repo> {
+        self.records
+            .repos
+            .values()
+            .map(|r| r.repo.clone())
+            .collect()
+    }
+
+    /// Releases of `repo` (all repositories when `None`), newest first.
+    pub fn list_releases(&self, repo: Option<&str>) -> Vec<Release> {
+        let mut v: Vec<Release> = self
+            .records
+            .releases
+            .values()
+            .filter(|r| repo.is_none_or(|name| r.repo == name))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.build.cmp(&a.build)));
+        v
+    }
+
+    pub fn goals(&self) -> impl Iterator<Item = &Goal> {
+        self.records.goals.values()
+    }
+
+    /// Apply one committed command. Deterministic: the same state and command give the
+    /// same result everywhere.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::PutRepo { spec, at } => self.put_repo(spec, *at),
+            Command::QueueBuild {
+                repo,
+                sha,
+                trigger,
+                delivery,
+                force,
+                at,
+            } => self.queue_build(repo, sha, trigger, delivery.as_deref(), *force, *at),
+            Command::LeaseBuild { worker, ttl_ms, at } => self.lease_build(worker, *ttl_ms, *at),
+            Command::Heartbeat {
+                build,
+                worker,
+                attempt,
+                ttl_ms,
+                at,
+            } => self.heartbeat(*build, worker, *attempt, *ttl_ms, *at),
+            Command::CompleteBuild {
+                build,
+                worker,
+                attempt,
+                status,
+                release,
+                reason,
+                at,
+            } => self.complete_build(
+                *build,
+                worker,
+                *attempt,
+                *status,
+                release.clone(),
+                reason.clone(),
+                *at,
+            ),
+            Command::CancelBuild { build, at } => self.cancel_build(*build, *at),
+            Command::ExpireLeases {
+                builds,
+                max_attempts,
+                at,
+            } => self.expire_leases(builds, *max_attempts, *at),
+            Command::SetGoal {
+                repo,
+                env,
+                release,
+                at,
+            } => self.set_goal(repo, env, release, *at),
+            Command::Noop => Outcome::Done,
+        }
+    }
+
+    fn put_repo(&mut self, spec: &RepoSpec, at: Millis) -> Outcome {
+        if let Err(e) = validate_repo_spec(spec) {
+            return Outcome::Rejected(Rejection::Invalid(e));
+        }
+        let created_at = self
+            .records
+            .repos
+            .get(&spec.name)
+            .map_or(at, |r| r.repo.created_at);
+        let stored = StoredRepo {
+            repo: Repo {
+                name: spec.name.clone(),
+                url: spec.url.clone(),
+                branch: spec.branch.clone(),
+                auto_deploy: spec.auto_deploy,
+                created_at,
+            },
+            webhook_secret: spec.webhook_secret.clone(),
+        };
+        self.records.repos.insert(spec.name.clone(), stored);
+        self.touched.repos.insert(spec.name.clone());
+        self.push_event(Event {
+            kind: "repo:put".into(),
+            repo: Some(spec.name.clone()),
+            ..event_at(at)
+        });
+        Outcome::Done
+    }
+
+    fn queue_build(
+        &mut self,
+        repo: &str,
+        sha: &str,
+        trigger: &str,
+        delivery: Option<&str>,
+        force: bool,
+        at: Millis,
+    ) -> Outcome {
+        if !self.records.repos.contains_key(repo) {
+            return Outcome::Rejected(Rejection::UnknownRepo(repo.to_string()));
+        }
+        if sha.is_empty() || sha.len() > 64 || !sha.bytes().all(|c| c.is_ascii_alphanumeric()) {
+            return Outcome::Rejected(Rejection::Invalid(format!("bad commit id {sha:?}")));
+        }
+        if let Some(id) = delivery.and_then(|d| self.index.by_delivery.get(d)) {
+            if let Some(b) = self.records.builds.get(id) {
+                return Outcome::DuplicateDelivery(b.clone());
+            }
+        }
+        if !force {
+            let key = (repo.to_string(), sha.to_string());
+            if let Some(b) = self
+                .index
+                .by_commit
+                .get(&key)
+                .and_then(|id| self.records.builds.get(id))
+            {
+                return Outcome::DuplicateCommit(b.clone());
+            }
+        }
+        let id = self.records.builds.keys().next_back().map_or(1, |k| k + 1);
+        let build = Build {
+            id,
+            repo: repo.to_string(),
+            sha: sha.to_string(),
+            status: BuildStatus::Queued,
+            attempt: 1,
+            worker: None,
+            release: None,
+            reason: None,
+            trigger: trigger.to_string(),
+            delivery: delivery.map(str::to_string),
+            created_at: at,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            cancel_requested: false,
+            history: vec![Transition {
+                status: BuildStatus::Queued,
+                at,
+                attempt: 1,
+                worker: None,
+                reason: None,
+            }],
+        };
+        self.store_build(build.clone());
+        self.push_build_event("build:queued", &build, at);
+        Outcome::Queued(build)
+    }
+
+    fn lease_build(&mut self, worker: &str, ttl_ms: u64, at: Millis) -> Outcome {
+        let Some(&id) = self.index.queue.first() else {
+            return Outcome::NothingQueued;
+        };
+        let Some(mut b) = self.records.builds.get(&id).cloned() else {
+            return Outcome::NothingQueued;
+        };
+        b.status = BuildStatus::Running;
+        b.worker = Some(worker.to_string());
+        b.started_at = Some(at);
+        b.lease_expires_at = Some(at.saturating_add(ttl_ms));
+        b.history.push(Transition {
+            status: BuildStatus::Running,
+            at,
+            attempt: b.attempt,
+            worker: Some(worker.to_string()),
+            reason: None,
+        });
+        self.store_build(b.clone());
+        self.push_build_event("build:started", &b, at);
+        Outcome::Leased(b)
+    }
+
+    /// The running build `id` if `worker` holds its lease for `attempt`.
+    fn held_lease(&self, id: u64, worker: &str, attempt: u32) -> Result<&Build, Rejection> {
+        let b = self
+            .records
+            .builds
+            .get(&id)
+            .ok_or(Rejection::UnknownBuild(id))?;
+        if b.status != BuildStatus::Running
+            || b.worker.as_deref() != Some(worker)
+            || b.attempt != attempt
+        {
+            return Err(Rejection::NotLeaseHolder {
+                build: id,
+                worker: worker.to_string(),
+                attempt,
+            });
+        }
+        Ok(b)
+    }
+
+    fn heartbeat(
+        &mut self,
+        id: u64,
+        worker: &str,
+        attempt: u32,
+        ttl_ms: u64,
+        at: Millis,
+    ) -> Outcome {
+        let mut b = match self.held_lease(id, worker, attempt) {
+            Ok(b) => b.clone(),
+            Err(r) => return Outcome::Rejected(r),
+        };
+        let until = at.saturating_add(ttl_ms);
+        b.lease_expires_at = Some(until);
+        let cancel = b.cancel_requested;
+        self.store_build(b);
+        Outcome::LeaseExtended {
+            lease_expires_at: until,
+            cancel,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete_build(
+        &mut self,
+        id: u64,
+        worker: &str,
+        attempt: u32,
+        status: BuildStatus,
+        release: Option<String>,
+        reason: Option<String>,
+        at: Millis,
+    ) -> Outcome {
+        if !status.is_terminal() {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "{status} is not a final status"
+            )));
+        }
+        if status == BuildStatus::Succeeded && release.as_deref().is_some_and(str::is_empty) {
+            return Outcome::Rejected(Rejection::Invalid("empty release id".into()));
+        }
+        let mut b = match self.held_lease(id, worker, attempt) {
+            Ok(b) => b.clone(),
+            Err(r) => return Outcome::Rejected(r),
+        };
+        let release = if status == BuildStatus::Succeeded {
+            release
+        } else {
+            None
+        };
+        b.release = release.clone();
+        self.finish(&mut b, status, reason, at);
+        if let Some(rel) = release {
+            let record = Release {
+                id: rel.clone(),
+                repo: b.repo.clone(),
+                sha: b.sha.clone(),
+                build: b.id,
+                created_at: at,
+            };
+            self.records.releases.insert(rel.clone(), record);
+            self.touched.releases.insert(rel.clone());
+            self.push_event(Event {
+                kind: "release:created".into(),
+                repo: Some(b.repo.clone()),
+                build: Some(b.id),
+                sha: Some(b.sha.clone()),
+                detail: Some(rel.clone()),
+                ..event_at(at)
+            });
+            let auto = self
+                .records
+                .repos
+                .get(&b.repo)
+                .is_some_and(|r| r.repo.auto_deploy);
+            if auto {
+                self.set_goal(&b.repo, DEFAULT_ENV, &rel, at);
+            }
+        }
+        Outcome::Build(b)
+    }
+
+    fn cancel_build(&mut self, id: u64, at: Millis) -> Outcome {
+        let Some(mut b) = self.records.builds.get(&id).cloned() else {
+            return Outcome::Rejected(Rejection::UnknownBuild(id));
+        };
+        match b.status {
+            BuildStatus::Queued => {
+                self.finish(&mut b, BuildStatus::Cancelled, Some("cancelled".into()), at);
+            }
+            BuildStatus::Running => {
+                if !b.cancel_requested {
+                    b.cancel_requested = true;
+                    self.store_build(b.clone());
+                    self.push_build_event("build:cancel_requested", &b, at);
+                }
+            }
+            _ => return Outcome::Rejected(Rejection::AlreadyFinished(id)),
+        }
+        Outcome::Build(b)
+    }
+
+    fn expire_leases(&mut self, ids: &[u64], max_attempts: u32, at: Millis) -> Outcome {
+        let mut expired = Vec::new();
+        for &id in ids {
+            let Some(mut b) = self.records.builds.get(&id).cloned() else {
+                continue;
+            };
+            let lapsed =
+                b.status == BuildStatus::Running && b.lease_expires_at.is_some_and(|t| t <= at);
+            if !lapsed {
+                continue;
+            }
+            expired.push(id);
+            let lost = format!(
+                "worker lost: {} stopped renewing its lease",
+                b.worker.as_deref().unwrap_or("?")
+            );
+            if b.cancel_requested {
+                self.finish(&mut b, BuildStatus::Cancelled, Some(lost), at);
+            } else if b.attempt < max_attempts {
+                b.attempt += 1;
+                b.status = BuildStatus::Queued;
+                b.worker = None;
+                b.lease_expires_at = None;
+                b.history.push(Transition {
+                    status: BuildStatus::Queued,
+                    at,
+                    attempt: b.attempt,
+                    worker: None,
+                    reason: Some(lost.clone()),
+                });
+                b.reason = Some(lost);
+                self.store_build(b.clone());
+                self.push_build_event("build:requeued", &b, at);
+            } else {
+                let reason = format!("worker lost (after {} attempts)", b.attempt);
+                self.finish(&mut b, BuildStatus::Failed, Some(reason), at);
+            }
+        }
+        Outcome::Expired(expired)
+    }
+
+    fn set_goal(&mut self, repo: &str, env: &str, release: &str, at: Millis) -> Outcome {
+        if !self.records.repos.contains_key(repo) {
+            return Outcome::Rejected(Rejection::UnknownRepo(repo.to_string()));
+        }
+        let Some(rel) = self.records.releases.get(release).cloned() else {
+            return Outcome::Rejected(Rejection::Invalid(format!("unknown release {release}")));
+        };
+        if rel.repo != repo {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "release {release} belongs to {}",
+                rel.repo
+            )));
+        }
+        let key = format!("{repo}/{env}");
+        self.records.goals.insert(
+            key.clone(),
+            Goal {
+                repo: repo.to_string(),
+                env: env.to_string(),
+                release: release.to_string(),
+                at,
+            },
+        );
+        self.touched.goals.insert(key);
+        self.push_event(Event {
+            kind: "goal:set".into(),
+            repo: Some(repo.to_string()),
+            build: Some(rel.build),
+            sha: Some(rel.sha.clone()),
+            detail: Some(format!("{env}={release}")),
+            ..event_at(at)
+        });
+        Outcome::Release(rel)
+    }
+
+    /// Move `b` to a terminal status and record it.
+    fn finish(&mut self, b: &mut Build, status: BuildStatus, reason: Option<String>, at: Millis) {
+        b.status = status;
+        b.finished_at = Some(at);
+        b.lease_expires_at = None;
+        b.reason = reason.clone();
+        b.history.push(Transition {
+            status,
+            at,
+            attempt: b.attempt,
+            worker: b.worker.clone(),
+            reason,
+        });
+        self.store_build(b.clone());
+        self.push_build_event("build:completed", b, at);
+    }
+
+    fn store_build(&mut self, b: Build) {
+        if let Some(old) = self.records.builds.get(&b.id) {
+            unindex_build(&mut self.index, old);
+        }
+        index_build(&mut self.index, &b);
+        self.touched.builds.insert(b.id);
+        self.records.builds.insert(b.id, b);
+    }
+
+    fn push_build_event(&mut self, kind: &str, b: &Build, at: Millis) {
+        self.push_event(Event {
+            kind: kind.to_string(),
+            repo: Some(b.repo.clone()),
+            build: Some(b.id),
+            sha: Some(b.sha.clone()),
+            status: Some(b.status),
+            detail: b.reason.clone(),
+            ..event_at(at)
+        });
+    }
+
+    fn push_event(&mut self, mut e: Event) {
+        e.index = self.records.events.len() as u64 + 1;
+        self.touched.events_from.get_or_insert(e.index);
+        self.records.events.push(e);
+    }
+}
+
+fn event_at(at: Millis) -> Event {
+    Event {
+        index: 0,
+        at,
+        kind: String::new(),
+        repo: None,
+        build: None,
+        sha: None,
+        status: None,
+        detail: None,
+    }
+}
+
+fn index_build(ix: &mut Indexes, b: &Build) {
+    match b.status {
+        BuildStatus::Queued => {
+            ix.queue.insert(b.id);
+        }
+        BuildStatus::Running => {
+            ix.running.insert(b.id);
+        }
+        _ => {}
+    }
+    if let Some(d) = &b.delivery {
+        ix.by_delivery.insert(d.clone(), b.id);
+    }
+    let key = (b.repo.clone(), b.sha.clone());
+    let newest = ix.by_commit.entry(key).or_insert(b.id);
+    *newest = (*newest).max(b.id);
+}
+
+fn unindex_build(ix: &mut Indexes, b: &Build) {
+    ix.queue.remove(&b.id);
+    ix.running.remove(&b.id);
+}
+
+/// Names are `owner/name`-like: letters, digits, `-`, `_`, `.`, `/`; at most 200 bytes.
+pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), String> {
+    let ok_name = !spec.name.is_empty()
+        && spec.name.len() <= 200
+        && spec
+            .name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+        && !spec.name.starts_with('/')
+        && !spec.name.contains("..");
+    if !ok_name {
+        return Err(format!(
+            "bad repository name {:?}: use letters, digits, '-', '_', '.', '/'",
+            spec.name
+        ));
+    }
+    if spec.url.is_empty() || spec.url.len() > 2000 {
+        return Err("repository url must be 1..2000 bytes".into());
+    }
+    if spec.branch.is_empty() || spec.branch.len() > 250 {
+        return Err("branch must be 1..250 bytes".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_cmd() -> Command {
+        Command::PutRepo {
+            spec: RepoSpec {
+                name: "acme/web".into(),
+                url: "file:///tmp/x".into(),
+                branch: "main".into(),
+                webhook_secret: "s".into(),
+                auto_deploy: true,
+            },
+            at: 1,
+        }
+    }
+
+    fn queue(sha: &str, delivery: Option<&str>, force: bool, at: Millis) -> Command {
+        Command::QueueBuild {
+            repo: "acme/web".into(),
+            sha: sha.into(),
+            trigger: "github".into(),
+            delivery: delivery.map(Into::into),
+            force,
+            at,
+        }
+    }
+
+    fn lease(worker: &str, at: Millis) -> Command {
+        Command::LeaseBuild {
+            worker: worker.into(),
+            ttl_ms: 100,
+            at,
+        }
+    }
+
+    fn state() -> ControlState {
+        let mut s = ControlState::default();
+        assert_eq!(s.apply(&repo_cmd()), Outcome::Done);
+        s
+    }
+
+    #[test]
+    fn queue_is_idempotent_by_delivery_and_commit() {
+        let mut s = state();
+        assert!(matches!(
+            s.apply(&queue("aa", Some("d1"), false, 2)),
+            Outcome::Queued(_)
+        ));
+        assert!(matches!(
+            s.apply(&queue("bb", Some("d1"), false, 3)),
+            Outcome::DuplicateDelivery(b) if b.sha == "aa"
+        ));
+        assert!(matches!(
+            s.apply(&queue("aa", Some("d2"), false, 3)),
+            Outcome::DuplicateCommit(_)
+        ));
+        assert!(matches!(
+            s.apply(&queue("aa", Some("d3"), true, 4)),
+            Outcome::Queued(b) if b.id == 2
+        ));
+        assert_eq!(s.queued_len(), 2);
+    }
+
+    #[test]
+    fn unknown_repo_is_rejected_and_changes_nothing() {
+        let mut s = state();
+        let before = s.records().clone();
+        s.take_touched();
+        let out = s.apply(&Command::QueueBuild {
+            repo: "nope".into(),
+            sha: "aa".into(),
+            trigger: "manual".into(),
+            delivery: None,
+            force: false,
+            at: 5,
+        });
+        assert_eq!(
+            out,
+            Outcome::Rejected(Rejection::UnknownRepo("nope".into()))
+        );
+        assert_eq!(s.records(), &before);
+        assert!(s.take_touched().is_empty());
+    }
+
+    #[test]
+    fn lease_takes_oldest_and_expiry_requeues_then_fails() {
+        let mut s = state();
+        s.apply(&queue("aa", None, false, 2));
+        s.apply(&queue("bb", None, false, 3));
+        let Outcome::Leased(b) = s.apply(&lease("w1", 10)) else {
+            panic!("no lease")
+        };
+        assert_eq!((b.id, b.attempt, b.lease_expires_at), (1, 1, Some(110)));
+
+        // Not yet expired: nothing happens.
+        let out = s.apply(&Command::ExpireLeases {
+            builds: vec![1],
+            max_attempts: 2,
+            at: 109,
+        });
+        assert_eq!(out, Outcome::Expired(vec![]));
+
+        // Expired: back in the queue with attempt 2, ahead of build 2.
+        s.apply(&Command::ExpireLeases {
+            builds: vec![1],
+            max_attempts: 2,
+            at: 110,
+        });
+        let b = s.build(1).unwrap();
+        assert_eq!((b.status, b.attempt), (BuildStatus::Queued, 2));
+        let Outcome::Leased(b) = s.apply(&lease("w2", 200)) else {
+            panic!("no lease")
+        };
+        assert_eq!((b.id, b.attempt), (1, 2));
+
+        // The old worker's heartbeat is refused.
+        let hb = Command::Heartbeat {
+            build: 1,
+            worker: "w1".into(),
+            attempt: 1,
+            ttl_ms: 100,
+            at: 201,
+        };
+        assert!(matches!(s.apply(&hb), Outcome::Rejected(_)));
+
+        // Last attempt expires: failed, worker lost.
+        s.apply(&Command::ExpireLeases {
+            builds: vec![1],
+            max_attempts: 2,
+            at: 400,
+        });
+        let b = s.build(1).unwrap();
+        assert_eq!(b.status, BuildStatus::Failed);
+        assert!(b.reason.as_deref().unwrap().contains("worker lost"));
+        let statuses: Vec<_> = b.history.iter().map(|t| t.status).collect();
+        use BuildStatus::*;
+        assert_eq!(statuses, vec![Queued, Running, Queued, Running, Failed]);
+    }
+
+    #[test]
+    fn heartbeat_extends_and_complete_records_release_and_goal() {
+        let mut s = state();
+        s.apply(&queue("aa", None, false, 2));
+        s.apply(&lease("w1", 10));
+        let out = s.apply(&Command::Heartbeat {
+            build: 1,
+            worker: "w1".into(),
+            attempt: 1,
+            ttl_ms: 100,
+            at: 90,
+        });
+        assert_eq!(
+            out,
+            Outcome::LeaseExtended {
+                lease_expires_at: 190,
+                cancel: false
+            }
+        );
+        s.apply(&Command::ExpireLeases {
+            builds: vec![1],
+            max_attempts: 3,
+            at: 150,
+        });
+        assert_eq!(s.build(1).unwrap().status, BuildStatus::Running);
+        let out = s.apply(&Command::CompleteBuild {
+            build: 1,
+            worker: "w1".into(),
+            attempt: 1,
+            status: BuildStatus::Succeeded,
+            release: Some("r1".into()),
+            reason: None,
+            at: 160,
+        });
+        assert!(matches!(out, Outcome::Build(b) if b.status == BuildStatus::Succeeded));
+        assert_eq!(s.list_releases(Some("acme/web")).len(), 1);
+        assert_eq!(s.goals().next().unwrap().release, "r1");
+        let kinds: Vec<_> = s
+            .events_after(0, 100)
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "repo:put",
+                "build:queued",
+                "build:started",
+                "build:completed",
+                "release:created",
+                "goal:set"
+            ]
+        );
+    }
+
+    #[test]
+    fn cancel_queued_at_once_running_via_heartbeat() {
+        let mut s = state();
+        s.apply(&queue("aa", None, false, 2));
+        s.apply(&queue("bb", None, false, 2));
+        s.apply(&Command::CancelBuild { build: 2, at: 3 });
+        assert_eq!(s.build(2).unwrap().status, BuildStatus::Cancelled);
+        s.apply(&lease("w1", 10));
+        s.apply(&Command::CancelBuild { build: 1, at: 11 });
+        let out = s.apply(&Command::Heartbeat {
+            build: 1,
+            worker: "w1".into(),
+            attempt: 1,
+            ttl_ms: 100,
+            at: 12,
+        });
+        assert!(matches!(out, Outcome::LeaseExtended { cancel: true, .. }));
+        assert!(matches!(
+            s.apply(&Command::CancelBuild { build: 2, at: 13 }),
+            Outcome::Rejected(Rejection::AlreadyFinished(2))
+        ));
+    }
+
+    #[test]
+    fn rebuilt_indexes_match_live_ones() {
+        let mut s = state();
+        for i in 0..10 {
+            s.apply(&queue(&format!("c{i}"), Some(&format!("d{i}")), false, i));
+        }
+        s.apply(&lease("w", 20));
+        let rebuilt = ControlState::from_records(s.records().clone());
+        assert_eq!(rebuilt.index.queue, s.index.queue);
+        assert_eq!(rebuilt.index.running, s.index.running);
+        assert_eq!(rebuilt.index.by_delivery, s.index.by_delivery);
+    }
+
+    #[test]
+    fn list_filters_newest_first() {
+        let mut s = state();
+        s.apply(&queue("abc1", None, false, 2));
+        s.apply(&queue("abd2", None, false, 3));
+        s.apply(&queue("ffff", None, false, 4));
+        let q = BuildQuery {
+            sha: Some("ab".into()),
+            ..Default::default()
+        };
+        let ids: Vec<_> = s.list_builds(&q).iter().map(|b| b.id).collect();
+        assert_eq!(ids, vec![2, 1]);
+        let q = BuildQuery {
+            status: Some(BuildStatus::Running),
+            ..Default::default()
+        };
+        assert!(s.list_builds(&q).is_empty());
+    }
+}

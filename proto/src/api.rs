@@ -1,0 +1,249 @@
+//! Records and requests of the public HTTP API (JSON).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Millis;
+
+/// Where a build is in its life. The spelling (`snake_case`) is the API's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl BuildStatus {
+    pub const ALL: [BuildStatus; 6] = [
+        BuildStatus::Queued,
+        BuildStatus::Running,
+        BuildStatus::Succeeded,
+        BuildStatus::Failed,
+        BuildStatus::Cancelled,
+        BuildStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Running => "running",
+            BuildStatus::Succeeded => "succeeded",
+            BuildStatus::Failed => "failed",
+            BuildStatus::Cancelled => "cancelled",
+            BuildStatus::TimedOut => "timed_out",
+        }
+    }
+
+    /// A terminal status never changes again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, BuildStatus::Queued | BuildStatus::Running)
+    }
+}
+
+impl std::fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BuildStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BuildStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown build status {s:?} (expected one of queued, running, succeeded, failed, cancelled, timed_out)"
+                )
+            })
+    }
+}
+
+/// A repository as the API shows it. The webhook secret is never part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repo {
+    pub name: String,
+    pub url: String,
+    pub branch: String,
+    pub auto_deploy: bool,
+    pub created_at: Millis,
+}
+
+/// `POST /v1/repos`: register (or update) a repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoSpec {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// Shared secret of the GitHub webhook (HMAC key) or GitLab token.
+    #[serde(default)]
+    pub webhook_secret: String,
+    #[serde(default = "default_true")]
+    pub auto_deploy: bool,
+}
+
+fn default_branch() -> String {
+    "main".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One state change of a build; the history of a build is the list of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub status: BuildStatus,
+    pub at: Millis,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A build of one commit of one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Build {
+    pub id: u64,
+    pub repo: String,
+    pub sha: String,
+    pub status: BuildStatus,
+    /// 1 for the first lease; a lease that expires puts the build back with attempt+1.
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub release: Option<String>,
+    pub reason: Option<String>,
+    /// What asked for the build: `github`, `gitlab` or `manual`.
+    pub trigger: String,
+    /// The webhook delivery id, when a webhook asked for it.
+    pub delivery: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// While `running`: when the current lease ends unless renewed.
+    pub lease_expires_at: Option<Millis>,
+    pub cancel_requested: bool,
+    pub history: Vec<Transition>,
+}
+
+/// One entry of the append-only event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Monotonic, gap-free, starting at 1.
+    pub index: u64,
+    pub at: Millis,
+    /// `build:queued`, `build:started`, `build:requeued`, `build:completed`, `repo:added`, …
+    pub kind: String,
+    pub repo: Option<String>,
+    pub build: Option<u64>,
+    pub sha: Option<String>,
+    pub status: Option<BuildStatus>,
+    pub detail: Option<String>,
+}
+
+/// A release recorded by a successful build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: String,
+    pub repo: String,
+    pub sha: String,
+    pub build: u64,
+    pub created_at: Millis,
+}
+
+/// `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub voter: bool,
+}
+
+/// `POST /v1/trigger`: a build asked for by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerRequest {
+    pub repo: String,
+    /// Commit to build; the control plane does not resolve branch names, the worker does.
+    pub sha: Option<String>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Answer to a trigger or webhook that reached the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOutcome {
+    /// `queued`, `duplicate_delivery` or `duplicate_commit`.
+    pub outcome: String,
+    pub build: Build,
+}
+
+/// `POST /v1/leases`: a worker asks for work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub worker: String,
+    /// How long to wait for a queued build before answering 204, in ms (capped at 60 s).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// A granted lease: the build and until when it is the worker's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub build: Build,
+    pub attempt: u32,
+    pub lease_expires_at: Millis,
+    pub lease_ttl_ms: u64,
+}
+
+/// `POST /v1/builds/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub worker: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub lease_expires_at: Millis,
+    /// The build was cancelled: stop it and complete it as `cancelled`.
+    pub cancel: bool,
+}
+
+/// `POST /v1/builds/{id}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub worker: String,
+    pub attempt: u32,
+    /// One of the terminal statuses.
+    pub status: BuildStatus,
+    pub release: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/join` (cluster-internal): a new member asks to be added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// Every error body of the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

@@ -1,0 +1,128 @@
+//! The commands the control plane replicates through its Raft log, and what applying one
+//! answers. Every command carries the time `at` chosen by the proposing leader, so that
+//! applying it gives the same result on every member and on every replay.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Build, BuildStatus, Millis, Release, RepoSpec};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Register or update a repository.
+    PutRepo { spec: RepoSpec, at: Millis },
+    /// Queue a build of `sha`. Idempotent by `delivery` and, unless `force`, by (repo, sha).
+    QueueBuild {
+        repo: String,
+        sha: String,
+        trigger: String,
+        delivery: Option<String>,
+        force: bool,
+        at: Millis,
+    },
+    /// Hand the oldest queued build to `worker` until `at + ttl_ms`.
+    LeaseBuild {
+        worker: String,
+        ttl_ms: u64,
+        at: Millis,
+    },
+    /// Extend the lease of `build` held by `worker` for `attempt`.
+    Heartbeat {
+        build: u64,
+        worker: String,
+        attempt: u32,
+        ttl_ms: u64,
+        at: Millis,
+    },
+    /// The worker holding the lease reports the end of the build.
+    CompleteBuild {
+        build: u64,
+        worker: String,
+        attempt: u32,
+        status: BuildStatus,
+        release: Option<String>,
+        reason: Option<String>,
+        at: Millis,
+    },
+    /// Cancel a build: a queued one at once, a running one at its next heartbeat.
+    CancelBuild { build: u64, at: Millis },
+    /// Proposed by the lease reaper for leases it saw expire. Applying re-checks each
+    /// against `at`, so a stale proposal (the lease was renewed meanwhile) does nothing.
+    ExpireLeases {
+        builds: Vec<u64>,
+        max_attempts: u32,
+        at: Millis,
+    },
+    /// Set the release a repository's environment should run.
+    SetGoal {
+        repo: String,
+        env: String,
+        release: String,
+        at: Millis,
+    },
+    /// No state change; used to measure the write path.
+    Noop,
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::PutRepo { .. } => "put_repo",
+            Command::QueueBuild { .. } => "queue_build",
+            Command::LeaseBuild { .. } => "lease_build",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::CompleteBuild { .. } => "complete_build",
+            Command::CancelBuild { .. } => "cancel_build",
+            Command::ExpireLeases { .. } => "expire_leases",
+            Command::SetGoal { .. } => "set_goal",
+            Command::Noop => "noop",
+        }
+    }
+}
+
+/// What applying a command answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Outcome {
+    #[default]
+    Done,
+    /// A new build was queued.
+    Queued(Build),
+    /// The webhook delivery id was seen before: the build it made.
+    DuplicateDelivery(Build),
+    /// The commit already has a build and `force` was not set.
+    DuplicateCommit(Build),
+    /// A lease was granted.
+    Leased(Build),
+    /// Nothing is queued.
+    NothingQueued,
+    /// Heartbeat accepted.
+    LeaseExtended {
+        lease_expires_at: Millis,
+        cancel: bool,
+    },
+    /// The build is in its new state.
+    Build(Build),
+    /// The builds whose leases had expired: requeued or failed.
+    Expired(Vec<u64>),
+    Release(Release),
+    /// The command was refused; nothing changed.
+    Rejected(Rejection),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown repository {0}")]
+    UnknownRepo(String),
+    #[error("unknown build {0}")]
+    UnknownBuild(u64),
+    #[error("build {build} is not leased to {worker} for attempt {attempt}")]
+    NotLeaseHolder {
+        build: u64,
+        worker: String,
+        attempt: u32,
+    },
+    #[error("build {0} has already finished")]
+    AlreadyFinished(u64),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,19 @@
+//! Starling's wire vocabulary.
+//!
+//! This crate owns every type that crosses a process boundary: the records the public
+//! HTTP API returns (`Build`, `Repo`, `Event`, …), the requests it accepts, and the
+//! commands that the control plane replicates through Raft. It is pure data — no I/O,
+//! no clocks, no policy — so that every process (control member, worker, node, CLI)
+//! agrees on one spelling of each field. Field names are part of the public interface
+//! (`SPEC.md` beside this crate); renaming one is a breaking change.
+
+pub mod api;
+pub mod command;
+
+pub use api::*;
+pub use command::*;
+
+/// Milliseconds since the Unix epoch. Every timestamp in Starling is one of these,
+/// chosen by the Raft leader when it proposes a command so that applying the log is
+/// deterministic on every member.
+pub type Millis = u64;
