@@ -1,2 +1,18 @@
 pub mod state;
 pub mod webhook;
+pub mod network;
+pub mod store;
+
+use starling_proto::{Command, Outcome};
+
+openraft::declare_raft_types!(
+    /// Raft types of the control plane: commands in, outcomes out, members addressed by
+    /// their HTTP address.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+);
+
+/// A member's Raft id.
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig, store::StateMachineStore>;

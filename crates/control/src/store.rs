@@ -1,0 +1,587 @@
+//! Raft log and state machine, both persisted in one redb file under `--data-dir`.
+//!
+//! The log store commits every append, vote and purge with `Durability::Immediate` (an
+//! fsync) before openraft is told it is done, so nothing is acknowledged that a crash could
+//! lose. The state machine writes the records each batch of entries touched with
+//! `Durability::None`: the next log commit makes them durable, and if a crash comes first
+//! openraft re-applies the committed entries after `last_applied` on restart. Snapshots are
+//! the whole [`Records`] serialized as JSON and are stored durably before they are used.
+
+use std::io;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::type_config::alias::{
+    EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf,
+};
+use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use starling_proto::Outcome;
+use tokio::sync::watch;
+
+use crate::state::{ControlState, Records, Touched};
+use crate::TypeConfig;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
+const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
+const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
+
+const K_VOTE: &str = "vote";
+const K_COMMITTED: &str = "committed";
+const K_PURGED: &str = "last_purged";
+const K_APPLIED: &str = "sm_last_applied";
+const K_MEMBERSHIP: &str = "sm_membership";
+const K_SNAPSHOT: &str = "snapshot";
+
+/// Open (or create) the member's database.
+pub fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
+    std::fs::create_dir_all(dir)?;
+    let db = Database::create(dir.join("control.redb")).map_err(io::Error::other)?;
+    let txn = db.begin_write().map_err(io::Error::other)?;
+    {
+        // Create every table so that readers never meet a missing one.
+        txn.open_table(LOG).map_err(io::Error::other)?;
+        txn.open_table(META).map_err(io::Error::other)?;
+        txn.open_table(REPOS).map_err(io::Error::other)?;
+        txn.open_table(BUILDS).map_err(io::Error::other)?;
+        txn.open_table(EVENTS).map_err(io::Error::other)?;
+        txn.open_table(RELEASES).map_err(io::Error::other)?;
+        txn.open_table(GOALS).map_err(io::Error::other)?;
+    }
+    txn.commit().map_err(io::Error::other)?;
+    Ok(Arc::new(db))
+}
+
+fn enc<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
+    let txn = db.begin_read().map_err(io::Error::other)?;
+    let t = txn.open_table(META).map_err(io::Error::other)?;
+    match t.get(key).map_err(io::Error::other)? {
+        Some(v) => Ok(Some(dec(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Run `f` in a write transaction and commit it with `durability`, off the async threads.
+async fn write<F>(db: &Arc<Database>, durability: Durability, f: F) -> io::Result<()>
+where
+    F: FnOnce(&redb::WriteTransaction) -> io::Result<()> + Send + 'static,
+{
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut txn = db.begin_write().map_err(io::Error::other)?;
+        txn.set_durability(durability).map_err(io::Error::other)?;
+        f(&txn)?;
+        txn.commit().map_err(io::Error::other)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+// ---------------------------------------------------------------------------------------
+// Log store
+
+/// The Raft log, vote and purge marker.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<Database>) -> Self {
+        LogStore { db }
+    }
+
+    async fn put_meta<T: Serialize>(&self, key: &'static str, v: &T) -> io::Result<()> {
+        let bytes = enc(v)?;
+        write(&self.db, Durability::Immediate, move |txn| {
+            let mut t = txn.open_table(META).map_err(io::Error::other)?;
+            t.insert(key, bytes.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+        let db = self.db.clone();
+        let start = range.start_bound().cloned();
+        let end = range.end_bound().cloned();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(io::Error::other)?;
+            let t = txn.open_table(LOG).map_err(io::Error::other)?;
+            let mut out = Vec::new();
+            for item in t.range::<u64>((start, end)).map_err(io::Error::other)? {
+                let (_, v) = item.map_err(io::Error::other)?;
+                out.push(dec(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
+        read_meta(&self.db, K_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = read_meta(&self.db, K_PURGED)?;
+        let last = {
+            let txn = self.db.begin_read().map_err(io::Error::other)?;
+            let t = txn.open_table(LOG).map_err(io::Error::other)?;
+            let last = t.last().map_err(io::Error::other)?;
+            match last {
+                Some((_, v)) => Some(dec::<EntryOf<TypeConfig>>(v.value())?.log_id()),
+                None => None,
+            }
+        };
+        Ok(LogState {
+            last_log_id: last.or_else(|| last_purged_log_id.clone()),
+            last_purged_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
+        self.put_meta(K_VOTE, vote).await
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
+        // Committed is a hint for faster recovery, not a safety property: no fsync needed.
+        let bytes = enc(&committed)?;
+        write(&self.db, Durability::None, move |txn| {
+            let mut t = txn.open_table(META).map_err(io::Error::other)?;
+            t.insert(K_COMMITTED, bytes.as_slice())
+                .map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
+        Ok(read_meta::<Option<LogIdOf<TypeConfig>>>(&self.db, K_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            rows.push((e.index(), enc(&e)?));
+        }
+        let res = write(&self.db, Durability::Immediate, move |txn| {
+            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
+            for (k, v) in &rows {
+                t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
+            }
+            Ok(())
+        })
+        .await;
+        let ret = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        callback.io_completed(res);
+        ret
+    }
+
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        write(&self.db, Durability::Immediate, move |txn| {
+            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
+            t.retain_in(from.., |_, _| false).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
+        let marker = enc(&log_id)?;
+        let upto = log_id.index();
+        write(&self.db, Durability::Immediate, move |txn| {
+            let mut m = txn.open_table(META).map_err(io::Error::other)?;
+            m.insert(K_PURGED, marker.as_slice())
+                .map_err(io::Error::other)?;
+            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
+            t.retain_in(..=upto, |_, _| false).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// State machine
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMetaOf<TypeConfig>,
+    data: Vec<u8>,
+}
+
+/// Shared view of the applied state, for the API's reads. Never held across an await.
+pub type SharedState = Arc<RwLock<ControlState>>;
+
+/// The state machine: [`ControlState`] in memory, its records in redb.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    state: SharedState,
+    last_applied: Option<LogIdOf<TypeConfig>>,
+    membership: StoredMembershipOf<TypeConfig>,
+    /// The index of the newest event, for long-polls.
+    events_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachineStore {
+    /// Load the state machine from `db`, preferring the stored snapshot when the records
+    /// are older than it.
+    pub fn open(db: Arc<Database>) -> io::Result<Self> {
+        let last_applied: Option<LogIdOf<TypeConfig>> = read_meta(&db, K_APPLIED)?;
+        let membership: StoredMembershipOf<TypeConfig> =
+            read_meta(&db, K_MEMBERSHIP)?.unwrap_or_default();
+        let records = load_records(&db)?;
+        let events = records.events.len() as u64;
+        let (tx, _) = watch::channel(events);
+        let mut sm = StateMachineStore {
+            db,
+            state: Arc::new(RwLock::new(ControlState::from_records(records))),
+            last_applied,
+            membership,
+            events_tx: Arc::new(tx),
+        };
+        if let Some(snap) = read_meta::<StoredSnapshot>(&sm.db, K_SNAPSHOT)? {
+            let newer = snap.meta.last_log_id.as_ref().map(|l| l.index())
+                > sm.last_applied.as_ref().map(|l| l.index());
+            if newer {
+                sm.replace_records(&snap.meta, dec(&snap.data)?, Durability::Immediate)?;
+            }
+        }
+        Ok(sm)
+    }
+
+    pub fn shared(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    pub fn events(&self) -> watch::Receiver<u64> {
+        self.events_tx.subscribe()
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ControlState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, ControlState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace every record with `records` (snapshot install or load).
+    fn replace_records(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        records: Records,
+        durability: Durability,
+    ) -> io::Result<()> {
+        let mut txn = self.db.begin_write().map_err(io::Error::other)?;
+        txn.set_durability(durability).map_err(io::Error::other)?;
+        txn.delete_table(REPOS).map_err(io::Error::other)?;
+        txn.delete_table(BUILDS).map_err(io::Error::other)?;
+        txn.delete_table(EVENTS).map_err(io::Error::other)?;
+        txn.delete_table(RELEASES).map_err(io::Error::other)?;
+        txn.delete_table(GOALS).map_err(io::Error::other)?;
+        let state = ControlState::from_records(records);
+        Rows::encode(&state, &all_touched(state.records()))?.write(&txn)?;
+        {
+            let mut m = txn.open_table(META).map_err(io::Error::other)?;
+            m.insert(K_APPLIED, enc(&meta.last_log_id)?.as_slice())
+                .map_err(io::Error::other)?;
+            m.insert(K_MEMBERSHIP, enc(&meta.last_membership)?.as_slice())
+                .map_err(io::Error::other)?;
+        }
+        txn.commit().map_err(io::Error::other)?;
+        let events = state.last_event_index();
+        *self.write_state() = state;
+        self.last_applied = meta.last_log_id.clone();
+        self.membership = meta.last_membership.clone();
+        self.events_tx.send_replace(events);
+        Ok(())
+    }
+}
+
+fn load_records(db: &Database) -> io::Result<Records> {
+    let txn = db.begin_read().map_err(io::Error::other)?;
+    let mut r = Records::default();
+    for item in txn.open_table(REPOS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+        let (k, v) = item.map_err(io::Error::other)?;
+        r.repos.insert(k.value().to_string(), dec(v.value())?);
+    }
+    for item in txn.open_table(BUILDS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+        let (k, v) = item.map_err(io::Error::other)?;
+        r.builds.insert(k.value(), dec(v.value())?);
+    }
+    for item in txn.open_table(EVENTS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+        let (_, v) = item.map_err(io::Error::other)?;
+        r.events.push(dec(v.value())?);
+    }
+    for item in txn.open_table(RELEASES).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+        let (k, v) = item.map_err(io::Error::other)?;
+        r.releases.insert(k.value().to_string(), dec(v.value())?);
+    }
+    for item in txn.open_table(GOALS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+        let (k, v) = item.map_err(io::Error::other)?;
+        r.goals.insert(k.value().to_string(), dec(v.value())?);
+    }
+    Ok(r)
+}
+
+fn all_touched(r: &Records) -> Touched {
+    Touched {
+        repos: r.repos.keys().cloned().collect(),
+        builds: r.builds.keys().copied().collect(),
+        events_from: (!r.events.is_empty()).then_some(1),
+        releases: r.releases.keys().cloned().collect(),
+        goals: r.goals.keys().cloned().collect(),
+    }
+}
+
+/// Encoded records ready to be written: the rows an `apply` batch touched.
+#[derive(Default)]
+struct Rows {
+    repos: Vec<(String, Vec<u8>)>,
+    builds: Vec<(u64, Vec<u8>)>,
+    events: Vec<(u64, Vec<u8>)>,
+    releases: Vec<(String, Vec<u8>)>,
+    goals: Vec<(String, Vec<u8>)>,
+}
+
+impl Rows {
+    /// Encode the records named in `touched`. Runs under the state lock, so it only
+    /// serializes; the write happens later without the lock.
+    fn encode(state: &ControlState, touched: &Touched) -> io::Result<Rows> {
+        let r = state.records();
+        let mut rows = Rows::default();
+        for k in &touched.repos {
+            if let Some(v) = r.repos.get(k) {
+                rows.repos.push((k.clone(), enc(v)?));
+            }
+        }
+        for k in &touched.builds {
+            if let Some(v) = r.builds.get(k) {
+                rows.builds.push((*k, enc(v)?));
+            }
+        }
+        if let Some(from) = touched.events_from {
+            for e in state.events_after(from - 1, usize::MAX) {
+                rows.events.push((e.index, enc(e)?));
+            }
+        }
+        for k in &touched.releases {
+            if let Some(v) = r.releases.get(k) {
+                rows.releases.push((k.clone(), enc(v)?));
+            }
+        }
+        for k in &touched.goals {
+            if let Some(v) = r.goals.get(k) {
+                rows.goals.push((k.clone(), enc(v)?));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn write(&self, txn: &redb::WriteTransaction) -> io::Result<()> {
+        let mut t = txn.open_table(REPOS).map_err(io::Error::other)?;
+        for (k, v) in &self.repos {
+            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+        }
+        let mut t = txn.open_table(BUILDS).map_err(io::Error::other)?;
+        for (k, v) in &self.builds {
+            t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
+        }
+        let mut t = txn.open_table(EVENTS).map_err(io::Error::other)?;
+        for (k, v) in &self.events {
+            t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
+        }
+        let mut t = txn.open_table(RELEASES).map_err(io::Error::other)?;
+        for (k, v) in &self.releases {
+            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+        }
+        let mut t = txn.open_table(GOALS).map_err(io::Error::other)?;
+        for (k, v) in &self.goals {
+            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
+        // The builder is a clone taken when openraft asked for it; `last_applied` and the
+        // records below are read together under the lock so they agree.
+        let (data, meta) = {
+            let st = self.read_state();
+            let data = enc(st.records())?;
+            let meta = SnapshotMetaOf::<TypeConfig> {
+                last_log_id: self.last_applied.clone(),
+                last_membership: self.membership.clone(),
+            };
+            (data, meta)
+        };
+        let stored = enc(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })?;
+        write(&self.db, Durability::Immediate, move |txn| {
+            let mut m = txn.open_table(META).map_err(io::Error::other)?;
+            m.insert(K_SNAPSHOT, stored.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(last = ?meta.last_log_id, bytes = data.len(), "snapshot built");
+        Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+            meta,
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
+        Ok((self.last_applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id();
+            let outcome = match entry.payload {
+                EntryPayload::Blank => Outcome::Done,
+                EntryPayload::Normal(cmd) => self.write_state().apply(&cmd),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), m);
+                    Outcome::Done
+                }
+            };
+            self.last_applied = Some(log_id);
+            if let Some(r) = responder {
+                responders.push((r, outcome));
+            }
+        }
+        // Persist what this batch touched, then answer: a reader that sees the answer
+        // can read the same state back from this member.
+        let (rows, new_events) = {
+            let mut st = self.write_state();
+            let touched = st.take_touched();
+            (Rows::encode(&st, &touched)?, touched.events_from.is_some())
+        };
+        let applied = enc(&self.last_applied)?;
+        let membership = enc(&self.membership)?;
+        write(&self.db, Durability::None, move |txn| {
+            rows.write(txn)?;
+            let mut m = txn.open_table(META).map_err(io::Error::other)?;
+            m.insert(K_APPLIED, applied.as_slice()).map_err(io::Error::other)?;
+            m.insert(K_MEMBERSHIP, membership.as_slice())
+                .map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await?;
+        if new_events {
+            let last = self.read_state().last_event_index();
+            self.events_tx.send_replace(last);
+        }
+        for (r, outcome) in responders {
+            r.send(outcome);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        let records: Records = dec(&snapshot)?;
+        let stored = enc(&StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        })?;
+        write(&self.db, Durability::Immediate, move |txn| {
+            let mut m = txn.open_table(META).map_err(io::Error::other)?;
+            m.insert(K_SNAPSHOT, stored.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await?;
+        let mut this = self.clone();
+        let meta = meta.clone();
+        let this = tokio::task::spawn_blocking(move || {
+            this.replace_records(&meta, records, Durability::Immediate)
+                .map(|_| this)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.last_applied = this.last_applied;
+        self.membership = this.membership;
+        tracing::info!(last = ?self.last_applied, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
+        Ok(read_meta::<StoredSnapshot>(&self.db, K_SNAPSHOT)?.map(|s| {
+            SnapshotOf::<TypeConfig, Vec<u8>> {
+                meta: s.meta,
+                snapshot: s.data,
+            }
+        }))
+    }
+}
+
