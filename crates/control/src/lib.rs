@@ -1,7 +1,10 @@
-pub mod state;
-pub mod webhook;
+pub mod api;
 pub mod network;
+pub mod reaper;
+pub mod server;
+pub mod state;
 pub mod store;
+pub mod webhook;
 
 use starling_proto::{Command, Outcome};
 

@@ -146,11 +146,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let req = (vote, snapshot.meta, snapshot.snapshot);
         tokio::pin!(cancel);
         // A snapshot can be large; give it far longer than a heartbeat-sized RPC.
-        let call = self.call::<_, SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(
-            "snapshot",
-            &req,
-            Duration::from_secs(120),
-        );
+        let call = self
+            .call::<_, SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(
+                "snapshot",
+                &req,
+                Duration::from_secs(120),
+            );
         tokio::select! {
             closed = &mut cancel => Err(StreamingError::Closed(closed)),
             res = call => {

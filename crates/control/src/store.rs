@@ -194,7 +194,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(read_meta::<Option<LogIdOf<TypeConfig>>>(&self.db, K_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -211,7 +215,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await;
-        let ret = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        let ret = res
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
         callback.io_completed(res);
         ret
     }
@@ -223,7 +230,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
         write(&self.db, Durability::Immediate, move |txn| {
             let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
-            t.retain_in(from.., |_, _| false).map_err(io::Error::other)?;
+            t.retain_in(from.., |_, _| false)
+                .map_err(io::Error::other)?;
             Ok(())
         })
         .await
@@ -237,7 +245,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             m.insert(K_PURGED, marker.as_slice())
                 .map_err(io::Error::other)?;
             let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
-            t.retain_in(..=upto, |_, _| false).map_err(io::Error::other)?;
+            t.retain_in(..=upto, |_, _| false)
+                .map_err(io::Error::other)?;
             Ok(())
         })
         .await
@@ -346,23 +355,48 @@ impl StateMachineStore {
 fn load_records(db: &Database) -> io::Result<Records> {
     let txn = db.begin_read().map_err(io::Error::other)?;
     let mut r = Records::default();
-    for item in txn.open_table(REPOS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+    for item in txn
+        .open_table(REPOS)
+        .map_err(io::Error::other)?
+        .iter()
+        .map_err(io::Error::other)?
+    {
         let (k, v) = item.map_err(io::Error::other)?;
         r.repos.insert(k.value().to_string(), dec(v.value())?);
     }
-    for item in txn.open_table(BUILDS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+    for item in txn
+        .open_table(BUILDS)
+        .map_err(io::Error::other)?
+        .iter()
+        .map_err(io::Error::other)?
+    {
         let (k, v) = item.map_err(io::Error::other)?;
         r.builds.insert(k.value(), dec(v.value())?);
     }
-    for item in txn.open_table(EVENTS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+    for item in txn
+        .open_table(EVENTS)
+        .map_err(io::Error::other)?
+        .iter()
+        .map_err(io::Error::other)?
+    {
         let (_, v) = item.map_err(io::Error::other)?;
         r.events.push(dec(v.value())?);
     }
-    for item in txn.open_table(RELEASES).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+    for item in txn
+        .open_table(RELEASES)
+        .map_err(io::Error::other)?
+        .iter()
+        .map_err(io::Error::other)?
+    {
         let (k, v) = item.map_err(io::Error::other)?;
         r.releases.insert(k.value().to_string(), dec(v.value())?);
     }
-    for item in txn.open_table(GOALS).map_err(io::Error::other)?.iter().map_err(io::Error::other)? {
+    for item in txn
+        .open_table(GOALS)
+        .map_err(io::Error::other)?
+        .iter()
+        .map_err(io::Error::other)?
+    {
         let (k, v) = item.map_err(io::Error::other)?;
         r.goals.insert(k.value().to_string(), dec(v.value())?);
     }
@@ -426,7 +460,8 @@ impl Rows {
     fn write(&self, txn: &redb::WriteTransaction) -> io::Result<()> {
         let mut t = txn.open_table(REPOS).map_err(io::Error::other)?;
         for (k, v) in &self.repos {
-            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+            t.insert(k.as_str(), v.as_slice())
+                .map_err(io::Error::other)?;
         }
         let mut t = txn.open_table(BUILDS).map_err(io::Error::other)?;
         for (k, v) in &self.builds {
@@ -438,11 +473,13 @@ impl Rows {
         }
         let mut t = txn.open_table(RELEASES).map_err(io::Error::other)?;
         for (k, v) in &self.releases {
-            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+            t.insert(k.as_str(), v.as_slice())
+                .map_err(io::Error::other)?;
         }
         let mut t = txn.open_table(GOALS).map_err(io::Error::other)?;
         for (k, v) in &self.goals {
-            t.insert(k.as_str(), v.as_slice()).map_err(io::Error::other)?;
+            t.insert(k.as_str(), v.as_slice())
+                .map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -469,7 +506,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         })?;
         write(&self.db, Durability::Immediate, move |txn| {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_SNAPSHOT, stored.as_slice()).map_err(io::Error::other)?;
+            m.insert(K_SNAPSHOT, stored.as_slice())
+                .map_err(io::Error::other)?;
             Ok(())
         })
         .await?;
@@ -502,7 +540,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Outcome::Done,
                 EntryPayload::Normal(cmd) => self.write_state().apply(&cmd),
                 EntryPayload::Membership(m) => {
-                    self.membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), m);
+                    self.membership =
+                        StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), m);
                     Outcome::Done
                 }
             };
@@ -523,7 +562,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         write(&self.db, Durability::None, move |txn| {
             rows.write(txn)?;
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_APPLIED, applied.as_slice()).map_err(io::Error::other)?;
+            m.insert(K_APPLIED, applied.as_slice())
+                .map_err(io::Error::other)?;
             m.insert(K_MEMBERSHIP, membership.as_slice())
                 .map_err(io::Error::other)?;
             Ok(())
@@ -555,7 +595,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })?;
         write(&self.db, Durability::Immediate, move |txn| {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_SNAPSHOT, stored.as_slice()).map_err(io::Error::other)?;
+            m.insert(K_SNAPSHOT, stored.as_slice())
+                .map_err(io::Error::other)?;
             Ok(())
         })
         .await?;
@@ -576,12 +617,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(read_meta::<StoredSnapshot>(&self.db, K_SNAPSHOT)?.map(|s| {
-            SnapshotOf::<TypeConfig, Vec<u8>> {
+        Ok(
+            read_meta::<StoredSnapshot>(&self.db, K_SNAPSHOT)?.map(|s| SnapshotOf::<
+                TypeConfig,
+                Vec<u8>,
+            > {
                 meta: s.meta,
                 snapshot: s.data,
-            }
-        }))
+            }),
+        )
     }
 }
-

@@ -1,0 +1,273 @@
+//! One control-plane member: opens its redb file, starts openraft, serves the HTTP API and
+//! Raft RPC on one port, bootstraps or joins the cluster, and runs the lease reaper while
+//! it leads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
+use starling_proto::{Command, JoinRequest, Millis, Outcome};
+use tokio::sync::watch;
+
+use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
+use crate::reaper::LeaseReaper;
+use crate::store::{open_db, LogStore, SharedState, StateMachineStore};
+use crate::{NodeId, Raft};
+
+/// Everything a member needs to start.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// Address other members and clients use to reach this one (defaults to `listen`).
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    /// Bearer token for mutating API calls.
+    pub api_token: String,
+    /// Shared secret of the members' Raft RPC.
+    pub cluster_key: String,
+    pub lease_ttl: Duration,
+    pub max_attempts: u32,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// What the HTTP handlers share.
+pub struct Member {
+    pub cfg: ControlConfig,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub events: watch::Receiver<u64>,
+    pub http: reqwest::Client,
+}
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+impl Member {
+    /// Propose `cmd` on this member, which must be the leader.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let name = cmd.name();
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => {
+                if e.forward_to_leader().is_some() {
+                    Err(ProposeError::NotLeader)
+                } else {
+                    tracing::warn!(command = name, error = %e, "proposal failed");
+                    Err(ProposeError::Raft(e.to_string()))
+                }
+            }
+        }
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, crate::state::ControlState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leader's id and HTTP address, as this member knows them.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        let addr = m
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.addr.clone())?;
+        Some((leader, addr))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this member is not the leader")]
+    NotLeader,
+    #[error("{0}")]
+    Raft(String),
+}
+
+/// Start a member and serve until the process ends.
+pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
+    if cfg.cluster_key.len() < 16 {
+        return Err(ControlError::Config(
+            "the cluster key must be at least 16 characters (STARLING_CLUSTER_KEY)".into(),
+        ));
+    }
+    if cfg.api_token.is_empty() {
+        return Err(ControlError::Config(
+            "an API token is required (STARLING_TOKEN or --token)".into(),
+        ));
+    }
+    let db = open_db(&cfg.data_dir)?;
+    let log = LogStore::new(db.clone());
+    let sm = StateMachineStore::open(db)?;
+    let state = sm.shared();
+    let events = sm.events();
+
+    let raft_cfg = Config {
+        cluster_name: "starling".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: 500,
+        ..Default::default()
+    };
+    let raft_cfg = Arc::new(
+        raft_cfg
+            .validate()
+            .map_err(|e| ControlError::Config(e.to_string()))?,
+    );
+    let raft = Raft::new(
+        cfg.id,
+        raft_cfg,
+        PeerNetwork::new(cfg.cluster_key.clone()),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| ControlError::Raft(e.to_string()))?;
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| ControlError::Config(e.to_string()))?;
+    let member = Arc::new(Member {
+        cfg: cfg.clone(),
+        raft: raft.clone(),
+        state,
+        events,
+        http,
+    });
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    tracing::info!(id = cfg.id, addr = %cfg.listen, "control member listening");
+    let app = crate::api::router(member.clone());
+    let serve = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    if cfg.bootstrap {
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| ControlError::Raft(e.to_string()))?;
+        if !initialized {
+            let nodes = BTreeMap::from([(cfg.id, BasicNode::new(cfg.advertise.clone()))]);
+            raft.initialize(nodes)
+                .await
+                .map_err(|e| ControlError::Raft(e.to_string()))?;
+            tracing::info!(id = cfg.id, "bootstrapped a new cluster");
+        }
+    }
+    if let Some(url) = cfg.join.clone() {
+        tokio::spawn(join_cluster(member.clone(), url));
+    }
+    tokio::spawn(reap_leases(member.clone()));
+
+    match serve.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ControlError::Storage(e)),
+        Err(e) => Err(ControlError::Raft(e.to_string())),
+    }
+}
+
+/// Ask the cluster at `url` to add this member, until it says yes.
+async fn join_cluster(member: Arc<Member>, url: String) {
+    let req = JoinRequest {
+        id: member.cfg.id,
+        addr: member.cfg.advertise.clone(),
+    };
+    let endpoint = format!("{}/internal/join", url.trim_end_matches('/'));
+    loop {
+        let res = member
+            .http
+            .post(&endpoint)
+            .header(CLUSTER_KEY_HEADER, &member.cfg.cluster_key)
+            .json(&req)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(id = member.cfg.id, via = %url, "joined the cluster as a voter");
+                return;
+            }
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                tracing::warn!(%status, %body, "join refused; retrying");
+            }
+            Err(e) => tracing::warn!(error = %e, "join failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// On the leader: add `req` as a learner, wait for it to catch up, promote it to voter.
+pub async fn admit(member: &Member, req: JoinRequest) -> Result<(), String> {
+    let voters: BTreeSet<NodeId> = member
+        .raft
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .voter_ids()
+        .collect();
+    if voters.contains(&req.id) {
+        return Ok(());
+    }
+    member
+        .raft
+        .add_learner(req.id, BasicNode::new(req.addr.clone()), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    member
+        .raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(id = req.id, addr = %req.addr, "member promoted to voter");
+    Ok(())
+}
+
+/// While leading, expire lapsed leases every quarter of a second.
+async fn reap_leases(member: Arc<Member>) {
+    let reaper = LeaseReaper {
+        max_attempts: member.cfg.max_attempts,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if !member.raft.is_leader() {
+            continue;
+        }
+        let due = reaper.due(&member.read(), now_ms());
+        if let Some(cmd) = due {
+            match member.propose(cmd).await {
+                Ok(Outcome::Expired(ids)) if !ids.is_empty() => {
+                    tracing::info!(builds = ?ids, "leases expired")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "lease reaper proposal failed"),
+            }
+        }
+    }
+}
