@@ -1,1 +1,119 @@
-fn main() {}
+//! `starling`: the one binary of Starling — control-plane member, client CLI and demo.
+
+mod client_cmd;
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "starling", version, about = "Global, fast code deployment")]
+struct Cli {
+    /// Control-plane URL of any member.
+    #[arg(
+        long,
+        global = true,
+        env = "STARLING_CONTROL",
+        default_value = "http://127.0.0.1:7001"
+    )]
+    control: String,
+    /// Bearer token for mutating calls (servers: the token they accept).
+    #[arg(long, global = true, env = "STARLING_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one control-plane member.
+    Control(ControlArgs),
+    /// Run the whole system on this machine with embedded defaults and show it working.
+    Demo(demo::DemoArgs),
+    #[command(flatten)]
+    Client(client_cmd::ClientCmd),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    #[arg(long)]
+    id: u64,
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address the other members and clients reach this one at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Start a new cluster with this member as its only voter.
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster that this member URL belongs to.
+    #[arg(long)]
+    join: Option<String>,
+    /// Shared secret of the members' Raft traffic (at least 16 characters).
+    #[arg(long, env = "STARLING_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: String,
+    /// How long a worker's lease on a build lasts without a heartbeat.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    lease_ttl: std::time::Duration,
+    /// Leases a build may lose before it fails with `worker lost`.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Build a Raft snapshot after this many entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    starling_control::api::parse_duration(s)
+        .ok_or_else(|| format!("bad duration {s:?} (try 30s, 500ms, 2m)"))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Control(a) => {
+            if !a.bootstrap && a.join.is_none() && !a.data_dir.join("control.redb").exists() {
+                bail!("a new member needs --bootstrap or --join URL");
+            }
+            let token = cli
+                .token
+                .context("an API token is required: set STARLING_TOKEN or --token")?;
+            let cfg = starling_control::server::ControlConfig {
+                id: a.id,
+                listen: a.listen,
+                advertise: a.advertise.unwrap_or_else(|| a.listen.to_string()),
+                data_dir: a.data_dir,
+                bootstrap: a.bootstrap,
+                join: a.join,
+                api_token: token,
+                cluster_key: a.cluster_key,
+                lease_ttl: a.lease_ttl,
+                max_attempts: a.max_attempts,
+                snapshot_every: a.snapshot_every,
+            };
+            starling_control::server::run(cfg).await?;
+            Ok(())
+        }
+        Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Client(c) => {
+            let client = starling_client::ControlClient::new(&cli.control, cli.token);
+            client_cmd::run(&client, c, cli.json).await
+        }
+    }
+}

@@ -1,1 +1,172 @@
+//! A typed HTTP client for the control plane's public API.
+//!
+//! It owns the request shapes, the bearer token and the mapping of error answers to
+//! [`ClientError`]; it never retries a write by itself (a caller that retries must know the
+//! write is idempotent, as webhook deliveries and heartbeats are).
 
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use starling_proto::{
+    ApiError, Build, BuildStatus, ClusterStatus, Event, QueueOutcome, Release, Repo, RepoSpec,
+    TriggerRequest,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from {url}: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct ControlClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// Filter of [`ControlClient::builds`].
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BuildFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<BuildStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+}
+
+impl ControlClient {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(90))
+            .build()
+            .unwrap_or_default();
+        ControlClient {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<T, ClientError> {
+        let rb = match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        };
+        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    pub async fn get<T: DeserializeOwned, Q: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        query: &Q,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.send(self.http.get(&url).query(query), url).await
+    }
+
+    pub async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.send(self.http.post(&url).json(body), url).await
+    }
+
+    pub async fn put_repo(&self, spec: &RepoSpec) -> Result<Option<Repo>, ClientError> {
+        self.post("/v1/repos", spec).await
+    }
+
+    pub async fn repos(&self) -> Result<Vec<Repo>, ClientError> {
+        self.get("/v1/repos", &()).await
+    }
+
+    pub async fn trigger(&self, req: &TriggerRequest) -> Result<QueueOutcome, ClientError> {
+        self.post("/v1/trigger", req).await
+    }
+
+    pub async fn builds(&self, filter: &BuildFilter) -> Result<Vec<Build>, ClientError> {
+        self.get("/v1/builds", filter).await
+    }
+
+    pub async fn build(&self, id: u64) -> Result<Build, ClientError> {
+        self.get(&format!("/v1/builds/{id}"), &()).await
+    }
+
+    pub async fn cancel(&self, id: u64) -> Result<Build, ClientError> {
+        self.post(&format!("/v1/builds/{id}/cancel"), &()).await
+    }
+
+    pub async fn releases(&self, repo: Option<&str>) -> Result<Vec<Release>, ClientError> {
+        self.get("/v1/releases", &[("repo", repo)]).await
+    }
+
+    pub async fn cluster(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/cluster", &()).await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
+        let url = self.url(&format!("/v1/cluster/members/{id}"));
+        self.send(self.http.delete(&url), url).await
+    }
+
+    /// Events after `after`, waiting up to `wait` for one to appear.
+    pub async fn events(&self, after: u64, wait: Duration) -> Result<Vec<Event>, ClientError> {
+        let timeout = format!("{}ms", wait.as_millis());
+        self.get(
+            "/v1/events",
+            &[("after", after.to_string()), ("timeout", timeout)],
+        )
+        .await
+    }
+}

@@ -1,0 +1,304 @@
+//! Client subcommands: talk to any control member, print tables for people or JSON.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde::Serialize;
+use starling_client::{BuildFilter, ControlClient};
+use starling_proto::{Build, BuildStatus, RepoSpec, TriggerRequest};
+
+#[derive(Subcommand)]
+pub enum ClientCmd {
+    /// Register and list repositories.
+    #[command(subcommand)]
+    Repos(ReposCmd),
+    /// Queue a build of a repository's branch head (or of --sha).
+    Trigger {
+        repo: String,
+        #[arg(long)]
+        sha: Option<String>,
+        /// Build even if this commit was built before.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build history.
+    #[command(subcommand)]
+    Builds(BuildsCmd),
+    /// Releases.
+    #[command(subcommand)]
+    Releases(ReleasesCmd),
+    /// Control-plane membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Print the event log; --follow keeps waiting for new events.
+    Events {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReposCmd {
+    Add {
+        name: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "main")]
+        branch: String,
+        #[arg(
+            long,
+            env = "STARLING_WEBHOOK_SECRET",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        webhook_secret: String,
+        /// Do not deploy successful builds automatically.
+        #[arg(long)]
+        no_auto_deploy: bool,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum BuildsCmd {
+    List {
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long)]
+        status: Option<BuildStatus>,
+        #[arg(long)]
+        sha: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    Show {
+        id: u64,
+    },
+    Cancel {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReleasesCmd {
+    List { repo: Option<String> },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    Status,
+    /// Remove member N from the voters.
+    Remove {
+        id: u64,
+    },
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn time(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{:.3}", ms as f64 / 1000.0))
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+fn build_table(builds: &[Build]) {
+    println!(
+        "{:>6}  {:<20} {:<12} {:<10} {:>3}  {:<16} {:<15} REASON",
+        "ID", "REPO", "SHA", "STATUS", "TRY", "WORKER", "CREATED"
+    );
+    for b in builds {
+        println!(
+            "{:>6}  {:<20} {:<12} {:<10} {:>3}  {:<16} {:<15} {}",
+            b.id,
+            b.repo,
+            short(&b.sha),
+            b.status,
+            b.attempt,
+            b.worker.as_deref().unwrap_or("-"),
+            time(Some(b.created_at)),
+            b.reason.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
+    match cmd {
+        ClientCmd::Repos(ReposCmd::Add {
+            name,
+            url,
+            branch,
+            webhook_secret,
+            no_auto_deploy,
+        }) => {
+            let spec = RepoSpec {
+                name,
+                url,
+                branch,
+                webhook_secret,
+                auto_deploy: !no_auto_deploy,
+            };
+            let repo = c.put_repo(&spec).await?;
+            if json {
+                print_json(&repo)?;
+            } else {
+                println!(
+                    "repository {} registered (branch {})",
+                    spec.name, spec.branch
+                );
+            }
+        }
+        ClientCmd::Repos(ReposCmd::List) => {
+            let repos = c.repos().await?;
+            if json {
+                return print_json(&repos);
+            }
+            println!("{:<24} {:<10} {:<6} URL", "NAME", "BRANCH", "AUTO");
+            for r in repos {
+                println!(
+                    "{:<24} {:<10} {:<6} {}",
+                    r.name, r.branch, r.auto_deploy, r.url
+                );
+            }
+        }
+        ClientCmd::Trigger { repo, sha, force } => {
+            let out = c.trigger(&TriggerRequest { repo, sha, force }).await?;
+            if json {
+                return print_json(&out);
+            }
+            println!(
+                "{}: build {} of {} at {}",
+                out.outcome,
+                out.build.id,
+                out.build.repo,
+                short(&out.build.sha)
+            );
+        }
+        ClientCmd::Builds(BuildsCmd::List {
+            repo,
+            status,
+            sha,
+            limit,
+        }) => {
+            let f = BuildFilter {
+                repo,
+                status,
+                sha,
+                limit: Some(limit),
+                stale: false,
+            };
+            let builds = c.builds(&f).await?;
+            if json {
+                return print_json(&builds);
+            }
+            build_table(&builds);
+        }
+        ClientCmd::Builds(BuildsCmd::Show { id }) => {
+            let b = c.build(id).await?;
+            if json {
+                return print_json(&b);
+            }
+            build_table(std::slice::from_ref(&b));
+            println!("\nhistory:");
+            for t in &b.history {
+                println!(
+                    "  {}  {:<10} attempt {} {} {}",
+                    time(Some(t.at)),
+                    t.status,
+                    t.attempt,
+                    t.worker.as_deref().unwrap_or(""),
+                    t.reason.as_deref().unwrap_or("")
+                );
+            }
+        }
+        ClientCmd::Builds(BuildsCmd::Cancel { id }) => {
+            let b = c.cancel(id).await?;
+            if json {
+                return print_json(&b);
+            }
+            let what = if b.status == BuildStatus::Cancelled {
+                "cancelled"
+            } else {
+                "cancel requested (the worker stops it at its next heartbeat)"
+            };
+            println!("build {id}: {what}");
+        }
+        ClientCmd::Releases(ReleasesCmd::List { repo }) => {
+            let rels = c.releases(repo.as_deref()).await?;
+            if json {
+                return print_json(&rels);
+            }
+            println!(
+                "{:<66} {:<20} {:<12} {:>6}",
+                "RELEASE", "REPO", "SHA", "BUILD"
+            );
+            for r in rels {
+                println!(
+                    "{:<66} {:<20} {:<12} {:>6}",
+                    r.id,
+                    r.repo,
+                    short(&r.sha),
+                    r.build
+                );
+            }
+        }
+        ClientCmd::Cluster(cmd) => {
+            let st = match cmd {
+                ClusterCmd::Status => c.cluster().await?,
+                ClusterCmd::Remove { id } => c.remove_member(id).await?,
+            };
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "member {} answering; leader {:?}, term {}, last applied {:?}",
+                st.id, st.leader, st.term, st.last_applied
+            );
+            for m in st.members {
+                let role = if Some(m.id) == st.leader {
+                    "leader"
+                } else if m.voter {
+                    "voter"
+                } else {
+                    "learner"
+                };
+                println!("  {:>3}  {:<22} {role}", m.id, m.addr);
+            }
+        }
+        ClientCmd::Events { mut after, follow } => loop {
+            let wait = if follow {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            };
+            let evs = c.events(after, wait).await?;
+            for e in &evs {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    println!(
+                        "{:>6} {} {:<22} {} {} {}",
+                        e.index,
+                        time(Some(e.at)),
+                        e.kind,
+                        e.repo.as_deref().unwrap_or("-"),
+                        e.build.map(|b| format!("build {b}")).unwrap_or_default(),
+                        e.detail.as_deref().unwrap_or("")
+                    );
+                }
+                after = e.index;
+            }
+            if !follow {
+                return Ok(());
+            }
+        },
+    }
+    Ok(())
+}

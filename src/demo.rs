@@ -1,0 +1,304 @@
+//! `starling demo`: a three-member control plane on loopback, as real processes of this
+//! binary, fed by a real git repository and a signed GitHub push webhook; then the leader is
+//! killed with SIGKILL to show that nothing is lost and a new leader takes over.
+//!
+//! Build workers and fleet nodes are not part of the demo yet (they are later issues), so
+//! the queued build stays `queued`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use starling_client::{BuildFilter, ControlClient};
+use starling_proto::RepoSpec;
+use tokio::process::{Child, Command};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// First of the three loopback ports the members listen on.
+    #[arg(long, default_value_t = 7101)]
+    base_port: u16,
+    /// Where members keep their data (default: a fresh temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep the cluster running after the walk-through until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+}
+
+struct Cluster {
+    exe: PathBuf,
+    dir: PathBuf,
+    token: String,
+    cluster_key: String,
+    base_port: u16,
+    members: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    fn url(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.base_port + id as u16 - 1)
+    }
+
+    fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
+        let dir = self.dir.join(format!("member{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(self.dir.join(format!("member{id}.log")))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("control")
+            .args(["--id", &id.to_string()])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.base_port + id as u16 - 1),
+            ])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("STARLING_TOKEN", &self.token)
+            .env("STARLING_CLUSTER_KEY", &self.cluster_key)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        } else {
+            cmd.args(["--join", &self.url(1)]);
+        }
+        let child = cmd.spawn().context("starting a control member")?;
+        self.members[id as usize - 1] = Some(child);
+        Ok(())
+    }
+
+    async fn kill(&mut self, id: u64) -> Result<()> {
+        if let Some(mut c) = self.members[id as usize - 1].take() {
+            // tokio's kill sends SIGKILL: no chance to flush or say goodbye.
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    fn client(&self, id: u64) -> ControlClient {
+        ControlClient::new(&self.url(id), Some(self.token.clone()))
+    }
+}
+
+async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Starling Demo")
+        .env("GIT_AUTHOR_EMAIL", "demo@starling.invalid")
+        .env("GIT_COMMITTER_NAME", "Starling Demo")
+        .env("GIT_COMMITTER_EMAIL", "demo@starling.invalid")
+        .output()
+        .context("running git (is it installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "git {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A bare repository with one commit on `main` holding a `starling.toml`.
+fn make_repo(dir: &Path) -> Result<(String, String)> {
+    let work = dir.join("src-repo");
+    let bare = dir.join("acme-web.git");
+    std::fs::create_dir_all(&work)?;
+    git(&work, &["init", "-q", "-b", "main"])?;
+    std::fs::write(
+        work.join("starling.toml"),
+        "[build]\ncommand = \"mkdir -p dist && cp index.html dist/\"\noutput = \"dist\"\n",
+    )?;
+    std::fs::write(work.join("index.html"), "<h1>hello from starling</h1>\n")?;
+    git(&work, &["add", "."])?;
+    git(&work, &["commit", "-q", "-m", "first"])?;
+    let sha = git(&work, &["rev-parse", "HEAD"])?;
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap_or_default(),
+            bare.to_str().unwrap_or_default(),
+        ],
+    )?;
+    Ok((format!("file://{}", bare.display()), sha))
+}
+
+async fn send_webhook(url: &str, secret: &str, delivery: &str, sha: &str) -> Result<(u16, String)> {
+    let body = serde_json::json!({
+        "ref": "refs/heads/main",
+        "after": sha,
+        "repository": { "full_name": "acme/web" },
+        "head_commit": { "id": sha },
+    })
+    .to_string();
+    let sig = starling_control::webhook::github_signature(secret, body.as_bytes());
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/hooks/github"))
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", delivery)
+        .header("X-Hub-Signature-256", sig)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    Ok((
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    ))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(v)
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let dir = match args.data_dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("starling-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let mut c = Cluster {
+        exe: std::env::current_exe()?,
+        dir: dir.clone(),
+        token: random_hex(16),
+        cluster_key: random_hex(16),
+        base_port: args.base_port,
+        members: vec![None, None, None],
+    };
+    println!(
+        "== Starling demo: data and member logs in {}",
+        dir.display()
+    );
+
+    c.spawn(1, true)?;
+    let first = c.client(1);
+    wait_for("member 1 to lead", Duration::from_secs(20), || async {
+        first.cluster().await.ok().filter(|s| s.leader == Some(1))
+    })
+    .await?;
+    c.spawn(2, false)?;
+    c.spawn(3, false)?;
+    let st = wait_for(
+        "members 2 and 3 to join as voters",
+        Duration::from_secs(30),
+        || async {
+            first
+                .cluster()
+                .await
+                .ok()
+                .filter(|s| s.members.iter().filter(|m| m.voter).count() == 3)
+        },
+    )
+    .await?;
+    println!(
+        "== 3 members up; leader is member {:?}, term {}",
+        st.leader, st.term
+    );
+
+    let (url, sha) = make_repo(&dir)?;
+    let secret = random_hex(12);
+    c.client(2)
+        .put_repo(&RepoSpec {
+            name: "acme/web".into(),
+            url: url.clone(),
+            branch: "main".into(),
+            webhook_secret: secret.clone(),
+            auto_deploy: true,
+        })
+        .await?;
+    println!(
+        "== registered acme/web ({url}) through member 2 (a follower; it forwarded to the leader)"
+    );
+
+    let (status, body) = send_webhook(&c.url(3), &secret, "demo-delivery-1", &sha).await?;
+    println!("== signed push webhook to member 3: HTTP {status} {body}");
+    let (status, _) = send_webhook(&c.url(2), &secret, "demo-delivery-1", &sha).await?;
+    println!("== the same delivery again (GitHub redelivery) to member 2: HTTP {status}, no second build");
+    let (status, _) = send_webhook(&c.url(1), "wrong-secret", "demo-delivery-2", &sha).await?;
+    println!("== a webhook signed with the wrong secret: HTTP {status}, nothing queued");
+
+    let leader = c.client(1).cluster().await?.leader.context("no leader")?;
+    println!("== killing the leader (member {leader}) with SIGKILL");
+    let killed_at = Instant::now();
+    c.kill(leader).await?;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    let sc = c.client(survivor);
+    let new = wait_for("a new leader", Duration::from_secs(15), || async {
+        sc.cluster()
+            .await
+            .ok()
+            .and_then(|s| s.leader.filter(|l| *l != leader))
+    })
+    .await?;
+    println!(
+        "== member {new} leads after {} ms; the build history on the survivors:",
+        killed_at.elapsed().as_millis()
+    );
+    let builds = sc.builds(&BuildFilter::default()).await?;
+    for b in &builds {
+        println!(
+            "   build {} {} {} {} (attempt {})",
+            b.id,
+            b.repo,
+            &b.sha[..12],
+            b.status,
+            b.attempt
+        );
+    }
+    c.spawn(leader, leader == 1)?;
+    let back = c.client(leader);
+    let want = sc.cluster().await?.last_applied;
+    wait_for(
+        "the killed member to catch up",
+        Duration::from_secs(30),
+        || async { back.cluster().await.ok().filter(|s| s.last_applied >= want) },
+    )
+    .await?;
+    println!("== member {leader} restarted from its redb files and caught up");
+
+    println!("\nTry it yourself:");
+    println!(
+        "  export STARLING_CONTROL={} STARLING_TOKEN={}",
+        c.url(1),
+        c.token
+    );
+    println!("  starling cluster status");
+    println!("  starling builds list");
+    println!("  starling trigger acme/web --force");
+    if args.keep_running {
+        println!("\nRunning until Ctrl-C.");
+        tokio::signal::ctrl_c().await?;
+    }
+    for id in 1..=3 {
+        c.kill(id).await?;
+    }
+    if !args.keep_running {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    println!("== demo finished");
+    Ok(())
+}
