@@ -527,17 +527,11 @@ async fn put_repo(
     }
 }
 
-#[derive(Deserialize)]
-struct BuildListQuery {
-    #[serde(flatten)]
-    q: BuildQueryRaw,
-    #[serde(default)]
-    stale: Option<String>,
-}
-
-/// `GET /v1/builds` query as strings, so that a bad value gets a clear 400.
+/// `GET /v1/builds` query; the status is a string so that a bad one gets a clear 400.
+/// (Not `#[serde(flatten)]`: query strings lose their number types through it.)
 #[derive(Deserialize, Default)]
-struct BuildQueryRaw {
+struct BuildListQuery {
+    stale: Option<String>,
     repo: Option<String>,
     status: Option<String>,
     sha: Option<String>,
@@ -550,20 +544,20 @@ async fn list_builds(
     State(m): Shared,
     Query(q): Query<BuildListQuery>,
 ) -> Result<Response, ApiErr> {
-    let status =
-        q.q.status
-            .as_deref()
-            .map(str::parse::<BuildStatus>)
-            .transpose()
-            .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<BuildStatus>)
+        .transpose()
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     linearize(&m, &ReadOpts { stale: q.stale }).await?;
     let query = BuildQuery {
-        repo: q.q.repo,
+        repo: q.repo,
         status,
-        sha: q.q.sha,
-        since: q.q.since,
-        until: q.q.until,
-        limit: q.q.limit,
+        sha: q.sha,
+        since: q.since,
+        until: q.until,
+        limit: q.limit,
     };
     Ok(Json(m.read().list_builds(&query)).into_response())
 }

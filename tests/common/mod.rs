@@ -1,0 +1,274 @@
+//! Real control-plane members as child processes of the `starling` binary, for tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use starling_proto::{Build, ClusterStatus, Event};
+use tokio::process::{Child, Command};
+
+pub const TOKEN: &str = "test-token-0123456789";
+pub const CLUSTER_KEY: &str = "test-cluster-key-0123456789";
+pub const SECRET: &str = "webhook-secret";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ports: Vec<u16>,
+    pub children: Vec<Option<Child>>,
+    pub extra_args: Vec<String>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Start `n` members: member 1 bootstraps, the others join it.
+    pub async fn start(n: usize, extra_args: &[&str]) -> Cluster {
+        let mut c = Cluster {
+            dir: tempfile::tempdir().expect("tempdir"),
+            ports: (0..n).map(|_| free_port()).collect(),
+            children: (0..n).map(|_| None).collect(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        };
+        c.spawn(1);
+        c.wait_until("member 1 leads", Duration::from_secs(20), async |c| {
+            c.status(1).await.is_some_and(|s| s.leader == Some(1))
+        })
+        .await;
+        for id in 2..=n as u64 {
+            c.spawn(id);
+        }
+        c.wait_until(
+            "all members are voters",
+            Duration::from_secs(60),
+            async move |c| {
+                c.status(1)
+                    .await
+                    .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == n)
+            },
+        )
+        .await;
+        c
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("m{id}"))
+    }
+
+    /// Start (or restart) member `id`.
+    pub fn spawn(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{id}.log")))
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling"));
+        cmd.arg("control")
+            .args(["--id", &id.to_string()])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(&self.extra_args)
+            .env("STARLING_TOKEN", TOKEN)
+            .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if id == 1 {
+            cmd.arg("--bootstrap");
+        } else {
+            cmd.args(["--join", &self.url(1)]);
+        }
+        self.children[id as usize - 1] = Some(cmd.spawn().expect("spawn starling control"));
+    }
+
+    /// SIGKILL member `id`.
+    pub async fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.children[id as usize - 1].take() {
+            c.kill().await.expect("kill");
+        }
+    }
+
+    pub fn alive(&self) -> Vec<u64> {
+        (1..=self.ports.len() as u64)
+            .filter(|id| self.children[*id as usize - 1].is_some())
+            .collect()
+    }
+
+    pub async fn status(&self, id: u64) -> Option<ClusterStatus> {
+        let r = self
+            .http
+            .get(format!("{}/v1/cluster", self.url(id)))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    pub async fn leader(&self) -> Option<u64> {
+        for id in self.alive() {
+            if let Some(s) = self.status(id).await {
+                if let Some(l) = s.leader {
+                    if self.alive().contains(&l) {
+                        return Some(l);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl AsyncFn(&Cluster) -> bool,
+    ) {
+        let start = Instant::now();
+        while !f(self).await {
+            if start.elapsed() > timeout {
+                self.dump_logs();
+                panic!("timed out after {timeout:?} waiting until {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        for id in 1..=self.ports.len() {
+            let p = self.dir.path().join(format!("m{id}.log"));
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("--- member {id} log (last 30 lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    pub async fn post(&self, id: u64, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url(id)))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn add_repo(&self, id: u64, name: &str) {
+        let r = self
+            .post(id, "/v1/repos", &serde_json::json!({
+                "name": name, "url": "file:///nonexistent", "branch": "main", "webhook_secret": SECRET
+            }))
+            .await;
+        assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    }
+
+    /// All builds as member `id` has applied them (a stale, local read).
+    pub async fn builds_local(&self, id: u64) -> Vec<Build> {
+        self.http
+            .get(format!(
+                "{}/v1/builds?stale=true&limit=100000",
+                self.url(id)
+            ))
+            .send()
+            .await
+            .expect("builds")
+            .json()
+            .await
+            .expect("builds json")
+    }
+
+    pub async fn events_local(&self, id: u64) -> Vec<Event> {
+        self.http
+            .get(format!("{}/v1/events?after=0&limit=10000", self.url(id)))
+            .send()
+            .await
+            .expect("events")
+            .json()
+            .await
+            .expect("events json")
+    }
+
+    pub async fn force_snapshot(&self, id: u64) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/internal/snapshot", self.url(id)))
+            .header("x-starling-cluster-key", CLUSTER_KEY)
+            .send()
+            .await
+            .expect("snapshot");
+        assert!(r.status().is_success(), "snapshot: {}", r.status());
+        r.json().await.expect("snapshot json")
+    }
+}
+
+/// A GitHub push payload and its signature.
+pub fn github_push(repo: &str, branch: &str, sha: &str, secret: &str) -> (Vec<u8>, String) {
+    let body = serde_json::json!({
+        "ref": format!("refs/heads/{branch}"),
+        "after": sha,
+        "deleted": false,
+        "repository": { "full_name": repo },
+        "head_commit": { "id": sha },
+    })
+    .to_string()
+    .into_bytes();
+    let sig = sign(secret, &body);
+    (body, sig)
+}
+
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+pub async fn send_github(
+    http: &reqwest::Client,
+    url: &str,
+    event: &str,
+    delivery: &str,
+    body: Vec<u8>,
+    sig: &str,
+) -> Result<reqwest::Response, reqwest::Error> {
+    http.post(format!("{url}/hooks/github"))
+        .header("X-GitHub-Event", event)
+        .header("X-GitHub-Delivery", delivery)
+        .header("X-Hub-Signature-256", sig)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+}
+
+/// A 40-hex-digit commit id made from `n`, never the all-zero id of a deleted branch.
+pub fn sha_of(n: u64) -> String {
+    format!(
+        "{:08x}{:032x}",
+        n + 1,
+        (n as u128 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    )
+}
