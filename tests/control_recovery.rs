@@ -1,0 +1,125 @@
+//! A member killed with SIGKILL and restarted catches up from its redb files; one that is
+//! far behind after the others snapshot and purge their logs catches up by installing a
+//! snapshot. Either way its history ends identical to the others'.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn queue_builds(c: &Cluster, via: u64, from: u64, to: u64) {
+    for n in from..to {
+        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
+        let r = send_github(&c.http, &c.url(via), "push", &format!("d-{n}"), body, &sig)
+            .await
+            .expect("webhook");
+        assert_eq!(r.status().as_u16(), 201, "webhook {n}");
+    }
+}
+
+async fn wait_caught_up(c: &Cluster, id: u64, leader: u64) {
+    let want = c.status(leader).await.and_then(|s| s.last_log_index);
+    c.wait_until(
+        "the restarted member caught up",
+        Duration::from_secs(60),
+        async move |c| c.status(id).await.is_some_and(|s| s.last_applied >= want),
+    )
+    .await;
+}
+
+async fn assert_same_history(c: &Cluster, a: u64, b: u64) {
+    let (ba, bb) = (c.builds_local(a).await, c.builds_local(b).await);
+    assert!(!ba.is_empty());
+    assert_eq!(ba, bb, "builds of members {a} and {b} differ");
+    let (ea, eb) = (c.events_local(a).await, c.events_local(b).await);
+    assert_eq!(ea, eb, "events of members {a} and {b} differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
+    // A small snapshot threshold is not needed: the test forces snapshots itself.
+    let mut c = Cluster::start(3, &[]).await;
+    c.add_repo(1, "acme/web").await;
+    queue_builds(&c, 1, 0, 50).await;
+    let leader = c.leader().await.expect("leader");
+    let follower = if leader == 3 { 2 } else { 3 };
+
+    // 1. Kill a follower, write while it is down, restart it: it recovers from its own
+    //    redb files and the leader's log.
+    let before = c.status(follower).await.expect("follower status");
+    c.kill(follower).await;
+    queue_builds(&c, leader, 50, 80).await;
+    c.spawn(follower);
+    c.wait_until(
+        "the restarted member answers",
+        Duration::from_secs(20),
+        async |c| c.status(follower).await.is_some(),
+    )
+    .await;
+    // Right after the restart, before the leader has sent anything, the member already has
+    // its log and most of its state from redb. (The state machine's last batch may be
+    // re-applied: its writes are made durable by the next log fsync, not by their own.)
+    let restarted = c.status(follower).await.expect("follower status");
+    eprintln!("before kill: {before:?}\nafter restart: {restarted:?}");
+    assert!(
+        restarted.last_log_index >= before.last_log_index,
+        "restart lost log entries"
+    );
+    assert!(
+        restarted.last_applied.unwrap_or(0) > 0,
+        "restart lost the applied state"
+    );
+    let after_restart = restarted.last_applied;
+    wait_caught_up(&c, follower, leader).await;
+    assert_same_history(&c, leader, follower).await;
+
+    // 2. Kill it again, write a lot more, then make every live member snapshot and purge
+    //    its log past the entries the dead one lacks. It can only catch up by snapshot.
+    c.kill(follower).await;
+    queue_builds(&c, leader, 80, 280).await;
+    for id in c.alive() {
+        let snap = c.force_snapshot(id).await;
+        eprintln!("member {id} snapshot: {snap}");
+    }
+    // The purge itself runs in the background once the snapshot is in place.
+    c.wait_until(
+        "the leader purged its log",
+        Duration::from_secs(20),
+        async |c| {
+            c.status(leader)
+                .await
+                .is_some_and(|s| s.purged_index.is_some())
+        },
+    )
+    .await;
+    let st = c.status(leader).await.expect("leader status");
+    let purged = st.purged_index.unwrap_or(0);
+    let behind = c
+        .status(leader)
+        .await
+        .and_then(|s| s.last_applied)
+        .unwrap_or(0);
+    assert!(
+        purged > after_restart.unwrap_or(0),
+        "purge did not pass the dead member's position"
+    );
+    eprintln!("leader purged up to {purged}, last applied {behind}");
+
+    c.spawn(follower);
+    wait_caught_up(&c, follower, leader).await;
+    let fs = c.status(follower).await.expect("follower status");
+    assert!(
+        fs.snapshot_index.is_some_and(|s| s >= purged),
+        "follower did not install a snapshot: {fs:?}"
+    );
+    assert_same_history(&c, leader, follower).await;
+    let builds = c.builds_local(follower).await;
+    assert_eq!(builds.len(), 280);
+
+    // 3. And it survives one more restart with the snapshot as its base.
+    c.kill(follower).await;
+    c.spawn(follower);
+    wait_caught_up(&c, follower, leader).await;
+    assert_same_history(&c, leader, follower).await;
+}
