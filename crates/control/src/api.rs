@@ -615,7 +615,35 @@ async fn list_nodes() -> Json<Vec<serde_json::Value>> {
     Json(Vec::new())
 }
 
-/// Answer of a proposal that queues a build: 201 for a new build, 200 for a duplicate.
+/// Queue a build unless it is a known duplicate; 201 for a new build, 200 for a duplicate.
+async fn queue(
+    m: &Member,
+    repo: String,
+    sha: String,
+    trigger: &str,
+    delivery: Option<String>,
+    force: bool,
+) -> Result<Response, ApiErr> {
+    let known = m
+        .read()
+        .duplicate_of(&repo, &sha, delivery.as_deref(), force);
+    let outcome = match known {
+        Some(dup) => dup,
+        None => {
+            let cmd = Command::QueueBuild {
+                repo,
+                sha,
+                trigger: trigger.into(),
+                delivery,
+                force,
+                at: now_ms(),
+            };
+            m.propose(cmd).await?
+        }
+    };
+    queue_answer(outcome)
+}
+
 fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
     let (status, label, build) = match outcome {
         Outcome::Queued(b) => (StatusCode::CREATED, "queued", b),
@@ -659,15 +687,7 @@ async fn trigger(
         Some(s) => s,
         None => branch_head(&repo.url, &repo.branch).await?,
     };
-    let cmd = Command::QueueBuild {
-        repo: repo.name,
-        sha,
-        trigger: "manual".into(),
-        delivery: None,
-        force: req.force,
-        at: now_ms(),
-    };
-    queue_answer(m.propose(cmd).await?)
+    queue(&m, repo.name, sha, "manual", None, req.force).await
 }
 
 /// The commit `branch` points at in `url`, asked of the real remote with `git ls-remote`.
@@ -812,15 +832,8 @@ async fn hook(
             "delivery id longer than 200 bytes",
         ));
     }
-    let cmd = Command::QueueBuild {
-        repo: name,
-        sha,
-        trigger: trigger.into(),
-        delivery: delivery.map(|d| format!("{trigger}:{d}")),
-        force: false,
-        at: now_ms(),
-    };
-    queue_answer(m.propose(cmd).await?)
+    let delivery = delivery.map(|d| format!("{trigger}:{d}"));
+    queue(&m, name, sha, trigger, delivery, false).await
 }
 
 // ---------------------------------------------------------------------------------------

@@ -292,21 +292,8 @@ impl ControlState {
         if sha.is_empty() || sha.len() > 64 || !sha.bytes().all(|c| c.is_ascii_alphanumeric()) {
             return Outcome::Rejected(Rejection::Invalid(format!("bad commit id {sha:?}")));
         }
-        if let Some(id) = delivery.and_then(|d| self.index.by_delivery.get(d)) {
-            if let Some(b) = self.records.builds.get(id) {
-                return Outcome::DuplicateDelivery(b.clone());
-            }
-        }
-        if !force {
-            let key = (repo.to_string(), sha.to_string());
-            if let Some(b) = self
-                .index
-                .by_commit
-                .get(&key)
-                .and_then(|id| self.records.builds.get(id))
-            {
-                return Outcome::DuplicateCommit(b.clone());
-            }
+        if let Some(dup) = self.duplicate_of(repo, sha, delivery, force) {
+            return dup;
         }
         let id = self.records.builds.keys().next_back().map_or(1, |k| k + 1);
         let build = Build {
@@ -336,6 +323,31 @@ impl ControlState {
         self.store_build(build.clone());
         self.push_build_event("build:queued", &build, at);
         Outcome::Queued(build)
+    }
+
+    /// The answer to queueing (repo, sha) if it would be a duplicate: the delivery was seen,
+    /// or (unless `force`) the commit already has a build. The API asks this before
+    /// proposing so that redeliveries do not grow the log; `apply` asks it again because
+    /// two identical deliveries can race past that first check.
+    pub fn duplicate_of(
+        &self,
+        repo: &str,
+        sha: &str,
+        delivery: Option<&str>,
+        force: bool,
+    ) -> Option<Outcome> {
+        let by_delivery = delivery.and_then(|d| self.index.by_delivery.get(d));
+        if let Some(b) = by_delivery.and_then(|id| self.records.builds.get(id)) {
+            return Some(Outcome::DuplicateDelivery(b.clone()));
+        }
+        if force {
+            return None;
+        }
+        self.index
+            .by_commit
+            .get(&(repo.to_string(), sha.to_string()))
+            .and_then(|id| self.records.builds.get(id))
+            .map(|b| Outcome::DuplicateCommit(b.clone()))
     }
 
     fn lease_build(&mut self, worker: &str, ttl_ms: u64, at: Millis) -> Outcome {
