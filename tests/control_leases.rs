@@ -1,0 +1,181 @@
+//! The worker lease API and the lease reaper: a worker that leases a build and stops
+//! heartbeating loses it; the build is queued again with attempt+1, and after the last
+//! attempt it is `failed` with the reason `worker lost`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use starling_proto::{Build, BuildStatus, Lease};
+
+async fn lease(c: &Cluster, via: u64, worker: &str) -> Lease {
+    let r = c
+        .post(
+            via,
+            "/v1/leases",
+            &json!({"worker": worker, "wait_ms": 5000}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 200, "lease");
+    r.json().await.expect("lease json")
+}
+
+async fn build(c: &Cluster, id: u64) -> Build {
+    c.http
+        .get(format!("{}/v1/builds/{id}", c.url(2)))
+        .send()
+        .await
+        .expect("build")
+        .json()
+        .await
+        .expect("build json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lapsed_leases_requeue_then_fail() {
+    let c = Cluster::start(3, &["--lease-ttl", "1s", "--max-attempts", "2"]).await;
+    c.add_repo(1, "acme/web").await;
+
+    // Nothing queued: a short long-poll answers 204.
+    let r = c
+        .post(3, "/v1/leases", &json!({"worker": "w0", "wait_ms": 300}))
+        .await;
+    assert_eq!(r.status().as_u16(), 204);
+
+    // A worker long-polling through a follower gets the build queued meanwhile.
+    let waiting = {
+        let http = c.http.clone();
+        let url = c.url(3);
+        tokio::spawn(async move {
+            http.post(format!("{url}/v1/leases"))
+                .bearer_auth(TOKEN)
+                .json(&json!({"worker": "w1", "wait_ms": 10000}))
+                .send()
+                .await
+                .expect("lease")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c
+        .post(
+            2,
+            "/v1/trigger",
+            &json!({"repo": "acme/web", "sha": sha_of(1)}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+    let r = waiting.await.expect("long-poll task");
+    assert_eq!(r.status().as_u16(), 200);
+    let l1: Lease = r.json().await.expect("lease json");
+    assert_eq!((l1.build.status, l1.attempt), (BuildStatus::Running, 1));
+    let id = l1.build.id;
+
+    // Heartbeats keep it alive past the TTL.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c
+            .post(
+                1,
+                &format!("/v1/builds/{id}/heartbeat"),
+                &json!({"worker": "w1", "attempt": 1}),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["cancel"], json!(false));
+    }
+    assert_eq!(build(&c, id).await.status, BuildStatus::Running);
+
+    // w1 goes silent: the reaper puts the build back with attempt 2.
+    c.wait_until(
+        "the lease lapsed and the build was requeued",
+        Duration::from_secs(10),
+        async |c| {
+            let b = build(c, id).await;
+            b.status == BuildStatus::Queued && b.attempt == 2
+        },
+    )
+    .await;
+    let b = build(&c, id).await;
+    assert!(
+        b.reason.as_deref().unwrap_or("").contains("worker lost"),
+        "{b:?}"
+    );
+    // The lost worker can neither renew nor complete.
+    let r = c
+        .post(
+            1,
+            &format!("/v1/builds/{id}/heartbeat"),
+            &json!({"worker": "w1", "attempt": 1}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 409);
+    let r = c
+        .post(
+            1,
+            &format!("/v1/builds/{id}/complete"),
+            &json!({"worker": "w1", "attempt": 1, "status": "succeeded", "release": "r"}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 409);
+
+    // Second (last) attempt, also abandoned: failed, worker lost.
+    let l2 = lease(&c, 2, "w2").await;
+    assert_eq!((l2.build.id, l2.attempt), (id, 2));
+    c.wait_until("the build failed", Duration::from_secs(10), async |c| {
+        build(c, id).await.status == BuildStatus::Failed
+    })
+    .await;
+    let b = build(&c, id).await;
+    assert!(
+        b.reason.as_deref().unwrap_or("").contains("worker lost"),
+        "{b:?}"
+    );
+    assert!(b.finished_at.is_some());
+    let trail: Vec<(BuildStatus, u32, Option<String>)> = b
+        .history
+        .iter()
+        .map(|t| (t.status, t.attempt, t.worker.clone()))
+        .collect();
+    use BuildStatus::*;
+    assert_eq!(
+        trail,
+        vec![
+            (Queued, 1, None),
+            (Running, 1, Some("w1".into())),
+            (Queued, 2, None),
+            (Running, 2, Some("w2".into())),
+            (Failed, 2, Some("w2".into())),
+        ]
+    );
+    // Never running without a live lease: nothing is left running.
+    let running: Vec<Build> = c
+        .http
+        .get(format!("{}/v1/builds?status=running", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(running.is_empty());
+
+    // A worker that finishes in time completes the build normally.
+    let r = c
+        .post(
+            1,
+            "/v1/trigger",
+            &json!({"repo": "acme/web", "sha": sha_of(2)}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+    let l3 = lease(&c, 1, "w3").await;
+    let r = c
+        .post(3, &format!("/v1/builds/{}/complete", l3.build.id), &json!({"worker": "w3", "attempt": l3.attempt, "status": "succeeded", "release": "rel-1"}))
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let b = build(&c, l3.build.id).await;
+    assert_eq!((b.status, b.release.as_deref()), (Succeeded, Some("rel-1")));
+}
