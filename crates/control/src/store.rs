@@ -162,7 +162,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         Ok(LogState {
-            last_log_id: last.or_else(|| last_purged_log_id.clone()),
+            last_log_id: last.or(last_purged_log_id),
             last_purged_log_id,
         })
     }
@@ -345,7 +345,7 @@ impl StateMachineStore {
         txn.commit().map_err(io::Error::other)?;
         let events = state.last_event_index();
         *self.write_state() = state;
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.events_tx.send_replace(events);
         Ok(())
@@ -495,7 +495,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let st = self.read_state();
             let data = enc(st.records())?;
             let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: self.last_applied.clone(),
+                last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
             };
             (data, meta)
@@ -526,7 +526,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
-        Ok((self.last_applied.clone(), self.membership.clone()))
+        Ok((self.last_applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -541,7 +541,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Normal(cmd) => self.write_state().apply(&cmd),
                 EntryPayload::Membership(m) => {
                     self.membership =
-                        StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), m);
+                        StoredMembershipOf::<TypeConfig>::new(Some(log_id), m);
                     Outcome::Done
                 }
             };
