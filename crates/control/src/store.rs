@@ -540,8 +540,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Outcome::Done,
                 EntryPayload::Normal(cmd) => self.write_state().apply(&cmd),
                 EntryPayload::Membership(m) => {
-                    self.membership =
-                        StoredMembershipOf::<TypeConfig>::new(Some(log_id), m);
+                    self.membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id), m);
                     Outcome::Done
                 }
             };
