@@ -269,8 +269,8 @@ async fn start_etcd(dir: &Path) -> Option<(Vec<Child>, System)> {
         .no_proxy()
         .build()
         .unwrap_or_default();
-    for i in 0..3 {
-        wait_http(&format!("http://127.0.0.1:{}/health", client[i]), "etcd").await;
+    for port in &client {
+        wait_http(&format!("http://127.0.0.1:{port}/health"), "etcd").await;
     }
     // Find the leader: the member whose own id is the leader id it reports.
     for _ in 0..100 {
