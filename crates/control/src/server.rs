@@ -13,9 +13,10 @@ use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
 use starling_proto::{Command, JoinRequest, Millis, Outcome};
 use tokio::sync::watch;
 
+use crate::log_store::LogStore;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
 use crate::reaper::LeaseReaper;
-use crate::store::{open_db, LogStore, SharedState, StateMachineStore};
+use crate::store::{open_db, SharedState, StateMachineStore};
 use crate::{NodeId, Raft};
 
 /// Everything a member needs to start.
@@ -118,7 +119,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         ));
     }
     let db = open_db(&cfg.data_dir)?;
-    let log = LogStore::new(db.clone());
+    let log = LogStore::new(db.clone())?;
     let sm = StateMachineStore::open(db)?;
     let state = sm.shared();
     let events = sm.events();

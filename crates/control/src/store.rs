@@ -1,44 +1,40 @@
-//! Raft log and state machine, both persisted in one redb file under `--data-dir`.
+//! The state machine, persisted in the member's redb file beside the Raft log
+//! ([`crate::log_store`]), and the tables and helpers both share.
 //!
-//! The log store commits every append, vote and purge with `Durability::Immediate` (an
-//! fsync) before openraft is told it is done, so nothing is acknowledged that a crash could
-//! lose. The state machine writes the records each batch of entries touched with
-//! `Durability::None`: the next log commit makes them durable, and if a crash comes first
-//! openraft re-applies the committed entries after `last_applied` on restart. Snapshots are
-//! the whole [`Records`] serialized as JSON and are stored durably before they are used.
+//! `apply` changes [`ControlState`] in memory, answers, and queues the records the batch
+//! touched to a writer thread, which commits them with `last_applied` in one transaction
+//! with `Durability::None`: the log's next fsync makes them durable, and if a crash comes
+//! first openraft re-applies the committed entries after the persisted `last_applied`.
+//! Snapshots are the whole [`Records`] serialized as JSON, stored durably before use.
 
 use std::io;
-use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{mpsc, Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
-use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
-use openraft::type_config::alias::{
-    EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf,
-};
-use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use starling_proto::Outcome;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::state::{ControlState, Records, Touched};
 use crate::TypeConfig;
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
 const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
 
-const K_VOTE: &str = "vote";
-const K_COMMITTED: &str = "committed";
-const K_PURGED: &str = "last_purged";
+pub(crate) const K_VOTE: &str = "vote";
+pub(crate) const K_PURGED: &str = "last_purged";
 const K_APPLIED: &str = "sm_last_applied";
 const K_MEMBERSHIP: &str = "sm_membership";
 const K_SNAPSHOT: &str = "snapshot";
@@ -62,15 +58,15 @@ pub fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
     Ok(Arc::new(db))
 }
 
-fn enc<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+pub(crate) fn enc<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-fn dec<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+pub(crate) fn dec<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
     serde_json::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
+pub(crate) fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
     let txn = db.begin_read().map_err(io::Error::other)?;
     let t = txn.open_table(META).map_err(io::Error::other)?;
     match t.get(key).map_err(io::Error::other)? {
@@ -96,164 +92,6 @@ where
 }
 
 // ---------------------------------------------------------------------------------------
-// Log store
-
-/// The Raft log, vote and purge marker.
-#[derive(Clone)]
-pub struct LogStore {
-    db: Arc<Database>,
-}
-
-impl LogStore {
-    pub fn new(db: Arc<Database>) -> Self {
-        LogStore { db }
-    }
-
-    async fn put_meta<T: Serialize>(&self, key: &'static str, v: &T) -> io::Result<()> {
-        let bytes = enc(v)?;
-        write(&self.db, Durability::Immediate, move |txn| {
-            let mut t = txn.open_table(META).map_err(io::Error::other)?;
-            t.insert(key, bytes.as_slice()).map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
-        let db = self.db.clone();
-        let start = range.start_bound().cloned();
-        let end = range.end_bound().cloned();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(io::Error::other)?;
-            let t = txn.open_table(LOG).map_err(io::Error::other)?;
-            let mut out = Vec::new();
-            for item in t.range::<u64>((start, end)).map_err(io::Error::other)? {
-                let (_, v) = item.map_err(io::Error::other)?;
-                out.push(dec(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(io::Error::other)?
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
-        read_meta(&self.db, K_VOTE)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = Self;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = read_meta(&self.db, K_PURGED)?;
-        let last = {
-            let txn = self.db.begin_read().map_err(io::Error::other)?;
-            let t = txn.open_table(LOG).map_err(io::Error::other)?;
-            let last = t.last().map_err(io::Error::other)?;
-            match last {
-                Some((_, v)) => Some(dec::<EntryOf<TypeConfig>>(v.value())?.log_id()),
-                None => None,
-            }
-        };
-        Ok(LogState {
-            last_log_id: last.or(last_purged_log_id),
-            last_purged_log_id,
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        self.put_meta(K_VOTE, vote).await
-    }
-
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogIdOf<TypeConfig>>,
-    ) -> Result<(), io::Error> {
-        // Committed is a hint for faster recovery, not a safety property: no fsync needed.
-        let bytes = enc(&committed)?;
-        write(&self.db, Durability::None, move |txn| {
-            let mut t = txn.open_table(META).map_err(io::Error::other)?;
-            t.insert(K_COMMITTED, bytes.as_slice())
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(read_meta::<Option<LogIdOf<TypeConfig>>>(&self.db, K_COMMITTED)?.flatten())
-    }
-
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: IOFlushed<TypeConfig>,
-    ) -> Result<(), io::Error>
-    where
-        I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        let mut rows = Vec::new();
-        for e in entries {
-            rows.push((e.index(), enc(&e)?));
-        }
-        let res = write(&self.db, Durability::Immediate, move |txn| {
-            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
-            for (k, v) in &rows {
-                t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
-            }
-            Ok(())
-        })
-        .await;
-        let ret = res
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
-        callback.io_completed(res);
-        ret
-    }
-
-    async fn truncate_after(
-        &mut self,
-        last_log_id: Option<LogIdOf<TypeConfig>>,
-    ) -> Result<(), io::Error> {
-        let from = last_log_id.map_or(0, |l| l.index() + 1);
-        write(&self.db, Durability::Immediate, move |txn| {
-            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
-            t.retain_in(from.., |_, _| false)
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
-        let marker = enc(&log_id)?;
-        let upto = log_id.index();
-        write(&self.db, Durability::Immediate, move |txn| {
-            let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_PURGED, marker.as_slice())
-                .map_err(io::Error::other)?;
-            let mut t = txn.open_table(LOG).map_err(io::Error::other)?;
-            t.retain_in(..=upto, |_, _| false)
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // State machine
 
 #[derive(Serialize, Deserialize)]
@@ -274,6 +112,66 @@ pub struct StateMachineStore {
     membership: StoredMembershipOf<TypeConfig>,
     /// The index of the newest event, for long-polls.
     events_tx: Arc<watch::Sender<u64>>,
+    writer: mpsc::Sender<SmWrite>,
+}
+
+/// Work for the state machine's writer thread.
+enum SmWrite {
+    /// Records one apply batch touched, with the `last_applied` and membership after it.
+    Rows {
+        rows: Rows,
+        applied: Vec<u8>,
+        membership: Vec<u8>,
+    },
+    /// Answered once everything queued before it is committed.
+    Barrier(oneshot::Sender<()>),
+}
+
+fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while let Ok(op) = rx.try_recv() {
+            ops.push(op);
+            if ops.len() >= 1024 {
+                break;
+            }
+        }
+        let res = (|| -> io::Result<()> {
+            let mut txn = db.begin_write().map_err(io::Error::other)?;
+            txn.set_durability(Durability::None)
+                .map_err(io::Error::other)?;
+            let mut last = None;
+            for op in &ops {
+                if let SmWrite::Rows {
+                    rows,
+                    applied,
+                    membership,
+                } = op
+                {
+                    rows.write(&txn)?;
+                    last = Some((applied, membership));
+                }
+            }
+            if let Some((applied, membership)) = last {
+                let mut m = txn.open_table(META).map_err(io::Error::other)?;
+                m.insert(K_APPLIED, applied.as_slice())
+                    .map_err(io::Error::other)?;
+                m.insert(K_MEMBERSHIP, membership.as_slice())
+                    .map_err(io::Error::other)?;
+            }
+            txn.commit().map_err(io::Error::other)
+        })();
+        if let Err(e) = res {
+            // The in-memory state is ahead of the file; a restart replays the log from the
+            // last `last_applied` that made it, so nothing is lost, only recovery is longer.
+            tracing::error!(error = %e, "writing state-machine records failed");
+        }
+        for op in ops {
+            if let SmWrite::Barrier(done) = op {
+                let _ = done.send(());
+            }
+        }
+    }
 }
 
 impl StateMachineStore {
@@ -286,12 +184,18 @@ impl StateMachineStore {
         let records = load_records(&db)?;
         let events = records.events.len() as u64;
         let (tx, _) = watch::channel(events);
+        let (writer, rx) = mpsc::channel();
+        let wdb = db.clone();
+        std::thread::Builder::new()
+            .name("state-machine-writer".into())
+            .spawn(move || sm_writer(wdb, rx))?;
         let mut sm = StateMachineStore {
             db,
             state: Arc::new(RwLock::new(ControlState::from_records(records))),
             last_applied,
             membership,
             events_tx: Arc::new(tx),
+            writer,
         };
         if let Some(snap) = read_meta::<StoredSnapshot>(&sm.db, K_SNAPSHOT)? {
             let newer = snap.meta.last_log_id.as_ref().map(|l| l.index())
@@ -549,25 +453,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 responders.push((r, outcome));
             }
         }
-        // Persist what this batch touched, then answer: a reader that sees the answer
-        // can read the same state back from this member.
         let (rows, new_events) = {
             let mut st = self.write_state();
             let touched = st.take_touched();
             (Rows::encode(&st, &touched)?, touched.events_from.is_some())
         };
-        let applied = enc(&self.last_applied)?;
-        let membership = enc(&self.membership)?;
-        write(&self.db, Durability::None, move |txn| {
-            rows.write(txn)?;
-            let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_APPLIED, applied.as_slice())
-                .map_err(io::Error::other)?;
-            m.insert(K_MEMBERSHIP, membership.as_slice())
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await?;
+        let write = SmWrite::Rows {
+            rows,
+            applied: enc(&self.last_applied)?,
+            membership: enc(&self.membership)?,
+        };
+        self.writer
+            .send(write)
+            .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
         if new_events {
             let last = self.read_state().last_event_index();
             self.events_tx.send_replace(last);
@@ -599,6 +497,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Ok(())
         })
         .await?;
+        // Let queued row writes land first so that they cannot overwrite the snapshot's.
+        let (done, wait) = oneshot::channel();
+        if self.writer.send(SmWrite::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
         let mut this = self.clone();
         let meta = meta.clone();
         let this = tokio::task::spawn_blocking(move || {
