@@ -178,7 +178,7 @@ async fn bad_input_changes_nothing() {
             .send()
             .await
             .unwrap();
-        check("raft snapshot garbage", 422, r.status().as_u16());
+        check("raft snapshot garbage", 400, r.status().as_u16());
         let r = h
             .post(format!("{url}/internal/join"))
             .json(&json!({"id": 9, "addr": "127.0.0.1:1"}))

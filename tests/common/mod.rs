@@ -154,7 +154,17 @@ impl Cluster {
         }
     }
 
+    /// Print the tail of every member's log and keep full copies for a post-mortem.
     pub fn dump_logs(&self) {
+        let keep = std::env::temp_dir().join(format!("starling-failed-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&keep);
+        for id in 1..=self.ports.len() {
+            let _ = std::fs::copy(
+                self.dir.path().join(format!("m{id}.log")),
+                keep.join(format!("m{id}.log")),
+            );
+        }
+        eprintln!("full member logs kept in {}", keep.display());
         for id in 1..=self.ports.len() {
             let p = self.dir.path().join(format!("m{id}.log"));
             let text = std::fs::read_to_string(&p).unwrap_or_default();

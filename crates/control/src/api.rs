@@ -31,7 +31,7 @@ use starling_proto::{
 };
 use subtle::ConstantTimeEq;
 
-use crate::network::CLUSTER_KEY_HEADER;
+use crate::network::{decode_snapshot_body, CLUSTER_KEY_HEADER};
 use crate::server::{admit, now_ms, Member, ProposeError};
 use crate::state::BuildQuery;
 use crate::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
@@ -315,15 +315,26 @@ async fn raft_vote(
     Ok(Json(m.raft.vote(req).await).into_response())
 }
 
+/// The body carries the snapshot's raw bytes behind its JSON meta; see
+/// [`decode_snapshot_body`].
 async fn raft_snapshot(
     State(m): Shared,
     headers: HeaderMap,
-    Json((vote, meta, data)): Json<(VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>)>,
+    body: Bytes,
 ) -> Result<Response, ApiErr> {
     require_cluster_key(&m, &headers)?;
+    let (meta_json, data) =
+        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
+        serde_json::from_slice(meta_json).map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("malformed snapshot meta: {e}"),
+            )
+        })?;
     let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> {
         meta,
-        snapshot: data,
+        snapshot: data.to_vec(),
     };
     Ok(Json(m.raft.install_full_snapshot(vote, snapshot).await).into_response())
 }

@@ -25,6 +25,30 @@ use serde::Serialize;
 use crate::{NodeId, TypeConfig};
 
 pub const CLUSTER_KEY_HEADER: &str = "x-starling-cluster-key";
+/// Largest `[vote, snapshot meta]` JSON accepted in front of a snapshot's bytes.
+pub const MAX_SNAPSHOT_META: usize = 1024 * 1024;
+
+/// The body of `POST /raft/snapshot`: a 4-byte big-endian length, that many bytes of
+/// `[vote, snapshot meta]` JSON, then the snapshot's raw bytes (no re-encoding).
+pub fn encode_snapshot_body(meta_json: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + meta_json.len() + data.len());
+    body.extend_from_slice(&(meta_json.len() as u32).to_be_bytes());
+    body.extend_from_slice(meta_json);
+    body.extend_from_slice(data);
+    body
+}
+
+/// Split a snapshot body into its meta JSON and data, or say what is wrong with it.
+pub fn decode_snapshot_body(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    let (len, rest) = body
+        .split_first_chunk::<4>()
+        .ok_or("snapshot body shorter than its length prefix")?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if len > MAX_SNAPSHOT_META || len > rest.len() {
+        return Err(format!("snapshot meta length {len} is out of bounds"));
+    }
+    Ok(rest.split_at(len))
+}
 
 /// Makes one [`PeerClient`] per peer; they share one connection pool.
 #[derive(Clone)]
@@ -79,11 +103,27 @@ impl PeerClient {
         E: DeserializeOwned,
     {
         let url = format!("{}/raft/{path}", self.base);
-        let resp = self
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let rb = self
             .http
             .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.send(rb, &url, timeout).await
+    }
+
+    async fn send<Resp, E>(
+        &self,
+        rb: reqwest::RequestBuilder,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<Result<Resp, E>, RPCError<TypeConfig>>
+    where
+        Resp: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let resp = rb
             .header(CLUSTER_KEY_HEADER, &self.cluster_key)
-            .json(req)
             .timeout(timeout)
             .send()
             .await
@@ -96,9 +136,11 @@ impl PeerClient {
             })?;
         let status = resp.status();
         if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
             return Err(RPCError::Network(NetworkError::from_string(format!(
-                "member {} answered HTTP {status} on {url}",
-                self.target
+                "member {} answered HTTP {status} on {url}: {}",
+                self.target,
+                body.chars().take(300).collect::<String>()
             ))));
         }
         resp.json::<Result<Resp, E>>()
@@ -143,21 +185,49 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let req = (vote, snapshot.meta, snapshot.snapshot);
+        let url = format!("{}/raft/snapshot", self.base);
+        let meta = serde_json::to_vec(&(vote, snapshot.meta))
+            .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
+        let rb = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(encode_snapshot_body(&meta, &snapshot.snapshot));
         tokio::pin!(cancel);
         // A snapshot can be large; give it far longer than a heartbeat-sized RPC.
-        let call = self
-            .call::<_, SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(
-                "snapshot",
-                &req,
-                Duration::from_secs(120),
-            );
+        let call = self.send::<SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(
+            rb,
+            &url,
+            Duration::from_secs(300),
+        );
         tokio::select! {
             closed = &mut cancel => Err(StreamingError::Closed(closed)),
             res = call => {
-                let inner = res.map_err(StreamingError::from)?;
+                let inner = res.map_err(|e| {
+                    tracing::warn!(target_member = self.target, error = %e, "sending a snapshot failed");
+                    StreamingError::from(e)
+                })?;
                 inner.map_err(|e| StreamingError::from(remote(e)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_body_round_trip_and_bounds() {
+        let body = encode_snapshot_body(b"{\"m\":1}", b"DATA");
+        assert_eq!(
+            decode_snapshot_body(&body),
+            Ok((&b"{\"m\":1}"[..], &b"DATA"[..]))
+        );
+        assert!(decode_snapshot_body(b"ab").is_err());
+        assert!(decode_snapshot_body(b"[1,2,3]").is_err());
+        let mut lying = encode_snapshot_body(b"xx", b"");
+        lying[3] = 200;
+        assert!(decode_snapshot_body(&lying).is_err());
     }
 }

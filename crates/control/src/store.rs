@@ -18,7 +18,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use starling_proto::Outcome;
 use tokio::sync::{oneshot, watch};
 
@@ -37,7 +37,8 @@ pub(crate) const K_VOTE: &str = "vote";
 pub(crate) const K_PURGED: &str = "last_purged";
 const K_APPLIED: &str = "sm_last_applied";
 const K_MEMBERSHIP: &str = "sm_membership";
-const K_SNAPSHOT: &str = "snapshot";
+const K_SNAPSHOT_META: &str = "snapshot_meta";
+const K_SNAPSHOT_DATA: &str = "snapshot_data";
 
 /// Open (or create) the member's database.
 pub fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
@@ -94,10 +95,43 @@ where
 // ---------------------------------------------------------------------------------------
 // State machine
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+/// Store a snapshot durably: its meta as JSON, its data as raw bytes.
+async fn save_snapshot(
+    db: &Arc<Database>,
+    meta: &SnapshotMetaOf<TypeConfig>,
+    data: Arc<Vec<u8>>,
+) -> io::Result<()> {
+    let meta = enc(meta)?;
+    write(db, Durability::Immediate, move |txn| {
+        let mut m = txn.open_table(META).map_err(io::Error::other)?;
+        m.insert(K_SNAPSHOT_META, meta.as_slice())
+            .map_err(io::Error::other)?;
+        m.insert(K_SNAPSHOT_DATA, data.as_slice())
+            .map_err(io::Error::other)?;
+        Ok(())
+    })
+    .await
+}
+
+fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
+    let Some(meta) = read_meta(db, K_SNAPSHOT_META)? else {
+        return Ok(None);
+    };
+    let txn = db.begin_read().map_err(io::Error::other)?;
+    let t = txn.open_table(META).map_err(io::Error::other)?;
+    let data = t
+        .get(K_SNAPSHOT_DATA)
+        .map_err(io::Error::other)?
+        .map(|v| v.value().to_vec())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta without data"))?;
+    Ok(Some((meta, data)))
+}
+
+/// Builds a snapshot from the records as they were when openraft asked for it.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
     meta: SnapshotMetaOf<TypeConfig>,
-    data: Vec<u8>,
+    records: Records,
 }
 
 /// Shared view of the applied state, for the API's reads. Never held across an await.
@@ -197,11 +231,11 @@ impl StateMachineStore {
             events_tx: Arc::new(tx),
             writer,
         };
-        if let Some(snap) = read_meta::<StoredSnapshot>(&sm.db, K_SNAPSHOT)? {
-            let newer = snap.meta.last_log_id.as_ref().map(|l| l.index())
+        if let Some((meta, data)) = load_snapshot(&sm.db)? {
+            let newer = meta.last_log_id.as_ref().map(|l| l.index())
                 > sm.last_applied.as_ref().map(|l| l.index());
             if newer {
-                sm.replace_records(&snap.meta, dec(&snap.data)?, Durability::Immediate)?;
+                sm.replace_records(&meta, dec(&data)?, Durability::Immediate)?;
             }
         }
         Ok(sm)
@@ -389,43 +423,27 @@ impl Rows {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        // The builder is a clone taken when openraft asked for it; `last_applied` and the
-        // records below are read together under the lock so they agree.
-        let (data, meta) = {
-            let st = self.read_state();
-            let data = enc(st.records())?;
-            let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: self.last_applied,
-                last_membership: self.membership.clone(),
-            };
-            (data, meta)
-        };
-        let stored = enc(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })?;
-        write(&self.db, Durability::Immediate, move |txn| {
-            let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_SNAPSHOT, stored.as_slice())
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(last = ?meta.last_log_id, bytes = data.len(), "snapshot built");
+        let records = std::mem::take(&mut self.records);
+        let data = tokio::task::spawn_blocking(move || enc(&records))
+            .await
+            .map_err(io::Error::other)??;
+        let data = Arc::new(data);
+        save_snapshot(&self.db, &self.meta, data.clone()).await?;
+        tracing::info!(last = ?self.meta.last_log_id, bytes = data.len(), "snapshot built");
         Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
-            meta,
-            snapshot: data,
+            meta: self.meta.clone(),
+            snapshot: Arc::unwrap_or_clone(data),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = Self;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -476,8 +494,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
+    /// Runs between two apply batches: the records and `last_applied` taken here agree.
+    /// Cloning the records is far cheaper than encoding them, which the builder does later
+    /// off the apply path.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        SnapshotBuilder {
+            db: self.db.clone(),
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: self.last_applied,
+                last_membership: self.membership.clone(),
+            },
+            records: self.read_state().records().clone(),
+        }
     }
 
     async fn install_snapshot(
@@ -486,17 +514,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
         let records: Records = dec(&snapshot)?;
-        let stored = enc(&StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot,
-        })?;
-        write(&self.db, Durability::Immediate, move |txn| {
-            let mut m = txn.open_table(META).map_err(io::Error::other)?;
-            m.insert(K_SNAPSHOT, stored.as_slice())
-                .map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await?;
+        save_snapshot(&self.db, meta, Arc::new(snapshot)).await?;
         // Let queued row writes land first so that they cannot overwrite the snapshot's.
         let (done, wait) = oneshot::channel();
         if self.writer.send(SmWrite::Barrier(done)).is_ok() {
@@ -519,14 +537,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(
-            read_meta::<StoredSnapshot>(&self.db, K_SNAPSHOT)?.map(|s| SnapshotOf::<
-                TypeConfig,
-                Vec<u8>,
-            > {
-                meta: s.meta,
-                snapshot: s.data,
-            }),
-        )
+        Ok(load_snapshot(&self.db)?
+            .map(|(meta, snapshot)| SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot }))
     }
 }
