@@ -994,7 +994,7 @@ async fn events(State(m): Shared, Query(q): Query<EventsQuery>) -> Result<Respon
     let mut rx = m.events.clone();
     loop {
         rx.borrow_and_update();
-        let evs = m.read().events_after(q.after, limit).to_vec();
+        let evs = m.read().events_after(q.after, limit);
         if !evs.is_empty()
             || tokio::time::timeout_at(deadline, rx.changed())
                 .await
@@ -1026,7 +1026,7 @@ async fn events_stream(
                     return Some((Ok(sse), (m, rx, next, pending)));
                 }
                 rx.borrow_and_update();
-                let mut evs = m.read().events_after(after, 1000).to_vec();
+                let mut evs = m.read().events_after(after, 1000);
                 if evs.is_empty() {
                     rx.changed().await.ok()?;
                     continue;

@@ -164,6 +164,13 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(id = cfg.id, addr = %cfg.listen, "control member listening");
     let app = crate::api::router(member.clone());
+    // Small request/answer exchanges (Raft RPC, API calls) must not wait on Nagle's
+    // algorithm meeting the peer's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let serve = tokio::spawn(async move { axum::serve(listener, app).await });
 
     if cfg.bootstrap {

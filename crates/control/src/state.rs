@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
     Build, BuildStatus, Command, Event, Millis, Outcome, Rejection, Release, Repo, RepoSpec,
@@ -33,13 +34,16 @@ pub struct Goal {
 }
 
 /// The durable facts. Everything else in [`ControlState`] is derived from these.
+///
+/// The collections that grow with history are persistent (structurally shared) so that
+/// cloning the records for a snapshot costs O(1) and never stalls the apply path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Records {
     pub repos: BTreeMap<String, StoredRepo>,
-    pub builds: BTreeMap<u64, Build>,
+    pub builds: OrdMap<u64, Build>,
     /// `events[i]` has index `i + 1`.
-    pub events: Vec<Event>,
-    pub releases: BTreeMap<String, Release>,
+    pub events: Vector<Event>,
+    pub releases: OrdMap<String, Release>,
     /// Keyed by `repo/env`.
     pub goals: BTreeMap<String, Goal>,
 }
@@ -132,10 +136,15 @@ impl ControlState {
     }
 
     /// Events with an index above `after`, at most `limit` of them.
-    pub fn events_after(&self, after: u64, limit: usize) -> &[Event] {
+    pub fn events_after(&self, after: u64, limit: usize) -> Vec<Event> {
         let start = (after as usize).min(self.records.events.len());
         let end = start.saturating_add(limit).min(self.records.events.len());
-        &self.records.events[start..end]
+        self.records
+            .events
+            .clone()
+            .slice(start..end)
+            .into_iter()
+            .collect()
     }
 
     pub fn queued_len(&self) -> usize {
@@ -295,7 +304,7 @@ impl ControlState {
         if let Some(dup) = self.duplicate_of(repo, sha, delivery, force) {
             return dup;
         }
-        let id = self.records.builds.keys().next_back().map_or(1, |k| k + 1);
+        let id = self.records.builds.get_max().map_or(1, |(k, _)| k + 1);
         let build = Build {
             id,
             repo: repo.to_string(),
@@ -612,7 +621,7 @@ impl ControlState {
     fn push_event(&mut self, mut e: Event) {
         e.index = self.records.events.len() as u64 + 1;
         self.touched.events_from.get_or_insert(e.index);
-        self.records.events.push(e);
+        self.records.events.push_back(e);
     }
 }
 
@@ -854,11 +863,8 @@ mod tests {
         assert!(matches!(out, Outcome::Build(b) if b.status == BuildStatus::Succeeded));
         assert_eq!(s.list_releases(Some("acme/web")).len(), 1);
         assert_eq!(s.goals().next().unwrap().release, "r1");
-        let kinds: Vec<_> = s
-            .events_after(0, 100)
-            .iter()
-            .map(|e| e.kind.as_str())
-            .collect();
+        let events = s.events_after(0, 100);
+        let kinds: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
             vec![

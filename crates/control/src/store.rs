@@ -318,7 +318,7 @@ fn load_records(db: &Database) -> io::Result<Records> {
         .map_err(io::Error::other)?
     {
         let (_, v) = item.map_err(io::Error::other)?;
-        r.events.push(dec(v.value())?);
+        r.events.push_back(dec(v.value())?);
     }
     for item in txn
         .open_table(RELEASES)
@@ -379,7 +379,7 @@ impl Rows {
         }
         if let Some(from) = touched.events_from {
             for e in state.events_after(from - 1, usize::MAX) {
-                rows.events.push((e.index, enc(e)?));
+                rows.events.push((e.index, enc(&e)?));
             }
         }
         for k in &touched.releases {
