@@ -40,7 +40,18 @@ const K_MEMBERSHIP: &str = "sm_membership";
 const K_SNAPSHOT_META: &str = "snapshot_meta";
 const K_SNAPSHOT_DATA: &str = "snapshot_data";
 
-/// Open (or create) the member's database.
+/// Open (or create) the file that keeps snapshots. It is a separate redb database so
+/// that writing a large snapshot never holds the write lock the Raft log needs.
+pub fn open_snapshot_db(dir: &Path) -> io::Result<Arc<Database>> {
+    std::fs::create_dir_all(dir)?;
+    let db = Database::create(dir.join("snapshots.redb")).map_err(io::Error::other)?;
+    let txn = db.begin_write().map_err(io::Error::other)?;
+    txn.open_table(META).map_err(io::Error::other)?;
+    txn.commit().map_err(io::Error::other)?;
+    Ok(Arc::new(db))
+}
+
+/// Open (or create) the member's database of log and state.
 pub fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
     std::fs::create_dir_all(dir)?;
     let db = Database::create(dir.join("control.redb")).map_err(io::Error::other)?;
@@ -129,7 +140,7 @@ fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>
 
 /// Builds a snapshot from the records as they were when openraft asked for it.
 pub struct SnapshotBuilder {
-    db: Arc<Database>,
+    snapshots: Arc<Database>,
     meta: SnapshotMetaOf<TypeConfig>,
     records: Records,
 }
@@ -141,6 +152,7 @@ pub type SharedState = Arc<RwLock<ControlState>>;
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
+    snapshots: Arc<Database>,
     state: SharedState,
     last_applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
@@ -211,7 +223,7 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
 impl StateMachineStore {
     /// Load the state machine from `db`, preferring the stored snapshot when the records
     /// are older than it.
-    pub fn open(db: Arc<Database>) -> io::Result<Self> {
+    pub fn open(db: Arc<Database>, snapshots: Arc<Database>) -> io::Result<Self> {
         let last_applied: Option<LogIdOf<TypeConfig>> = read_meta(&db, K_APPLIED)?;
         let membership: StoredMembershipOf<TypeConfig> =
             read_meta(&db, K_MEMBERSHIP)?.unwrap_or_default();
@@ -225,13 +237,14 @@ impl StateMachineStore {
             .spawn(move || sm_writer(wdb, rx))?;
         let mut sm = StateMachineStore {
             db,
+            snapshots,
             state: Arc::new(RwLock::new(ControlState::from_records(records))),
             last_applied,
             membership,
             events_tx: Arc::new(tx),
             writer,
         };
-        if let Some((meta, data)) = load_snapshot(&sm.db)? {
+        if let Some((meta, data)) = load_snapshot(&sm.snapshots)? {
             let newer = meta.last_log_id.as_ref().map(|l| l.index())
                 > sm.last_applied.as_ref().map(|l| l.index());
             if newer {
@@ -432,7 +445,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .await
             .map_err(io::Error::other)??;
         let data = Arc::new(data);
-        save_snapshot(&self.db, &self.meta, data.clone()).await?;
+        save_snapshot(&self.snapshots, &self.meta, data.clone()).await?;
         tracing::info!(last = ?self.meta.last_log_id, bytes = data.len(), "snapshot built");
         Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
             meta: self.meta.clone(),
@@ -499,7 +512,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     /// off the apply path.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            db: self.db.clone(),
+            snapshots: self.snapshots.clone(),
             meta: SnapshotMetaOf::<TypeConfig> {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
@@ -514,7 +527,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
         let records: Records = dec(&snapshot)?;
-        save_snapshot(&self.db, meta, Arc::new(snapshot)).await?;
+        save_snapshot(&self.snapshots, meta, Arc::new(snapshot)).await?;
         // Let queued row writes land first so that they cannot overwrite the snapshot's.
         let (done, wait) = oneshot::channel();
         if self.writer.send(SmWrite::Barrier(done)).is_ok() {
@@ -537,7 +550,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(load_snapshot(&self.db)?
-            .map(|(meta, snapshot)| SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot }))
+        Ok(
+            load_snapshot(&self.snapshots)?.map(|(meta, snapshot)| SnapshotOf::<
+                TypeConfig,
+                Vec<u8>,
+            > {
+                meta,
+                snapshot,
+            }),
+        )
     }
 }
