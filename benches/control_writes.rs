@@ -294,6 +294,43 @@ async fn start_etcd(dir: &Path) -> Option<(Vec<Child>, System)> {
     None
 }
 
+/// The durable-write floor of this disk, to read the table against: a 4 KiB append with
+/// `fdatasync` (what etcd's WAL does per batch) and one small redb commit with
+/// `Durability::Immediate` (what Starling's log does per batch). Median of 300 each.
+fn storage_floor(dir: &Path) {
+    use std::io::Write;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut f = std::fs::File::create(dir.join("floor.wal")).unwrap_or_else(|e| panic!("{e}"));
+    let block = vec![7u8; 4096];
+    let mut wal = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        f.write_all(&block).and_then(|_| f.sync_data()).unwrap_or_else(|e| panic!("{e}"));
+        wal.push(t.elapsed());
+    }
+    let db = redb::Database::create(dir.join("floor.redb")).unwrap_or_else(|e| panic!("{e}"));
+    let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
+    let mut rd = Vec::new();
+    for i in 0..300u64 {
+        let t = Instant::now();
+        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        {
+            let mut tb = txn.open_table(table).unwrap_or_else(|e| panic!("{e}"));
+            tb.insert(i, [1u8; 200].as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+        rd.push(t.elapsed());
+    }
+    println!(
+        "disk floor: 4 KiB append+fdatasync {:.3} ms, redb Immediate commit {:.3} ms (medians of 300)",
+        median(wal).as_secs_f64() * 1e3,
+        median(rd).as_secs_f64() * 1e3
+    );
+}
+
 fn conditions() {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let etcd = std::process::Command::new("etcd")
@@ -328,7 +365,9 @@ async fn main() {
         .unwrap_or(5.0);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     conditions();
-    println!("duration:   {secs} s per cell\n");
+    println!("duration:   {secs} s per cell");
+    storage_floor(dir.path());
+    println!();
 
     let (starling_children, starling) = start_starling(dir.path()).await;
     let etcd = start_etcd(dir.path()).await;
