@@ -308,7 +308,9 @@ fn storage_floor(dir: &Path) {
     let mut wal = Vec::new();
     for _ in 0..300 {
         let t = Instant::now();
-        f.write_all(&block).and_then(|_| f.sync_data()).unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(&block)
+            .and_then(|_| f.sync_data())
+            .unwrap_or_else(|e| panic!("{e}"));
         wal.push(t.elapsed());
     }
     let db = redb::Database::create(dir.join("floor.redb")).unwrap_or_else(|e| panic!("{e}"));
@@ -319,7 +321,8 @@ fn storage_floor(dir: &Path) {
         let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
         {
             let mut tb = txn.open_table(table).unwrap_or_else(|e| panic!("{e}"));
-            tb.insert(i, [1u8; 200].as_slice()).unwrap_or_else(|e| panic!("{e}"));
+            tb.insert(i, [1u8; 200].as_slice())
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         txn.commit().unwrap_or_else(|e| panic!("{e}"));
         rd.push(t.elapsed());

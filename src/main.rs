@@ -76,8 +76,28 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("bad duration {s:?} (try 30s, 500ms, 2m)"))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // A control member does little CPU work per request and much waiting: on one runtime
+    // thread its Raft, HTTP and apply tasks hand work to each other without cross-thread
+    // wake-ups, which is most of a write's latency on a small machine. Blocking work (redb
+    // commits, reads) runs on its own threads either way.
+    let threads = std::env::var("STARLING_RUNTIME_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    let mut rt = match (&cli.cmd, threads) {
+        (_, Some(n)) if n > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        (Cmd::Control(_), _) | (_, Some(_)) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    rt.enable_all().build()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
@@ -85,7 +105,6 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.cmd {
         Cmd::Control(a) => {
             if !a.bootstrap && a.join.is_none() && !a.data_dir.join("control.redb").exists() {
