@@ -107,7 +107,7 @@ async fn run(cli: Cli) -> Result<()> {
         .init();
     match cli.cmd {
         Cmd::Control(a) => {
-            if !a.bootstrap && a.join.is_none() && !a.data_dir.join("control.redb").exists() {
+            if !a.bootstrap && a.join.is_none() && !a.data_dir.join("log.redb").exists() {
                 bail!("a new member needs --bootstrap or --join URL");
             }
             let token = cli

@@ -335,7 +335,9 @@ mod tests {
     async fn appends_truncates_purges_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = crate::store::open_db(dir.path()).unwrap();
+            let db = crate::store::Files::open(dir.path())
+                .map(|f| f.log)
+                .unwrap();
             let mut s = LogStore::new(db).unwrap();
             append(&mut s, (1..=5).map(|i| entry(1, i)).collect()).await;
             // Readable at once, whether from the tail or from redb.
@@ -357,13 +359,13 @@ mod tests {
         }
         // Reopen (once the writer thread has let go of the file): everything acknowledged
         // is still there.
-        let mut db = crate::store::open_db(dir.path());
+        let mut db = crate::store::Files::open(dir.path()).map(|f| f.log);
         for _ in 0..100 {
             if db.is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            db = crate::store::open_db(dir.path());
+            db = crate::store::Files::open(dir.path()).map(|f| f.log);
         }
         let db = db.unwrap();
         let mut s = LogStore::new(db).unwrap();
@@ -381,7 +383,9 @@ mod tests {
     #[tokio::test]
     async fn concurrent_appends_share_commits_and_stay_ordered() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open_db(dir.path()).unwrap();
+        let db = crate::store::Files::open(dir.path())
+            .map(|f| f.log)
+            .unwrap();
         let mut s = LogStore::new(db).unwrap();
         let mut waits = Vec::new();
         for i in 1..=200 {

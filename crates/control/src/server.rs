@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::log_store::LogStore;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
 use crate::reaper::LeaseReaper;
-use crate::store::{open_db, open_snapshot_db, SharedState, StateMachineStore};
+use crate::store::{Files, SharedState, StateMachineStore};
 use crate::{NodeId, Raft};
 
 /// Everything a member needs to start.
@@ -118,9 +118,9 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             "an API token is required (STARLING_TOKEN or --token)".into(),
         ));
     }
-    let db = open_db(&cfg.data_dir)?;
-    let log = LogStore::new(db.clone())?;
-    let sm = StateMachineStore::open(db, open_snapshot_db(&cfg.data_dir)?)?;
+    let files = Files::open(&cfg.data_dir)?;
+    let log = LogStore::new(files.log)?;
+    let sm = StateMachineStore::open(files.state, files.snapshots)?;
     let state = sm.shared();
     let events = sm.events();
 

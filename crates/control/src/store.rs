@@ -2,9 +2,9 @@
 //! ([`crate::log_store`]), and the tables and helpers both share.
 //!
 //! `apply` changes [`ControlState`] in memory, answers, and queues the records the batch
-//! touched to a writer thread, which commits them with `last_applied` in one transaction
-//! with `Durability::None`: the log's next fsync makes them durable, and if a crash comes
-//! first openraft re-applies the committed entries after the persisted `last_applied`.
+//! touched to a writer thread, which commits them with `last_applied` in one transaction,
+//! fsyncing about once a second: if a crash comes first, openraft re-applies the committed
+//! entries after the durable `last_applied`.
 //! Snapshots are the whole [`Records`] serialized as JSON, stored durably before use.
 
 use std::io;
@@ -40,31 +40,45 @@ const K_MEMBERSHIP: &str = "sm_membership";
 const K_SNAPSHOT_META: &str = "snapshot_meta";
 const K_SNAPSHOT_DATA: &str = "snapshot_data";
 
-/// Open (or create) the file that keeps snapshots. It is a separate redb database so
-/// that writing a large snapshot never holds the write lock the Raft log needs.
-pub fn open_snapshot_db(dir: &Path) -> io::Result<Arc<Database>> {
-    std::fs::create_dir_all(dir)?;
-    let db = Database::create(dir.join("snapshots.redb")).map_err(io::Error::other)?;
-    let txn = db.begin_write().map_err(io::Error::other)?;
-    txn.open_table(META).map_err(io::Error::other)?;
-    txn.commit().map_err(io::Error::other)?;
-    Ok(Arc::new(db))
+/// A member's redb files, each with its own write lock and fsyncs:
+/// - `log.redb`: the Raft log, vote and purge marker — fsynced before every acknowledgement;
+/// - `state.redb`: the state machine's records — fsynced about once a second, because a
+///   crash only costs re-applying the log from its `last_applied`;
+/// - `snapshots.redb`: the latest snapshot — large writes that must never delay the log.
+pub struct Files {
+    pub log: Arc<Database>,
+    pub state: Arc<Database>,
+    pub snapshots: Arc<Database>,
 }
 
-/// Open (or create) the member's database of log and state.
-pub fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
-    std::fs::create_dir_all(dir)?;
-    let db = Database::create(dir.join("control.redb")).map_err(io::Error::other)?;
+impl Files {
+    pub fn open(dir: &Path) -> io::Result<Files> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Files {
+            log: open_file(&dir.join("log.redb"), &[LOG], &[META])?,
+            state: open_file(
+                &dir.join("state.redb"),
+                &[BUILDS, EVENTS],
+                &[META, REPOS, RELEASES, GOALS],
+            )?,
+            snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
+        })
+    }
+}
+
+/// Open or create `path` with the given tables, so that readers never meet a missing one.
+fn open_file(
+    path: &Path,
+    by_number: &[TableDefinition<u64, &[u8]>],
+    by_name: &[TableDefinition<&str, &[u8]>],
+) -> io::Result<Arc<Database>> {
+    let db = Database::create(path).map_err(io::Error::other)?;
     let txn = db.begin_write().map_err(io::Error::other)?;
-    {
-        // Create every table so that readers never meet a missing one.
-        txn.open_table(LOG).map_err(io::Error::other)?;
-        txn.open_table(META).map_err(io::Error::other)?;
-        txn.open_table(REPOS).map_err(io::Error::other)?;
-        txn.open_table(BUILDS).map_err(io::Error::other)?;
-        txn.open_table(EVENTS).map_err(io::Error::other)?;
-        txn.open_table(RELEASES).map_err(io::Error::other)?;
-        txn.open_table(GOALS).map_err(io::Error::other)?;
+    for t in by_number {
+        txn.open_table(*t).map_err(io::Error::other)?;
+    }
+    for t in by_name {
+        txn.open_table(*t).map_err(io::Error::other)?;
     }
     txn.commit().map_err(io::Error::other)?;
     Ok(Arc::new(db))
@@ -173,7 +187,12 @@ enum SmWrite {
     Barrier(oneshot::Sender<()>),
 }
 
+/// How often the state file is made durable; between those commits a crash costs only a
+/// longer log replay.
+const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
+    let mut last_sync = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         while let Ok(op) = rx.try_recv() {
@@ -182,10 +201,15 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
                 break;
             }
         }
+        let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL;
         let res = (|| -> io::Result<()> {
             let mut txn = db.begin_write().map_err(io::Error::other)?;
-            txn.set_durability(Durability::None)
-                .map_err(io::Error::other)?;
+            let durability = if sync {
+                Durability::Immediate
+            } else {
+                Durability::None
+            };
+            txn.set_durability(durability).map_err(io::Error::other)?;
             let mut last = None;
             for op in &ops {
                 if let SmWrite::Rows {
@@ -207,6 +231,9 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
             }
             txn.commit().map_err(io::Error::other)
         })();
+        if sync && res.is_ok() {
+            last_sync = std::time::Instant::now();
+        }
         if let Err(e) = res {
             // The in-memory state is ahead of the file; a restart replays the log from the
             // last `last_applied` that made it, so nothing is lost, only recovery is longer.
