@@ -21,7 +21,7 @@ use openraft::{LogState, OptionalSend, RaftLogReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
-use crate::store::{dec, enc, read_meta, K_PURGED, K_VOTE, LOG, META};
+use crate::store::{dec, enc, read_meta, K_COMMITTED, K_PURGED, K_VOTE, LOG, META};
 use crate::TypeConfig;
 
 type Entry = EntryOf<TypeConfig>;
@@ -41,6 +41,8 @@ enum LogOp {
         value: Vec<u8>,
         done: oneshot::Sender<io::Result<()>>,
     },
+    /// The committed log id: a recovery hint, so nobody waits for it.
+    Committed(Vec<u8>),
     Truncate {
         from: u64,
         done: oneshot::Sender<io::Result<()>>,
@@ -122,6 +124,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<LogOp>, tail: Tail) {
             };
             match op {
                 LogOp::Append { callback, .. } => callback.io_completed(r),
+                LogOp::Committed(_) => {}
                 LogOp::PutMeta { done, .. }
                 | LogOp::Truncate { done, .. }
                 | LogOp::Purge { done, .. } => {
@@ -148,6 +151,10 @@ fn commit(db: &Database, ops: &[LogOp]) -> io::Result<()> {
                 }
                 LogOp::PutMeta { key, value, .. } => {
                     meta.insert(*key, value.as_slice())
+                        .map_err(io::Error::other)?;
+                }
+                LogOp::Committed(value) => {
+                    meta.insert(K_COMMITTED, value.as_slice())
                         .map_err(io::Error::other)?;
                 }
                 LogOp::Truncate { from, .. } => {
@@ -253,6 +260,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             done,
         })
         .await
+    }
+
+    /// Kept so that a restarted member can re-apply what was committed before it stopped
+    /// without waiting to hear from a leader.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let value = enc(&committed)?;
+        self.tx
+            .send(LogOp::Committed(value))
+            .map_err(|_| writer_gone())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(read_meta::<Option<LogId>>(&self.db, K_COMMITTED)?.flatten())
     }
 
     async fn append<I>(

@@ -35,6 +35,7 @@ const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
 
 pub(crate) const K_VOTE: &str = "vote";
 pub(crate) const K_PURGED: &str = "last_purged";
+pub(crate) const K_COMMITTED: &str = "committed";
 const K_APPLIED: &str = "sm_last_applied";
 const K_MEMBERSHIP: &str = "sm_membership";
 const K_SNAPSHOT_META: &str = "snapshot_meta";
@@ -185,6 +186,8 @@ enum SmWrite {
     },
     /// Answered once everything queued before it is committed.
     Barrier(oneshot::Sender<()>),
+    /// Make everything written so far durable.
+    Sync,
 }
 
 /// How often the state file is made durable; between those commits a crash costs only a
@@ -193,7 +196,15 @@ const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 
 fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
     let mut last_sync = std::time::Instant::now();
-    while let Ok(first) = rx.recv() {
+    let mut unsynced = false;
+    loop {
+        let first = match rx.recv_timeout(STATE_SYNC_INTERVAL) {
+            Ok(op) => op,
+            // Idle with commits not yet durable: make them so, with an empty commit.
+            Err(mpsc::RecvTimeoutError::Timeout) if unsynced => SmWrite::Sync,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut ops = vec![first];
         while let Ok(op) = rx.try_recv() {
             ops.push(op);
@@ -201,7 +212,8 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
                 break;
             }
         }
-        let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL;
+        let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL
+            || ops.iter().any(|op| matches!(op, SmWrite::Sync));
         let res = (|| -> io::Result<()> {
             let mut txn = db.begin_write().map_err(io::Error::other)?;
             let durability = if sync {
@@ -231,8 +243,13 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
             }
             txn.commit().map_err(io::Error::other)
         })();
-        if sync && res.is_ok() {
-            last_sync = std::time::Instant::now();
+        match (&res, sync) {
+            (Ok(()), true) => {
+                last_sync = std::time::Instant::now();
+                unsynced = false;
+            }
+            (Ok(()), false) => unsynced = true,
+            (Err(_), _) => {}
         }
         if let Err(e) = res {
             // The in-memory state is ahead of the file; a restart replays the log from the
