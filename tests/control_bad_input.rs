@@ -188,6 +188,22 @@ async fn bad_input_changes_nothing() {
         check("join without key", 401, r.status().as_u16());
     }
 
+    // A correct GitLab push is accepted once; the same event UUID again is not a new build.
+    let gl = json!({"ref": "refs/heads/main", "after": sha_of(13), "project": {"path_with_namespace": "acme/web"}}).to_string();
+    for (attempt, want) in [(1, 201), (2, 200)] {
+        let r = c
+            .http
+            .post(format!("{}/hooks/gitlab", c.url(attempt)))
+            .header("X-Gitlab-Event", "Push Hook")
+            .header("X-Gitlab-Token", SECRET)
+            .header("X-Gitlab-Event-UUID", "gl-uuid-1")
+            .body(gl.clone())
+            .send()
+            .await
+            .unwrap();
+        check("gitlab push", want, r.status().as_u16());
+    }
+
     let wrong: Vec<_> = cases.iter().filter(|(_, want, got)| want != got).collect();
     assert!(
         wrong.is_empty(),
@@ -196,9 +212,15 @@ async fn bad_input_changes_nothing() {
     // Give any stray write time to show up, then compare.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = fingerprint(&c).await;
-    assert_eq!(before, after, "bad input changed the log");
+    // The one good GitLab push added one entry and two events (queued) on every member.
+    let expected: Vec<_> = before
+        .iter()
+        .map(|(idx, ev)| (idx.map(|i| i + 1), ev + 1))
+        .collect();
+    assert_eq!(after, expected, "bad input changed the log");
     let builds = c.builds_local(1).await;
-    assert_eq!(builds.len(), 1);
+    assert_eq!(builds.len(), 2);
+    assert_eq!(builds[0].trigger, "gitlab");
     let st = c.status(1).await.unwrap();
     assert_eq!(st.members.len(), 3, "membership changed");
 }

@@ -38,6 +38,20 @@ async fn lapsed_leases_requeue_then_fail() {
     let c = Cluster::start(3, &["--lease-ttl", "1s", "--max-attempts", "2"]).await;
     c.add_repo(1, "acme/web").await;
 
+    // A follower streams the event log (SSE) from the start and as it grows.
+    let mut sse = c
+        .http
+        .get(format!("{}/v1/events/stream?after=0", c.url(3)))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(
+        sse.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+
     // Nothing queued: a short long-poll answers 204.
     let r = c
         .post(3, "/v1/leases", &json!({"worker": "w0", "wait_ms": 300}))
@@ -71,6 +85,23 @@ async fn lapsed_leases_requeue_then_fail() {
     let l1: Lease = r.json().await.expect("lease json");
     assert_eq!((l1.build.status, l1.attempt), (BuildStatus::Running, 1));
     let id = l1.build.id;
+
+    let mut seen = String::new();
+    while !seen.contains("event: build:started") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), sse.chunk())
+            .await
+            .expect("an SSE event within 5 s")
+            .expect("sse chunk")
+            .expect("stream open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    for kind in ["repo:put", "build:queued", "build:started"] {
+        assert!(
+            seen.contains(&format!("event: {kind}")),
+            "no {kind} in {seen}"
+        );
+    }
+    drop(sse);
 
     // Heartbeats keep it alive past the TTL.
     for _ in 0..4 {

@@ -122,4 +122,25 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     c.spawn(follower);
     wait_caught_up(&c, follower, leader).await;
     assert_same_history(&c, leader, follower).await;
+
+    // `starling cluster remove`: the follower leaves the voters; the other two go on.
+    let r = c
+        .http
+        .delete(format!("{}/v1/cluster/members/{follower}", c.url(follower)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status().as_u16(), 200);
+    let st = c.status(leader).await.expect("status");
+    assert_eq!(st.members.len(), 2, "{st:?}");
+    assert!(st.members.iter().all(|m| m.id != follower));
+    let r = c
+        .post(
+            leader,
+            "/v1/trigger",
+            &serde_json::json!({"repo": "acme/web", "sha": sha_of(999)}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
 }
