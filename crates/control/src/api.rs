@@ -584,6 +584,7 @@ async fn show_build(
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown build {id}")))
 }
 
+#[tracing::instrument(skip_all, fields(build = id))]
 async fn cancel_build(
     State(m): Shared,
     headers: HeaderMap,
@@ -656,6 +657,9 @@ async fn queue(
 }
 
 fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
+    if let Outcome::Queued(b) = &outcome {
+        tracing::info!(build = b.id, repo = %b.repo, sha = %b.sha, "build queued");
+    }
     let (status, label, build) = match outcome {
         Outcome::Queued(b) => (StatusCode::CREATED, "queued", b),
         Outcome::DuplicateDelivery(b) => (StatusCode::OK, "duplicate_delivery", b),
@@ -678,6 +682,7 @@ fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
         .into_response())
 }
 
+#[tracing::instrument(skip_all, fields(repo = %req.repo, sha = ?req.sha, force = req.force))]
 async fn trigger(
     State(m): Shared,
     headers: HeaderMap,
@@ -766,6 +771,15 @@ enum Forge {
     GitLab,
 }
 
+impl Forge {
+    fn name(&self) -> &'static str {
+        match self {
+            Forge::GitHub => "github",
+            Forge::GitLab => "gitlab",
+        }
+    }
+}
+
 async fn github_hook(
     State(m): Shared,
     Query(q): Query<HookQuery>,
@@ -786,6 +800,7 @@ async fn gitlab_hook(
 
 /// Checks run in this order, each before anything reaches the log: size (413, by the body
 /// limit), repository name (400), repository known (404), signature (401), payload (400).
+#[tracing::instrument(skip_all, fields(forge = forge.name(), repo))]
 async fn hook(
     m: Arc<Member>,
     forge: Forge,
@@ -797,6 +812,7 @@ async fn hook(
         Some(r) => r,
         None => webhook::payload_repo_name(&body)?,
     };
+    tracing::Span::current().record("repo", name.as_str());
     let repo = m
         .read()
         .repo(&name)
@@ -852,6 +868,7 @@ async fn hook(
 
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
 
+#[tracing::instrument(skip_all, fields(worker = %req.worker))]
 async fn lease(
     State(m): Shared,
     headers: HeaderMap,
@@ -896,6 +913,7 @@ async fn lease(
     }
 }
 
+#[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, attempt = req.attempt))]
 async fn heartbeat(
     State(m): Shared,
     headers: HeaderMap,
@@ -927,6 +945,7 @@ async fn heartbeat(
     }
 }
 
+#[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, status = %req.status))]
 async fn complete(
     State(m): Shared,
     headers: HeaderMap,
@@ -944,7 +963,10 @@ async fn complete(
         at: now_ms(),
     };
     match m.propose(cmd).await? {
-        Outcome::Build(b) => Ok(Json(b).into_response()),
+        Outcome::Build(b) => {
+            tracing::info!(status = %b.status, release = ?b.release, reason = ?b.reason, "build finished");
+            Ok(Json(b).into_response())
+        }
         Outcome::Rejected(r) => Err(r.into()),
         other => Err(err(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -66,6 +66,7 @@ pub fn now_ms() -> Millis {
 
 impl Member {
     /// Propose `cmd` on this member, which must be the leader.
+    #[tracing::instrument(skip_all, fields(command = cmd.name()))]
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
         let name = cmd.name();
         match self.raft.client_write(cmd).await {
