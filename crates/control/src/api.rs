@@ -78,6 +78,15 @@ fn err(status: StatusCode, msg: impl Into<String>) -> ApiErr {
     ApiErr(status, msg.into())
 }
 
+/// A command answered with an outcome that its handler does not expect: a bug.
+fn unexpected(outcome: Outcome) -> ApiErr {
+    tracing::error!(?outcome, "unexpected outcome");
+    err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("unexpected outcome {outcome:?}"),
+    )
+}
+
 const MAX_API_BODY: usize = 1024 * 1024;
 const MAX_RAFT_BODY: usize = 1024 * 1024 * 1024;
 const HOPS_HEADER: &str = "x-starling-hops";
@@ -600,10 +609,7 @@ async fn cancel_build(
     {
         Outcome::Build(b) => Ok(Json(b).into_response()),
         Outcome::Rejected(r) => Err(r.into()),
-        other => Err(err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -938,10 +944,7 @@ async fn heartbeat(
         })
         .into_response()),
         Outcome::Rejected(r) => Err(r.into()),
-        other => Err(err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -968,10 +971,7 @@ async fn complete(
             Ok(Json(b).into_response())
         }
         Outcome::Rejected(r) => Err(r.into()),
-        other => Err(err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected outcome {other:?}"),
-        )),
+        other => Err(unexpected(other)),
     }
 }
 

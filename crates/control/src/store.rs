@@ -349,53 +349,67 @@ impl StateMachineStore {
 
 fn load_records(db: &Database) -> io::Result<Records> {
     let txn = db.begin_read().map_err(io::Error::other)?;
-    let mut r = Records::default();
-    for item in txn
-        .open_table(REPOS)
-        .map_err(io::Error::other)?
-        .iter()
-        .map_err(io::Error::other)?
-    {
+    Ok(Records {
+        repos: read_named(&txn, REPOS)?.into_iter().collect(),
+        builds: read_numbered(&txn, BUILDS)?.into_iter().collect(),
+        events: read_numbered(&txn, EVENTS)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect(),
+        releases: read_named(&txn, RELEASES)?.into_iter().collect(),
+        goals: read_named(&txn, GOALS)?.into_iter().collect(),
+    })
+}
+
+fn read_named<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+) -> io::Result<Vec<(String, T)>> {
+    let t = txn.open_table(def).map_err(io::Error::other)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(io::Error::other)? {
         let (k, v) = item.map_err(io::Error::other)?;
-        r.repos.insert(k.value().to_string(), dec(v.value())?);
+        out.push((k.value().to_string(), dec(v.value())?));
     }
-    for item in txn
-        .open_table(BUILDS)
-        .map_err(io::Error::other)?
-        .iter()
-        .map_err(io::Error::other)?
-    {
+    Ok(out)
+}
+
+fn read_numbered<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<u64, &[u8]>,
+) -> io::Result<Vec<(u64, T)>> {
+    let t = txn.open_table(def).map_err(io::Error::other)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(io::Error::other)? {
         let (k, v) = item.map_err(io::Error::other)?;
-        r.builds.insert(k.value(), dec(v.value())?);
+        out.push((k.value(), dec(v.value())?));
     }
-    for item in txn
-        .open_table(EVENTS)
-        .map_err(io::Error::other)?
-        .iter()
-        .map_err(io::Error::other)?
-    {
-        let (_, v) = item.map_err(io::Error::other)?;
-        r.events.push_back(dec(v.value())?);
+    Ok(out)
+}
+
+fn write_named(
+    txn: &redb::WriteTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    rows: &[(String, Vec<u8>)],
+) -> io::Result<()> {
+    let mut t = txn.open_table(def).map_err(io::Error::other)?;
+    for (k, v) in rows {
+        t.insert(k.as_str(), v.as_slice())
+            .map_err(io::Error::other)?;
     }
-    for item in txn
-        .open_table(RELEASES)
-        .map_err(io::Error::other)?
-        .iter()
-        .map_err(io::Error::other)?
-    {
-        let (k, v) = item.map_err(io::Error::other)?;
-        r.releases.insert(k.value().to_string(), dec(v.value())?);
+    Ok(())
+}
+
+fn write_numbered(
+    txn: &redb::WriteTransaction,
+    def: TableDefinition<u64, &[u8]>,
+    rows: &[(u64, Vec<u8>)],
+) -> io::Result<()> {
+    let mut t = txn.open_table(def).map_err(io::Error::other)?;
+    for (k, v) in rows {
+        t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
     }
-    for item in txn
-        .open_table(GOALS)
-        .map_err(io::Error::other)?
-        .iter()
-        .map_err(io::Error::other)?
-    {
-        let (k, v) = item.map_err(io::Error::other)?;
-        r.goals.insert(k.value().to_string(), dec(v.value())?);
-    }
-    Ok(r)
+    Ok(())
 }
 
 fn all_touched(r: &Records) -> Touched {
@@ -453,30 +467,11 @@ impl Rows {
     }
 
     fn write(&self, txn: &redb::WriteTransaction) -> io::Result<()> {
-        let mut t = txn.open_table(REPOS).map_err(io::Error::other)?;
-        for (k, v) in &self.repos {
-            t.insert(k.as_str(), v.as_slice())
-                .map_err(io::Error::other)?;
-        }
-        let mut t = txn.open_table(BUILDS).map_err(io::Error::other)?;
-        for (k, v) in &self.builds {
-            t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
-        }
-        let mut t = txn.open_table(EVENTS).map_err(io::Error::other)?;
-        for (k, v) in &self.events {
-            t.insert(*k, v.as_slice()).map_err(io::Error::other)?;
-        }
-        let mut t = txn.open_table(RELEASES).map_err(io::Error::other)?;
-        for (k, v) in &self.releases {
-            t.insert(k.as_str(), v.as_slice())
-                .map_err(io::Error::other)?;
-        }
-        let mut t = txn.open_table(GOALS).map_err(io::Error::other)?;
-        for (k, v) in &self.goals {
-            t.insert(k.as_str(), v.as_slice())
-                .map_err(io::Error::other)?;
-        }
-        Ok(())
+        write_named(txn, REPOS, &self.repos)?;
+        write_numbered(txn, BUILDS, &self.builds)?;
+        write_numbered(txn, EVENTS, &self.events)?;
+        write_named(txn, RELEASES, &self.releases)?;
+        write_named(txn, GOALS, &self.goals)
     }
 }
 
