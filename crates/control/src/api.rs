@@ -671,12 +671,7 @@ fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
         Outcome::DuplicateDelivery(b) => (StatusCode::OK, "duplicate_delivery", b),
         Outcome::DuplicateCommit(b) => (StatusCode::OK, "duplicate_commit", b),
         Outcome::Rejected(r) => return Err(r.into()),
-        other => {
-            return Err(err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("unexpected outcome {other:?}"),
-            ))
-        }
+        other => return Err(unexpected(other)),
     };
     Ok((
         status,
