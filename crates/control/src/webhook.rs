@@ -29,12 +29,16 @@ pub enum PushDecision {
 }
 
 /// Check `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(secret, body), in
-/// constant time.
+/// constant time. A repository without a secret accepts no webhook at all: an empty HMAC
+/// key is one anybody can sign with.
 pub fn verify_github_signature(
     secret: &str,
     body: &[u8],
     header: Option<&str>,
 ) -> Result<(), WebhookError> {
+    if secret.is_empty() {
+        return Err(WebhookError::BadSignature);
+    }
     let hex_sig = header
         .and_then(|h| h.strip_prefix("sha256="))
         .ok_or(WebhookError::BadSignature)?;
@@ -192,6 +196,8 @@ mod tests {
         assert!(verify_github_signature("s3cret", &tampered, Some(&sig)).is_err());
         assert!(verify_github_signature("s3cret", &body, None).is_err());
         assert!(verify_github_signature("s3cret", &body, Some("sha256=zz")).is_err());
+        let unsigned = github_signature("", &body);
+        assert!(verify_github_signature("", &body, Some(&unsigned)).is_err());
     }
 
     #[test]
