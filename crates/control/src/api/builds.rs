@@ -1,0 +1,226 @@
+//! Repositories, manual triggers, the build history and releases.
+
+use super::*;
+
+pub(super) async fn list_repos(
+    State(m): Shared,
+    Query(o): Query<ReadOpts>,
+) -> Result<Response, ApiErr> {
+    linearize(&m, &o).await?;
+    Ok(Json(m.read().list_repos()).into_response())
+}
+
+pub(super) async fn put_repo(
+    State(m): Shared,
+    headers: HeaderMap,
+    Json(spec): Json<RepoSpec>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    crate::state::validate_repo_spec(&spec).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let name = spec.name.clone();
+    match m.propose(Command::PutRepo { spec, at: now_ms() }).await? {
+        Outcome::Rejected(r) => Err(r.into()),
+        _ => {
+            let repo = m.read().repo(&name).map(|r| r.repo.clone());
+            Ok((StatusCode::CREATED, Json(repo)).into_response())
+        }
+    }
+}
+
+/// `GET /v1/builds` query; the status is a string so that a bad one gets a clear 400.
+/// (Not `#[serde(flatten)]`: query strings lose their number types through it.)
+#[derive(Deserialize, Default)]
+pub(super) struct BuildListQuery {
+    stale: Option<String>,
+    repo: Option<String>,
+    status: Option<String>,
+    sha: Option<String>,
+    since: Option<u64>,
+    until: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub(super) async fn list_builds(
+    State(m): Shared,
+    Query(q): Query<BuildListQuery>,
+) -> Result<Response, ApiErr> {
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<BuildStatus>)
+        .transpose()
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    linearize(&m, &ReadOpts { stale: q.stale }).await?;
+    let query = BuildQuery {
+        repo: q.repo,
+        status,
+        sha: q.sha,
+        since: q.since,
+        until: q.until,
+        limit: q.limit,
+    };
+    Ok(Json(m.read().list_builds(&query)).into_response())
+}
+
+pub(super) async fn show_build(
+    State(m): Shared,
+    Path(id): Path<u64>,
+    Query(o): Query<ReadOpts>,
+) -> Result<Response, ApiErr> {
+    linearize(&m, &o).await?;
+    let b = m.read().build(id).cloned();
+    b.map(|b| Json(b).into_response())
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown build {id}")))
+}
+
+#[tracing::instrument(skip_all, fields(build = id))]
+pub(super) async fn cancel_build(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    match m
+        .propose(Command::CancelBuild {
+            build: id,
+            at: now_ms(),
+        })
+        .await?
+    {
+        Outcome::Build(b) => Ok(Json(b).into_response()),
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ReleaseQuery {
+    repo: Option<String>,
+    #[serde(default)]
+    stale: Option<String>,
+}
+
+pub(super) async fn list_releases(
+    State(m): Shared,
+    Query(q): Query<ReleaseQuery>,
+) -> Result<Response, ApiErr> {
+    linearize(&m, &ReadOpts { stale: q.stale }).await?;
+    Ok(Json(m.read().list_releases(q.repo.as_deref())).into_response())
+}
+
+/// Fleet nodes report in through the node-daemon issue; until then the list is empty.
+pub(super) async fn list_nodes() -> Json<Vec<serde_json::Value>> {
+    Json(Vec::new())
+}
+
+/// Queue a build unless it is a known duplicate; 201 for a new build, 200 for a duplicate.
+pub(super) async fn queue(
+    m: &Member,
+    repo: String,
+    sha: String,
+    trigger: &str,
+    delivery: Option<String>,
+    force: bool,
+) -> Result<Response, ApiErr> {
+    let known = m
+        .read()
+        .duplicate_of(&repo, &sha, delivery.as_deref(), force);
+    let outcome = match known {
+        Some(dup) => dup,
+        None => {
+            let cmd = Command::QueueBuild {
+                repo,
+                sha,
+                trigger: trigger.into(),
+                delivery,
+                force,
+                at: now_ms(),
+            };
+            m.propose(cmd).await?
+        }
+    };
+    queue_answer(outcome)
+}
+
+pub(super) fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
+    if let Outcome::Queued(b) = &outcome {
+        tracing::info!(build = b.id, repo = %b.repo, sha = %b.sha, "build queued");
+    }
+    let (status, label, build) = match outcome {
+        Outcome::Queued(b) => (StatusCode::CREATED, "queued", b),
+        Outcome::DuplicateDelivery(b) => (StatusCode::OK, "duplicate_delivery", b),
+        Outcome::DuplicateCommit(b) => (StatusCode::OK, "duplicate_commit", b),
+        Outcome::Rejected(r) => return Err(r.into()),
+        other => return Err(unexpected(other)),
+    };
+    Ok((
+        status,
+        Json(QueueOutcome {
+            outcome: label.into(),
+            build,
+        }),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(repo = %req.repo, sha = ?req.sha, force = req.force))]
+pub(super) async fn trigger(
+    State(m): Shared,
+    headers: HeaderMap,
+    Json(req): Json<TriggerRequest>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    let repo = m
+        .read()
+        .repo(&req.repo)
+        .map(|r| r.repo.clone())
+        .ok_or_else(|| {
+            err(
+                StatusCode::NOT_FOUND,
+                format!("unknown repository {}", req.repo),
+            )
+        })?;
+    let sha = match req.sha {
+        Some(s) => s,
+        None => branch_head(&repo.url, &repo.branch).await?,
+    };
+    queue(&m, repo.name, sha, "manual", None, req.force).await
+}
+
+/// The commit `branch` points at in `url`, asked of the real remote with `git ls-remote`.
+pub(super) async fn branch_head(url: &str, branch: &str) -> Result<String, ApiErr> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("git")
+            .args(["ls-remote", "--", url, &format!("refs/heads/{branch}")])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .output(),
+    )
+    .await
+    .map_err(|_| err(StatusCode::GATEWAY_TIMEOUT, "git ls-remote took over 30 s"))?
+    .map_err(|e| {
+        err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("running git: {e}"),
+        )
+    })?;
+    if !out.status.success() {
+        return Err(err(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "git ls-remote {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| {
+            err(
+                StatusCode::NOT_FOUND,
+                format!("branch {branch} not found in {url}"),
+            )
+        })
+}

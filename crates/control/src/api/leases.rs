@@ -1,0 +1,106 @@
+//! The build-worker lease API: lease, heartbeat, complete.
+
+use super::*;
+
+pub(super) const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
+
+#[tracing::instrument(skip_all, fields(worker = %req.worker))]
+pub(super) async fn lease(
+    State(m): Shared,
+    headers: HeaderMap,
+    Json(req): Json<LeaseRequest>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    if req.worker.is_empty() || req.worker.len() > 200 {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "worker name must be 1..200 bytes",
+        ));
+    }
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_LEASE_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let ttl_ms = m.cfg.lease_ttl.as_millis() as u64;
+    let mut events = m.events.clone();
+    loop {
+        events.borrow_and_update();
+        if m.read().queued_len() > 0 {
+            let cmd = Command::LeaseBuild {
+                worker: req.worker.clone(),
+                ttl_ms,
+                at: now_ms(),
+            };
+            if let Outcome::Leased(b) = m.propose(cmd).await? {
+                let lease = Lease {
+                    attempt: b.attempt,
+                    lease_expires_at: b.lease_expires_at.unwrap_or_default(),
+                    lease_ttl_ms: ttl_ms,
+                    build: b,
+                };
+                tracing::info!(build = lease.build.id, worker = %req.worker, attempt = lease.attempt, "build leased");
+                return Ok(Json(lease).into_response());
+            }
+        }
+        if tokio::time::timeout_at(deadline, events.changed())
+            .await
+            .is_err()
+        {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, attempt = req.attempt))]
+pub(super) async fn heartbeat(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(req): Json<HeartbeatRequest>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    let cmd = Command::Heartbeat {
+        build: id,
+        worker: req.worker,
+        attempt: req.attempt,
+        ttl_ms: m.cfg.lease_ttl.as_millis() as u64,
+        at: now_ms(),
+    };
+    match m.propose(cmd).await? {
+        Outcome::LeaseExtended {
+            lease_expires_at,
+            cancel,
+        } => Ok(Json(HeartbeatReply {
+            lease_expires_at,
+            cancel,
+        })
+        .into_response()),
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, status = %req.status))]
+pub(super) async fn complete(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(req): Json<CompleteRequest>,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    let cmd = Command::CompleteBuild {
+        build: id,
+        worker: req.worker,
+        attempt: req.attempt,
+        status: req.status,
+        release: req.release,
+        reason: req.reason,
+        at: now_ms(),
+    };
+    match m.propose(cmd).await? {
+        Outcome::Build(b) => {
+            tracing::info!(status = %b.status, release = ?b.release, reason = ?b.reason, "build finished");
+            Ok(Json(b).into_response())
+        }
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(unexpected(other)),
+    }
+}

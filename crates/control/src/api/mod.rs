@@ -1,0 +1,204 @@
+//! The HTTP API every member serves: public `/v1/*`, webhooks `/hooks/*`, Raft RPC
+//! `/raft/*`, cluster-internal `/internal/*`, `/metrics` and `/healthz`.
+//!
+//! Writes and linearizable reads run on the leader. A follower does not bounce them to the
+//! client: [`route_to_leader`] forwards the request to the leader and relays its answer,
+//! retrying while an election is under way. Handlers can therefore assume they run on the
+//! leader, and only have to cope with losing leadership mid-request (503, retryable).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::{ChangeMembers, ReadPolicy};
+use serde::Deserialize;
+use starling_proto::{
+    ApiError, BuildStatus, ClusterStatus, Command, CompleteRequest, HeartbeatReply,
+    HeartbeatRequest, JoinRequest, Lease, LeaseRequest, Member as MemberInfo, Outcome,
+    QueueOutcome, Rejection, RepoSpec, TriggerRequest,
+};
+use subtle::ConstantTimeEq;
+
+use crate::network::{decode_snapshot_body, CLUSTER_KEY_HEADER};
+use crate::server::{admit, now_ms, Member, ProposeError};
+use crate::state::BuildQuery;
+use crate::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
+use crate::TypeConfig;
+
+mod builds;
+mod cluster;
+mod events;
+mod hooks;
+mod leases;
+mod raft_rpc;
+mod routing;
+
+use builds::*;
+use cluster::*;
+pub use events::parse_duration;
+use events::*;
+use hooks::*;
+use leases::*;
+use raft_rpc::*;
+use routing::*;
+
+type Shared = State<Arc<Member>>;
+
+/// An error answer: a status and a sentence.
+#[derive(Debug)]
+pub struct ApiErr(StatusCode, String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<ProposeError> for ApiErr {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader => ApiErr(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership changed during the request; retry".into(),
+            ),
+            ProposeError::Raft(m) => ApiErr(StatusCode::SERVICE_UNAVAILABLE, m),
+        }
+    }
+}
+
+impl From<Rejection> for ApiErr {
+    fn from(r: Rejection) -> Self {
+        let status = match r {
+            Rejection::UnknownRepo(_) | Rejection::UnknownBuild(_) => StatusCode::NOT_FOUND,
+            Rejection::NotLeaseHolder { .. } | Rejection::AlreadyFinished(_) => {
+                StatusCode::CONFLICT
+            }
+            Rejection::Invalid(_) => StatusCode::BAD_REQUEST,
+        };
+        ApiErr(status, r.to_string())
+    }
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> ApiErr {
+    ApiErr(status, msg.into())
+}
+
+/// A command answered with an outcome that its handler does not expect: a bug.
+fn unexpected(outcome: Outcome) -> ApiErr {
+    tracing::error!(?outcome, "unexpected outcome");
+    err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("unexpected outcome {outcome:?}"),
+    )
+}
+
+const MAX_API_BODY: usize = 1024 * 1024;
+const MAX_RAFT_BODY: usize = 1024 * 1024 * 1024;
+const HOPS_HEADER: &str = "x-starling-hops";
+
+pub fn router(member: Arc<Member>) -> Router {
+    let hooks = Router::new()
+        .route("/hooks/github", post(github_hook))
+        .route("/hooks/gitlab", post(gitlab_hook))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
+    let raft = Router::new()
+        .route("/raft/append", post(raft_append))
+        .route("/raft/vote", post(raft_vote))
+        .route("/raft/snapshot", post(raft_snapshot))
+        .layer(DefaultBodyLimit::max(MAX_RAFT_BODY));
+    let api = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/repos", get(list_repos).post(put_repo))
+        .route("/v1/trigger", post(trigger))
+        .route("/v1/builds", get(list_builds))
+        .route("/v1/builds/{id}", get(show_build))
+        .route("/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/v1/builds/{id}/heartbeat", post(heartbeat))
+        .route("/v1/builds/{id}/complete", post(complete))
+        .route("/v1/leases", post(lease))
+        .route("/v1/releases", get(list_releases))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/events", get(events))
+        .route("/v1/events/stream", get(events_stream))
+        .route("/internal/join", post(join))
+        .route("/internal/snapshot", post(force_snapshot))
+        .layer(DefaultBodyLimit::max(MAX_API_BODY));
+    Router::new()
+        .merge(hooks)
+        .merge(raft)
+        .merge(api)
+        .layer(middleware::from_fn_with_state(
+            member.clone(),
+            route_to_leader,
+        ))
+        .with_state(member)
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+fn require_token(m: &Member, headers: &HeaderMap) -> Result<(), ApiErr> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if ct_eq(t.trim(), &m.cfg.api_token) => Ok(()),
+        _ => Err(err(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        )),
+    }
+}
+
+fn require_cluster_key(m: &Member, headers: &HeaderMap) -> Result<(), ApiErr> {
+    let given = headers
+        .get(CLUSTER_KEY_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match given {
+        Some(k) if ct_eq(k, &m.cfg.cluster_key) => Ok(()),
+        _ => Err(err(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster key",
+        )),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ReadOpts {
+    #[serde(default)]
+    stale: Option<String>,
+}
+
+/// Wait until this member (the leader) may answer a linearizable read.
+async fn linearize(m: &Member, opts: &ReadOpts) -> Result<(), ApiErr> {
+    if matches!(opts.stale.as_deref(), Some("true" | "1")) {
+        return Ok(());
+    }
+    m.raft
+        .ensure_linearizable(ReadPolicy::ReadIndex)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("read not linearizable: {e}; retry"),
+            )
+        })
+}
