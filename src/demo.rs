@@ -264,7 +264,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "   build {} {} {} {} (attempt {})",
             b.id,
             b.repo,
-            &b.sha[..12],
+            b.sha.get(..12).unwrap_or(&b.sha),
             b.status,
             b.attempt
         );
