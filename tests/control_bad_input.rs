@@ -164,12 +164,21 @@ async fn bad_input_changes_nothing() {
         let r = h
             .post(format!("{url}/raft/append"))
             .header("x-starling-cluster-key", CLUSTER_KEY)
-            .header("content-type", "application/json")
+            .header("x-starling-raft-protocol", "1")
             .body("\u{0}garbage{{{")
             .send()
             .await
             .unwrap();
         check("raft append garbage", 400, r.status().as_u16());
+        let r = h
+            .post(format!("{url}/raft/vote"))
+            .header("x-starling-cluster-key", CLUSTER_KEY)
+            .header("x-starling-raft-protocol", "99")
+            .body(vec![0u8; 8])
+            .send()
+            .await
+            .unwrap();
+        check("raft vote, unknown protocol version", 400, r.status().as_u16());
         let r = h
             .post(format!("{url}/raft/snapshot"))
             .header("x-starling-cluster-key", CLUSTER_KEY)

@@ -1,5 +1,7 @@
-//! Raft RPC between members: JSON over HTTP POST to `/raft/*` on the peer's API port,
-//! authenticated by the cluster key in the [`CLUSTER_KEY_HEADER`] header.
+//! Raft RPC between members: postcard over HTTP POST to `/raft/*` on the peer's API port,
+//! authenticated by the cluster key in the [`CLUSTER_KEY_HEADER`] header and tagged with
+//! the protocol version in [`PROTOCOL_HEADER`]; a member refuses a version it does not
+//! speak rather than misreading it.
 //!
 //! Every member holds the same cluster key (`--cluster-key` / `STARLING_CLUSTER_KEY`); a
 //! process without it cannot vote, append, install a snapshot or join. The key travels in
@@ -25,11 +27,26 @@ use serde::Serialize;
 use crate::{NodeId, TypeConfig};
 
 pub const CLUSTER_KEY_HEADER: &str = "x-starling-cluster-key";
-/// Largest `[vote, snapshot meta]` JSON accepted in front of a snapshot's bytes.
+/// Names the encoding of a Raft RPC body; see [`RAFT_PROTOCOL`].
+pub const PROTOCOL_HEADER: &str = "x-starling-raft-protocol";
+/// Version 1: request and answer bodies are postcard; the answer is
+/// `Result<Response, Error>` of openraft's types.
+pub const RAFT_PROTOCOL: &str = "1";
+
+/// Encode a Raft RPC body.
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(v)
+}
+
+/// Decode a Raft RPC body; bad input is an error, never a panic.
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+/// Largest encoded `(vote, snapshot meta)` accepted in front of a snapshot's bytes.
 pub const MAX_SNAPSHOT_META: usize = 1024 * 1024;
 
 /// The body of `POST /raft/snapshot`: a 4-byte big-endian length, that many bytes of
-/// `[vote, snapshot meta]` JSON, then the snapshot's raw bytes (no re-encoding).
+/// encoded `(vote, snapshot meta)`, then the snapshot's raw bytes (no re-encoding).
 pub fn encode_snapshot_body(meta_json: &[u8], data: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(4 + meta_json.len() + data.len());
     body.extend_from_slice(&(meta_json.len() as u32).to_be_bytes());
@@ -103,11 +120,11 @@ impl PeerClient {
         E: DeserializeOwned,
     {
         let url = format!("{}/raft/{path}", self.base);
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let rb = self
             .http
             .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
         self.send(rb, &url, timeout).await
     }
@@ -124,6 +141,7 @@ impl PeerClient {
     {
         let resp = rb
             .header(CLUSTER_KEY_HEADER, &self.cluster_key)
+            .header(PROTOCOL_HEADER, RAFT_PROTOCOL)
             .timeout(timeout)
             .send()
             .await
@@ -143,9 +161,11 @@ impl PeerClient {
                 body.chars().take(300).collect::<String>()
             ))));
         }
-        resp.json::<Result<Resp, E>>()
+        let bytes = resp
+            .bytes()
             .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        decode::<Result<Resp, E>>(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -186,7 +206,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let url = format!("{}/raft/snapshot", self.base);
-        let meta = serde_json::to_vec(&(vote, snapshot.meta))
+        let meta = encode(&(vote, snapshot.meta))
             .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
         let rb = self
             .http

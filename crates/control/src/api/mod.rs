@@ -31,7 +31,9 @@ use starling_proto::{
 };
 use subtle::ConstantTimeEq;
 
-use crate::network::{decode_snapshot_body, CLUSTER_KEY_HEADER};
+use crate::network::{
+    decode, decode_snapshot_body, encode, CLUSTER_KEY_HEADER, PROTOCOL_HEADER, RAFT_PROTOCOL,
+};
 use crate::server::{admit, now_ms, Member, ProposeError};
 use crate::state::BuildQuery;
 use crate::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};

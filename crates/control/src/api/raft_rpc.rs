@@ -2,46 +2,70 @@
 
 use super::*;
 
+/// Check the cluster key and protocol version, then decode the body.
+fn raft_request<T: serde::de::DeserializeOwned>(
+    m: &Member,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiErr> {
+    require_cluster_key(m, headers)?;
+    match header(headers, PROTOCOL_HEADER) {
+        Some(RAFT_PROTOCOL) => {}
+        other => {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("Raft protocol {other:?} is not spoken here (want {RAFT_PROTOCOL})"),
+            ))
+        }
+    }
+    decode(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("malformed Raft RPC: {e}")))
+}
+
+fn raft_answer<T: serde::Serialize>(v: &T) -> Result<Response, ApiErr> {
+    let bytes = encode(v).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
 pub(super) async fn raft_append(
     State(m): Shared,
     headers: HeaderMap,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+    body: Bytes,
 ) -> Result<Response, ApiErr> {
-    require_cluster_key(&m, &headers)?;
-    Ok(Json(m.raft.append_entries(req).await).into_response())
+    let req: AppendEntriesRequest<TypeConfig> = raft_request(&m, &headers, &body)?;
+    raft_answer(&m.raft.append_entries(req).await)
 }
 
 pub(super) async fn raft_vote(
     State(m): Shared,
     headers: HeaderMap,
-    Json(req): Json<VoteRequest<TypeConfig>>,
+    body: Bytes,
 ) -> Result<Response, ApiErr> {
-    require_cluster_key(&m, &headers)?;
-    Ok(Json(m.raft.vote(req).await).into_response())
+    let req: VoteRequest<TypeConfig> = raft_request(&m, &headers, &body)?;
+    raft_answer(&m.raft.vote(req).await)
 }
 
-/// The body carries the snapshot's raw bytes behind its JSON meta; see
+/// The body carries the snapshot's raw bytes behind its encoded meta; see
 /// [`decode_snapshot_body`].
 pub(super) async fn raft_snapshot(
     State(m): Shared,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    require_cluster_key(&m, &headers)?;
-    let (meta_json, data) =
-        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let (meta, data) = {
+        require_cluster_key(&m, &headers)?;
+        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?
+    };
     let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
-        serde_json::from_slice(meta_json).map_err(|e| {
-            err(
-                StatusCode::BAD_REQUEST,
-                format!("malformed snapshot meta: {e}"),
-            )
-        })?;
+        raft_request(&m, &headers, meta)?;
     let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> {
         meta,
         snapshot: data.to_vec(),
     };
-    Ok(Json(m.raft.install_full_snapshot(vote, snapshot).await).into_response())
+    raft_answer(&m.raft.install_full_snapshot(vote, snapshot).await)
 }
 
 pub(super) async fn join(
