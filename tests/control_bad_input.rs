@@ -178,7 +178,11 @@ async fn bad_input_changes_nothing() {
             .send()
             .await
             .unwrap();
-        check("raft vote, unknown protocol version", 400, r.status().as_u16());
+        check(
+            "raft vote, unknown protocol version",
+            400,
+            r.status().as_u16(),
+        );
         let r = h
             .post(format!("{url}/raft/snapshot"))
             .header("x-starling-cluster-key", CLUSTER_KEY)

@@ -17,3 +17,4 @@ pub use command::*;
 /// chosen by the Raft leader when it proposes a command so that applying the log is
 /// deterministic on every member.
 pub type Millis = u64;
+pub mod release;

@@ -1,0 +1,104 @@
+//! Where chunks and manifests live: the origin store ("blob storage" in the problem
+//! statement). [`FsChunkStore`] is the embedded default, a directory on a control member's
+//! disk; other stores (S3-compatible) implement the same trait.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::ReleaseError;
+
+pub trait ChunkStore: Send + Sync {
+    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError>;
+    /// Store durably; the caller has checked that `hash` is the BLAKE3 of `bytes`.
+    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError>;
+    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError>;
+    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError>;
+    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError>;
+}
+
+/// Chunks at `chunks/<h[0..2]>/<h>`, manifests at `manifests/<id>`; each written to a
+/// temporary name, fsynced and renamed, so a reader never sees half a chunk.
+pub struct FsChunkStore {
+    root: PathBuf,
+}
+
+/// A name must be 64 lower-case hex digits: it becomes part of a path.
+fn check_name(name: &str) -> Result<(), ReleaseError> {
+    let ok = name.len() == 64 && name.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ReleaseError::Store(format!("bad content name {name:?}")))
+    }
+}
+
+impl FsChunkStore {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, ReleaseError> {
+        let root = root.into();
+        for sub in ["chunks", "manifests", "tmp"] {
+            let d = root.join(sub);
+            fs::create_dir_all(&d).map_err(|e| ReleaseError::io(&d, e))?;
+        }
+        Ok(FsChunkStore { root })
+    }
+
+    fn chunk_path(&self, hash: &str) -> Result<PathBuf, ReleaseError> {
+        check_name(hash)?;
+        Ok(self.root.join("chunks").join(&hash[..2]).join(hash))
+    }
+
+    fn manifest_path(&self, id: &str) -> Result<PathBuf, ReleaseError> {
+        check_name(id)?;
+        Ok(self.root.join("manifests").join(id))
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), ReleaseError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| ReleaseError::io(dir, e))?;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("x");
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{name}.{}", std::process::id()));
+        let mut f = fs::File::create(&tmp).map_err(|e| ReleaseError::io(&tmp, e))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| ReleaseError::io(&tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| ReleaseError::io(path, e))
+    }
+
+    fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
+        fs::read(path).map_err(|e| ReleaseError::io(path, e))
+    }
+}
+
+impl ChunkStore for FsChunkStore {
+    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError> {
+        let p = self.chunk_path(hash)?;
+        match fs::metadata(&p) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(ReleaseError::io(&p, e)),
+        }
+    }
+
+    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
+        let p = self.chunk_path(hash)?;
+        self.write_atomic(&p, bytes)
+    }
+
+    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
+        Self::read(&self.chunk_path(hash)?)
+    }
+
+    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
+        let p = self.manifest_path(id)?;
+        self.write_atomic(&p, bytes)
+    }
+
+    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
+        Self::read(&self.manifest_path(id)?)
+    }
+}

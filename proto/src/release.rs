@@ -1,0 +1,106 @@
+//! The release format: a manifest that lists a release's files and the ordered,
+//! content-defined chunks of its archive. The BLAKE3 hash of the manifest's canonical
+//! encoding is the release id; each chunk is named by the BLAKE3 hash of its bytes.
+//! See `SPEC.md` ("Release format").
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest layout; a reader refuses any other.
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One entry of the release directory, in archive order (sorted by path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative, `/`-separated, never absolute, never containing `..`.
+    pub path: String,
+    pub kind: FileKind,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    /// Bytes, for files; 0 otherwise.
+    pub size: u64,
+    /// For symlinks: the target, relative, resolving inside the release.
+    pub target: Option<String>,
+}
+
+/// A chunk of the archive: its BLAKE3 hash (64 hex digits) and length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: String,
+    pub size: u32,
+}
+
+/// Everything needed to fetch, verify and unpack a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// Length of the archive the chunks concatenate to.
+    pub archive_size: u64,
+    pub files: Vec<FileEntry>,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl Manifest {
+    /// The canonical encoding (postcard: deterministic, positional).
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain structs of strings and integers into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decode and check the version; bad input is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest =
+            postcard::from_bytes(bytes).map_err(|e| format!("malformed manifest: {e}"))?;
+        if m.version != MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {} (this build reads {MANIFEST_VERSION})",
+                m.version
+            ));
+        }
+        Ok(m)
+    }
+
+    /// The release id: BLAKE3 of the canonical encoding, as 64 hex digits.
+    pub fn id(&self) -> String {
+        blake3::hash(&self.encode()).to_hex().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_is_stable_and_content_bound() {
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            archive_size: 3,
+            files: vec![FileEntry {
+                path: "a".into(),
+                kind: FileKind::File,
+                mode: 0o644,
+                size: 3,
+                target: None,
+            }],
+            chunks: vec![ChunkRef {
+                hash: blake3::hash(b"abc").to_hex().to_string(),
+                size: 3,
+            }],
+        };
+        assert_eq!(m.id(), m.clone().id());
+        assert_eq!(Manifest::decode(&m.encode()), Ok(m.clone()));
+        let mut other = m.clone();
+        other.files[0].mode = 0o755;
+        assert_ne!(m.id(), other.id());
+        let mut future = m;
+        future.version = 2;
+        assert!(Manifest::decode(&future.encode()).is_err());
+        assert!(Manifest::decode(b"\xff\xff").is_err());
+    }
+}
