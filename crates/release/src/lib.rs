@@ -86,7 +86,7 @@ pub fn create_release(
         .into_inner()
         .map_err(|e| ReleaseError::io(scratch, e.into_error()))?;
     let archive_bytes = tmp
-        .seek(SeekFrom::Current(0))
+        .stream_position()
         .map_err(|e| ReleaseError::io(scratch, e))?;
     tmp.seek(SeekFrom::Start(0))
         .map_err(|e| ReleaseError::io(scratch, e))?;
