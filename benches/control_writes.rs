@@ -354,8 +354,9 @@ fn conditions() {
     println!(
         "baseline:   {etcd}, default settings (fsync of its WAL before every acknowledged batch)"
     );
-    println!("starling:   openraft log in redb, fsync (Durability::Immediate) before every acknowledged batch on");
-    println!("            every member; state-machine rows written without fsync (recovered by log replay)");
+    println!("starling:   openraft log in redb (log.redb), fsync (Durability::Immediate) before every acknowledged");
+    println!("            batch on every member; state-machine rows (state.redb) fsynced about once a second,");
+    println!("            the rest recovered by log replay; Raft RPC postcard over HTTP/1.1");
     println!("client:     reqwest HTTP/1.1 + JSON for both, every write sent to the leader");
 }
 
