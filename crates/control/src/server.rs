@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
 use starling_proto::{Command, JoinRequest, Millis, Outcome};
+use starling_release::FsChunkStore;
 use tokio::sync::watch;
 
 use crate::log_store::LogStore;
@@ -43,6 +44,8 @@ pub struct ControlConfig {
 pub enum ControlError {
     #[error("storage: {0}")]
     Storage(#[from] std::io::Error),
+    #[error("origin store: {0}")]
+    Origin(#[from] starling_release::ReleaseError),
     #[error("raft: {0}")]
     Raft(String),
     #[error("configuration: {0}")]
@@ -56,6 +59,8 @@ pub struct Member {
     pub state: SharedState,
     pub events: watch::Receiver<u64>,
     pub http: reqwest::Client,
+    /// This member's copy of the origin store (chunks and manifests), under `--data-dir`.
+    pub origin: Arc<FsChunkStore>,
 }
 
 pub fn now_ms() -> Millis {
@@ -160,6 +165,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         state,
         events,
         http,
+        origin: Arc::new(FsChunkStore::new(cfg.data_dir.join("origin"))?),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;

@@ -44,6 +44,7 @@ mod cluster;
 mod events;
 mod hooks;
 mod leases;
+mod origin;
 mod raft_rpc;
 mod routing;
 
@@ -53,6 +54,7 @@ pub use events::parse_duration;
 use events::*;
 use hooks::*;
 use leases::*;
+use origin::*;
 use raft_rpc::*;
 use routing::*;
 
@@ -115,6 +117,14 @@ pub fn router(member: Arc<Member>) -> Router {
         .route("/hooks/github", post(github_hook))
         .route("/hooks/gitlab", post(gitlab_hook))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
+    let origin = Router::new()
+        .route("/v1/chunks/{hash}", get(get_chunk).put(put_chunk))
+        .layer(DefaultBodyLimit::max(MAX_CHUNK))
+        .merge(
+            Router::new()
+                .route("/v1/manifests/{id}", get(get_manifest).put(put_manifest))
+                .layer(DefaultBodyLimit::max(MAX_MANIFEST)),
+        );
     let raft = Router::new()
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
@@ -142,6 +152,7 @@ pub fn router(member: Arc<Member>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_API_BODY));
     Router::new()
         .merge(hooks)
+        .merge(origin)
         .merge(raft)
         .merge(api)
         .layer(middleware::from_fn_with_state(

@@ -1,0 +1,120 @@
+//! The origin store on this member: chunks and manifests, put by build workers, fetched by
+//! nodes when no peer has them. Every put is checked against its name — a chunk must hash
+//! to it, a manifest must decode and hash to its id — before anything is written.
+
+use starling_proto::release::Manifest;
+use starling_release::{ChunkStore, ReleaseError};
+
+use super::*;
+
+/// Largest chunk accepted: the FastCDC maximum with room to spare.
+pub(super) const MAX_CHUNK: usize = 8 * 1024 * 1024;
+/// Largest manifest accepted (a million files is ~100 MiB; far beyond a sane release).
+pub(super) const MAX_MANIFEST: usize = 64 * 1024 * 1024;
+
+fn store_err(e: ReleaseError) -> ApiErr {
+    match e {
+        ReleaseError::Store(m) => err(StatusCode::BAD_REQUEST, m),
+        ReleaseError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            err(StatusCode::NOT_FOUND, "not in this member's origin store")
+        }
+        other => err(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+/// Run blocking store work off the runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReleaseError> + Send + 'static,
+) -> Result<T, ApiErr> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(store_err)
+}
+
+#[tracing::instrument(skip_all, fields(chunk = %hash, bytes = body.len()))]
+pub(super) async fn put_chunk(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    let actual = blake3::hash(&body).to_hex().to_string();
+    if actual != hash {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("chunk bytes hash to {actual}, not {hash}"),
+        ));
+    }
+    let store = m.origin.clone();
+    let created = blocking(move || {
+        if store.has_chunk(&hash)? {
+            return Ok(false);
+        }
+        store.put_chunk(&hash, &body).map(|_| true)
+    })
+    .await?;
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+    .into_response())
+}
+
+pub(super) async fn get_chunk(
+    State(m): Shared,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiErr> {
+    let store = m.origin.clone();
+    let bytes = blocking(move || store.get_chunk(&hash)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(release = %id))]
+pub(super) async fn put_manifest(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    let manifest = Manifest::decode(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    if manifest.id() != id {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("manifest hashes to {}, not {id}", manifest.id()),
+        ));
+    }
+    let store = m.origin.clone();
+    // A manifest is accepted only once every chunk it lists is here, so that a release id
+    // this member knows is always complete.
+    blocking(move || {
+        for c in &manifest.chunks {
+            if !store.has_chunk(&c.hash)? {
+                return Err(ReleaseError::Store(format!("chunk {} is missing", c.hash)));
+            }
+        }
+        store.put_manifest(&id, &manifest.encode())
+    })
+    .await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+pub(super) async fn get_manifest(
+    State(m): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, ApiErr> {
+    let store = m.origin.clone();
+    let bytes = blocking(move || store.get_manifest(&id)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}

@@ -1,0 +1,140 @@
+//! The origin store on a control member: chunks and manifests are checked against their
+//! names before anything is written, and read back byte for byte.
+
+mod common;
+
+use common::*;
+use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_and_manifests_are_verified_and_kept() {
+    let c = Cluster::start(1, &[]).await;
+    let url = c.url(1);
+    let put = |path: String, body: Vec<u8>, token: Option<&str>| {
+        let mut rb = c.http.put(format!("{url}{path}")).body(body);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+
+    // A real release, made locally the way a worker makes it.
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("dist");
+    std::fs::create_dir_all(out.join("bin")).unwrap();
+    std::fs::write(out.join("bin/app"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(out.join("index.html"), "<h1>hi</h1>").unwrap();
+    let local = FsChunkStore::new(t.path().join("local")).unwrap();
+    let sizes = ChunkSizes {
+        min: 16 * 1024,
+        avg: 64 * 1024,
+        max: 256 * 1024,
+    };
+    let (id, manifest, _) = create_release(&out, t.path(), &local, sizes).unwrap();
+    assert!(manifest.chunks.len() > 1);
+
+    // The manifest is refused while its chunks are missing.
+    let mbytes = local.get_manifest(&id).unwrap();
+    let r = put(format!("/v1/manifests/{id}"), mbytes.clone(), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    for ch in &manifest.chunks {
+        let bytes = local.get_chunk(&ch.hash).unwrap();
+        let r = put(format!("/v1/chunks/{}", ch.hash), bytes.clone(), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "chunk put without a token");
+        let r = put(
+            format!("/v1/chunks/{}", ch.hash),
+            bytes.clone(),
+            Some(TOKEN),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let r = put(format!("/v1/chunks/{}", ch.hash), bytes, Some(TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "a chunk already held is not written again"
+        );
+    }
+    // Bytes that do not hash to the name, a name that is not a hash, too much data.
+    let first = &manifest.chunks[0].hash;
+    let r = put(
+        format!("/v1/chunks/{first}"),
+        b"not these bytes".to_vec(),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = put(
+        "/v1/chunks/..%2F..%2Fetc".to_string(),
+        b"x".to_vec(),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let big = vec![0u8; 9 * 1024 * 1024];
+    let big_hash = blake3::hash(&big).to_hex().to_string();
+    let r = put(format!("/v1/chunks/{big_hash}"), big, Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+
+    // Manifest: wrong id, garbage, then the real one.
+    let wrong = "0".repeat(64);
+    let r = put(
+        format!("/v1/manifests/{wrong}"),
+        mbytes.clone(),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = put(
+        format!("/v1/manifests/{id}"),
+        b"\xff\x00garbage".to_vec(),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = put(format!("/v1/manifests/{id}"), mbytes.clone(), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+
+    // Everything reads back and re-hashes to its name.
+    let got = c
+        .http
+        .get(format!("{url}/v1/manifests/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), mbytes.as_slice());
+    for ch in &manifest.chunks {
+        let got = c
+            .http
+            .get(format!("{url}/v1/chunks/{}", ch.hash))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status().as_u16(), 200);
+        let bytes = got.bytes().await.unwrap();
+        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), ch.hash);
+    }
+    let missing = c
+        .http
+        .get(format!("{url}/v1/chunks/{}", "a".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
