@@ -70,35 +70,9 @@ impl MirrorCache {
             if !has_commit(&mirror, sha).await {
                 let m = path_str(&mirror)?;
                 // Just the wanted commit; servers that refuse fetching by id get the branches.
-                let by_id = git(
-                    &self.root,
-                    &[
-                        "--git-dir",
-                        m,
-                        "fetch",
-                        "--no-tags",
-                        "-q",
-                        "--end-of-options",
-                        url,
-                        sha,
-                    ],
-                )
-                .await;
-                if by_id.is_err() || !has_commit(&mirror, sha).await {
-                    let _ = git(
-                        &self.root,
-                        &[
-                            "--git-dir",
-                            m,
-                            "fetch",
-                            "--no-tags",
-                            "-q",
-                            "--end-of-options",
-                            url,
-                            "+refs/heads/*:refs/heads/*",
-                        ],
-                    )
-                    .await;
+                if fetch(&self.root, m, url, sha).await.is_err() || !has_commit(&mirror, sha).await
+                {
+                    let _ = fetch(&self.root, m, url, "+refs/heads/*:refs/heads/*").await;
                 }
                 if !has_commit(&mirror, sha).await {
                     return Err(SourceError::NoSuchCommit {
@@ -109,26 +83,14 @@ impl MirrorCache {
             }
         }
         std::fs::create_dir_all(dest)?;
-        let out = Command::new("git")
-            .args([
-                "--git-dir",
-                path_str(&mirror)?,
-                "archive",
-                "--format=tar",
-                sha,
-            ])
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .stdin(Stdio::null())
-            .output()
-            .await?;
-        if !out.status.success() {
-            return Err(SourceError::Git {
-                args: format!("archive {sha}"),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        let m = path_str(&mirror)?;
+        let tarball = git(
+            &self.root,
+            &["--git-dir", m, "archive", "--format=tar", sha],
+        )
+        .await?;
         // tar refuses entries that would land outside `dest`.
-        tar::Archive::new(out.stdout.as_slice()).unpack(dest)?;
+        tar::Archive::new(tarball.as_slice()).unpack(dest)?;
         Ok(())
     }
 }
@@ -160,7 +122,22 @@ async fn has_commit(mirror: &Path, sha: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn git(cwd: &Path, args: &[&str]) -> Result<(), SourceError> {
+async fn fetch(cwd: &Path, mirror: &str, url: &str, refspec: &str) -> Result<Vec<u8>, SourceError> {
+    let args = [
+        "--git-dir",
+        mirror,
+        "fetch",
+        "--no-tags",
+        "-q",
+        "--end-of-options",
+        url,
+        refspec,
+    ];
+    git(cwd, &args).await
+}
+
+/// Run git; its standard output, or its standard error as the error.
+async fn git(cwd: &Path, args: &[&str]) -> Result<Vec<u8>, SourceError> {
     let out = Command::new("git")
         .current_dir(cwd)
         .args(args)
@@ -169,7 +146,7 @@ async fn git(cwd: &Path, args: &[&str]) -> Result<(), SourceError> {
         .output()
         .await?;
     if out.status.success() {
-        Ok(())
+        Ok(out.stdout)
     } else {
         Err(SourceError::Git {
             args: args.join(" "),
