@@ -34,6 +34,8 @@ struct Cli {
 enum Cmd {
     /// Run one control-plane member.
     Control(ControlArgs),
+    /// Run a build worker: lease builds, run them, publish their releases.
+    Worker(WorkerArgs),
     /// Run the whole system on this machine with embedded defaults and show it working.
     Demo(demo::DemoArgs),
     #[command(flatten)]
@@ -69,6 +71,18 @@ struct ControlArgs {
     /// Build a Raft snapshot after this many entries.
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Builds run at once.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Name in leases and history (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -128,6 +142,32 @@ async fn run(cli: Cli) -> Result<()> {
             };
             starling_control::server::run(cfg).await?;
             Ok(())
+        }
+        Cmd::Worker(a) => {
+            let client = starling_client::ControlClient::new(&cli.control, cli.token);
+            let name = a.name.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            let cfg = starling_worker::worker::WorkerConfig {
+                name,
+                data_dir: a.data_dir,
+                slots: a.slots,
+            };
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                tracing::info!("stopping: running builds finish first");
+                let _ = stop_tx.send(true);
+            });
+            starling_worker::worker::run_worker(cfg, client, stop_rx)
+                .await
+                .map_err(anyhow::Error::msg)
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Client(c) => {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use starling_proto::{
-    ApiError, Build, BuildStatus, ClusterStatus, Event, QueueOutcome, Release, Repo, RepoSpec,
-    TriggerRequest,
+    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, Event, HeartbeatReply,
+    HeartbeatRequest, Lease, LeaseRequest, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,15 @@ impl ControlClient {
         }
     }
 
+    /// The same client (token, connection pool) pointed at another member.
+    pub fn with_base(&self, base: &str) -> ControlClient {
+        ControlClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+            http: self.http.clone(),
+        }
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -121,6 +130,77 @@ impl ControlClient {
     ) -> Result<T, ClientError> {
         let url = self.url(path);
         self.send(self.http.post(&url).json(body), url).await
+    }
+
+    /// Ask for a build, waiting up to `wait` for one; `None` when nothing was queued.
+    pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, ClientError> {
+        let url = self.url("/v1/leases");
+        let req = LeaseRequest {
+            worker: worker.to_string(),
+            wait_ms: wait.as_millis() as u64,
+        };
+        let rb = self
+            .http
+            .post(&url)
+            .json(&req)
+            .timeout(wait + Duration::from_secs(30));
+        let rb = match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        };
+        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let message = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Api { status, message });
+        }
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    pub async fn heartbeat(
+        &self,
+        build: u64,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatReply, ClientError> {
+        self.post(&format!("/v1/builds/{build}/heartbeat"), req)
+            .await
+    }
+
+    pub async fn complete(&self, build: u64, req: &CompleteRequest) -> Result<Build, ClientError> {
+        self.post(&format!("/v1/builds/{build}/complete"), req)
+            .await
+    }
+
+    /// Put bytes at `path` (origin store); `true` if the member did not have them.
+    pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
+        let url = self.url(path);
+        let rb = self.http.put(&url).body(bytes);
+        let rb = match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        };
+        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let message = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(status == reqwest::StatusCode::CREATED)
     }
 
     pub async fn put_repo(&self, spec: &RepoSpec) -> Result<Option<Repo>, ClientError> {

@@ -1,12 +1,13 @@
-//! The build worker's parts: the `starling.toml` spec, the git mirror cache and the
-//! command runner.
+//! The build worker: the `starling.toml` spec, the git mirror cache, the command runner and
+//! the loop that ties them to the control plane's lease API.
 //!
 //! This crate owns what a build worker does on its own machine: reading how a repository
-//! builds itself and running that build under a timeout in its own process group. It never
-//! decides which build to run (the control plane's lease does) and never records a result
-//! (the worker loop reports it). The worker loop itself — leasing, heartbeats, release
-//! creation and reporting — is the rest of the build-worker issue and is not written yet.
+//! builds itself, running that build under a timeout in its own process group, and turning
+//! its output into a release pushed to the origin store. It never decides which build runs
+//! (the control plane's lease does) and never writes history itself (it reports through the
+//! API, and the control plane records).
 
 pub mod runner;
 pub mod source;
 pub mod spec;
+pub mod worker;

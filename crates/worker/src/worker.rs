@@ -1,0 +1,292 @@
+//! The worker loop: lease a build, keep the lease alive, check out the commit, run the
+//! build, turn its output into a release, push the release's chunks and manifest to a
+//! majority of the control members' origin stores, and report the result.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_client::ControlClient;
+use starling_proto::{Build, BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
+use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
+use tokio::sync::watch;
+
+use crate::runner::{run, RunOutcome, RunRequest};
+use crate::source::{MirrorCache, SourceError};
+use crate::spec::{self, SPEC_FILE};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub slots: usize,
+}
+
+/// Bytes of build output kept with a failed build's reason.
+const TAIL_IN_REASON: usize = 2048;
+
+struct Shared {
+    cfg: WorkerConfig,
+    control: ControlClient,
+    mirrors: MirrorCache,
+    store: FsChunkStore,
+}
+
+/// Run `cfg.slots` build slots until `stop` turns true; running builds finish first.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    control: ControlClient,
+    stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let store = FsChunkStore::new(cfg.data_dir.join("releases")).map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared {
+        mirrors: MirrorCache::new(cfg.data_dir.join("mirrors")),
+        store,
+        control,
+        cfg,
+    });
+    let mut slots = Vec::new();
+    for slot in 0..shared.cfg.slots.max(1) {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        slots.push(tokio::spawn(
+            async move { slot_loop(shared, slot, stop).await },
+        ));
+    }
+    for s in slots {
+        let _ = s.await;
+    }
+    Ok(())
+}
+
+async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>) {
+    let worker = format!("{}/{slot}", shared.cfg.name);
+    while !*stop.borrow() {
+        match shared.control.lease(&worker, Duration::from_secs(20)).await {
+            Ok(Some(lease)) => build_one(&shared, &worker, lease).await,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%worker, error = %e, "lease failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The result a build ends with.
+struct Finish {
+    status: BuildStatus,
+    release: Option<String>,
+    reason: Option<String>,
+}
+
+impl Finish {
+    fn failed(reason: impl Into<String>) -> Self {
+        Finish {
+            status: BuildStatus::Failed,
+            release: None,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(build = lease.build.id, repo = %lease.build.repo, sha = %lease.build.sha, attempt = lease.attempt))]
+async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
+    let build = lease.build.clone();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    // Heartbeats at a third of the lease; a cancel or a lost lease stops the run.
+    let beat = {
+        let control = shared.control.clone();
+        let req = HeartbeatRequest {
+            worker: worker.to_string(),
+            attempt: lease.attempt,
+        };
+        let every = Duration::from_millis((lease.lease_ttl_ms / 3).max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match control.heartbeat(build.id, &req).await {
+                    Ok(r) if r.cancel => {
+                        let _ = cancel_tx.send(true);
+                    }
+                    Ok(_) => {}
+                    Err(starling_client::ClientError::Api { status: 409, .. }) => {
+                        tracing::warn!("lease lost; stopping the build");
+                        let _ = cancel_tx.send(true);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        })
+    };
+    let dir = shared
+        .cfg
+        .data_dir
+        .join("builds")
+        .join(format!("{}-{}", build.id, lease.attempt));
+    let finish = execute(shared, &lease.build, &dir, cancel_rx).await;
+    beat.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    tracing::info!(status = %finish.status, release = ?finish.release, "build finished");
+    let req = CompleteRequest {
+        worker: worker.to_string(),
+        attempt: lease.attempt,
+        status: finish.status,
+        release: finish.release,
+        reason: finish.reason,
+    };
+    // Retry a completion the control plane did not hear; a refusal (lease lost) is final.
+    for _ in 0..10 {
+        match shared.control.complete(lease.build.id, &req).await {
+            Ok(_) => return,
+            Err(starling_client::ClientError::Api { status, message }) if status < 500 => {
+                tracing::warn!(status, %message, "completion refused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "completion failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn execute(
+    shared: &Shared,
+    b: &Build,
+    dir: &std::path::Path,
+    cancel: watch::Receiver<bool>,
+) -> Finish {
+    let repos = match shared.control.repos().await {
+        Ok(r) => r,
+        Err(e) => return Finish::failed(format!("cannot read repository settings: {e}")),
+    };
+    let Some(repo) = repos.into_iter().find(|r| r.name == b.repo) else {
+        return Finish::failed(format!("repository {} is no longer registered", b.repo));
+    };
+    let src = dir.join("src");
+    if let Err(e) = shared
+        .mirrors
+        .checkout(&b.repo, &repo.url, &b.sha, &src)
+        .await
+    {
+        return Finish::failed(match e {
+            SourceError::NoSuchCommit { .. } => e.to_string(),
+            other => format!("checkout: {other}"),
+        });
+    }
+    let spec_text = match std::fs::read_to_string(src.join(SPEC_FILE)) {
+        Ok(t) => t,
+        Err(e) => return Finish::failed(format!("{SPEC_FILE}: {e}")),
+    };
+    let spec = match spec::parse(&spec_text) {
+        Ok(s) => s,
+        Err(e) => return Finish::failed(e.to_string()),
+    };
+    let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
+    env.push(("STARLING_REPO".into(), b.repo.clone()));
+    env.push(("STARLING_SHA".into(), b.sha.clone()));
+    env.push(("STARLING_BUILD_ID".into(), b.id.to_string()));
+    let req = RunRequest {
+        command: spec.command.clone(),
+        dir: src.clone(),
+        env,
+        timeout: spec.timeout,
+        tail_cap: 64 * 1024,
+    };
+    let result = match run(&req, cancel, |_| {}).await {
+        Ok(r) => r,
+        Err(e) => return Finish::failed(format!("starting the build command: {e}")),
+    };
+    let tail = String::from_utf8_lossy(&result.tail);
+    let tail = &tail[tail.len().saturating_sub(TAIL_IN_REASON)..];
+    match result.outcome {
+        RunOutcome::TimedOut => {
+            return Finish {
+                status: BuildStatus::TimedOut,
+                release: None,
+                reason: Some(format!("timed out after {:?}", spec.timeout)),
+            }
+        }
+        RunOutcome::Cancelled => {
+            return Finish {
+                status: BuildStatus::Cancelled,
+                release: None,
+                reason: Some("cancelled".into()),
+            }
+        }
+        RunOutcome::Exited { code, signal } if !result.outcome.success() => {
+            let how = match (code, signal) {
+                (Some(c), _) => format!("exit code {c}"),
+                (None, Some(s)) => format!("killed by signal {s}"),
+                _ => "ended abnormally".into(),
+            };
+            return Finish::failed(format!("build command failed ({how}); log tail:\n{tail}"));
+        }
+        RunOutcome::Exited { .. } => {}
+    }
+    let output = src.join(&spec.output);
+    let store_dir = dir.to_path_buf();
+    let store = &shared.store;
+    let made = tokio::task::block_in_place(|| {
+        create_release(&output, &store_dir, store, ChunkSizes::default())
+    });
+    let (id, manifest, _) = match made {
+        Ok(m) => m,
+        Err(e) => return Finish::failed(format!("making the release: {e}")),
+    };
+    if let Err(e) = publish(shared, &id, &manifest).await {
+        return Finish::failed(format!("storing the release in the origin store: {e}"));
+    }
+    Finish {
+        status: BuildStatus::Succeeded,
+        release: Some(id),
+        reason: None,
+    }
+}
+
+/// Push every chunk, then the manifest, to each control member; a majority must take it.
+async fn publish(
+    shared: &Shared,
+    id: &str,
+    manifest: &starling_proto::release::Manifest,
+) -> Result<(), String> {
+    let cluster = shared.control.cluster().await.map_err(|e| e.to_string())?;
+    let members = cluster.members.len();
+    let mut ok = 0;
+    let mut last_err = String::new();
+    for m in &cluster.members {
+        let client = shared.control.with_base(&format!("http://{}", m.addr));
+        match push_to(shared, &client, id, manifest).await {
+            Ok(()) => ok += 1,
+            Err(e) => last_err = format!("member {}: {e}", m.id),
+        }
+    }
+    if ok * 2 > members {
+        Ok(())
+    } else {
+        Err(format!(
+            "only {ok} of {members} members took the release; {last_err}"
+        ))
+    }
+}
+
+async fn push_to(
+    shared: &Shared,
+    client: &ControlClient,
+    id: &str,
+    manifest: &starling_proto::release::Manifest,
+) -> Result<(), String> {
+    for c in &manifest.chunks {
+        let bytes = shared.store.get_chunk(&c.hash).map_err(|e| e.to_string())?;
+        client
+            .put_bytes(&format!("/v1/chunks/{}", c.hash), bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    client
+        .put_bytes(&format!("/v1/manifests/{id}"), manifest.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! End to end with real processes and real git: a signed push webhook queues a build, a
+//! `starling worker` leases it, checks the commit out, runs its `starling.toml` command,
+//! packs the output into a release and pushes it to the origin store; the build ends
+//! `succeeded` with the release id, and the manifest and chunks read back from the control
+//! member re-hash to their names. A failing command and a bad spec end `failed` with a
+//! clear reason.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use starling_proto::release::Manifest;
+use starling_proto::{Build, BuildStatus};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(work: &Path, spec: &str, msg: &str) -> String {
+    std::fs::write(work.join("starling.toml"), spec).unwrap();
+    git(work, &["add", "."]);
+    git(work, &["commit", "-q", "-m", msg]);
+    git(work, &["rev-parse", "HEAD"])
+}
+
+async fn push(c: &Cluster, sha: &str, delivery: &str) -> u64 {
+    let (body, sig) = github_push("acme/web", "main", sha, SECRET);
+    let r = send_github(&c.http, &c.url(1), "push", delivery, body, &sig)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["build"]["id"].as_u64().unwrap()
+}
+
+async fn wait_done(c: &Cluster, id: u64) -> Build {
+    for _ in 0..600 {
+        let b: Build = c
+            .http
+            .get(format!("{}/v1/builds/{id}", c.url(1)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if b.status.is_terminal() {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.dump_logs();
+    panic!("build {id} did not finish in 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_to_release() {
+    let c = Cluster::start(1, &["--lease-ttl", "3s"]).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("index.html"), "<h1>hello</h1>\n").unwrap();
+    let good = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist/bin && cp index.html dist/ && echo $STARLING_SHA > dist/version && ln -s ../version dist/bin/v\"\noutput = \"dist\"\n",
+        "good",
+    );
+    let r = c
+        .post(1, "/v1/repos", &serde_json::json!({
+            "name": "acme/web", "url": format!("file://{}", work.display()), "branch": "main", "webhook_secret": SECRET
+        }))
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+
+    let log = std::fs::File::create(c.dir.path().join("worker.log")).unwrap();
+    let _worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args([
+            "--control",
+            &c.url(1),
+            "worker",
+            "--name",
+            "w1",
+            "--data-dir",
+        ])
+        .arg(c.dir.path().join("worker"))
+        .env("STARLING_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let id = push(&c, &good, "d-good").await;
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    let release = b.release.clone().expect("a release id");
+
+    // The manifest and every chunk come back from the control member and re-hash.
+    let bytes = c
+        .http
+        .get(format!("{}/v1/manifests/{release}", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(blake3::hash(&bytes).to_hex().to_string(), release);
+    let manifest = Manifest::decode(&bytes).unwrap();
+    let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, vec!["bin", "bin/v", "index.html", "version"]);
+    for ch in &manifest.chunks {
+        let data = c
+            .http
+            .get(format!("{}/v1/chunks/{}", c.url(1), ch.hash))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(blake3::hash(&data).to_hex().to_string(), ch.hash);
+    }
+    let releases: Vec<serde_json::Value> = c
+        .http
+        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(releases.len(), 1);
+
+    // A failing command and a bad spec: failed, with the reason, and no release.
+    let failing = commit(
+        &work,
+        "[build]\ncommand = \"echo compiling; exit 7\"\noutput = \"dist\"\n",
+        "fails",
+    );
+    let b = wait_done(&c, push(&c, &failing, "d-fail").await).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    let reason = b.reason.unwrap_or_default();
+    assert!(
+        reason.contains("exit code 7") && reason.contains("compiling"),
+        "{reason}"
+    );
+    assert!(b.release.is_none());
+
+    let bad = commit(
+        &work,
+        "[build]\ncommand = \"true\"\noutput = \"dist\"\ncolour = \"blue\"\n",
+        "bad spec",
+    );
+    let b = wait_done(&c, push(&c, &bad, "d-bad").await).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    let reason = b.reason.unwrap_or_default();
+    assert!(
+        reason.contains("starling.toml") && reason.contains("colour"),
+        "{reason}"
+    );
+
+    // An output with a symlink to /etc is refused.
+    let evil = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist && ln -s /etc dist/etc\"\noutput = \"dist\"\n",
+        "evil",
+    );
+    let b = wait_done(&c, push(&c, &evil, "d-evil").await).await;
+    assert_eq!(b.status, BuildStatus::Failed);
+    assert!(b.reason.unwrap_or_default().contains("absolute path"));
+    let releases: Vec<serde_json::Value> = c
+        .http
+        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(releases.len(), 1, "no partial release recorded");
+}
