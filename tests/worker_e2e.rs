@@ -66,42 +66,104 @@ async fn wait_done(c: &Cluster, id: u64) -> Build {
     panic!("build {id} did not finish in 60 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhook_to_release() {
-    let c = Cluster::start(1, &["--lease-ttl", "3s"]).await;
-    let work = c.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    std::fs::write(work.join("index.html"), "<h1>hello</h1>\n").unwrap();
-    let good = commit(
-        &work,
-        "[build]\ncommand = \"mkdir -p dist/bin && cp index.html dist/ && echo $STARLING_SHA > dist/version && ln -s ../version dist/bin/v\"\noutput = \"dist\"\n",
-        "good",
-    );
+fn spawn_worker(c: &Cluster, name: &str) -> tokio::process::Child {
+    let log = std::fs::File::create(c.dir.path().join(format!("{name}.log"))).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args([
+            "--control",
+            &c.url(1),
+            "worker",
+            "--name",
+            name,
+            "--data-dir",
+        ])
+        .arg(c.dir.path().join(name))
+        .env("STARLING_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn add_repo(c: &Cluster, work: &Path) {
     let r = c
         .post(1, "/v1/repos", &serde_json::json!({
             "name": "acme/web", "url": format!("file://{}", work.display()), "branch": "main", "webhook_secret": SECRET
         }))
         .await;
     assert_eq!(r.status().as_u16(), 201);
+}
 
-    let log = std::fs::File::create(c.dir.path().join("worker.log")).unwrap();
-    let _worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args([
-            "--control",
-            &c.url(1),
-            "worker",
-            "--name",
-            "w1",
-            "--data-dir",
-        ])
-        .arg(c.dir.path().join("worker"))
-        .env("STARLING_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+fn new_repo(c: &Cluster) -> std::path::PathBuf {
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("index.html"), "<h1>hello</h1>\n").unwrap();
+    work
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_build_is_finished_by_another() {
+    let c = Cluster::start(1, &["--lease-ttl", "2s"]).await;
+    let work = new_repo(&c);
+    let sha = commit(
+        &work,
+        "[build]\ncommand = \"sleep 3 && mkdir -p dist && echo ok > dist/x\"\noutput = \"dist\"\n",
+        "slow",
+    );
+    add_repo(&c, &work).await;
+    let mut first = spawn_worker(&c, "wa");
+    let id = push(&c, &sha, "d-slow").await;
+    // Wait until the first worker runs it, then SIGKILL the worker mid-build.
+    for _ in 0..100 {
+        let b: Build = c
+            .http
+            .get(format!("{}/v1/builds/{id}", c.url(1)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if b.status == BuildStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().await.unwrap();
+    let _second = spawn_worker(&c, "wb");
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    let trail: Vec<(BuildStatus, u32, Option<String>)> = b
+        .history
+        .iter()
+        .map(|t| (t.status, t.attempt, t.worker.clone()))
+        .collect();
+    use BuildStatus::*;
+    assert_eq!(
+        trail,
+        vec![
+            (Queued, 1, None),
+            (Running, 1, Some("wa/0".into())),
+            (Queued, 2, None),
+            (Running, 2, Some("wb/0".into())),
+            (Succeeded, 2, Some("wb/0".into())),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_to_release() {
+    let c = Cluster::start(1, &["--lease-ttl", "3s"]).await;
+    let work = new_repo(&c);
+    let good = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist/bin && cp index.html dist/ && echo $STARLING_SHA > dist/version && ln -s ../version dist/bin/v\"\noutput = \"dist\"\n",
+        "good",
+    );
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "w1");
 
     let id = push(&c, &good, "d-good").await;
     let b = wait_done(&c, id).await;
