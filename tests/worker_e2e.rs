@@ -255,3 +255,57 @@ async fn webhook_to_release() {
         .unwrap();
     assert_eq!(releases.len(), 1, "no partial release recorded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_timeout_stop_running_builds() {
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let slow = commit(
+        &work,
+        "[build]\ncommand = \"sleep 60\"\noutput = \"dist\"\n",
+        "slow",
+    );
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "wc");
+    let id = push(&c, &slow, "d-cancel").await;
+    for _ in 0..100 {
+        let b: Build = c
+            .http
+            .get(format!("{}/v1/builds/{id}", c.url(1)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if b.status == BuildStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = std::time::Instant::now();
+    let r = c
+        .post(
+            1,
+            &format!("/v1/builds/{id}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Cancelled, "{b:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        asked.elapsed()
+    );
+
+    let timing_out = commit(
+        &work,
+        "[build]\ncommand = \"sleep 60\"\noutput = \"dist\"\ntimeout = \"1s\"\n",
+        "times out",
+    );
+    let b = wait_done(&c, push(&c, &timing_out, "d-timeout").await).await;
+    assert_eq!(b.status, BuildStatus::TimedOut, "{b:?}");
+    assert!(b.reason.unwrap_or_default().contains("timed out"));
+}

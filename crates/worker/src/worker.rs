@@ -93,14 +93,15 @@ impl Finish {
 async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
     let build = lease.build.clone();
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    // Heartbeats at a third of the lease; a cancel or a lost lease stops the run.
+    // Heartbeats well inside the lease; a cancel or a lost lease stops the run.
     let beat = {
         let control = shared.control.clone();
         let req = HeartbeatRequest {
             worker: worker.to_string(),
             attempt: lease.attempt,
         };
-        let every = Duration::from_millis((lease.lease_ttl_ms / 3).max(100));
+        // At most every 2 s, so that a cancel reaches the build within a few seconds.
+        let every = Duration::from_millis((lease.lease_ttl_ms / 3).clamp(100, 2000));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
