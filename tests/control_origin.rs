@@ -30,7 +30,7 @@ async fn chunks_and_manifests_are_verified_and_kept() {
         avg: 64 * 1024,
         max: 256 * 1024,
     };
-    let (id, manifest, _) = create_release(&out, t.path(), &local, sizes).unwrap();
+    let (id, manifest, _) = create_release(&out, &local, sizes).unwrap();
     assert!(manifest.chunks.len() > 1);
 
     // The manifest is refused while its chunks are missing.

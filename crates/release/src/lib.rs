@@ -10,9 +10,9 @@
 pub mod archive;
 pub mod store;
 
-use std::fs;
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::path::Path;
+use std::sync::mpsc;
 
 use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
 
@@ -71,56 +71,92 @@ pub struct ReleaseStats {
     pub new_bytes: u64,
 }
 
-/// Pack `dir`, chunk it, store new chunks and the manifest in `store`. `scratch` is a
-/// directory for the temporary archive. Returns the release id, the manifest and stats.
+/// Pack `dir`, chunk it, store new chunks and the manifest in `store`. Returns the
+/// release id, the manifest and stats.
+///
+/// Three threads work as a pipeline: one packs the archive into a pipe, this one cuts the
+/// stream into chunks, and one hashes and stores them — so the archive never touches the
+/// disk and packing, chunking and hashing overlap.
 pub fn create_release(
     dir: &Path,
-    scratch: &Path,
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
 ) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
     let files = archive::list(dir)?;
-    fs::create_dir_all(scratch).map_err(|e| ReleaseError::io(scratch, e))?;
-    let tmp = tempfile_in(scratch)?;
-    let mut tmp = archive::write_tar(dir, &files, io::BufWriter::with_capacity(1 << 20, tmp))?
-        .into_inner()
-        .map_err(|e| ReleaseError::io(scratch, e.into_error()))?;
-    let archive_bytes = tmp
-        .stream_position()
-        .map_err(|e| ReleaseError::io(scratch, e))?;
-    tmp.seek(SeekFrom::Start(0))
-        .map_err(|e| ReleaseError::io(scratch, e))?;
-
-    let mut chunks = Vec::new();
-    let mut stats = ReleaseStats {
-        archive_bytes,
-        chunks: 0,
-        new_chunks: 0,
-        new_bytes: 0,
-    };
-    let cdc = fastcdc::v2020::StreamCDC::new(
-        io::BufReader::with_capacity(1 << 20, tmp),
-        sizes.min as usize,
-        sizes.avg as usize,
-        sizes.max as usize,
-    );
-    for c in cdc {
-        let c = c.map_err(|e| ReleaseError::io(scratch, io::Error::other(e.to_string())))?;
-        let hash = blake3::hash(&c.data).to_hex().to_string();
-        if !store.has_chunk(&hash)? {
-            store.put_chunk(&hash, &c.data)?;
-            stats.new_chunks += 1;
-            stats.new_bytes += c.data.len() as u64;
-        }
-        chunks.push(ChunkRef {
-            hash,
-            size: c.length as u32,
+    let (reader, writer) = io::pipe().map_err(|e| ReleaseError::io(dir, e))?;
+    widen_pipe(&writer);
+    let (chunks, stats) = std::thread::scope(|s| {
+        let files = &files;
+        let packer = s.spawn(move || {
+            archive::write_tar(dir, files, io::BufWriter::with_capacity(1 << 20, writer))?
+                .into_inner()
+                .map(drop)
+                .map_err(|e| ReleaseError::io(dir, e.into_error()))
         });
-    }
-    stats.chunks = chunks.len();
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = s.spawn(
+            move || -> Result<(Vec<ChunkRef>, ReleaseStats), ReleaseError> {
+                let mut chunks = Vec::new();
+                let mut stats = ReleaseStats {
+                    archive_bytes: 0,
+                    chunks: 0,
+                    new_chunks: 0,
+                    new_bytes: 0,
+                };
+                for data in rx {
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    if !store.has_chunk(&hash)? {
+                        store.put_chunk(&hash, &data)?;
+                        stats.new_chunks += 1;
+                        stats.new_bytes += data.len() as u64;
+                    }
+                    stats.archive_bytes += data.len() as u64;
+                    chunks.push(ChunkRef {
+                        hash,
+                        size: data.len() as u32,
+                    });
+                }
+                stats.chunks = chunks.len();
+                Ok((chunks, stats))
+            },
+        );
+        let cdc = fastcdc::v2020::StreamCDC::new(
+            io::BufReader::with_capacity(1 << 20, reader),
+            sizes.min as usize,
+            sizes.avg as usize,
+            sizes.max as usize,
+        );
+        let mut cut = Ok(());
+        for c in cdc {
+            match c {
+                // A closed channel means the hasher failed; its error is reported below.
+                Ok(c) => {
+                    if tx.send(c.data).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    cut = Err(ReleaseError::io(dir, io::Error::other(e.to_string())));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        // The packer's error (an unsafe entry, a vanished file) explains a short archive
+        // best, so it comes first.
+        let packed = packer
+            .join()
+            .unwrap_or_else(|_| Err(ReleaseError::Unsafe("the packer thread panicked".into())));
+        let hashed = hasher
+            .join()
+            .unwrap_or_else(|_| Err(ReleaseError::Unsafe("the hasher thread panicked".into())));
+        packed?;
+        cut?;
+        hashed
+    })?;
     let manifest = Manifest {
         version: MANIFEST_VERSION,
-        archive_size: archive_bytes,
+        archive_size: stats.archive_bytes,
         files,
         chunks,
     };
@@ -129,39 +165,19 @@ pub fn create_release(
     Ok((id, manifest, stats))
 }
 
-/// An anonymous temporary file in `dir` (unlinked at once, so nothing is left behind).
-fn tempfile_in(dir: &Path) -> Result<fs::File, ReleaseError> {
-    for attempt in 0..100u32 {
-        let p = dir.join(format!(
-            ".archive-{}-{}-{attempt}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        match fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
-            Ok(f) => {
-                let _ = fs::remove_file(&p);
-                return Ok(f);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(ReleaseError::io(&p, e)),
-        }
+/// A 64 KiB pipe (Linux's default) makes the packer and the chunker take turns 16 times
+/// per megabyte; 1 MiB lets them overlap. Best effort: a smaller pipe is only slower.
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe descriptor we own; it reads no memory of ours.
+    unsafe {
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
     }
-    Err(ReleaseError::Unsafe(format!(
-        "could not create a temporary file in {}",
-        dir.display()
-    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
 
     fn tree(root: &Path) {
@@ -184,8 +200,8 @@ mod tests {
             avg: 16384,
             max: 65536,
         };
-        let (id_a, m, s1) = create_release(&a, t.path(), &store, sizes).unwrap();
-        let (id_b, _, s2) = create_release(&b, t.path(), &store, sizes).unwrap();
+        let (id_a, m, s1) = create_release(&a, &store, sizes).unwrap();
+        let (id_b, _, s2) = create_release(&b, &store, sizes).unwrap();
         assert_eq!(id_a, id_b);
         assert!(s1.new_chunks > 0);
         assert_eq!(s2.new_chunks, 0, "identical content stored twice");
@@ -209,7 +225,7 @@ mod tests {
             let d = t.path().join(format!("out{}", target.len()));
             fs::create_dir_all(&d).unwrap();
             symlink(target, d.join("evil")).unwrap();
-            let err = create_release(&d, t.path(), &store, ChunkSizes::default()).unwrap_err();
+            let err = create_release(&d, &store, ChunkSizes::default()).unwrap_err();
             assert!(matches!(err, ReleaseError::Unsafe(_)), "{target}: {err}");
         }
     }

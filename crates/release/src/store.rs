@@ -18,9 +18,12 @@ pub trait ChunkStore: Send + Sync {
 }
 
 /// Chunks at `chunks/<h[0..2]>/<h>`, manifests at `manifests/<id>`; each written to a
-/// temporary name, fsynced and renamed, so a reader never sees half a chunk.
+/// temporary name, fsynced (unless staging) and renamed, so a reader never sees half a chunk.
 pub struct FsChunkStore {
     root: PathBuf,
+    /// fsync every write: the origin store must; a worker's staging copy need not, since
+    /// the release counts only once the origin store has it.
+    durable: bool,
 }
 
 /// A name must be 64 lower-case hex digits: it becomes part of a path.
@@ -34,13 +37,22 @@ fn check_name(name: &str) -> Result<(), ReleaseError> {
 }
 
 impl FsChunkStore {
+    /// A durable store: every write is fsynced before it is acknowledged.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, ReleaseError> {
-        let root = root.into();
+        Self::open(root.into(), true)
+    }
+
+    /// A staging store (a worker's copy before publishing): no fsync.
+    pub fn staging(root: impl Into<PathBuf>) -> Result<Self, ReleaseError> {
+        Self::open(root.into(), false)
+    }
+
+    fn open(root: PathBuf, durable: bool) -> Result<Self, ReleaseError> {
         for sub in ["chunks", "manifests", "tmp"] {
             let d = root.join(sub);
             fs::create_dir_all(&d).map_err(|e| ReleaseError::io(&d, e))?;
         }
-        Ok(FsChunkStore { root })
+        Ok(FsChunkStore { root, durable })
     }
 
     fn chunk_path(&self, hash: &str) -> Result<PathBuf, ReleaseError> {
@@ -64,7 +76,7 @@ impl FsChunkStore {
             .join(format!("{name}.{}", std::process::id()));
         let mut f = fs::File::create(&tmp).map_err(|e| ReleaseError::io(&tmp, e))?;
         f.write_all(bytes)
-            .and_then(|_| f.sync_data())
+            .and_then(|_| if self.durable { f.sync_data() } else { Ok(()) })
             .map_err(|e| ReleaseError::io(&tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| ReleaseError::io(path, e))
     }

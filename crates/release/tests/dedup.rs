@@ -38,8 +38,8 @@ fn one_changed_file_ships_few_new_chunks() {
         b"version = 2, with a longer line that shifts everything after it\n",
     );
 
-    let (id_a, m_a, first) = create_release(&a, t.path(), &store, ChunkSizes::default()).unwrap();
-    let (id_b, m_b, second) = create_release(&b, t.path(), &store, ChunkSizes::default()).unwrap();
+    let (id_a, m_a, first) = create_release(&a, &store, ChunkSizes::default()).unwrap();
+    let (id_b, m_b, second) = create_release(&b, &store, ChunkSizes::default()).unwrap();
     assert_ne!(id_a, id_b);
     let shared = m_b.chunks.iter().filter(|c| m_a.chunks.contains(c)).count();
     println!(

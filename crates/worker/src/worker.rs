@@ -38,7 +38,7 @@ pub async fn run_worker(
     control: ControlClient,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let store = FsChunkStore::new(cfg.data_dir.join("releases")).map_err(|e| e.to_string())?;
+    let store = FsChunkStore::staging(cfg.data_dir.join("releases")).map_err(|e| e.to_string())?;
     let shared = Arc::new(Shared {
         mirrors: MirrorCache::new(cfg.data_dir.join("mirrors")),
         store,
@@ -227,11 +227,9 @@ async fn execute(
         RunOutcome::Exited { .. } => {}
     }
     let output = src.join(&spec.output);
-    let store_dir = dir.to_path_buf();
     let store = &shared.store;
-    let made = tokio::task::block_in_place(|| {
-        create_release(&output, &store_dir, store, ChunkSizes::default())
-    });
+    let made =
+        tokio::task::block_in_place(|| create_release(&output, store, ChunkSizes::default()));
     let (id, manifest, _) = match made {
         Ok(m) => m,
         Err(e) => return Finish::failed(format!("making the release: {e}")),
