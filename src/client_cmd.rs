@@ -236,12 +236,17 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 return print_json(&rels);
             }
             println!(
-                "{:<66} {:<20} {:<12} {:>6}",
+                "{:<66} {:<20} {:<12} {:>6}  STATE",
                 "RELEASE", "REPO", "SHA", "BUILD"
             );
             for r in rels {
+                let state = if r.collected_at.is_some() {
+                    "collected"
+                } else {
+                    "kept"
+                };
                 println!(
-                    "{:<66} {:<20} {:<12} {:>6}",
+                    "{:<66} {:<20} {:<12} {:>6}  {state}",
                     r.id,
                     r.repo,
                     short(&r.sha),

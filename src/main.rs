@@ -71,6 +71,12 @@ struct ControlArgs {
     /// Build a Raft snapshot after this many entries.
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+    /// Releases kept per repository, beside every release a goal names.
+    #[arg(long, default_value_t = 10)]
+    keep_releases: usize,
+    /// Origin-store chunks younger than this are never collected.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    collect_grace: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -139,6 +145,8 @@ async fn run(cli: Cli) -> Result<()> {
                 lease_ttl: a.lease_ttl,
                 max_attempts: a.max_attempts,
                 snapshot_every: a.snapshot_every,
+                keep_releases: a.keep_releases,
+                collect_grace: a.collect_grace,
             };
             starling_control::server::run(cfg).await?;
             Ok(())

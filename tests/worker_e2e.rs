@@ -309,3 +309,102 @@ async fn cancel_and_timeout_stop_running_builds() {
     assert_eq!(b.status, BuildStatus::TimedOut, "{b:?}");
     assert!(b.reason.unwrap_or_default().contains("timed out"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_collects_old_releases_and_their_chunks() {
+    let c = Cluster::start(1, &["--keep-releases", "1", "--collect-grace", "3s"]).await;
+    let work = new_repo(&c);
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "wr");
+    let spec = "[build]\ncommand = \"mkdir -p dist && cp unique.bin dist/\"\noutput = \"dist\"\n";
+    let mut releases = Vec::new();
+    for (i, seed) in [b'A', b'B'].into_iter().enumerate() {
+        std::fs::write(work.join("unique.bin"), vec![seed; 100_000]).unwrap();
+        let sha = commit(&work, spec, &format!("r{i}"));
+        let b = wait_done(&c, push(&c, &sha, &format!("d-r{i}")).await).await;
+        assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+        releases.push(b.release.unwrap());
+    }
+    let manifest_of = |id: &str| format!("{}/v1/manifests/{id}", c.url(1));
+    let old = Manifest::decode(
+        &c.http
+            .get(manifest_of(&releases[0]))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let new = Manifest::decode(
+        &c.http
+            .get(manifest_of(&releases[1]))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let only_old: Vec<_> = old
+        .chunks
+        .iter()
+        .filter(|ch| !new.chunks.contains(ch))
+        .collect();
+    assert!(!only_old.is_empty());
+
+    // The older release is let go (the record stays), then its manifest and chunks go.
+    c.wait_until(
+        "the old release's chunks are collected",
+        Duration::from_secs(30),
+        async |c| {
+            let gone = c
+                .http
+                .get(format!("{}/v1/chunks/{}", c.url(1), only_old[0].hash))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 404;
+            let manifest_gone = c
+                .http
+                .get(format!("{}/v1/manifests/{}", c.url(1), releases[0]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 404;
+            gone && manifest_gone
+        },
+    )
+    .await;
+    let rels: Vec<starling_proto::Release> = c
+        .http
+        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let state: Vec<(String, bool)> = rels
+        .iter()
+        .map(|r| (r.id.clone(), r.collected_at.is_some()))
+        .collect();
+    assert_eq!(
+        state,
+        vec![(releases[1].clone(), false), (releases[0].clone(), true)]
+    );
+    // Everything the kept release needs is still there.
+    for ch in &new.chunks {
+        let r = c
+            .http
+            .get(format!("{}/v1/chunks/{}", c.url(1), ch.hash))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+}

@@ -152,6 +152,9 @@ pub struct Release {
     pub sha: String,
     pub build: u64,
     pub created_at: Millis,
+    /// Set when retention let it go: its chunks may be collected from the origin stores.
+    /// The record itself stays, as history.
+    pub collected_at: Option<Millis>,
 }
 
 /// `GET /v1/cluster`.

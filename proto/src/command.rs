@@ -59,6 +59,13 @@ pub enum Command {
         release: String,
         at: Millis,
     },
+    /// Proposed by the retention loop; applying re-checks each release is still outside
+    /// the kept set, so a release that became a goal meanwhile stays.
+    CollectReleases {
+        releases: Vec<String>,
+        keep: usize,
+        at: Millis,
+    },
     /// No state change; used to measure the write path.
     Noop,
 }
@@ -75,6 +82,7 @@ impl Command {
             Command::CancelBuild { .. } => "cancel_build",
             Command::ExpireLeases { .. } => "expire_leases",
             Command::SetGoal { .. } => "set_goal",
+            Command::CollectReleases { .. } => "collect_releases",
             Command::Noop => "noop",
         }
     }
@@ -104,6 +112,8 @@ pub enum Outcome {
     Build(Build),
     /// The builds whose leases had expired: requeued or failed.
     Expired(Vec<u64>),
+    /// The releases retention let go.
+    Collected(Vec<String>),
     Release(Release),
     /// The command was refused; nothing changed.
     Rejected(Rejection),

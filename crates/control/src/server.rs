@@ -38,6 +38,10 @@ pub struct ControlConfig {
     pub max_attempts: u32,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_every: u64,
+    /// Releases kept per repository beside every one a goal names.
+    pub keep_releases: usize,
+    /// Chunks younger than this are never collected (a release may be mid-publish).
+    pub collect_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +201,8 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         tokio::spawn(join_cluster(member.clone(), url));
     }
     tokio::spawn(reap_leases(member.clone()));
+    tokio::spawn(apply_retention(member.clone()));
+    tokio::spawn(collect_chunks(member.clone()));
 
     match serve.await {
         Ok(Ok(())) => Ok(()),
@@ -283,6 +289,89 @@ async fn reap_leases(member: Arc<Member>) {
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "lease reaper proposal failed"),
             }
+        }
+    }
+}
+
+/// While leading, let go of releases beyond the retention limit every few seconds.
+async fn apply_retention(member: Arc<Member>) {
+    let keep = member.cfg.keep_releases;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if !member.raft.is_leader() {
+            continue;
+        }
+        let due = member.read().releases_to_collect(keep);
+        if due.is_empty() {
+            continue;
+        }
+        let cmd = Command::CollectReleases {
+            releases: due,
+            keep,
+            at: now_ms(),
+        };
+        match member.propose(cmd).await {
+            Ok(Outcome::Collected(ids)) if !ids.is_empty() => {
+                tracing::info!(releases = ?ids, "releases collected by retention")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "retention proposal failed"),
+        }
+    }
+}
+
+/// On every member: delete origin-store chunks no kept release references (after a grace
+/// period), and the manifests of collected releases.
+async fn collect_chunks(member: Arc<Member>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let (kept, collected): (Vec<String>, Vec<String>) = {
+            let st = member.read();
+            let all = st.list_releases(None);
+            let (k, c): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| r.collected_at.is_none());
+            (
+                k.into_iter().map(|r| r.id).collect(),
+                c.into_iter().map(|r| r.id).collect(),
+            )
+        };
+        let origin = member.origin.clone();
+        let grace = member.cfg.collect_grace;
+        let res = tokio::task::spawn_blocking(
+            move || -> Result<usize, starling_release::ReleaseError> {
+                use starling_release::ChunkStore;
+                let mut referenced = std::collections::HashSet::new();
+                for id in &kept {
+                    // A manifest this member never got references nothing here.
+                    if let Ok(bytes) = origin.get_manifest(id) {
+                        if let Ok(m) = starling_proto::release::Manifest::decode(&bytes) {
+                            referenced.extend(m.chunks.into_iter().map(|c| c.hash));
+                        }
+                    }
+                }
+                for id in &collected {
+                    origin.delete_manifest(id)?;
+                }
+                let held = origin.list_chunks()?;
+                let doomed = starling_release::store::garbage(
+                    &held,
+                    &referenced,
+                    std::time::SystemTime::now(),
+                    grace,
+                );
+                for h in &doomed {
+                    origin.delete_chunk(h)?;
+                }
+                Ok(doomed.len())
+            },
+        )
+        .await;
+        match res {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(chunks = n, "unreferenced chunks collected"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "chunk collection failed"),
+            Err(e) => tracing::warn!(error = %e, "chunk collection task failed"),
         }
     }
 }

@@ -253,8 +253,59 @@ impl ControlState {
                 release,
                 at,
             } => self.set_goal(repo, env, release, *at),
+            Command::CollectReleases { releases, keep, at } => {
+                self.collect_releases(releases, *keep, *at)
+            }
             Command::Noop => Outcome::Done,
         }
+    }
+
+    /// Releases retention lets go: all but the newest `keep` of each repository, except any
+    /// that a goal names. Already collected ones are not listed again.
+    pub fn releases_to_collect(&self, keep: usize) -> Vec<String> {
+        let goals: BTreeSet<&str> = self
+            .records
+            .goals
+            .values()
+            .map(|g| g.release.as_str())
+            .collect();
+        let mut by_repo: BTreeMap<&str, Vec<&Release>> = BTreeMap::new();
+        for r in self.records.releases.values() {
+            by_repo.entry(r.repo.as_str()).or_default().push(r);
+        }
+        let mut out = Vec::new();
+        for rels in by_repo.values_mut() {
+            rels.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.build.cmp(&a.build)));
+            for r in rels.iter().skip(keep) {
+                if r.collected_at.is_none() && !goals.contains(r.id.as_str()) {
+                    out.push(r.id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn collect_releases(&mut self, ids: &[String], keep: usize, at: Millis) -> Outcome {
+        let due: BTreeSet<String> = self.releases_to_collect(keep).into_iter().collect();
+        let mut done = Vec::new();
+        for id in ids.iter().filter(|id| due.contains(*id)) {
+            let Some(mut r) = self.records.releases.get(id).cloned() else {
+                continue;
+            };
+            r.collected_at = Some(at);
+            self.records.releases.insert(id.clone(), r.clone());
+            self.touched.releases.insert(id.clone());
+            self.push_event(Event {
+                kind: "release:collected".into(),
+                repo: Some(r.repo.clone()),
+                build: Some(r.build),
+                sha: Some(r.sha.clone()),
+                detail: Some(id.clone()),
+                ..event_at(at)
+            });
+            done.push(id.clone());
+        }
+        Outcome::Collected(done)
     }
 
     fn put_repo(&mut self, spec: &RepoSpec, at: Millis) -> Outcome {
@@ -461,6 +512,7 @@ impl ControlState {
                 sha: b.sha.clone(),
                 build: b.id,
                 created_at: at,
+                collected_at: None,
             };
             self.records.releases.insert(rel.clone(), record);
             self.touched.releases.insert(rel.clone());
@@ -912,6 +964,46 @@ mod tests {
         assert_eq!(rebuilt.index.queue, s.index.queue);
         assert_eq!(rebuilt.index.running, s.index.running);
         assert_eq!(rebuilt.index.by_delivery, s.index.by_delivery);
+    }
+
+    #[test]
+    fn retention_keeps_newest_and_goals() {
+        let mut s = state();
+        // Four successful builds, each a release; auto_deploy makes the newest the goal.
+        for i in 0..4u64 {
+            s.apply(&queue(&format!("c{i}"), None, false, 10 * i));
+            s.apply(&lease("w", 10 * i + 1));
+            s.apply(&Command::CompleteBuild {
+                build: i + 1,
+                worker: "w".into(),
+                attempt: 1,
+                status: BuildStatus::Succeeded,
+                release: Some(format!("r{i}")),
+                reason: None,
+                at: 10 * i + 2,
+            });
+        }
+        // Pin the oldest as a second environment's goal.
+        s.apply(&Command::SetGoal {
+            repo: "acme/web".into(),
+            env: "canary".into(),
+            release: "r0".into(),
+            at: 100,
+        });
+        assert_eq!(s.releases_to_collect(2), vec!["r1".to_string()]);
+        let out = s.apply(&Command::CollectReleases {
+            releases: vec!["r1".into(), "r3".into()],
+            keep: 2,
+            at: 200,
+        });
+        // r3 is kept (newest, and a goal): a wrong or stale proposal does nothing to it.
+        assert_eq!(out, Outcome::Collected(vec!["r1".into()]));
+        assert!(s.releases_to_collect(2).is_empty());
+        assert_eq!(
+            s.list_releases(None).len(),
+            4,
+            "the record stays, as history"
+        );
     }
 
     #[test]

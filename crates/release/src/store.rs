@@ -84,6 +84,83 @@ impl FsChunkStore {
     fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
         fs::read(path).map_err(|e| ReleaseError::io(path, e))
     }
+
+    /// Every chunk held, with when it was written.
+    pub fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError> {
+        let mut out = Vec::new();
+        let root = self.root.join("chunks");
+        for dir in fs::read_dir(&root).map_err(|e| ReleaseError::io(&root, e))? {
+            let dir = dir.map_err(|e| ReleaseError::io(&root, e))?.path();
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if check_name(&name).is_err() {
+                    continue;
+                }
+                if let Ok(modified) = e.metadata().and_then(|m| m.modified()) {
+                    out.push((name, modified));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
+        let p = self.chunk_path(hash)?;
+        remove_if_present(&p)
+    }
+
+    pub fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
+        let p = self.manifest_path(id)?;
+        remove_if_present(&p)
+    }
+}
+
+fn remove_if_present(p: &Path) -> Result<(), ReleaseError> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ReleaseError::io(p, e)),
+    }
+}
+
+/// The chunks a collector may delete: held, referenced by no kept release, and older than
+/// `grace` — a worker may be publishing chunks of a release not recorded yet.
+pub fn garbage(
+    held: &[(String, std::time::SystemTime)],
+    referenced: &std::collections::HashSet<String>,
+    now: std::time::SystemTime,
+    grace: std::time::Duration,
+) -> Vec<String> {
+    held.iter()
+        .filter(|(h, _)| !referenced.contains(h))
+        .filter(|(_, t)| now.duration_since(*t).is_ok_and(|age| age >= grace))
+        .map(|(h, _)| h.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn garbage_spares_referenced_and_young_chunks() {
+        let now = SystemTime::now();
+        let old = now - Duration::from_secs(7200);
+        let held = vec![
+            ("a".repeat(64), old),
+            ("b".repeat(64), old),
+            ("c".repeat(64), now),
+        ];
+        let referenced = ["a".repeat(64)].into_iter().collect();
+        assert_eq!(
+            garbage(&held, &referenced, now, Duration::from_secs(3600)),
+            vec!["b".repeat(64)]
+        );
+    }
 }
 
 impl ChunkStore for FsChunkStore {
