@@ -80,6 +80,12 @@ pub enum BuildsCmd {
     Cancel {
         id: u64,
     },
+    /// Print a build's log; --follow keeps printing until the build ends.
+    Logs {
+        id: u64,
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -229,6 +235,23 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 "cancel requested (the worker stops it at its next heartbeat)"
             };
             println!("build {id}: {what}");
+        }
+        ClientCmd::Builds(BuildsCmd::Logs { id, follow }) => {
+            use std::io::Write;
+            let mut offset = 0u64;
+            loop {
+                // Read the status first: bytes read after it include all output of an
+                // ended build, since workers ship the log before reporting the end.
+                let done = !follow || c.build(id).await?.status.is_terminal();
+                let bytes = c.log(id, offset).await?;
+                offset += bytes.len() as u64;
+                std::io::stdout().write_all(&bytes)?;
+                std::io::stdout().flush()?;
+                if done {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
         ClientCmd::Releases(ReleasesCmd::List { repo }) => {
             let rels = c.releases(repo.as_deref()).await?;

@@ -408,3 +408,78 @@ async fn retention_collects_old_releases_and_their_chunks() {
         assert_eq!(r.status().as_u16(), 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_stream_while_running_and_are_capped() {
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let sha = commit(
+        &work,
+        "[build]\ncommand = \"echo started; sleep 2; seq 1 300000; mkdir -p dist\"\noutput = \"dist\"\n",
+        "chatty",
+    );
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "wl");
+    let id = push(&c, &sha, "d-logs").await;
+    let log_url = format!("{}/v1/builds/{id}/logs", c.url(1));
+
+    // The first line arrives while the build is still running.
+    let mut streamed = false;
+    for _ in 0..100 {
+        let text = c
+            .http
+            .get(&log_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let b: Build = c
+            .http
+            .get(format!("{}/v1/builds/{id}", c.url(1)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if text.contains("started") && b.status == BuildStatus::Running {
+            streamed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(streamed, "no log line while the build ran");
+
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    let text = c
+        .http
+        .get(&log_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.starts_with("started\n1\n2\n"));
+    assert!(text.contains("log cap of 1 MiB reached"), "no cap note");
+    assert!(text.len() <= 1024 * 1024 + 100);
+
+    // The CLI prints the same bytes.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args([
+            "--control",
+            &c.url(1),
+            "builds",
+            "logs",
+            &id.to_string(),
+            "--follow",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+}

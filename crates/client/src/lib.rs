@@ -180,6 +180,32 @@ impl ControlClient {
             .await
     }
 
+    /// The build's log from byte `offset` on, as this member holds it.
+    pub async fn log(&self, build: u64, offset: u64) -> Result<Vec<u8>, ClientError> {
+        let url = self.url(&format!("/v1/builds/{build}/logs?offset={offset}"));
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let message = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
     /// Put bytes at `path` (origin store); `true` if the member did not have them.
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
         let url = self.url(path);

@@ -195,7 +195,16 @@ async fn execute(
         timeout: spec.timeout,
         tail_cap: 64 * 1024,
     };
-    let result = match run(&req, cancel, |_| {}).await {
+    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let shipper = tokio::spawn(ship_log(shared.control.clone(), b.id, out_rx));
+    let ran = run(&req, cancel, |bytes| {
+        let _ = out_tx.send(bytes.to_vec());
+    })
+    .await;
+    drop(out_tx);
+    // The log is complete on the members before the build is reported finished.
+    let _ = shipper.await;
+    let result = match ran {
         Ok(r) => r,
         Err(e) => return Finish::failed(format!("starting the build command: {e}")),
     };
@@ -288,4 +297,50 @@ async fn push_to(
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Log bytes a worker keeps to ship: one more than the members keep, so that they see the
+/// cap is passed and say so.
+const SHIP_CAP: usize = 1024 * 1024 + 1;
+
+/// Stream build output to every member twice a second until the output ends; each member
+/// gets the bytes from where it is, so one that missed a round catches up on the next.
+async fn ship_log(
+    control: ControlClient,
+    build: u64,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let mut log: Vec<u8> = Vec::new();
+    let mut acked: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut open = true;
+    while open {
+        let tick = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                more = rx.recv() => match more {
+                    Some(bytes) => {
+                        let room = SHIP_CAP.saturating_sub(log.len());
+                        log.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    }
+                    None => { open = false; break; }
+                },
+                _ = &mut tick => break,
+            }
+        }
+        let Ok(cluster) = control.cluster().await else {
+            continue;
+        };
+        for m in cluster.members {
+            let from = acked.get(&m.addr).copied().unwrap_or(0);
+            if from >= log.len() {
+                continue;
+            }
+            let client = control.with_base(&format!("http://{}", m.addr));
+            let path = format!("/v1/builds/{build}/logs?offset={from}");
+            if client.put_bytes(&path, log[from..].to_vec()).await.is_ok() {
+                acked.insert(m.addr, log.len());
+            }
+        }
+    }
 }

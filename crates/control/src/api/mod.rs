@@ -44,6 +44,7 @@ mod cluster;
 mod events;
 mod hooks;
 mod leases;
+mod logs;
 mod origin;
 mod raft_rpc;
 mod routing;
@@ -54,6 +55,7 @@ pub use events::parse_duration;
 use events::*;
 use hooks::*;
 use leases::*;
+use logs::*;
 use origin::*;
 use raft_rpc::*;
 use routing::*;
@@ -140,6 +142,7 @@ pub fn router(member: Arc<Member>) -> Router {
         .route("/v1/builds", get(list_builds))
         .route("/v1/builds/{id}", get(show_build))
         .route("/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/v1/builds/{id}/logs", get(read_log).put(append_log))
         .route("/v1/builds/{id}/heartbeat", post(heartbeat))
         .route("/v1/builds/{id}/complete", post(complete))
         .route("/v1/leases", post(lease))

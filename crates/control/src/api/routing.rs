@@ -5,12 +5,13 @@ use super::*;
 /// Requests answered by whichever member receives them.
 pub(super) fn served_locally(req: &Request) -> bool {
     let path = req.uri().path();
-    // Each member keeps its own copy of the origin store: chunk and manifest calls are
-    // answered by the member they reach.
+    // Each member keeps its own copy of the origin store and of build logs: those calls
+    // are answered by the member they reach.
     let local_path = path.starts_with("/raft/")
         || path.starts_with("/v1/events")
         || path.starts_with("/v1/chunks/")
         || path.starts_with("/v1/manifests/")
+        || (path.starts_with("/v1/builds/") && path.ends_with("/logs"))
         || matches!(
             path,
             "/healthz" | "/metrics" | "/v1/cluster" | "/internal/snapshot"

@@ -1,0 +1,100 @@
+//! Build logs: workers append output while a build runs, to every member; any member
+//! answers reads. Logs are kept beside the Raft state, not in it (they are bulky and only
+//! appended), in `<data-dir>/logs/<build>.log`, capped at [`LOG_CAP`] with a note.
+
+use std::io::Write;
+
+use super::*;
+
+/// Bytes of log kept per build; what comes after is dropped, with a note saying so.
+pub(super) const LOG_CAP: u64 = 1024 * 1024;
+const CAP_NOTE: &[u8] = b"\n[starling: log cap of 1 MiB reached; later output not kept]\n";
+
+fn log_path(m: &Member, build: u64) -> std::path::PathBuf {
+    m.cfg.data_dir.join("logs").join(format!("{build}.log"))
+}
+
+#[derive(Deserialize)]
+pub(super) struct Offset {
+    #[serde(default)]
+    offset: u64,
+}
+
+/// `PUT /v1/builds/{id}/logs?offset=N`: append bytes that start at `offset` of the
+/// worker's output. Idempotent: bytes already held are skipped, a gap is refused (409 with
+/// the length held), so retries and several members stay consistent.
+pub(super) async fn append_log(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(q): Query<Offset>,
+    body: Bytes,
+) -> Result<Response, ApiErr> {
+    require_token(&m, &headers)?;
+    if m.read().build(id).is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("unknown build {id}")));
+    }
+    let path = log_path(&m, id);
+    let res = tokio::task::spawn_blocking(move || -> std::io::Result<Result<u64, u64>> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let held = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
+        // `held` counts the cap note too once it is written; past the cap, accept and drop.
+        if held >= LOG_CAP {
+            return Ok(Ok(held));
+        }
+        if q.offset > held {
+            return Ok(Err(held));
+        }
+        let skip = (held - q.offset) as usize;
+        let fresh = body.get(skip..).unwrap_or_default();
+        let room = (LOG_CAP - held) as usize;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        if fresh.len() > room {
+            f.write_all(&fresh[..room])?;
+            f.write_all(CAP_NOTE)?;
+        } else {
+            f.write_all(fresh)?;
+        }
+        Ok(Ok(held + fresh.len().min(room) as u64))
+    })
+    .await
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match res {
+        Ok(len) => Ok(Json(serde_json::json!({ "length": len })).into_response()),
+        Err(held) => Err(err(
+            StatusCode::CONFLICT,
+            format!("log of build {id} holds {held} bytes; append from there"),
+        )),
+    }
+}
+
+/// `GET /v1/builds/{id}/logs?offset=N`: the log from byte `offset` on.
+pub(super) async fn read_log(
+    State(m): Shared,
+    Path(id): Path<u64>,
+    Query(q): Query<Offset>,
+) -> Result<Response, ApiErr> {
+    if m.read().build(id).is_none() {
+        return Err(err(StatusCode::NOT_FOUND, format!("unknown build {id}")));
+    }
+    let path = log_path(&m, id);
+    // No file yet means no output yet.
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path).unwrap_or_default())
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let from = (q.offset as usize).min(bytes.len());
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        bytes[from..].to_vec(),
+    )
+        .into_response())
+}
