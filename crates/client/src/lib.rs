@@ -85,30 +85,41 @@ impl ControlClient {
         format!("{}{path}", self.base)
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Send with the token; a non-2xx answer becomes [`ClientError::Api`] with the
+    /// server's sentence.
+    async fn send_raw(
         &self,
         rb: reqwest::RequestBuilder,
-        url: String,
-    ) -> Result<T, ClientError> {
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         let rb = match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
         };
         let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
+            url: url.to_string(),
             source,
         })?;
         let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<ApiError>(&text)
-                .map(|e| e.error)
-                .unwrap_or(text);
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
+        if status.is_success() {
+            return Ok(resp);
         }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ApiError>(&text)
+            .map(|e| e.error)
+            .unwrap_or(text);
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<T, ClientError> {
+        let resp = self.send_raw(rb, &url).await?;
         resp.json()
             .await
             .map_err(|source| ClientError::Decode { url, source })
@@ -144,21 +155,9 @@ impl ControlClient {
             .post(&url)
             .json(&req)
             .timeout(wait + Duration::from_secs(30));
-        let rb = match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        };
-        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
+        let resp = self.send_raw(rb, &url).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
-        }
-        if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let message = resp.text().await.unwrap_or_default();
-            return Err(ClientError::Api { status, message });
         }
         resp.json()
             .await
@@ -183,50 +182,18 @@ impl ControlClient {
     /// The build's log from byte `offset` on, as this member holds it.
     pub async fn log(&self, build: u64, offset: u64) -> Result<Vec<u8>, ClientError> {
         let url = self.url(&format!("/v1/builds/{build}/logs?offset={offset}"));
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let message = resp.text().await.unwrap_or_default();
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
-        }
+        let resp = self.send_raw(self.http.get(&url), &url).await?;
         resp.bytes()
             .await
             .map(|b| b.to_vec())
             .map_err(|source| ClientError::Decode { url, source })
     }
 
-    /// Put bytes at `path` (origin store); `true` if the member did not have them.
+    /// Put bytes at `path` (origin store, logs); `true` if the member did not have them.
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
         let url = self.url(path);
-        let rb = self.http.put(&url).body(bytes);
-        let rb = match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        };
-        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let message = resp.text().await.unwrap_or_default();
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
-        }
-        Ok(status == reqwest::StatusCode::CREATED)
+        let resp = self.send_raw(self.http.put(&url).body(bytes), &url).await?;
+        Ok(resp.status() == reqwest::StatusCode::CREATED)
     }
 
     pub async fn put_repo(&self, spec: &RepoSpec) -> Result<Option<Repo>, ClientError> {
