@@ -2,8 +2,8 @@
 //! binary, fed by a real git repository and a signed GitHub push webhook; then the leader is
 //! killed with SIGKILL to show that nothing is lost and a new leader takes over.
 //!
-//! Build workers and fleet nodes are not part of the demo yet (they are later issues), so
-//! the queued build stays `queued`.
+//! A real `starling worker` then builds the commit into a content-addressed release.
+//! Fleet nodes are not part of the demo yet (a later issue).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -235,11 +235,55 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
 
     let (status, body) = send_webhook(&c.url(3), &secret, "demo-delivery-1", &sha).await?;
-    println!("== signed push webhook to member 3: HTTP {status} {body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    println!(
+        "== signed push webhook to member 3: HTTP {status}, {} build {}",
+        outcome["outcome"].as_str().unwrap_or("?"),
+        outcome["build"]["id"]
+    );
     let (status, _) = send_webhook(&c.url(2), &secret, "demo-delivery-1", &sha).await?;
     println!("== the same delivery again (GitHub redelivery) to member 2: HTTP {status}, no second build");
     let (status, _) = send_webhook(&c.url(1), "wrong-secret", "demo-delivery-2", &sha).await?;
     println!("== a webhook signed with the wrong secret: HTTP {status}, nothing queued");
+
+    let worker_log = std::fs::File::create(dir.join("worker.log"))?;
+    let mut worker = Command::new(&c.exe)
+        .args([
+            "--control",
+            &c.url(2),
+            "worker",
+            "--name",
+            "demo-worker",
+            "--data-dir",
+        ])
+        .arg(dir.join("worker"))
+        .env("STARLING_TOKEN", &c.token)
+        .stdout(Stdio::null())
+        .stderr(worker_log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker")?;
+    let wc = c.client(2);
+    let built = wait_for(
+        "the worker to build the commit",
+        Duration::from_secs(60),
+        || async { wc.build(1).await.ok().filter(|b| b.status.is_terminal()) },
+    )
+    .await?;
+    println!(
+        "== a worker leased build 1, ran its starling.toml and ended it {}: release {}",
+        built.status,
+        built.release.as_deref().unwrap_or("-")
+    );
+    worker.kill().await?;
+    if built.status != starling_proto::BuildStatus::Succeeded {
+        bail!(
+            "the demo build ended {}: {} (see {})",
+            built.status,
+            built.reason.unwrap_or_default(),
+            dir.join("worker.log").display()
+        );
+    }
 
     let leader = c.client(1).cluster().await?.leader.context("no leader")?;
     println!("== killing the leader (member {leader}) with SIGKILL");
