@@ -92,7 +92,7 @@ struct WorkerArgs {
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    starling_control::api::parse_duration(s)
+    starling_proto::parse_duration(s)
         .ok_or_else(|| format!("bad duration {s:?} (try 30s, 500ms, 2m)"))
 }
 

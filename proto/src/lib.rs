@@ -9,9 +9,11 @@
 
 pub mod api;
 pub mod command;
+mod duration;
 
 pub use api::*;
 pub use command::*;
+pub use duration::parse_duration;
 
 /// Milliseconds since the Unix epoch. Every timestamp in Starling is one of these,
 /// chosen by the Raft leader when it proposes a command so that applying the log is

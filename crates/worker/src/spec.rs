@@ -19,6 +19,7 @@ use std::path::{Component, Path};
 use std::time::Duration;
 
 use serde::Deserialize;
+use starling_proto::parse_duration;
 
 pub const SPEC_FILE: &str = "starling.toml";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -116,21 +117,6 @@ pub fn parse(text: &str) -> Result<BuildSpec, SpecError> {
         env: b.env,
         deploy: f.deploy,
     })
-}
-
-/// `500ms`, `90s`, `20m`, `2h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -11,21 +11,6 @@ pub(super) struct EventsQuery {
     limit: Option<usize>,
 }
 
-/// Parse `500ms`, `30s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
-    }
-}
-
 /// Served by any member from its applied state: the event log is append-only, so a member
 /// that lags shows a prefix of the leader's, never something different.
 pub(super) async fn events(

@@ -25,7 +25,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{ChangeMembers, ReadPolicy};
 use serde::Deserialize;
 use starling_proto::{
-    ApiError, BuildStatus, ClusterStatus, Command, CompleteRequest, HeartbeatReply,
+    parse_duration, ApiError, BuildStatus, ClusterStatus, Command, CompleteRequest, HeartbeatReply,
     HeartbeatRequest, JoinRequest, Lease, LeaseRequest, Member as MemberInfo, Outcome,
     QueueOutcome, Rejection, RepoSpec, TriggerRequest,
 };
@@ -51,7 +51,6 @@ mod routing;
 
 use builds::*;
 use cluster::*;
-pub use events::parse_duration;
 use events::*;
 use hooks::*;
 use leases::*;
