@@ -324,7 +324,13 @@ async fn apply_retention(member: Arc<Member>) {
 /// On every member: delete origin-store chunks no kept release references (after a grace
 /// period), and the manifests of collected releases.
 async fn collect_chunks(member: Arc<Member>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // Each pass reads every kept manifest from disk; nothing can be collected sooner than
+    // the grace period anyway, so pass at that pace (between 1 s and a minute).
+    let every = member
+        .cfg
+        .collect_grace
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let (kept, collected): (Vec<String>, Vec<String>) = {
