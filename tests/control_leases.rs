@@ -22,17 +22,6 @@ async fn lease(c: &Cluster, via: u64, worker: &str) -> Lease {
     r.json().await.expect("lease json")
 }
 
-async fn build(c: &Cluster, id: u64) -> Build {
-    c.http
-        .get(format!("{}/v1/builds/{id}", c.url(2)))
-        .send()
-        .await
-        .expect("build")
-        .json()
-        .await
-        .expect("build json")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lapsed_leases_requeue_then_fail() {
     let c = Cluster::start(3, &["--lease-ttl", "1s", "--max-attempts", "2"]).await;
@@ -117,19 +106,19 @@ async fn lapsed_leases_requeue_then_fail() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["cancel"], json!(false));
     }
-    assert_eq!(build(&c, id).await.status, BuildStatus::Running);
+    assert_eq!(c.build(2, id).await.status, BuildStatus::Running);
 
     // w1 goes silent: the reaper puts the build back with attempt 2.
     c.wait_until(
         "the lease lapsed and the build was requeued",
         Duration::from_secs(10),
         async |c| {
-            let b = build(c, id).await;
+            let b = c.build(2, id).await;
             b.status == BuildStatus::Queued && b.attempt == 2
         },
     )
     .await;
-    let b = build(&c, id).await;
+    let b = c.build(2, id).await;
     assert!(
         b.reason.as_deref().unwrap_or("").contains("worker lost"),
         "{b:?}"
@@ -156,10 +145,10 @@ async fn lapsed_leases_requeue_then_fail() {
     let l2 = lease(&c, 2, "w2").await;
     assert_eq!((l2.build.id, l2.attempt), (id, 2));
     c.wait_until("the build failed", Duration::from_secs(10), async |c| {
-        build(c, id).await.status == BuildStatus::Failed
+        c.build(2, id).await.status == BuildStatus::Failed
     })
     .await;
-    let b = build(&c, id).await;
+    let b = c.build(2, id).await;
     assert!(
         b.reason.as_deref().unwrap_or("").contains("worker lost"),
         "{b:?}"
@@ -183,14 +172,8 @@ async fn lapsed_leases_requeue_then_fail() {
     );
     // Never running without a live lease: nothing is left running.
     let running: Vec<Build> = c
-        .http
-        .get(format!("{}/v1/builds?status=running", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/v1/builds?status=running", c.url(1)))
+        .await;
     assert!(running.is_empty());
 
     // A worker that finishes in time completes the build normally.
@@ -207,6 +190,6 @@ async fn lapsed_leases_requeue_then_fail() {
         .post(3, &format!("/v1/builds/{}/complete", l3.build.id), &json!({"worker": "w3", "attempt": l3.attempt, "status": "succeeded", "release": "rel-1"}))
         .await;
     assert_eq!(r.status().as_u16(), 200);
-    let b = build(&c, l3.build.id).await;
+    let b = c.build(2, l3.build.id).await;
     assert_eq!((b.status, b.release.as_deref()), (Succeeded, Some("rel-1")));
 }

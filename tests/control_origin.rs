@@ -112,29 +112,14 @@ async fn chunks_and_manifests_are_verified_and_kept() {
     assert_eq!(r.status().as_u16(), 201);
 
     // Everything reads back and re-hashes to its name.
-    let got = c
-        .http
-        .get(format!("{url}/v1/manifests/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(&format!("{url}/v1/manifests/{id}")).await;
     assert_eq!(got.bytes().await.unwrap().as_ref(), mbytes.as_slice());
     for ch in &manifest.chunks {
-        let got = c
-            .http
-            .get(format!("{url}/v1/chunks/{}", ch.hash))
-            .send()
-            .await
-            .unwrap();
+        let got = c.get(&format!("{url}/v1/chunks/{}", ch.hash)).await;
         assert_eq!(got.status().as_u16(), 200);
         let bytes = got.bytes().await.unwrap();
         assert_eq!(blake3::hash(&bytes).to_hex().to_string(), ch.hash);
     }
-    let missing = c
-        .http
-        .get(format!("{url}/v1/chunks/{}", "a".repeat(64)))
-        .send()
-        .await
-        .unwrap();
+    let missing = c.get(&format!("{url}/v1/chunks/{}", "a".repeat(64))).await;
     assert_eq!(missing.status().as_u16(), 404);
 }

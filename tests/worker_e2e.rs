@@ -15,20 +15,6 @@ use common::*;
 use starling_proto::release::Manifest;
 use starling_proto::{Build, BuildStatus};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@t")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@t")
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn commit(work: &Path, spec: &str, msg: &str) -> String {
     std::fs::write(work.join("starling.toml"), spec).unwrap();
     git(work, &["add", "."]);
@@ -48,15 +34,7 @@ async fn push(c: &Cluster, sha: &str, delivery: &str) -> u64 {
 
 async fn wait_done(c: &Cluster, id: u64) -> Build {
     for _ in 0..600 {
-        let b: Build = c
-            .http
-            .get(format!("{}/v1/builds/{id}", c.url(1)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let b = c.build(1, id).await;
         if b.status.is_terminal() {
             return b;
         }
@@ -117,15 +95,7 @@ async fn killed_worker_build_is_finished_by_another() {
     let id = push(&c, &sha, "d-slow").await;
     // Wait until the first worker runs it, then SIGKILL the worker mid-build.
     for _ in 0..100 {
-        let b: Build = c
-            .http
-            .get(format!("{}/v1/builds/{id}", c.url(1)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let b = c.build(1, id).await;
         if b.status == BuildStatus::Running {
             break;
         }
@@ -172,39 +142,21 @@ async fn webhook_to_release() {
 
     // The manifest and every chunk come back from the control member and re-hash.
     let bytes = c
-        .http
-        .get(format!("{}/v1/manifests/{release}", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+        .get_bytes(&format!("{}/v1/manifests/{release}", c.url(1)))
+        .await;
     assert_eq!(blake3::hash(&bytes).to_hex().to_string(), release);
     let manifest = Manifest::decode(&bytes).unwrap();
     let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, vec!["bin", "bin/v", "index.html", "version"]);
     for ch in &manifest.chunks {
         let data = c
-            .http
-            .get(format!("{}/v1/chunks/{}", c.url(1), ch.hash))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+            .get_bytes(&format!("{}/v1/chunks/{}", c.url(1), ch.hash))
+            .await;
         assert_eq!(blake3::hash(&data).to_hex().to_string(), ch.hash);
     }
     let releases: Vec<serde_json::Value> = c
-        .http
-        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .await;
     assert_eq!(releases.len(), 1);
 
     // A failing command and a bad spec: failed, with the reason, and no release.
@@ -245,14 +197,8 @@ async fn webhook_to_release() {
     assert_eq!(b.status, BuildStatus::Failed);
     assert!(b.reason.unwrap_or_default().contains("absolute path"));
     let releases: Vec<serde_json::Value> = c
-        .http
-        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .await;
     assert_eq!(releases.len(), 1, "no partial release recorded");
 }
 
@@ -269,15 +215,7 @@ async fn cancel_and_timeout_stop_running_builds() {
     let _worker = spawn_worker(&c, "wc");
     let id = push(&c, &slow, "d-cancel").await;
     for _ in 0..100 {
-        let b: Build = c
-            .http
-            .get(format!("{}/v1/builds/{id}", c.url(1)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let b = c.build(1, id).await;
         if b.status == BuildStatus::Running {
             break;
         }
@@ -326,28 +264,8 @@ async fn retention_collects_old_releases_and_their_chunks() {
         releases.push(b.release.unwrap());
     }
     let manifest_of = |id: &str| format!("{}/v1/manifests/{id}", c.url(1));
-    let old = Manifest::decode(
-        &c.http
-            .get(manifest_of(&releases[0]))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let new = Manifest::decode(
-        &c.http
-            .get(manifest_of(&releases[1]))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let old = Manifest::decode(&c.get_bytes(&manifest_of(&releases[0])).await).unwrap();
+    let new = Manifest::decode(&c.get_bytes(&manifest_of(&releases[1])).await).unwrap();
     let only_old: Vec<_> = old
         .chunks
         .iter()
@@ -361,19 +279,13 @@ async fn retention_collects_old_releases_and_their_chunks() {
         Duration::from_secs(30),
         async |c| {
             let gone = c
-                .http
-                .get(format!("{}/v1/chunks/{}", c.url(1), only_old[0].hash))
-                .send()
+                .get(&format!("{}/v1/chunks/{}", c.url(1), only_old[0].hash))
                 .await
-                .unwrap()
                 .status()
                 == 404;
             let manifest_gone = c
-                .http
-                .get(format!("{}/v1/manifests/{}", c.url(1), releases[0]))
-                .send()
+                .get(&format!("{}/v1/manifests/{}", c.url(1), releases[0]))
                 .await
-                .unwrap()
                 .status()
                 == 404;
             gone && manifest_gone
@@ -381,14 +293,8 @@ async fn retention_collects_old_releases_and_their_chunks() {
     )
     .await;
     let rels: Vec<starling_proto::Release> = c
-        .http
-        .get(format!("{}/v1/releases?repo=acme/web", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
+        .await;
     let state: Vec<(String, bool)> = rels
         .iter()
         .map(|r| (r.id.clone(), r.collected_at.is_some()))
@@ -399,12 +305,7 @@ async fn retention_collects_old_releases_and_their_chunks() {
     );
     // Everything the kept release needs is still there.
     for ch in &new.chunks {
-        let r = c
-            .http
-            .get(format!("{}/v1/chunks/{}", c.url(1), ch.hash))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(&format!("{}/v1/chunks/{}", c.url(1), ch.hash)).await;
         assert_eq!(r.status().as_u16(), 200);
     }
 }
@@ -426,24 +327,8 @@ async fn logs_stream_while_running_and_are_capped() {
     // The first line arrives while the build is still running.
     let mut streamed = false;
     for _ in 0..100 {
-        let text = c
-            .http
-            .get(&log_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let b: Build = c
-            .http
-            .get(format!("{}/v1/builds/{id}", c.url(1)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let text = c.get(&log_url).await.text().await.unwrap();
+        let b = c.build(1, id).await;
         if text.contains("started") && b.status == BuildStatus::Running {
             streamed = true;
             break;
@@ -454,15 +339,7 @@ async fn logs_stream_while_running_and_are_capped() {
 
     let b = wait_done(&c, id).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
-    let text = c
-        .http
-        .get(&log_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = c.get(&log_url).await.text().await.unwrap();
     assert!(text.starts_with("started\n1\n2\n"));
     assert!(text.contains("log cap of 1 MiB reached"), "no cap note");
     assert!(text.len() <= 1024 * 1024 + 100);

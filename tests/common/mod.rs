@@ -186,6 +186,24 @@ impl Cluster {
             .expect("request")
     }
 
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.http.get(url).send().await.expect("GET")
+    }
+
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> T {
+        self.get(url).await.json().await.expect("JSON answer")
+    }
+
+    pub async fn get_bytes(&self, url: &str) -> Vec<u8> {
+        self.get(url).await.bytes().await.expect("body").to_vec()
+    }
+
+    /// Build `id` as member `via` answers it.
+    pub async fn build(&self, via: u64, id: u64) -> Build {
+        self.get_json(&format!("{}/v1/builds/{id}", self.url(via)))
+            .await
+    }
+
     pub async fn add_repo(&self, id: u64, name: &str) {
         let r = self
             .post(id, "/v1/repos", &serde_json::json!({
@@ -232,6 +250,21 @@ impl Cluster {
         assert!(r.status().is_success(), "snapshot: {}", r.status());
         r.json().await.expect("snapshot json")
     }
+}
+
+/// Run git in `dir` with a fixed identity; its trimmed standard output.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A GitHub push payload and its signature.
