@@ -154,14 +154,9 @@ async fn lapsed_leases_requeue_then_fail() {
         "{b:?}"
     );
     assert!(b.finished_at.is_some());
-    let trail: Vec<(BuildStatus, u32, Option<String>)> = b
-        .history
-        .iter()
-        .map(|t| (t.status, t.attempt, t.worker.clone()))
-        .collect();
     use BuildStatus::*;
     assert_eq!(
-        trail,
+        trail(&b),
         vec![
             (Queued, 1, None),
             (Running, 1, Some("w1".into())),

@@ -32,6 +32,13 @@ async fn push(c: &Cluster, sha: &str, delivery: &str) -> u64 {
     v["build"]["id"].as_u64().unwrap()
 }
 
+async fn wait_running(c: &Cluster, id: u64) {
+    c.wait_until("the build runs", Duration::from_secs(10), async |c| {
+        c.build(1, id).await.status == BuildStatus::Running
+    })
+    .await;
+}
+
 async fn wait_done(c: &Cluster, id: u64) -> Build {
     for _ in 0..600 {
         let b = c.build(1, id).await;
@@ -94,25 +101,14 @@ async fn killed_worker_build_is_finished_by_another() {
     let mut first = spawn_worker(&c, "wa");
     let id = push(&c, &sha, "d-slow").await;
     // Wait until the first worker runs it, then SIGKILL the worker mid-build.
-    for _ in 0..100 {
-        let b = c.build(1, id).await;
-        if b.status == BuildStatus::Running {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&c, id).await;
     first.kill().await.unwrap();
     let _second = spawn_worker(&c, "wb");
     let b = wait_done(&c, id).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
-    let trail: Vec<(BuildStatus, u32, Option<String>)> = b
-        .history
-        .iter()
-        .map(|t| (t.status, t.attempt, t.worker.clone()))
-        .collect();
     use BuildStatus::*;
     assert_eq!(
-        trail,
+        trail(&b),
         vec![
             (Queued, 1, None),
             (Running, 1, Some("wa/0".into())),
@@ -214,13 +210,7 @@ async fn cancel_and_timeout_stop_running_builds() {
     add_repo(&c, &work).await;
     let _worker = spawn_worker(&c, "wc");
     let id = push(&c, &slow, "d-cancel").await;
-    for _ in 0..100 {
-        let b = c.build(1, id).await;
-        if b.status == BuildStatus::Running {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&c, id).await;
     let asked = std::time::Instant::now();
     let r = c
         .post(

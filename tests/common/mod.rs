@@ -252,6 +252,14 @@ impl Cluster {
     }
 }
 
+/// A build's history as (status, attempt, worker), for comparing with what is expected.
+pub fn trail(b: &Build) -> Vec<(starling_proto::BuildStatus, u32, Option<String>)> {
+    b.history
+        .iter()
+        .map(|t| (t.status, t.attempt, t.worker.clone()))
+        .collect()
+}
+
 /// Run git in `dir` with a fixed identity; its trimmed standard output.
 pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
