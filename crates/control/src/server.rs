@@ -200,8 +200,28 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     if let Some(url) = cfg.join.clone() {
         tokio::spawn(join_cluster(member.clone(), url));
     }
-    tokio::spawn(reap_leases(member.clone()));
-    tokio::spawn(apply_retention(member.clone()));
+    // The lease reaper (the problem statement's health-check service) and retention.
+    let reaper = LeaseReaper {
+        max_attempts: cfg.max_attempts,
+    };
+    tokio::spawn(housekeeping(
+        member.clone(),
+        Duration::from_millis(250),
+        move |st, now| reaper.due(st, now),
+    ));
+    let keep = cfg.keep_releases;
+    tokio::spawn(housekeeping(
+        member.clone(),
+        Duration::from_secs(5),
+        move |st, now| {
+            let due = st.releases_to_collect(keep);
+            (!due.is_empty()).then_some(Command::CollectReleases {
+                releases: due,
+                keep,
+                at: now,
+            })
+        },
+    ));
     tokio::spawn(collect_chunks(member.clone()));
 
     match serve.await {
@@ -269,54 +289,32 @@ pub async fn admit(member: &Member, req: JoinRequest) -> Result<(), String> {
     Ok(())
 }
 
-/// While leading, expire lapsed leases every quarter of a second.
-async fn reap_leases(member: Arc<Member>) {
-    let reaper = LeaseReaper {
-        max_attempts: member.cfg.max_attempts,
-    };
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+/// While this member leads, every `period` ask `decide` (a pure function of the state and
+/// the time) for a housekeeping command and propose it. Applying such a command re-checks
+/// its premise, so a decision made on a slightly stale view is harmless.
+async fn housekeeping<F>(member: Arc<Member>, period: Duration, decide: F)
+where
+    F: Fn(&crate::state::ControlState, starling_proto::Millis) -> Option<Command>,
+{
+    let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         if !member.raft.is_leader() {
             continue;
         }
-        let due = reaper.due(&member.read(), now_ms());
-        if let Some(cmd) = due {
-            match member.propose(cmd).await {
-                Ok(Outcome::Expired(ids)) if !ids.is_empty() => {
-                    tracing::info!(builds = ?ids, "leases expired")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "lease reaper proposal failed"),
-            }
-        }
-    }
-}
-
-/// While leading, let go of releases beyond the retention limit every few seconds.
-async fn apply_retention(member: Arc<Member>) {
-    let keep = member.cfg.keep_releases;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        if !member.raft.is_leader() {
+        let Some(cmd) = decide(&member.read(), now_ms()) else {
             continue;
-        }
-        let due = member.read().releases_to_collect(keep);
-        if due.is_empty() {
-            continue;
-        }
-        let cmd = Command::CollectReleases {
-            releases: due,
-            keep,
-            at: now_ms(),
         };
+        let name = cmd.name();
         match member.propose(cmd).await {
+            Ok(Outcome::Expired(ids)) if !ids.is_empty() => {
+                tracing::info!(builds = ?ids, "leases expired")
+            }
             Ok(Outcome::Collected(ids)) if !ids.is_empty() => {
                 tracing::info!(releases = ?ids, "releases collected by retention")
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "retention proposal failed"),
+            Err(e) => tracing::debug!(command = name, error = %e, "housekeeping proposal failed"),
         }
     }
 }
