@@ -312,6 +312,7 @@ async fn ship_log(
 ) {
     let mut log: Vec<u8> = Vec::new();
     let mut acked: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut members: Vec<String> = Vec::new();
     let mut open = true;
     while open {
         let tick = tokio::time::sleep(Duration::from_millis(500));
@@ -328,19 +329,29 @@ async fn ship_log(
                 _ = &mut tick => break,
             }
         }
-        let Ok(cluster) = control.cluster().await else {
-            continue;
-        };
-        for m in cluster.members {
-            let from = acked.get(&m.addr).copied().unwrap_or(0);
+        // Membership is asked once, and again only after a member failed to take bytes.
+        if members.is_empty() {
+            if let Ok(cluster) = control.cluster().await {
+                members = cluster.members.into_iter().map(|m| m.addr).collect();
+            }
+        }
+        let mut failed = false;
+        for addr in &members {
+            let from = acked.get(addr).copied().unwrap_or(0);
             if from >= log.len() {
                 continue;
             }
-            let client = control.with_base(&format!("http://{}", m.addr));
+            let client = control.with_base(&format!("http://{addr}"));
             let path = format!("/v1/builds/{build}/logs?offset={from}");
-            if client.put_bytes(&path, log[from..].to_vec()).await.is_ok() {
-                acked.insert(m.addr, log.len());
+            match client.put_bytes(&path, log[from..].to_vec()).await {
+                Ok(_) => {
+                    acked.insert(addr.clone(), log.len());
+                }
+                Err(_) => failed = true,
             }
+        }
+        if failed {
+            members.clear();
         }
     }
 }
