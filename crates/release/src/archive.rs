@@ -6,7 +6,7 @@
 //! absolute target, one that climbs out with `..`, a device or socket) fails the release.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -130,49 +130,238 @@ pub fn check_entry_path(path: &str) -> Result<PathBuf, ReleaseError> {
     Ok(p)
 }
 
-/// Write `entries` of `root` as a deterministic tar stream to `w`.
-pub fn write_tar<W: Write>(root: &Path, entries: &[FileEntry], w: W) -> Result<W, ReleaseError> {
-    let mut b = tar::Builder::new(w);
-    b.follow_symlinks(false);
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mode(e.mode);
-        let path = check_entry_path(&e.path)?;
-        match e.kind {
-            FileKind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                b.append_data(&mut h, &path, io::empty())
-                    .map_err(|err| ReleaseError::io(&path, err))?;
-            }
-            FileKind::Symlink => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                let target = e.target.as_deref().unwrap_or_default();
-                b.append_link(&mut h, &path, target)
-                    .map_err(|err| ReleaseError::io(&path, err))?;
-            }
-            FileKind::File => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(e.size);
-                let full = root.join(&path);
-                let f = fs::File::open(&full).map_err(|err| ReleaseError::io(&full, err))?;
-                // A file that changes size while being packed would make the archive
-                // disagree with the manifest: read exactly the listed size, no more.
-                b.append_data(&mut h, &path, io::Read::take(f, e.size))
-                    .map_err(|err| ReleaseError::io(&full, err))?;
+/// The archive as a plan rather than bytes: the tar headers (and padding) held in memory,
+/// file contents referenced by entry. Since every size is known from the listing, the
+/// byte at any archive offset can be produced without producing what comes before it —
+/// which is what lets [`crate::create_release`] cut the archive into segments and work
+/// on several at once.
+pub struct ArchivePlan {
+    /// Headers, GNU long-name records, padding and the closing zero blocks, in order.
+    meta: Vec<u8>,
+    pieces: Vec<Piece>,
+    len: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    /// Where the piece starts in the archive.
+    offset: u64,
+    len: u64,
+    source: Source,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// `meta[at..at + len]`.
+    Meta { at: usize },
+    /// The contents of `entries[entry]`.
+    File { entry: usize },
+}
+
+impl ArchivePlan {
+    /// Plan the deterministic tar archive of `entries` (as [`list`] returned them): entries
+    /// in order, mtime 0, uid/gid 0, no owner names, permission bits only.
+    pub fn new(entries: &[FileEntry]) -> Result<Self, ReleaseError> {
+        // The tar crate writes the headers (including long-name records); contents are
+        // left out and recorded as pieces instead.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut pieces = Vec::new();
+        let mut offset = 0u64;
+        let mut mark = 0usize;
+        for (i, e) in entries.iter().enumerate() {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mode(e.mode);
+            let path = check_entry_path(&e.path)?;
+            let written = match e.kind {
+                FileKind::Dir => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, &path, io::empty())
+                }
+                FileKind::Symlink => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    let target = e.target.as_deref().unwrap_or_default();
+                    b.append_link(&mut h, &path, target)
+                }
+                FileKind::File => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(e.size);
+                    b.append_data(&mut h, &path, io::empty())
+                }
+            };
+            written.map_err(|err| ReleaseError::io(&path, err))?;
+            if e.kind == FileKind::File && e.size > 0 {
+                let meta = b.get_ref().len();
+                let len = (meta - mark) as u64;
+                pieces.push(Piece {
+                    offset,
+                    len,
+                    source: Source::Meta { at: mark },
+                });
+                offset += len;
+                pieces.push(Piece {
+                    offset,
+                    len: e.size,
+                    source: Source::File { entry: i },
+                });
+                offset += e.size;
+                mark = meta;
+                // Contents are padded to a whole 512-byte block.
+                let pad = (512 - e.size % 512) % 512;
+                b.get_mut().resize(meta + pad as usize, 0);
             }
         }
+        let meta = b.into_inner().map_err(|e| ReleaseError::io(Path::new(""), e))?;
+        let len = (meta.len() - mark) as u64;
+        pieces.push(Piece {
+            offset,
+            len,
+            source: Source::Meta { at: mark },
+        });
+        Ok(ArchivePlan {
+            meta,
+            pieces,
+            len: offset + len,
+        })
     }
-    b.into_inner().map_err(|e| ReleaseError::io(root, e))
+
+    /// Length of the whole archive in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fill `buf` with the archive's bytes from `offset`, reading file contents under
+    /// `root`. A file shorter than listed (changed since [`list`]) is an error; bytes past
+    /// its listed size are never read, so the archive always agrees with the manifest.
+    pub fn read_at(
+        &self,
+        root: &Path,
+        entries: &[FileEntry],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ReleaseError> {
+        let end = offset + buf.len() as u64;
+        if end > self.len {
+            return Err(ReleaseError::Store(format!(
+                "archive read past its end ({end} > {})",
+                self.len
+            )));
+        }
+        let first = self.pieces.partition_point(|p| p.offset + p.len <= offset);
+        for p in &self.pieces[first..] {
+            if p.offset >= end {
+                break;
+            }
+            let from = offset.max(p.offset);
+            let to = end.min(p.offset + p.len);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let skip = from - p.offset;
+            match p.source {
+                Source::Meta { at } => {
+                    let at = at + skip as usize;
+                    dst.copy_from_slice(&self.meta[at..at + dst.len()]);
+                }
+                Source::File { entry } => read_file_at(root, &entries[entry].path, skip, dst)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file_at(root: &Path, path: &str, at: u64, dst: &mut [u8]) -> Result<(), ReleaseError> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let full = root.join(check_entry_path(path)?);
+    // The listing saw a regular file here; refuse a symlink swapped in since.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&full)
+        .map_err(|e| ReleaseError::io(&full, e))?;
+    f.read_exact_at(dst, at).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ReleaseError::Unsafe(format!("{path} shrank while the release was packed"))
+        } else {
+            ReleaseError::io(&full, e)
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// The archive as the tar crate writes it in one pass: what the plan must reproduce.
+    fn reference_tar(root: &Path, entries: &[FileEntry]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mode(e.mode);
+            match e.kind {
+                FileKind::Dir => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, &e.path, io::empty()).unwrap();
+                }
+                FileKind::Symlink => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, &e.path, e.target.as_deref().unwrap())
+                        .unwrap();
+                }
+                FileKind::File => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(e.size);
+                    let f = fs::File::open(root.join(&e.path)).unwrap();
+                    b.append_data(&mut h, &e.path, f).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn plan_reads_back_the_reference_archive_from_any_offset() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let long = "d/".to_string() + &"n".repeat(150);
+        fs::create_dir_all(root.join(&long)).unwrap();
+        fs::write(root.join(&long).join("f"), vec![7u8; 1000]).unwrap();
+        fs::write(root.join("empty"), b"").unwrap();
+        fs::write(root.join("exact"), vec![1u8; 512]).unwrap();
+        fs::write(root.join("odd"), b"abc").unwrap();
+        symlink("odd", root.join("link")).unwrap();
+        let entries = list(root).unwrap();
+        let want = reference_tar(root, &entries);
+        let plan = ArchivePlan::new(&entries).unwrap();
+        assert_eq!(plan.len(), want.len() as u64);
+        let mut whole = vec![0u8; want.len()];
+        plan.read_at(root, &entries, 0, &mut whole).unwrap();
+        assert!(whole == want, "planned archive differs from the tar crate's");
+        for (at, n) in [(0, 1), (511, 2), (700, 3000), (want.len() - 5, 5)] {
+            let mut part = vec![0u8; n];
+            plan.read_at(root, &entries, at as u64, &mut part).unwrap();
+            assert_eq!(part, want[at..at + n], "at {at}");
+        }
+        let mut past = vec![0u8; 2];
+        assert!(plan
+            .read_at(root, &entries, want.len() as u64 - 1, &mut past)
+            .is_err());
+        fs::write(root.join("exact"), b"short").unwrap();
+        let err = plan.read_at(root, &entries, 0, &mut whole).unwrap_err();
+        assert!(err.to_string().contains("exact shrank"), "{err}");
+    }
 
     #[test]
     fn link_checks() {

@@ -1,18 +1,24 @@
 //! Turning a build's output directory into a content-addressed release.
 //!
 //! This crate owns the release format's producer side: listing the directory safely,
-//! packing it into a deterministic archive, cutting the archive into content-defined
-//! chunks (FastCDC) named by their BLAKE3 hash, storing the chunks a [`ChunkStore`] does not
+//! planning it as a deterministic archive, cutting the archive into content-defined
+//! chunks (FastCDC, several segments at once) named by their BLAKE3 hash, storing the chunks a [`ChunkStore`] does not
 //! already hold, and writing the [`Manifest`] whose hash is the release id. It never talks
 //! to the network or the control plane; a caller records the release only after
 //! [`create_release`] has returned, i.e. after every chunk and the manifest are durable.
 
 pub mod archive;
+pub mod cuts;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use archive::ArchivePlan;
+use cuts::CutPlanner;
 
 use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
 
@@ -71,89 +77,71 @@ pub struct ReleaseStats {
     pub new_bytes: u64,
 }
 
+/// Archive bytes one thread chunks at a time. Each thread holds one segment plus `max`
+/// bytes of the next (the last chunk of a segment may run into it); larger segments
+/// re-read that overlap and resync less often, smaller ones spread a small archive wider.
+const SEGMENT: usize = 32 << 20;
+
 /// Pack `dir`, chunk it, store new chunks and the manifest in `store`. Returns the
 /// release id, the manifest and stats.
 ///
-/// Three threads work as a pipeline: one packs the archive into a pipe, this one cuts the
-/// stream into chunks, and one hashes and stores them — so the archive never touches the
-/// disk and packing, chunking and hashing overlap.
+/// The archive is planned, not written: each of up to one thread per CPU takes the next
+/// 32 MiB segment, reads its bytes straight from the files, finds its chunk cuts, waits
+/// for the previous segment to say where its first chunk really starts
+/// ([`cuts::CutPlanner::resync`]), then hashes and stores its chunks from the same
+/// buffer. Cuts, chunks and the release id are exactly those of one sequential pass.
 pub fn create_release(
     dir: &Path,
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
 ) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
     let files = archive::list(dir)?;
-    let (reader, writer) = io::pipe().map_err(|e| ReleaseError::io(dir, e))?;
-    widen_pipe(&writer);
-    let (chunks, stats) = std::thread::scope(|s| {
-        let files = &files;
-        let packer = s.spawn(move || {
-            archive::write_tar(dir, files, io::BufWriter::with_capacity(1 << 20, writer))?
-                .into_inner()
-                .map(drop)
-                .map_err(|e| ReleaseError::io(dir, e.into_error()))
-        });
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
-        let hasher = s.spawn(
-            move || -> Result<(Vec<ChunkRef>, ReleaseStats), ReleaseError> {
-                let mut chunks = Vec::new();
-                let mut stats = ReleaseStats {
-                    archive_bytes: 0,
-                    chunks: 0,
-                    new_chunks: 0,
-                    new_bytes: 0,
-                };
-                for data in rx {
-                    let hash = blake3::hash(&data).to_hex().to_string();
-                    if !store.has_chunk(&hash)? {
-                        store.put_chunk(&hash, &data)?;
-                        stats.new_chunks += 1;
-                        stats.new_bytes += data.len() as u64;
-                    }
-                    stats.archive_bytes += data.len() as u64;
-                    chunks.push(ChunkRef {
-                        hash,
-                        size: data.len() as u32,
-                    });
-                }
-                stats.chunks = chunks.len();
-                Ok((chunks, stats))
-            },
-        );
-        let cdc = fastcdc::v2020::StreamCDC::new(
-            io::BufReader::with_capacity(1 << 20, reader),
-            sizes.min as usize,
-            sizes.avg as usize,
-            sizes.max as usize,
-        );
-        let mut cut = Ok(());
-        for c in cdc {
-            match c {
-                // A closed channel means the hasher failed; its error is reported below.
-                Ok(c) => {
-                    if tx.send(c.data).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    cut = Err(ReleaseError::io(dir, io::Error::other(e.to_string())));
-                    break;
-                }
+    let plan = ArchivePlan::new(&files)?;
+    let job = Job {
+        dir,
+        files: &files,
+        plan: &plan,
+        store,
+        planner: CutPlanner::new(sizes),
+        max: sizes.max as usize,
+        segments: plan.len().div_ceil(SEGMENT as u64) as usize,
+        next: AtomicUsize::new(0),
+        handoffs: Handoffs::new(),
+        done: Mutex::new(BTreeMap::new()),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+        .min(job.segments.max(1));
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).map(|_| s.spawn(|| job.work())).collect();
+        // Every worker's result is taken so that none is left running; the first error
+        // explains the failure (the others stopped because of it).
+        let mut first = Ok(());
+        for w in workers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(ReleaseError::Store("a chunking thread panicked".into())));
+            if first.is_ok() {
+                first = r;
             }
         }
-        drop(tx);
-        // The packer's error (an unsafe entry, a vanished file) explains a short archive
-        // best, so it comes first.
-        let packed = packer
-            .join()
-            .unwrap_or_else(|_| Err(ReleaseError::Unsafe("the packer thread panicked".into())));
-        let hashed = hasher
-            .join()
-            .unwrap_or_else(|_| Err(ReleaseError::Unsafe("the hasher thread panicked".into())));
-        packed?;
-        cut?;
-        hashed
+        first
     })?;
+    let done = job.done.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut stats = ReleaseStats {
+        archive_bytes: plan.len(),
+        chunks: 0,
+        new_chunks: 0,
+        new_bytes: 0,
+    };
+    let mut chunks = Vec::new();
+    for seg in done.into_values() {
+        stats.new_chunks += seg.new_chunks;
+        stats.new_bytes += seg.new_bytes;
+        chunks.extend(seg.chunks);
+    }
+    stats.chunks = chunks.len();
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         archive_size: stats.archive_bytes,
@@ -165,12 +153,139 @@ pub fn create_release(
     Ok((id, manifest, stats))
 }
 
-/// A 64 KiB pipe (Linux's default) makes the packer and the chunker take turns 16 times
-/// per megabyte; 1 MiB lets them overlap. Best effort: a smaller pipe is only slower.
-fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
-    // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe descriptor we own; it reads no memory of ours.
-    unsafe {
-        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+/// One release being chunked: what the segment workers share.
+struct Job<'a> {
+    dir: &'a Path,
+    files: &'a [starling_proto::release::FileEntry],
+    plan: &'a ArchivePlan,
+    store: &'a dyn ChunkStore,
+    planner: CutPlanner,
+    max: usize,
+    segments: usize,
+    /// The next segment nobody has taken.
+    next: AtomicUsize,
+    handoffs: Handoffs,
+    done: Mutex<BTreeMap<usize, SegmentChunks>>,
+}
+
+/// The chunks that start in one segment.
+struct SegmentChunks {
+    chunks: Vec<ChunkRef>,
+    new_chunks: usize,
+    new_bytes: u64,
+}
+
+impl Job<'_> {
+    fn work(&self) -> Result<(), ReleaseError> {
+        // A worker that fails or panics must wake the others waiting on its hand-off.
+        struct FailOnUnwind<'h>(&'h Handoffs);
+        impl Drop for FailOnUnwind<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.fail();
+                }
+            }
+        }
+        let _guard = FailOnUnwind(&self.handoffs);
+        let r = self.work_segments();
+        if r.is_err() {
+            self.handoffs.fail();
+        }
+        r
+    }
+
+    fn work_segments(&self) -> Result<(), ReleaseError> {
+        let total = self.plan.len();
+        let mut buf = vec![0u8; total.min((SEGMENT + self.max) as u64) as usize];
+        loop {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            if k >= self.segments {
+                return Ok(());
+            }
+            let base = k as u64 * SEGMENT as u64;
+            let until = (total - base).min(SEGMENT as u64) as usize;
+            let end = (total - base).min((SEGMENT + self.max) as u64) as usize;
+            let buf = &mut buf[..end];
+            self.plan.read_at(self.dir, self.files, base, buf)?;
+            let speculative = self.planner.chain(buf, 0, until);
+            let Some(from) = self.handoffs.wait(k) else {
+                return Ok(()); // another worker failed; its error is the one reported
+            };
+            let cuts = self
+                .planner
+                .resync(buf, (from - base) as usize, &speculative, until);
+            if let Some(last) = cuts.last() {
+                self.handoffs.publish(k + 1, base + *last as u64);
+            }
+            let mut seg = SegmentChunks {
+                chunks: Vec::with_capacity(cuts.len()),
+                new_chunks: 0,
+                new_bytes: 0,
+            };
+            for w in cuts.windows(2) {
+                let data = &buf[w[0]..w[1]];
+                let hash = blake3::hash(data).to_hex().to_string();
+                if !self.store.has_chunk(&hash)? {
+                    self.store.put_chunk(&hash, data)?;
+                    seg.new_chunks += 1;
+                    seg.new_bytes += data.len() as u64;
+                }
+                seg.chunks.push(ChunkRef {
+                    hash,
+                    size: data.len() as u32,
+                });
+            }
+            self.done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(k, seg);
+        }
+    }
+}
+
+/// Where each segment's first chunk starts, published by the worker of the segment
+/// before it. Segment 0 starts at 0.
+struct Handoffs {
+    state: Mutex<(BTreeMap<usize, u64>, bool)>,
+    changed: Condvar,
+}
+
+impl Handoffs {
+    fn new() -> Self {
+        Handoffs {
+            state: Mutex::new((BTreeMap::from([(0, 0)]), false)),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The archive offset where segment `k`'s first chunk starts, or `None` once a
+    /// worker has failed. A worker only waits for a segment taken before its own, so
+    /// the wait always ends.
+    fn wait(&self, k: usize) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if st.1 {
+                return None;
+            }
+            if let Some(at) = st.0.remove(&k) {
+                return Some(at);
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn publish(&self, k: usize, at: u64) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .insert(k, at);
+        self.changed.notify_all();
+    }
+
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.changed.notify_all();
     }
 }
 
