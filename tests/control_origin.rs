@@ -40,6 +40,30 @@ async fn chunks_and_manifests_are_verified_and_kept() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 
+    // Asked which chunks it lacks, the member names them all; a question too long is refused.
+    let names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
+    let missing = |chunks: Vec<String>| {
+        c.http
+            .post(format!("{url}/v1/chunks/missing"))
+            .json(&serde_json::json!({ "chunks": chunks }))
+            .send()
+    };
+    let r = missing(names.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["chunks"], serde_json::json!(names));
+    let r = missing(vec!["0".repeat(64); 100_001]).await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let r = c
+        .http
+        .post(format!("{url}/v1/chunks/missing"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
     for ch in &manifest.chunks {
         let bytes = local.get_chunk(&ch.hash).unwrap();
         let r = put(format!("/v1/chunks/{}", ch.hash), bytes.clone(), None)
@@ -63,6 +87,13 @@ async fn chunks_and_manifests_are_verified_and_kept() {
             "a chunk already held is not written again"
         );
     }
+    // Now that it holds them, it lacks none; a name that is not a hash is refused.
+    let v: serde_json::Value = missing(names.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(v["chunks"], serde_json::json!([]));
+    let mut asked = names.clone();
+    asked.push("../../etc/passwd".into());
+    assert_eq!(missing(asked).await.unwrap().status().as_u16(), 400);
+
     // Bytes that do not hash to the name, a name that is not a hash, too much data.
     let first = &manifest.chunks[0].hash;
     let r = put(

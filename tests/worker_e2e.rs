@@ -154,6 +154,11 @@ async fn webhook_to_release() {
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
         .await;
     assert_eq!(releases.len(), 1);
+    // The worker's staging copy is gone once the release is published.
+    let staged: Vec<_> = std::fs::read_dir(c.dir.path().join("w1/staging"))
+        .unwrap()
+        .collect();
+    assert!(staged.is_empty(), "left behind: {staged:?}");
 
     // A failing command and a bad spec: failed, with the reason, and no release.
     let failing = commit(

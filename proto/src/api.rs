@@ -195,6 +195,17 @@ pub struct QueueOutcome {
     pub build: Build,
 }
 
+/// `POST /v1/chunks/missing`: which of these chunks does this member's origin store lack?
+/// A worker asks before publishing, so that chunks already held are not sent again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingChunks {
+    pub chunks: Vec<String>,
+}
+
+/// Most chunk names one [`MissingChunks`] question may carry (a 100 GiB release at the
+/// default 1 MiB average).
+pub const MAX_MISSING_QUERY: usize = 100_000;
+
 /// `POST /v1/leases`: a worker asks for work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRequest {

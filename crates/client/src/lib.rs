@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use starling_proto::{
     ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, Event, HeartbeatReply,
-    HeartbeatRequest, Lease, LeaseRequest, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest,
+    HeartbeatRequest, Lease, LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec,
+    TriggerRequest, MAX_MISSING_QUERY,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +195,20 @@ impl ControlClient {
         let url = self.url(path);
         let resp = self.send_raw(self.http.put(&url).body(bytes), &url).await?;
         Ok(resp.status() == reqwest::StatusCode::CREATED)
+    }
+
+    /// Which of `chunks` this member's origin store lacks, asked in batches the member
+    /// accepts.
+    pub async fn missing_chunks(&self, chunks: &[String]) -> Result<Vec<String>, ClientError> {
+        let mut missing = Vec::new();
+        for batch in chunks.chunks(MAX_MISSING_QUERY) {
+            let q = MissingChunks {
+                chunks: batch.to_vec(),
+            };
+            let reply: MissingChunks = self.post("/v1/chunks/missing", &q).await?;
+            missing.extend(reply.chunks);
+        }
+        Ok(missing)
     }
 
     pub async fn put_repo(&self, spec: &RepoSpec) -> Result<Option<Repo>, ClientError> {

@@ -215,7 +215,9 @@ impl ArchivePlan {
                 b.get_mut().resize(meta + pad as usize, 0);
             }
         }
-        let meta = b.into_inner().map_err(|e| ReleaseError::io(Path::new(""), e))?;
+        let meta = b
+            .into_inner()
+            .map_err(|e| ReleaseError::io(Path::new(""), e))?;
         let len = (meta.len() - mark) as u64;
         pieces.push(Piece {
             offset,
@@ -348,7 +350,10 @@ mod tests {
         assert_eq!(plan.len(), want.len() as u64);
         let mut whole = vec![0u8; want.len()];
         plan.read_at(root, &entries, 0, &mut whole).unwrap();
-        assert!(whole == want, "planned archive differs from the tar crate's");
+        assert!(
+            whole == want,
+            "planned archive differs from the tar crate's"
+        );
         for (at, n) in [(0, 1), (511, 2), (700, 3000), (want.len() - 5, 5)] {
             let mut part = vec![0u8; n];
             plan.read_at(root, &entries, at as u64, &mut part).unwrap();

@@ -65,7 +65,13 @@ impl CutPlanner {
     /// The true chain from `from`, given the speculative `chain(buf, 0, until)`: follow
     /// the true cuts until one coincides with a speculative cut, then take the rest of
     /// the speculative chain.
-    pub fn resync(&self, buf: &[u8], from: usize, speculative: &[usize], until: usize) -> Vec<usize> {
+    pub fn resync(
+        &self,
+        buf: &[u8],
+        from: usize,
+        speculative: &[usize],
+        until: usize,
+    ) -> Vec<usize> {
         let mut out = vec![from];
         let mut at = from;
         while at < until && at < buf.len() {
@@ -149,7 +155,11 @@ mod tests {
             (100, 4096),
         ] {
             let data = bytes(len, len as u64);
-            assert_eq!(segmented(&data, segment), reference(&data), "{len}/{segment}");
+            assert_eq!(
+                segmented(&data, segment),
+                reference(&data),
+                "{len}/{segment}"
+            );
         }
     }
 
@@ -160,11 +170,17 @@ mod tests {
         let spec = planner.chain(&data, 0, 600_000);
         // Starting from a true cut inside the chain gives the chain's tail at once.
         let from = spec[5];
-        assert_eq!(planner.resync(&data, from, &spec, 600_000), spec[5..].to_vec());
+        assert_eq!(
+            planner.resync(&data, from, &spec, 600_000),
+            spec[5..].to_vec()
+        );
         // Starting off the chain converges onto it.
         let off = planner.resync(&data, 1234, &spec, 600_000);
         let meet = off.iter().position(|c| spec.contains(c)).unwrap();
-        assert!(off[meet] < 600_000, "never converged before the segment's end");
+        assert!(
+            off[meet] < 600_000,
+            "never converged before the segment's end"
+        );
         assert_eq!(off.last(), spec.last());
     }
 }

@@ -22,7 +22,7 @@ use cuts::CutPlanner;
 
 use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
 
-pub use store::{ChunkStore, FsChunkStore};
+pub use store::{ChunkStore, FsChunkStore, PackStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {

@@ -1,10 +1,12 @@
 //! Where chunks and manifests live: the origin store ("blob storage" in the problem
 //! statement). [`FsChunkStore`] is the embedded default, a directory on a control member's
-//! disk; other stores (S3-compatible) implement the same trait.
+//! disk; other stores (S3-compatible) implement the same trait. [`PackStore`] is a worker's
+//! short-lived staging copy of one build's chunks before they are published.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ReleaseError;
 
@@ -52,6 +54,12 @@ impl FsChunkStore {
             let d = root.join(sub);
             fs::create_dir_all(&d).map_err(|e| ReleaseError::io(&d, e))?;
         }
+        // Temp files left by a process that died mid-write; a store has one owner.
+        if let Ok(stale) = fs::read_dir(root.join("tmp")) {
+            for e in stale.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         Ok(FsChunkStore { root, durable })
     }
 
@@ -69,16 +77,29 @@ impl FsChunkStore {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(|e| ReleaseError::io(dir, e))?;
         }
+        // Unique per write, not just per process: two threads may store the same chunk
+        // at once (a release with two identical files), and must not share a temp file.
+        static WRITES: AtomicU64 = AtomicU64::new(0);
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("x");
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{name}.{}", std::process::id()));
+        let tmp = self.root.join("tmp").join(format!(
+            "{name}.{}.{}",
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut f = fs::File::create(&tmp).map_err(|e| ReleaseError::io(&tmp, e))?;
         f.write_all(bytes)
             .and_then(|_| if self.durable { f.sync_data() } else { Ok(()) })
             .map_err(|e| ReleaseError::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| ReleaseError::io(path, e))
+        fs::rename(&tmp, path).map_err(|e| ReleaseError::io(path, e))?;
+        if self.durable {
+            // The rename is durable only once the directory holding the new name is.
+            if let Some(dir) = path.parent() {
+                fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| ReleaseError::io(dir, e))?;
+            }
+        }
+        Ok(())
     }
 
     fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
@@ -126,6 +147,114 @@ fn remove_if_present(p: &Path) -> Result<(), ReleaseError> {
     }
 }
 
+/// A build's chunks in one file until they are published, with the index in memory.
+///
+/// A worker used to stage chunks as one file each, and creating a thousand files cost more
+/// than chunking and hashing a gigabyte; one pre-opened file written at reserved offsets
+/// costs a copy into the page cache. The pack lives as long as the value: dropping it
+/// removes the file, so a worker's disk holds only the builds in flight.
+pub struct PackStore {
+    path: PathBuf,
+    file: fs::File,
+    index: std::sync::Mutex<PackIndex>,
+}
+
+#[derive(Default)]
+struct PackIndex {
+    end: u64,
+    chunks: std::collections::HashMap<String, (u64, u32)>,
+    manifests: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl PackStore {
+    /// A new, empty pack at `path` (replacing a stale one left by a crash).
+    pub fn create(path: impl Into<PathBuf>) -> Result<Self, ReleaseError> {
+        let path = path.into();
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| ReleaseError::io(dir, e))?;
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| ReleaseError::io(&path, e))?;
+        Ok(PackStore {
+            path,
+            file,
+            index: Default::default(),
+        })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, PackIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for PackStore {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl ChunkStore for PackStore {
+    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError> {
+        Ok(self.index().chunks.contains_key(hash))
+    }
+
+    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
+        use std::os::unix::fs::FileExt;
+        check_name(hash)?;
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| ReleaseError::Store(format!("chunk {hash} is over 4 GiB")))?;
+        let at = {
+            let mut ix = self.index();
+            let at = ix.end;
+            ix.end += u64::from(len);
+            at
+        };
+        self.file
+            .write_all_at(bytes, at)
+            .map_err(|e| ReleaseError::io(&self.path, e))?;
+        // Listed only once written, so a reader never sees the bytes before they are there.
+        self.index().chunks.insert(hash.to_string(), (at, len));
+        Ok(())
+    }
+
+    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
+        use std::os::unix::fs::FileExt;
+        let Some(&(at, len)) = self.index().chunks.get(hash) else {
+            return Err(ReleaseError::io(
+                &self.path,
+                io::Error::new(io::ErrorKind::NotFound, format!("no chunk {hash}")),
+            ));
+        };
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| ReleaseError::io(&self.path, e))?;
+        Ok(buf)
+    }
+
+    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
+        check_name(id)?;
+        self.index()
+            .manifests
+            .insert(id.to_string(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
+        self.index().manifests.get(id).cloned().ok_or_else(|| {
+            ReleaseError::io(
+                &self.path,
+                io::Error::new(io::ErrorKind::NotFound, format!("no manifest {id}")),
+            )
+        })
+    }
+}
+
 /// The chunks a collector may delete: held, referenced by no kept release, and older than
 /// `grace` — a worker may be publishing chunks of a release not recorded yet.
 pub fn garbage(
@@ -145,6 +274,27 @@ pub fn garbage(
 mod tests {
     use super::*;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn pack_round_trips_and_removes_its_file() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("staging/b1.pack");
+        let pack = PackStore::create(&path).unwrap();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        assert!(!pack.has_chunk(&a).unwrap());
+        pack.put_chunk(&a, b"first").unwrap();
+        pack.put_chunk(&b, b"second chunk").unwrap();
+        assert!(pack.has_chunk(&a).unwrap());
+        assert_eq!(pack.get_chunk(&b).unwrap(), b"second chunk");
+        assert_eq!(pack.get_chunk(&a).unwrap(), b"first");
+        assert!(pack.get_chunk(&"c".repeat(64)).is_err());
+        assert!(pack.put_chunk("../x", b"no").is_err());
+        pack.put_manifest(&a, b"m").unwrap();
+        assert_eq!(pack.get_manifest(&a).unwrap(), b"m");
+        assert!(path.exists());
+        drop(pack);
+        assert!(!path.exists(), "a dropped pack leaves its file behind");
+    }
 
     #[test]
     fn garbage_spares_referenced_and_young_chunks() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use starling_client::ControlClient;
 use starling_proto::{Build, BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
-use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
+use starling_release::{create_release, ChunkSizes, ChunkStore, PackStore};
 use tokio::sync::watch;
 
 use crate::runner::{run, RunOutcome, RunRequest};
@@ -29,7 +29,8 @@ struct Shared {
     cfg: WorkerConfig,
     control: ControlClient,
     mirrors: MirrorCache,
-    store: FsChunkStore,
+    /// Where each build's chunks wait in a [`PackStore`] until they are published.
+    staging: PathBuf,
 }
 
 /// Run `cfg.slots` build slots until `stop` turns true; running builds finish first.
@@ -38,10 +39,12 @@ pub async fn run_worker(
     control: ControlClient,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let store = FsChunkStore::staging(cfg.data_dir.join("releases")).map_err(|e| e.to_string())?;
+    // Packs of builds a killed worker left behind: their leases have lapsed or will.
+    let staging = cfg.data_dir.join("staging");
+    let _ = std::fs::remove_dir_all(&staging);
     let shared = Arc::new(Shared {
         mirrors: MirrorCache::new(cfg.data_dir.join("mirrors")),
-        store,
+        staging,
         control,
         cfg,
     });
@@ -236,14 +239,22 @@ async fn execute(
         RunOutcome::Exited { .. } => {}
     }
     let output = src.join(&spec.output);
-    let store = &shared.store;
+    // Dropped (and its file removed) when this build is done, published or not.
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let pack_path = shared
+        .staging
+        .join(format!("{}.pack", name.unwrap_or_else(|| b.id.to_string())));
+    let pack = match PackStore::create(pack_path) {
+        Ok(p) => p,
+        Err(e) => return Finish::failed(format!("staging the release: {e}")),
+    };
     let made =
-        tokio::task::block_in_place(|| create_release(&output, store, ChunkSizes::default()));
+        tokio::task::block_in_place(|| create_release(&output, &pack, ChunkSizes::default()));
     let (id, manifest, _) = match made {
         Ok(m) => m,
         Err(e) => return Finish::failed(format!("making the release: {e}")),
     };
-    if let Err(e) = publish(shared, &id, &manifest).await {
+    if let Err(e) = publish(shared, &pack, &id, &manifest).await {
         return Finish::failed(format!("storing the release in the origin store: {e}"));
     }
     Finish {
@@ -253,9 +264,10 @@ async fn execute(
     }
 }
 
-/// Push every chunk, then the manifest, to each control member; a majority must take it.
+/// Push the chunks each control member lacks, then the manifest; a majority must take it.
 async fn publish(
     shared: &Shared,
+    pack: &PackStore,
     id: &str,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), String> {
@@ -265,7 +277,7 @@ async fn publish(
     let mut last_err = String::new();
     for m in &cluster.members {
         let client = shared.control.with_base(&format!("http://{}", m.addr));
-        match push_to(shared, &client, id, manifest).await {
+        match push_to(pack, &client, id, manifest).await {
             Ok(()) => ok += 1,
             Err(e) => last_err = format!("member {}: {e}", m.id),
         }
@@ -280,18 +292,36 @@ async fn publish(
 }
 
 async fn push_to(
-    shared: &Shared,
+    pack: &PackStore,
     client: &ControlClient,
     id: &str,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), String> {
+    let names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
+    let missing: std::collections::HashSet<String> = client
+        .missing_chunks(&names)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let mut sent = std::collections::HashSet::new();
     for c in &manifest.chunks {
-        let bytes = shared.store.get_chunk(&c.hash).map_err(|e| e.to_string())?;
+        if !missing.contains(&c.hash) || !sent.insert(&c.hash) {
+            continue;
+        }
+        let bytes = pack.get_chunk(&c.hash).map_err(|e| e.to_string())?;
         client
             .put_bytes(&format!("/v1/chunks/{}", c.hash), bytes)
             .await
             .map_err(|e| e.to_string())?;
     }
+    tracing::info!(
+        release = id,
+        chunks = manifest.chunks.len(),
+        sent = sent.len(),
+        member = client.base(),
+        "published"
+    );
     client
         .put_bytes(&format!("/v1/manifests/{id}"), manifest.encode())
         .await

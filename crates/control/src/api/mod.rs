@@ -125,6 +125,11 @@ pub fn router(member: Arc<Member>) -> Router {
             Router::new()
                 .route("/v1/manifests/{id}", get(get_manifest).put(put_manifest))
                 .layer(DefaultBodyLimit::max(MAX_MANIFEST)),
+        )
+        .merge(
+            Router::new()
+                .route("/v1/chunks/missing", post(missing_chunks))
+                .layer(DefaultBodyLimit::max(MAX_MISSING_BODY)),
         );
     let raft = Router::new()
         .route("/raft/append", post(raft_append))

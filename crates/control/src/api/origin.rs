@@ -3,12 +3,15 @@
 //! to it, a manifest must decode and hash to its id — before anything is written.
 
 use starling_proto::release::Manifest;
+use starling_proto::{MissingChunks, MAX_MISSING_QUERY};
 use starling_release::{ChunkStore, ReleaseError};
 
 use super::*;
 
 /// Largest chunk accepted: the FastCDC maximum with room to spare.
 pub(super) const MAX_CHUNK: usize = 8 * 1024 * 1024;
+/// Largest missing-chunks question: its names and their JSON quoting.
+pub(super) const MAX_MISSING_BODY: usize = MAX_MISSING_QUERY * 80;
 /// Largest manifest accepted (a million files is ~100 MiB; far beyond a sane release).
 pub(super) const MAX_MANIFEST: usize = 64 * 1024 * 1024;
 
@@ -61,6 +64,31 @@ pub(super) async fn put_chunk(
         StatusCode::OK
     }
     .into_response())
+}
+
+/// The chunks of `chunks` this member does not hold, in the order asked.
+pub(super) async fn missing_chunks(
+    State(m): Shared,
+    Json(q): Json<MissingChunks>,
+) -> Result<Json<MissingChunks>, ApiErr> {
+    if q.chunks.len() > MAX_MISSING_QUERY {
+        return Err(err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_MISSING_QUERY} chunks per question"),
+        ));
+    }
+    let store = m.origin.clone();
+    let missing = blocking(move || {
+        let mut missing = Vec::new();
+        for c in q.chunks {
+            if !store.has_chunk(&c)? {
+                missing.push(c);
+            }
+        }
+        Ok(missing)
+    })
+    .await?;
+    Ok(Json(MissingChunks { chunks: missing }))
 }
 
 pub(super) async fn get_chunk(
