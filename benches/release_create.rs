@@ -3,6 +3,10 @@
 //! raw single-threaded BLAKE3 hashing throughput of the same bytes, measured in the same
 //! run. Target (issue 3): release creation at least half as fast as raw hashing.
 //!
+//! It also prints what each step costs on one thread, so that a miss can be traced to
+//! the step that causes it, and creation into a worker's pack on disk, on tmpfs and as one
+//! file per chunk, since writing the chunks is the step that depends most on the machine.
+//!
 //! `cargo bench --bench release_create` (env `BENCH_RELEASE_MIB`, default 1024).
 
 use std::fs;
@@ -11,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use starling_release::cuts::CutPlanner;
-use starling_release::{archive, create_release, ChunkSizes, ChunkStore, FsChunkStore};
+use starling_release::{archive, create_release, ChunkSizes, ChunkStore, FsChunkStore, PackStore};
 
 /// Deterministic pseudo-random bytes (xorshift64*), so every run packs the same content.
 struct Rng(u64);
@@ -141,7 +145,7 @@ fn main() {
         t.path().display()
     );
     println!(
-        "chunks:     FastCDC min {} KiB, avg {} KiB, max {} KiB; store: a worker's staging directory (no fsync; the origin store fsyncs on publish)",
+        "chunks:     FastCDC min {} KiB, avg {} KiB, max {} KiB; stores: a worker's build pack, or a directory of chunk files (neither fsyncs; the origin store does, on publish)",
         sizes.min >> 10,
         sizes.avg >> 10,
         sizes.max >> 10
@@ -171,14 +175,25 @@ fn main() {
             std::hint::black_box(blake3::hash(c));
         }
     });
-    let write = median3(|run| {
-        let store = FsChunkStore::staging(t.path().join(format!("w{run}")))
-            .unwrap_or_else(|e| panic!("{e}"));
+    // Stores stay alive until the end, so that removing one is not timed.
+    let mut packs = Vec::new();
+    let pack =
+        |name: String| PackStore::create(t.path().join(name)).unwrap_or_else(|e| panic!("{e}"));
+    let files_store =
+        |name: String| FsChunkStore::staging(t.path().join(name)).unwrap_or_else(|e| panic!("{e}"));
+    let write_all = |store: &dyn ChunkStore| {
         for (i, c) in chunks.iter().enumerate() {
-            let name = format!("{i:064x}");
-            store.put_chunk(&name, c).unwrap_or_else(|e| panic!("{e}"));
+            store
+                .put_chunk(&format!("{i:064x}"), c)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
+    };
+    let write_pack = median3(|run| {
+        let p = pack(format!("wp{run}"));
+        write_all(&p);
+        packs.push(p);
     });
+    let write_files = median3(|run| write_all(&files_store(format!("wf{run}"))));
     let n = archive.len() as u64;
     println!();
     println!(
@@ -188,11 +203,12 @@ fn main() {
     row("read the archive from the files", read, n);
     row("FastCDC cuts", cut, n);
     row("BLAKE3 of every chunk", hash, n);
-    row("write every chunk file", write, n);
-    let sum = read + cut + hash + write;
+    row("write the chunks into a pack", write_pack, n);
+    row("write the chunks as one file each", write_files, n);
+    let sum = read + cut + hash + write_pack;
     println!(
         "{:<40} {:>8} {:>10.0}",
-        format!("bound: {cpus} CPUs, all steps overlapped"),
+        format!("bound: {cpus} CPUs, steps overlapped, pack"),
         "",
         mbs(n, sum / cpus.max(1) as f64)
     );
@@ -203,23 +219,41 @@ fn main() {
     });
     let mut made = None;
     let create = median3(|run| {
-        let store = FsChunkStore::staging(t.path().join(format!("s{run}")))
-            .unwrap_or_else(|e| panic!("{e}"));
-        made = Some(create_release(&out, &store, sizes).unwrap_or_else(|e| panic!("{e}")));
+        let p = pack(format!("p{run}"));
+        made = Some(create_release(&out, &p, sizes).unwrap_or_else(|e| panic!("{e}")));
+        packs.push(p);
     });
     let Some((id, _, stats)) = made else {
         panic!("no release was made")
     };
-    let store = FsChunkStore::staging(t.path().join("s2")).unwrap_or_else(|e| panic!("{e}"));
+    // The same into memory (tmpfs), where the disk's writeback speed does not count.
+    let shm = tempfile::tempdir_in("/dev/shm").ok();
+    let create_shm = shm.as_ref().map(|d| {
+        median3(|run| {
+            let p = PackStore::create(d.path().join(format!("p{run}")))
+                .unwrap_or_else(|e| panic!("{e}"));
+            create_release(&out, &p, sizes).unwrap_or_else(|e| panic!("{e}"));
+            packs.push(p);
+        })
+    });
+    let create_files = median3(|run| {
+        let (made, _, _) = create_release(&out, &files_store(format!("f{run}")), sizes)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(made, id);
+    });
+    let held = files_store("f2".into());
     let recreate = median3(|_| {
-        let (again, _, s) = create_release(&out, &store, sizes).unwrap_or_else(|e| panic!("{e}"));
+        let (again, _, s) = create_release(&out, &held, sizes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((again.as_str(), s.new_chunks), (id.as_str(), 0));
     });
-
     println!();
     println!("{:<40} {:>8} {:>10}", "whole", "seconds", "MiB/s");
     row("raw BLAKE3 of the same bytes (1 thread)", raw, bytes);
-    row("create release (empty store)", create, bytes);
+    row("create release into a pack (worker)", create, bytes);
+    if let Some(secs) = create_shm {
+        row("create release into a pack on tmpfs", secs, bytes);
+    }
+    row("create release, one file per chunk", create_files, bytes);
     row("create again (all chunks stored)", recreate, bytes);
     println!();
     println!(
@@ -228,8 +262,10 @@ fn main() {
         stats.archive_bytes >> 20,
     );
     println!(
-        "ratio create/raw-hash: {:.2} (target >= 0.50); all chunks already stored: {:.2}",
-        mbs(bytes, create) / mbs(bytes, raw),
-        mbs(bytes, recreate) / mbs(bytes, raw)
+        "ratio create/raw-hash: {:.2} (target >= 0.50); on tmpfs: {}; all chunks already stored: {:.2}",
+        raw / create,
+        create_shm.map_or("-".into(), |s| format!("{:.2}", raw / s)),
+        raw / recreate
     );
+    drop(packs);
 }
