@@ -77,6 +77,10 @@ struct ControlArgs {
     /// Origin-store chunks younger than this are never collected.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     collect_grace: std::time::Duration,
+    /// Origin store: `s3://bucket[/prefix]` (built with `--features s3`; credentials and
+    /// endpoint from AWS_* variables). Default: `<data-dir>/origin` on this member.
+    #[arg(long, env = "STARLING_ORIGIN")]
+    origin: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +151,7 @@ async fn run(cli: Cli) -> Result<()> {
                 snapshot_every: a.snapshot_every,
                 keep_releases: a.keep_releases,
                 collect_grace: a.collect_grace,
+                origin: a.origin,
             };
             starling_control::server::run(cfg).await?;
             Ok(())

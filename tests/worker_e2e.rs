@@ -246,15 +246,66 @@ async fn cancel_and_timeout_stop_running_builds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_collects_old_releases_and_their_chunks() {
     let c = Cluster::start(1, &["--keep-releases", "1", "--collect-grace", "3s"]).await;
-    let work = new_repo(&c);
-    add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "wr");
+    two_releases_then_collect(&c).await;
+}
+
+/// The origin store in an S3-compatible bucket shared by two members: a build's chunks
+/// and manifest land in the bucket, both members serve them, and the collector removes
+/// the chunks of a collected release from the bucket.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_origin_holds_and_collects_releases() {
+    let s3 = S3Server::start("starling").await;
+    let args = [
+        "--keep-releases",
+        "1",
+        "--collect-grace",
+        "3s",
+        "--origin",
+        "s3://starling/origin",
+    ];
+    let c = Cluster::start_with(2, &args, &s3.env()).await;
+    let (kept, only_old) = two_releases_then_collect(&c).await;
+    let keys = s3.keys("origin/").await;
+    for ch in &kept.chunks {
+        assert!(
+            keys.contains(&format!("origin/chunks/{}", ch.hash)),
+            "{keys:?}"
+        );
+        let bytes = c
+            .get_bytes(&format!("{}/v1/chunks/{}", c.url(2), ch.hash))
+            .await;
+        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), ch.hash);
+    }
+    for ch in &only_old {
+        assert!(
+            !keys.contains(&format!("origin/chunks/{}", ch.hash)),
+            "{keys:?}"
+        );
+    }
+    let manifests = keys
+        .iter()
+        .filter(|k| k.starts_with("origin/manifests/"))
+        .count();
+    assert_eq!(manifests, 1, "{keys:?}");
+    assert!(!std::fs::exists(c.data_dir(1).join("origin/chunks")).unwrap_or(true));
+}
+
+/// Two builds with `--keep-releases 1`: the older release is let go, its manifest and
+/// the chunks only it used are collected, and the kept release loses nothing. Returns
+/// the kept release's manifest and the collected chunks.
+async fn two_releases_then_collect(
+    c: &Cluster,
+) -> (Manifest, Vec<starling_proto::release::ChunkRef>) {
+    let work = new_repo(c);
+    add_repo(c, &work).await;
+    let _worker = spawn_worker(c, "wr");
     let spec = "[build]\ncommand = \"mkdir -p dist && cp unique.bin dist/\"\noutput = \"dist\"\n";
     let mut releases = Vec::new();
     for (i, seed) in [b'A', b'B'].into_iter().enumerate() {
         std::fs::write(work.join("unique.bin"), vec![seed; 100_000]).unwrap();
         let sha = commit(&work, spec, &format!("r{i}"));
-        let b = wait_done(&c, push(&c, &sha, &format!("d-r{i}")).await).await;
+        let b = wait_done(c, push(c, &sha, &format!("d-r{i}")).await).await;
         assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
         releases.push(b.release.unwrap());
     }
@@ -265,6 +316,7 @@ async fn retention_collects_old_releases_and_their_chunks() {
         .chunks
         .iter()
         .filter(|ch| !new.chunks.contains(ch))
+        .cloned()
         .collect();
     assert!(!only_old.is_empty());
 
@@ -303,6 +355,7 @@ async fn retention_collects_old_releases_and_their_chunks() {
         let r = c.get(&format!("{}/v1/chunks/{}", c.url(1), ch.hash)).await;
         assert_eq!(r.status().as_u16(), 200);
     }
+    (new, only_old)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,17 +25,25 @@ pub struct Cluster {
     pub ports: Vec<u16>,
     pub children: Vec<Option<Child>>,
     pub extra_args: Vec<String>,
+    /// Environment of every member process beyond the token and cluster key.
+    pub extra_env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
 impl Cluster {
     /// Start `n` members: member 1 bootstraps, the others join it.
     pub async fn start(n: usize, extra_args: &[&str]) -> Cluster {
+        Self::start_with(n, extra_args, &[]).await
+    }
+
+    /// [`Cluster::start`], with more environment for the members.
+    pub async fn start_with(n: usize, extra_args: &[&str], env: &[(String, String)]) -> Cluster {
         let mut c = Cluster {
             dir: tempfile::tempdir().expect("tempdir"),
             ports: (0..n).map(|_| free_port()).collect(),
             children: (0..n).map(|_| None).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env.to_vec(),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(60))
@@ -90,6 +98,7 @@ impl Cluster {
             .args(&self.extra_args)
             .env("STARLING_TOKEN", TOKEN)
             .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
@@ -322,4 +331,96 @@ pub fn sha_of(n: u64) -> String {
         n + 1,
         (n as u128 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     )
+}
+
+/// An S3-compatible server on loopback (moto's, `pip install 'moto[server]'`) with one
+/// empty bucket, for the `s3` origin store. Killed when dropped.
+pub struct S3Server {
+    pub url: String,
+    pub bucket: String,
+    _child: Child,
+}
+
+impl S3Server {
+    pub async fn start(bucket: &str) -> S3Server {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 to run moto's S3-compatible server");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if http
+                .put(format!("{url}/{bucket}"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        S3Server {
+            url,
+            bucket: bucket.to_string(),
+            _child: child,
+        }
+    }
+
+    /// What `object_store` reads to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.url.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "starling-test"),
+            ("AWS_SECRET_ACCESS_KEY", "starling-test-secret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Every key in the bucket under `prefix`, read over plain S3 (ListObjectsV2).
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let xml = http
+            .get(format!(
+                "{}/{}?list-type=2&max-keys=10000&prefix={prefix}",
+                self.url, self.bucket
+            ))
+            .send()
+            .await
+            .expect("list the bucket")
+            .text()
+            .await
+            .expect("listing");
+        xml.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, SnapshotPolicy};
 use starling_proto::{Command, JoinRequest, Millis, Outcome};
-use starling_release::FsChunkStore;
+use starling_release::{FsChunkStore, OriginStore};
 use tokio::sync::watch;
 
 use crate::log_store::LogStore;
@@ -42,6 +42,9 @@ pub struct ControlConfig {
     pub keep_releases: usize,
     /// Chunks younger than this are never collected (a release may be mid-publish).
     pub collect_grace: Duration,
+    /// Where the origin store lives: `None` for `<data_dir>/origin` on this member's disk,
+    /// or `s3://bucket[/prefix]` (needs the `s3` feature).
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +66,9 @@ pub struct Member {
     pub state: SharedState,
     pub events: watch::Receiver<u64>,
     pub http: reqwest::Client,
-    /// This member's copy of the origin store (chunks and manifests), under `--data-dir`.
-    pub origin: Arc<FsChunkStore>,
+    /// The origin store (chunks and manifests): this member's copy under `--data-dir`, or
+    /// a bucket the members share.
+    pub origin: Arc<dyn OriginStore>,
 }
 
 pub fn now_ms() -> Millis {
@@ -128,6 +132,8 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             "an API token is required (STARLING_TOKEN or --token)".into(),
         ));
     }
+    // Before anything is written: a bad origin must not leave a half-started member.
+    let origin = open_origin(&cfg)?;
     let files = Files::open(&cfg.data_dir)?;
     let log = LogStore::new(files.log)?;
     let sm = StateMachineStore::open(files.state, files.snapshots)?;
@@ -169,7 +175,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         state,
         events,
         http,
-        origin: Arc::new(FsChunkStore::new(cfg.data_dir.join("origin"))?),
+        origin,
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -319,6 +325,18 @@ where
     }
 }
 
+fn open_origin(cfg: &ControlConfig) -> Result<Arc<dyn OriginStore>, ControlError> {
+    match cfg.origin.as_deref() {
+        None => Ok(Arc::new(FsChunkStore::new(cfg.data_dir.join("origin"))?)),
+        #[cfg(feature = "s3")]
+        Some(url) => Ok(Arc::new(starling_release::S3ChunkStore::open(url)?)),
+        #[cfg(not(feature = "s3"))]
+        Some(url) => Err(ControlError::Config(format!(
+            "origin {url}: this starling was built without the `s3` feature (cargo build --features s3)"
+        ))),
+    }
+}
+
 /// On every member: delete origin-store chunks no kept release references (after a grace
 /// period), and the manifests of collected releases.
 async fn collect_chunks(member: Arc<Member>) {
@@ -344,7 +362,6 @@ async fn collect_chunks(member: Arc<Member>) {
         let grace = member.cfg.collect_grace;
         let res = tokio::task::spawn_blocking(
             move || -> Result<usize, starling_release::ReleaseError> {
-                use starling_release::ChunkStore;
                 let mut referenced = std::collections::HashSet::new();
                 for id in &kept {
                     // A manifest this member never got references nothing here.

@@ -9,6 +9,8 @@
 
 pub mod archive;
 pub mod cuts;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -22,7 +24,9 @@ use cuts::CutPlanner;
 
 use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
 
-pub use store::{ChunkStore, FsChunkStore, PackStore};
+#[cfg(feature = "s3")]
+pub use s3::S3ChunkStore;
+pub use store::{ChunkStore, FsChunkStore, OriginStore, PackStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
@@ -34,8 +38,12 @@ pub enum ReleaseError {
     },
     #[error("unsafe release content: {0}")]
     Unsafe(String),
+    /// A bad name or a request the store refuses: the caller's fault.
     #[error("chunk store: {0}")]
     Store(String),
+    /// The store's backing service failed (an S3 error, say): not the caller's fault.
+    #[error("chunk store backend: {0}")]
+    Backend(String),
 }
 
 impl ReleaseError {

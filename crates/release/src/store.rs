@@ -19,6 +19,15 @@ pub trait ChunkStore: Send + Sync {
     fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError>;
 }
 
+/// What a control member needs beyond [`ChunkStore`]: the collector lists and deletes.
+pub trait OriginStore: ChunkStore {
+    /// Every chunk held, with when it was written.
+    fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError>;
+    /// Deleting what is not there succeeds: members sharing one store collect at once.
+    fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError>;
+    fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError>;
+}
+
 /// Chunks at `chunks/<h[0..2]>/<h>`, manifests at `manifests/<id>`; each written to a
 /// temporary name, fsynced (unless staging) and renamed, so a reader never sees half a chunk.
 pub struct FsChunkStore {
@@ -29,7 +38,7 @@ pub struct FsChunkStore {
 }
 
 /// A name must be 64 lower-case hex digits: it becomes part of a path.
-fn check_name(name: &str) -> Result<(), ReleaseError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ReleaseError> {
     let ok = name.len() == 64 && name.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     if ok {
         Ok(())
@@ -104,38 +113,6 @@ impl FsChunkStore {
 
     fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
         fs::read(path).map_err(|e| ReleaseError::io(path, e))
-    }
-
-    /// Every chunk held, with when it was written.
-    pub fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError> {
-        let mut out = Vec::new();
-        let root = self.root.join("chunks");
-        for dir in fs::read_dir(&root).map_err(|e| ReleaseError::io(&root, e))? {
-            let dir = dir.map_err(|e| ReleaseError::io(&root, e))?.path();
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if check_name(&name).is_err() {
-                    continue;
-                }
-                if let Ok(modified) = e.metadata().and_then(|m| m.modified()) {
-                    out.push((name, modified));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
-        let p = self.chunk_path(hash)?;
-        remove_if_present(&p)
-    }
-
-    pub fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
-        let p = self.manifest_path(id)?;
-        remove_if_present(&p)
     }
 }
 
@@ -339,5 +316,38 @@ impl ChunkStore for FsChunkStore {
 
     fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
         Self::read(&self.manifest_path(id)?)
+    }
+}
+
+impl OriginStore for FsChunkStore {
+    fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError> {
+        let mut out = Vec::new();
+        let root = self.root.join("chunks");
+        for dir in fs::read_dir(&root).map_err(|e| ReleaseError::io(&root, e))? {
+            let dir = dir.map_err(|e| ReleaseError::io(&root, e))?.path();
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if check_name(&name).is_err() {
+                    continue;
+                }
+                if let Ok(modified) = e.metadata().and_then(|m| m.modified()) {
+                    out.push((name, modified));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
+        let p = self.chunk_path(hash)?;
+        remove_if_present(&p)
+    }
+
+    fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
+        let p = self.manifest_path(id)?;
+        remove_if_present(&p)
     }
 }

@@ -4,7 +4,7 @@
 
 use starling_proto::release::Manifest;
 use starling_proto::{MissingChunks, MAX_MISSING_QUERY};
-use starling_release::{ChunkStore, ReleaseError};
+use starling_release::ReleaseError;
 
 use super::*;
 
