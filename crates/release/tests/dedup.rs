@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use starling_release::{create_release, ChunkSizes, FsChunkStore};
+use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
 
 fn fill(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -41,6 +41,19 @@ fn one_changed_file_ships_few_new_chunks() {
     let (id_a, m_a, first) = create_release(&a, &store, ChunkSizes::default()).unwrap();
     let (id_b, m_b, second) = create_release(&b, &store, ChunkSizes::default()).unwrap();
     assert_ne!(id_a, id_b);
+    // Chunked in 32 MiB segments on several threads, the cuts are those of one FastCDC pass
+    // over the whole archive.
+    let archive: Vec<u8> = m_a
+        .chunks
+        .iter()
+        .flat_map(|c| store.get_chunk(&c.hash).unwrap())
+        .collect();
+    assert_eq!(archive.len() as u64, m_a.archive_size);
+    let one_pass: Vec<usize> = fastcdc::v2020::FastCDC::new(&archive, 256 << 10, 1 << 20, 4 << 20)
+        .map(|c| c.length)
+        .collect();
+    let ours: Vec<usize> = m_a.chunks.iter().map(|c| c.size as usize).collect();
+    assert_eq!(ours, one_pass);
     let shared = m_b.chunks.iter().filter(|c| m_a.chunks.contains(c)).count();
     println!(
         "first release: {} chunks, {} MiB; second: {} chunks, {} new, {} new bytes ({:.1}% of {} bytes)",
