@@ -338,6 +338,7 @@ pub fn sha_of(n: u64) -> String {
 pub struct S3Server {
     pub url: String,
     pub bucket: String,
+    http: reqwest::Client,
     _child: Child,
 }
 
@@ -382,6 +383,7 @@ impl S3Server {
         S3Server {
             url,
             bucket: bucket.to_string(),
+            http,
             _child: child,
         }
     }
@@ -402,11 +404,8 @@ impl S3Server {
 
     /// Every key in the bucket under `prefix`, read over plain S3 (ListObjectsV2).
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        let xml = http
+        let xml = self
+            .http
             .get(format!(
                 "{}/{}?list-type=2&max-keys=10000&prefix={prefix}",
                 self.url, self.bucket

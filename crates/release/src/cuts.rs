@@ -53,13 +53,7 @@ impl CutPlanner {
     /// every cut after it, and that last cut. Chunk `i` is `chain[i]..chain[i + 1]`.
     /// `buf` must extend `max` bytes past `until`, or end where the archive ends.
     pub fn chain(&self, buf: &[u8], from: usize, until: usize) -> Vec<usize> {
-        let mut out = vec![from];
-        let mut at = from;
-        while at < until && at < buf.len() {
-            at += self.chunk_len(&buf[at..]).max(1);
-            out.push(at);
-        }
-        out
+        self.resync(buf, from, &[], until)
     }
 
     /// The true chain from `from`, given the speculative `chain(buf, 0, until)`: follow

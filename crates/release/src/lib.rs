@@ -36,6 +36,9 @@ pub enum ReleaseError {
         #[source]
         source: io::Error,
     },
+    /// The store does not hold this chunk or manifest.
+    #[error("{0} is not in the store")]
+    NotFound(String),
     #[error("unsafe release content: {0}")]
     Unsafe(String),
     /// A bad name or a request the store refuses: the caller's fault.
@@ -185,20 +188,19 @@ struct SegmentChunks {
 
 impl Job<'_> {
     fn work(&self) -> Result<(), ReleaseError> {
-        // A worker that fails or panics must wake the others waiting on its hand-off.
-        struct FailOnUnwind<'h>(&'h Handoffs);
-        impl Drop for FailOnUnwind<'_> {
+        // A worker that stops early (an error, a panic) must wake the others waiting on
+        // its hand-off: unless it finished, dropping the guard fails the job.
+        struct Unfinished<'h>(&'h Handoffs, bool);
+        impl Drop for Unfinished<'_> {
             fn drop(&mut self) {
-                if std::thread::panicking() {
+                if self.1 {
                     self.0.fail();
                 }
             }
         }
-        let _guard = FailOnUnwind(&self.handoffs);
+        let mut guard = Unfinished(&self.handoffs, true);
         let r = self.work_segments();
-        if r.is_err() {
-            self.handoffs.fail();
-        }
+        guard.1 = r.is_err();
         r
     }
 

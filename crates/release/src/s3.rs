@@ -10,8 +10,6 @@
 //! client is async: each call runs on the Tokio runtime the store was opened in. Call it
 //! from a blocking context (`spawn_blocking`), never from a runtime worker thread.
 
-use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -74,13 +72,11 @@ impl S3ChunkStore {
         Ok(ObjectPath::from(format!("manifests/{id}")))
     }
 
-    /// Not found becomes the same error a missing file gives, so callers answer 404.
     fn error(&self, at: &ObjectPath, e: object_store::Error) -> ReleaseError {
         match e {
-            object_store::Error::NotFound { .. } => ReleaseError::io(
-                Path::new(at.as_ref()),
-                io::Error::new(io::ErrorKind::NotFound, format!("not in {}", self.url)),
-            ),
+            object_store::Error::NotFound { .. } => {
+                ReleaseError::NotFound(format!("{}/{at}", self.url))
+            }
             other => ReleaseError::Backend(format!("{}/{at}: {other}", self.url)),
         }
     }

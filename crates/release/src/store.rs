@@ -112,7 +112,10 @@ impl FsChunkStore {
     }
 
     fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
-        fs::read(path).map_err(|e| ReleaseError::io(path, e))
+        fs::read(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ReleaseError::NotFound(path.display().to_string()),
+            _ => ReleaseError::io(path, e),
+        })
     }
 }
 
@@ -202,10 +205,7 @@ impl ChunkStore for PackStore {
     fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
         use std::os::unix::fs::FileExt;
         let Some(&(at, len)) = self.index().chunks.get(hash) else {
-            return Err(ReleaseError::io(
-                &self.path,
-                io::Error::new(io::ErrorKind::NotFound, format!("no chunk {hash}")),
-            ));
+            return Err(ReleaseError::NotFound(format!("chunk {hash}")));
         };
         let mut buf = vec![0u8; len as usize];
         self.file
@@ -223,12 +223,8 @@ impl ChunkStore for PackStore {
     }
 
     fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
-        self.index().manifests.get(id).cloned().ok_or_else(|| {
-            ReleaseError::io(
-                &self.path,
-                io::Error::new(io::ErrorKind::NotFound, format!("no manifest {id}")),
-            )
-        })
+        let manifest = self.index().manifests.get(id).cloned();
+        manifest.ok_or_else(|| ReleaseError::NotFound(format!("manifest {id}")))
     }
 }
 

@@ -123,12 +123,10 @@ async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
             }
         })
     };
-    let dir = shared
-        .cfg
-        .data_dir
-        .join("builds")
-        .join(format!("{}-{}", build.id, lease.attempt));
-    let finish = execute(shared, &lease.build, &dir, cancel_rx).await;
+    let name = format!("{}-{}", build.id, lease.attempt);
+    let dir = shared.cfg.data_dir.join("builds").join(&name);
+    let pack = shared.staging.join(format!("{name}.pack"));
+    let finish = execute(shared, &lease.build, &dir, &pack, cancel_rx).await;
     beat.abort();
     let _ = std::fs::remove_dir_all(&dir);
     tracing::info!(status = %finish.status, release = ?finish.release, "build finished");
@@ -159,6 +157,7 @@ async fn execute(
     shared: &Shared,
     b: &Build,
     dir: &std::path::Path,
+    pack: &std::path::Path,
     cancel: watch::Receiver<bool>,
 ) -> Finish {
     let repos = match shared.control.repos().await {
@@ -240,11 +239,7 @@ async fn execute(
     }
     let output = src.join(&spec.output);
     // Dropped (and its file removed) when this build is done, published or not.
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-    let pack_path = shared
-        .staging
-        .join(format!("{}.pack", name.unwrap_or_else(|| b.id.to_string())));
-    let pack = match PackStore::create(pack_path) {
+    let pack = match PackStore::create(pack) {
         Ok(p) => p,
         Err(e) => return Finish::failed(format!("staging the release: {e}")),
     };
@@ -297,28 +292,25 @@ async fn push_to(
     id: &str,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), String> {
-    let names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
-    let missing: std::collections::HashSet<String> = client
+    // Each distinct chunk once, even if the release repeats it.
+    let mut names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let missing = client
         .missing_chunks(&names)
         .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .collect();
-    let mut sent = std::collections::HashSet::new();
-    for c in &manifest.chunks {
-        if !missing.contains(&c.hash) || !sent.insert(&c.hash) {
-            continue;
-        }
-        let bytes = pack.get_chunk(&c.hash).map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?;
+    for hash in &missing {
+        let bytes = pack.get_chunk(hash).map_err(|e| e.to_string())?;
         client
-            .put_bytes(&format!("/v1/chunks/{}", c.hash), bytes)
+            .put_bytes(&format!("/v1/chunks/{hash}"), bytes)
             .await
             .map_err(|e| e.to_string())?;
     }
     tracing::info!(
         release = id,
-        chunks = manifest.chunks.len(),
-        sent = sent.len(),
+        chunks = names.len(),
+        sent = missing.len(),
         member = client.base(),
         "published"
     );

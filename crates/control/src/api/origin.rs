@@ -18,7 +18,7 @@ pub(super) const MAX_MANIFEST: usize = 64 * 1024 * 1024;
 fn store_err(e: ReleaseError) -> ApiErr {
     match e {
         ReleaseError::Store(m) => err(StatusCode::BAD_REQUEST, m),
-        ReleaseError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        ReleaseError::NotFound(_) => {
             err(StatusCode::NOT_FOUND, "not in this member's origin store")
         }
         other => err(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
@@ -96,12 +96,15 @@ pub(super) async fn get_chunk(
     Path(hash): Path<String>,
 ) -> Result<Response, ApiErr> {
     let store = m.origin.clone();
-    let bytes = blocking(move || store.get_chunk(&hash)).await?;
-    Ok((
+    blocking(move || store.get_chunk(&hash)).await.map(octets)
+}
+
+fn octets(bytes: Vec<u8>) -> Response {
+    (
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         bytes,
     )
-        .into_response())
+        .into_response()
 }
 
 #[tracing::instrument(skip_all, fields(release = %id))]
@@ -139,10 +142,5 @@ pub(super) async fn get_manifest(
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
     let store = m.origin.clone();
-    let bytes = blocking(move || store.get_manifest(&id)).await?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        bytes,
-    )
-        .into_response())
+    blocking(move || store.get_manifest(&id)).await.map(octets)
 }
