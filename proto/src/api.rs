@@ -222,6 +222,10 @@ pub struct Lease {
     pub attempt: u32,
     pub lease_expires_at: Millis,
     pub lease_ttl_ms: u64,
+    /// The repository's URL as registered, credentials included: only token holders get
+    /// leases, and the API shows it everywhere else redacted.
+    #[serde(default)]
+    pub url: String,
 }
 
 /// `POST /v1/builds/{id}/heartbeat`.

@@ -10,10 +10,13 @@
 pub mod api;
 pub mod command;
 mod duration;
+pub mod names;
+pub mod redact;
 
 pub use api::*;
 pub use command::*;
 pub use duration::parse_duration;
+pub use names::{commit_id, repo_name, NameError};
 
 /// Milliseconds since the Unix epoch. Every timestamp in Starling is one of these,
 /// chosen by the Raft leader when it proposes a command so that applying the log is

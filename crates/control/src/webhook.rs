@@ -59,9 +59,36 @@ pub fn verify_gitlab_token(secret: &str, header: Option<&str>) -> Result<(), Web
     Ok(())
 }
 
-/// The repository a payload names: GitHub's `repository.full_name`, GitLab's
-/// `project.path_with_namespace`.
-pub fn payload_repo_name(body: &[u8]) -> Result<String, WebhookError> {
+/// The JSON document of a delivery. GitHub sends `application/json`, or by default for a
+/// new webhook `application/x-www-form-urlencoded` with the JSON in a `payload` field; the
+/// signature covers the raw body either way, so it is checked against `body`, not this.
+pub fn payload_json<'a>(
+    content_type: Option<&str>,
+    body: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, WebhookError> {
+    let mime = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|c| c.trim().to_ascii_lowercase());
+    match mime.as_deref() {
+        None | Some("application/json") => Ok(std::borrow::Cow::Borrowed(body)),
+        Some("application/x-www-form-urlencoded") => form_urlencoded::parse(body)
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| std::borrow::Cow::Owned(v.into_owned().into_bytes()))
+            .ok_or_else(|| {
+                WebhookError::Malformed(
+                    "a form-encoded delivery without a `payload` field; set the webhook's content type to application/json".into(),
+                )
+            }),
+        Some(other) => Err(WebhookError::Malformed(format!(
+            "content type {other} is not understood; set the webhook's content type to application/json"
+        ))),
+    }
+}
+
+/// The repository a payload names, in canonical form: GitLab's
+/// `project.path_with_namespace`, else GitHub's `repository.full_name`. (GitLab's payloads
+/// carry a `repository` object too, without `full_name`.)
+pub fn payload_repo_name(json: &[u8]) -> Result<String, WebhookError> {
     #[derive(Deserialize)]
     struct Named {
         repository: Option<FullName>,
@@ -69,18 +96,29 @@ pub fn payload_repo_name(body: &[u8]) -> Result<String, WebhookError> {
     }
     #[derive(Deserialize)]
     struct FullName {
-        full_name: String,
+        full_name: Option<String>,
     }
     #[derive(Deserialize)]
     struct PathWithNamespace {
-        path_with_namespace: String,
+        path_with_namespace: Option<String>,
     }
-    let n: Named =
-        serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
-    n.repository
-        .map(|r| r.full_name)
-        .or(n.project.map(|p| p.path_with_namespace))
-        .ok_or_else(|| WebhookError::Malformed("payload names no repository".into()))
+    let n: Named = serde_json::from_slice(json).map_err(malformed)?;
+    let name = n
+        .project
+        .and_then(|p| p.path_with_namespace)
+        .or(n.repository.and_then(|r| r.full_name))
+        .ok_or_else(|| {
+            WebhookError::Malformed(
+                "payload names no repository (no project.path_with_namespace or repository.full_name); add ?repo=NAME to the webhook URL".into(),
+            )
+        })?;
+    starling_proto::repo_name(&name).map_err(|e| WebhookError::Malformed(e.to_string()))
+}
+
+fn malformed(e: serde_json::Error) -> WebhookError {
+    WebhookError::Malformed(format!(
+        "{e} (Starling reads JSON, or a form with a JSON `payload` field)"
+    ))
 }
 
 #[derive(Deserialize)]
@@ -94,17 +132,16 @@ struct PushPayload {
 
 const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 
-/// Decide a GitHub delivery of `event` (the `X-GitHub-Event` header).
+/// Decide a GitHub delivery of `event` (the `X-GitHub-Event` header) from its JSON.
 pub fn github_decision(
     event: &str,
-    body: &[u8],
+    json: &[u8],
     branch: &str,
 ) -> Result<PushDecision, WebhookError> {
     match event {
         "ping" => Ok(PushDecision::Ping),
         "push" => {
-            let p: PushPayload =
-                serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+            let p: PushPayload = serde_json::from_slice(json).map_err(malformed)?;
             // GitHub sends `head_commit: null` on deletions; `deleted` and the zero sha say
             // the same, and either is enough.
             push_decision(&p, p.deleted, branch)
@@ -115,16 +152,15 @@ pub fn github_decision(
     }
 }
 
-/// Decide a GitLab delivery of `event` (the `X-Gitlab-Event` header).
+/// Decide a GitLab delivery of `event` (the `X-Gitlab-Event` header) from its JSON.
 pub fn gitlab_decision(
     event: &str,
-    body: &[u8],
+    json: &[u8],
     branch: &str,
 ) -> Result<PushDecision, WebhookError> {
     match event {
         "Push Hook" => {
-            let p: PushPayload =
-                serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+            let p: PushPayload = serde_json::from_slice(json).map_err(malformed)?;
             push_decision(&p, false, branch)
         }
         other => Ok(PushDecision::Ignore(format!(
@@ -152,17 +188,9 @@ fn push_decision(
             "push to {pushed}, not the default branch {branch}"
         )));
     }
-    let sha_ok =
-        (7..=64).contains(&p.after.len()) && p.after.bytes().all(|c| c.is_ascii_hexdigit());
-    if !sha_ok {
-        return Err(WebhookError::Malformed(format!(
-            "bad commit id {:?}",
-            p.after
-        )));
-    }
-    Ok(PushDecision::Build {
-        sha: p.after.to_ascii_lowercase(),
-    })
+    let sha =
+        starling_proto::commit_id(&p.after).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+    Ok(PushDecision::Build { sha })
 }
 
 /// HMAC-SHA256 signature header value GitHub would send; used by tests and the demo.
@@ -244,5 +272,67 @@ mod tests {
             payload_repo_name(&push("refs/heads/main", SHA)),
             Ok("acme/web".into())
         );
+    }
+
+    // The forges' documented payloads, whole (tests/fixtures).
+    const GITHUB_PUSH: &[u8] = include_bytes!("../tests/fixtures/github_push.json");
+    const GITHUB_PING: &[u8] = include_bytes!("../tests/fixtures/github_ping.json");
+    const GITLAB_PUSH: &[u8] = include_bytes!("../tests/fixtures/gitlab_push_hook.json");
+    const GITLAB_TAG: &[u8] = include_bytes!("../tests/fixtures/gitlab_tag_push_hook.json");
+
+    #[test]
+    fn documented_github_payloads() {
+        assert_eq!(
+            payload_repo_name(GITHUB_PUSH),
+            Ok("octocat/hello-world".into())
+        );
+        assert_eq!(
+            github_decision("push", GITHUB_PUSH, "main"),
+            Ok(PushDecision::Build {
+                sha: "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c".into()
+            })
+        );
+        assert_eq!(
+            payload_repo_name(GITHUB_PING),
+            Ok("octocat/hello-world".into())
+        );
+        assert_eq!(
+            github_decision("ping", GITHUB_PING, "main"),
+            Ok(PushDecision::Ping)
+        );
+    }
+
+    #[test]
+    fn documented_gitlab_payloads() {
+        assert_eq!(payload_repo_name(GITLAB_PUSH), Ok("mike/diaspora".into()));
+        assert_eq!(
+            gitlab_decision("Push Hook", GITLAB_PUSH, "master"),
+            Ok(PushDecision::Build {
+                sha: "da1560886d4f094c3e6c9ef40349f7d38b5d27d7".into()
+            })
+        );
+        assert_eq!(payload_repo_name(GITLAB_TAG), Ok("jsmith/example".into()));
+        assert!(matches!(
+            gitlab_decision("Tag Push Hook", GITLAB_TAG, "master"),
+            Ok(PushDecision::Ignore(_))
+        ));
+    }
+
+    #[test]
+    fn form_encoded_deliveries() {
+        let form: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("payload", std::str::from_utf8(GITHUB_PUSH).unwrap())
+            .finish();
+        let json =
+            payload_json(Some("application/x-www-form-urlencoded"), form.as_bytes()).unwrap();
+        assert_eq!(&*json, GITHUB_PUSH);
+        assert_eq!(
+            &*payload_json(Some("application/json; charset=utf-8"), b"{}").unwrap(),
+            b"{}"
+        );
+        assert_eq!(&*payload_json(None, b"{}").unwrap(), b"{}");
+        let e = payload_json(Some("text/xml"), b"<x/>").unwrap_err();
+        assert!(e.to_string().contains("application/json"), "{e}");
+        assert!(payload_json(Some("application/x-www-form-urlencoded"), b"a=b").is_err());
     }
 }

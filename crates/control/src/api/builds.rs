@@ -7,21 +7,29 @@ pub(super) async fn list_repos(
     Query(o): Query<ReadOpts>,
 ) -> Result<Response, ApiErr> {
     linearize(&m, &o).await?;
-    Ok(Json(m.read().list_repos()).into_response())
+    let mut repos = m.read().list_repos();
+    for r in &mut repos {
+        r.url = starling_proto::redact::url(&r.url);
+    }
+    Ok(Json(repos).into_response())
 }
 
 pub(super) async fn put_repo(
     State(m): Shared,
     headers: HeaderMap,
-    Json(spec): Json<RepoSpec>,
+    Json(mut spec): Json<RepoSpec>,
 ) -> Result<Response, ApiErr> {
     require_token(&m, &headers)?;
+    spec.name = repo_name(&spec.name).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     crate::state::validate_repo_spec(&spec).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     let name = spec.name.clone();
     match m.propose(Command::PutRepo { spec, at: now_ms() }).await? {
         Outcome::Rejected(r) => Err(r.into()),
         _ => {
-            let repo = m.read().repo(&name).map(|r| r.repo.clone());
+            let mut repo = m.read().repo(&name).map(|r| r.repo.clone());
+            if let Some(r) = &mut repo {
+                r.url = starling_proto::redact::url(&r.url);
+            }
             Ok((StatusCode::CREATED, Json(repo)).into_response())
         }
     }
@@ -51,10 +59,11 @@ pub(super) async fn list_builds(
         .transpose()
         .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     linearize(&m, &ReadOpts { stale: q.stale }).await?;
+    // Names and commit ids are stored in lowercase (see `starling_proto::names`).
     let query = BuildQuery {
-        repo: q.repo,
+        repo: q.repo.map(|r| r.to_ascii_lowercase()),
         status,
-        sha: q.sha,
+        sha: q.sha.map(|s| s.to_ascii_lowercase()),
         since: q.since,
         until: q.until,
         limit: q.limit,
@@ -170,29 +179,46 @@ pub(super) async fn trigger(
     Json(req): Json<TriggerRequest>,
 ) -> Result<Response, ApiErr> {
     require_token(&m, &headers)?;
+    let name = repo_name(&req.repo).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let repo = m
         .read()
-        .repo(&req.repo)
+        .repo(&name)
         .map(|r| r.repo.clone())
-        .ok_or_else(|| {
-            err(
-                StatusCode::NOT_FOUND,
-                format!("unknown repository {}", req.repo),
-            )
-        })?;
-    let sha = match req.sha {
-        Some(s) => s,
-        None => branch_head(&repo.url, &repo.branch).await?,
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown repository {name}")))?;
+    // A full commit id as it is; anything else (a branch, a tag, HEAD) is resolved against
+    // the remote now, so that only real commit ids are ever queued.
+    let sha = match req.sha.as_deref().map(commit_id) {
+        Some(Ok(sha)) => sha,
+        Some(Err(_)) => resolve_ref(&repo.url, req.sha.as_deref().unwrap_or_default()).await?,
+        None => resolve_ref(&repo.url, &format!("refs/heads/{}", repo.branch)).await?,
     };
     queue(&m, repo.name, sha, "manual", None, req.force).await
 }
 
-/// The commit `branch` points at in `url`, asked of the real remote with `git ls-remote`.
-pub(super) async fn branch_head(url: &str, branch: &str) -> Result<String, ApiErr> {
+/// The commit `name` (a branch, a tag, `HEAD` or a full ref) points at in `url`, asked of
+/// the real remote with `git ls-remote`.
+pub(super) async fn resolve_ref(url: &str, name: &str) -> Result<String, ApiErr> {
+    let shown = starling_proto::redact::url(url);
+    if name.is_empty() || name.starts_with('-') || name.len() > 250 {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("bad branch or tag name {name:?}"),
+        ));
+    }
+    let candidates = [
+        name.to_string(),
+        format!("refs/heads/{name}"),
+        format!("refs/tags/{name}"),
+    ];
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::process::Command::new("git")
-            .args(["ls-remote", "--", url, &format!("refs/heads/{branch}")])
+            .args(["ls-remote", "--", url])
+            .args(
+                candidates
+                    .iter()
+                    .flat_map(|c| [c.clone(), format!("{c}^{{}}")]),
+            )
             .env("GIT_TERMINAL_PROMPT", "0")
             .output(),
     )
@@ -208,19 +234,28 @@ pub(super) async fn branch_head(url: &str, branch: &str) -> Result<String, ApiEr
         return Err(err(
             StatusCode::BAD_GATEWAY,
             format!(
-                "git ls-remote {url}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                "git ls-remote {shown}: {}",
+                starling_proto::redact::text(String::from_utf8_lossy(&out.stderr).trim())
             ),
         ));
     }
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .map(str::to_string)
-        .ok_or_else(|| {
-            err(
-                StatusCode::NOT_FOUND,
-                format!("branch {branch} not found in {url}"),
-            )
-        })
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let refs: Vec<(&str, &str)> = listing.lines().filter_map(|l| l.split_once('\t')).collect();
+    // Exact name first, then a branch, then a tag (its peeled commit if annotated).
+    for want in &candidates {
+        let peeled = format!("{want}^{{}}");
+        let hit = refs
+            .iter()
+            .find(|(_, r)| *r == peeled)
+            .or_else(|| refs.iter().find(|(_, r)| r == want));
+        if let Some((sha, _)) = hit {
+            return commit_id(sha).map_err(|e| err(StatusCode::BAD_GATEWAY, e.to_string()));
+        }
+    }
+    Err(err(
+        StatusCode::NOT_FOUND,
+        format!(
+            "{name:?} is neither a commit id (40 or 64 hex digits) nor a branch or tag of {shown}"
+        ),
+    ))
 }

@@ -63,9 +63,10 @@ pub(super) async fn hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
+    let json = webhook::payload_json(header(&headers, "content-type"), &body)?;
     let name = match q.repo {
-        Some(r) => r,
-        None => webhook::payload_repo_name(&body)?,
+        Some(r) => repo_name(&r).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?,
+        None => webhook::payload_repo_name(&json)?,
     };
     tracing::Span::current().record("repo", name.as_str());
     let repo = m
@@ -82,14 +83,14 @@ pub(super) async fn hook(
             )?;
             let event = header(&headers, "x-github-event")
                 .ok_or_else(|| err(StatusCode::BAD_REQUEST, "missing X-GitHub-Event"))?;
-            let d = webhook::github_decision(event, &body, &repo.repo.branch)?;
+            let d = webhook::github_decision(event, &json, &repo.repo.branch)?;
             (d, header(&headers, "x-github-delivery"), "github")
         }
         Forge::GitLab => {
             webhook::verify_gitlab_token(&repo.webhook_secret, header(&headers, "x-gitlab-token"))?;
             let event = header(&headers, "x-gitlab-event")
                 .ok_or_else(|| err(StatusCode::BAD_REQUEST, "missing X-Gitlab-Event"))?;
-            let d = webhook::gitlab_decision(event, &body, &repo.repo.branch)?;
+            let d = webhook::gitlab_decision(event, &json, &repo.repo.branch)?;
             let delivery =
                 header(&headers, "x-gitlab-event-uuid").or(header(&headers, "idempotency-key"));
             (d, delivery, "gitlab")

@@ -30,7 +30,9 @@ pub(super) async fn lease(
                 at: now_ms(),
             };
             if let Outcome::Leased(b) = m.propose(cmd).await? {
+                let url = m.read().repo(&b.repo).map(|r| r.repo.url.clone());
                 let lease = Lease {
+                    url: url.unwrap_or_default(),
                     attempt: b.attempt,
                     lease_expires_at: b.lease_expires_at.unwrap_or_default(),
                     lease_ttl_ms: ttl_ms,

@@ -25,9 +25,9 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{ChangeMembers, ReadPolicy};
 use serde::Deserialize;
 use starling_proto::{
-    parse_duration, ApiError, BuildStatus, ClusterStatus, Command, CompleteRequest, HeartbeatReply,
-    HeartbeatRequest, JoinRequest, Lease, LeaseRequest, Member as MemberInfo, Outcome,
-    QueueOutcome, Rejection, RepoSpec, TriggerRequest,
+    commit_id, parse_duration, repo_name, ApiError, BuildStatus, ClusterStatus, Command,
+    CompleteRequest, HeartbeatReply, HeartbeatRequest, JoinRequest, Lease, LeaseRequest,
+    Member as MemberInfo, Outcome, QueueOutcome, Rejection, RepoSpec, TriggerRequest,
 };
 use subtle::ConstantTimeEq;
 
