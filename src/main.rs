@@ -23,6 +23,14 @@ struct Cli {
     /// Bearer token for mutating calls (servers: the token they accept).
     #[arg(long, global = true, env = "STARLING_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from this file instead (it must not be readable by group or others).
+    #[arg(
+        long,
+        global = true,
+        env = "STARLING_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -81,6 +89,12 @@ struct ControlArgs {
     /// endpoint from AWS_* variables). Default: `<data-dir>/origin` on this member.
     #[arg(long, env = "STARLING_ORIGIN")]
     origin: Option<String>,
+    /// A token that may read build logs and release contents, and nothing else.
+    #[arg(long, env = "STARLING_READ_TOKEN", hide_env_values = true)]
+    read_token: Option<String>,
+    /// Serve build logs and release contents without a token.
+    #[arg(long)]
+    public_read: bool,
 }
 
 #[derive(clap::Args)]
@@ -93,6 +107,56 @@ struct WorkerArgs {
     /// Name in leases and history (default: host name and process id).
     #[arg(long)]
     name: Option<String>,
+    /// The unprivileged user builds run as when the worker runs as root: a user name or
+    /// UID:GID.
+    #[arg(long, default_value = "nobody")]
+    build_user: String,
+}
+
+/// A user name, or `UID:GID`, as the ids builds run under.
+fn resolve_user(spec: &str) -> Result<(u32, u32)> {
+    if let Some((u, g)) = spec.split_once(':') {
+        return Ok((
+            u.parse().context("build user id")?,
+            g.parse().context("build group id")?,
+        ));
+    }
+    let name = std::ffi::CString::new(spec).context("build user name")?;
+    // SAFETY: getpwnam(3) takes a NUL-terminated name and returns NULL or a pointer to a
+    // static record that we read at once, before any other call could overwrite it.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        bail!("no user {spec:?} for builds (--build-user NAME or UID:GID)");
+    }
+    // SAFETY: non-null, so it points to a valid passwd record (see above).
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    if uid == 0 {
+        bail!("builds must not run as root (--build-user {spec})");
+    }
+    Ok((uid, gid))
+}
+
+/// The token from `--token-file`, which must be private to its owner, else `--token` or
+/// STARLING_TOKEN.
+fn token(cli: &Cli) -> Result<Option<String>> {
+    let Some(path) = &cli.token_file else {
+        return Ok(cli.token.clone());
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("token file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "token file {} is readable by others; chmod 600 it",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("token file {}", path.display()))?;
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(Some(t.to_string()))
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -129,14 +193,14 @@ async fn run(cli: Cli) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let token = token(&cli)?;
     match cli.cmd {
         Cmd::Control(a) => {
             if !a.bootstrap && a.join.is_none() && !a.data_dir.join("log.redb").exists() {
                 bail!("a new member needs --bootstrap or --join URL");
             }
-            let token = cli
-                .token
-                .context("an API token is required: set STARLING_TOKEN or --token")?;
+            let token = token
+                .context("an API token is required: STARLING_TOKEN, --token or --token-file")?;
             let cfg = starling_control::server::ControlConfig {
                 id: a.id,
                 listen: a.listen,
@@ -145,6 +209,8 @@ async fn run(cli: Cli) -> Result<()> {
                 bootstrap: a.bootstrap,
                 join: a.join,
                 api_token: token,
+                read_token: a.read_token.filter(|t| !t.is_empty()),
+                public_read: a.public_read,
                 cluster_key: a.cluster_key,
                 lease_ttl: a.lease_ttl,
                 max_attempts: a.max_attempts,
@@ -157,7 +223,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Worker(a) => {
-            let client = starling_client::ControlClient::new(&cli.control, cli.token);
+            let client = starling_client::ControlClient::new(&cli.control, token);
             let name = a.name.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
@@ -166,6 +232,7 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 data_dir: a.data_dir,
                 slots: a.slots,
+                build_user: resolve_user(&a.build_user)?,
             };
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
@@ -184,7 +251,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Client(c) => {
-            let client = starling_client::ControlClient::new(&cli.control, cli.token);
+            let client = starling_client::ControlClient::new(&cli.control, token);
             client_cmd::run(&client, c, cli.json).await
         }
     }

@@ -45,9 +45,18 @@ async fn chunks_and_manifests_are_verified_and_kept() {
     let missing = |chunks: Vec<String>| {
         c.http
             .post(format!("{url}/v1/chunks/missing"))
+            .bearer_auth(TOKEN)
             .json(&serde_json::json!({ "chunks": chunks }))
             .send()
     };
+    let r = c
+        .http
+        .post(format!("{url}/v1/chunks/missing"))
+        .json(&serde_json::json!({ "chunks": names }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "asked without a token");
     let r = missing(names.clone()).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
@@ -57,6 +66,7 @@ async fn chunks_and_manifests_are_verified_and_kept() {
     let r = c
         .http
         .post(format!("{url}/v1/chunks/missing"))
+        .bearer_auth(TOKEN)
         .body("{not json")
         .header("content-type", "application/json")
         .send()
@@ -153,4 +163,58 @@ async fn chunks_and_manifests_are_verified_and_kept() {
     }
     let missing = c.get(&format!("{url}/v1/chunks/{}", "a".repeat(64))).await;
     assert_eq!(missing.status().as_u16(), 404);
+    // Release contents are private: no token, no bytes.
+    let anon = c.get_anon(&format!("{url}/v1/manifests/{id}")).await;
+    assert_eq!(anon.status().as_u16(), 401);
+    let anon = c
+        .get_anon(&format!("{url}/v1/chunks/{}", manifest.chunks[0].hash))
+        .await;
+    assert_eq!(anon.status().as_u16(), 401);
+}
+
+/// A read token reads logs and release contents and writes nothing; `--public-read` opens
+/// the reads to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_token_and_public_read() {
+    const READ: &str = "read-only-token-0123";
+    for public in [false, true] {
+        let mut args = vec!["--read-token", READ];
+        if public {
+            args.push("--public-read");
+        }
+        let c = Cluster::start(1, &args).await;
+        let url = c.url(1);
+        let chunk = vec![42u8; 1000];
+        let hash = blake3::hash(&chunk).to_hex().to_string();
+        let r = c
+            .http
+            .put(format!("{url}/v1/chunks/{hash}"))
+            .bearer_auth(READ)
+            .body(chunk.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "a read token wrote a chunk");
+        let r = c
+            .http
+            .put(format!("{url}/v1/chunks/{hash}"))
+            .bearer_auth(TOKEN)
+            .body(chunk.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let r = c
+            .http
+            .get(format!("{url}/v1/chunks/{hash}"))
+            .bearer_auth(READ)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let r = c.get_anon(&format!("{url}/v1/chunks/{hash}")).await;
+        assert_eq!(r.status().as_u16(), if public { 200 } else { 401 });
+        let r = c.get_anon(&format!("{url}/v1/builds/1/logs")).await;
+        assert_eq!(r.status().as_u16(), if public { 404 } else { 401 });
+    }
 }

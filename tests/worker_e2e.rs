@@ -52,6 +52,12 @@ async fn wait_done(c: &Cluster, id: u64) -> Build {
 }
 
 fn spawn_worker(c: &Cluster, name: &str) -> tokio::process::Child {
+    spawn_worker_with(c, name, &[])
+}
+
+/// A worker whose data directory is given relative to its working directory, as in the
+/// README.
+fn spawn_worker_with(c: &Cluster, name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
     let log = std::fs::File::create(c.dir.path().join(format!("{name}.log"))).unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
         .args([
@@ -61,9 +67,11 @@ fn spawn_worker(c: &Cluster, name: &str) -> tokio::process::Child {
             "--name",
             name,
             "--data-dir",
+            name,
         ])
-        .arg(c.dir.path().join(name))
+        .current_dir(c.dir.path())
         .env("STARLING_TOKEN", TOKEN)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -168,10 +176,18 @@ async fn webhook_to_release() {
     );
     let b = wait_done(&c, push(&c, &failing, "d-fail").await).await;
     assert_eq!(b.status, BuildStatus::Failed);
-    let reason = b.reason.unwrap_or_default();
+    let reason = b.reason.clone().unwrap_or_default();
+    assert!(reason.contains("exit code 7"), "{reason}");
+    // The output is in the (private) log, not in the public reason.
+    let log = c
+        .get(&format!("{}/v1/builds/{}/logs", c.url(1), b.id))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(
-        reason.contains("exit code 7") && reason.contains("compiling"),
-        "{reason}"
+        log.contains("compiling") && !reason.contains("compiling"),
+        "{log}"
     );
     assert!(b.release.is_none());
 
@@ -197,6 +213,26 @@ async fn webhook_to_release() {
     let b = wait_done(&c, push(&c, &evil, "d-evil").await).await;
     assert_eq!(b.status, BuildStatus::Failed);
     assert!(b.reason.unwrap_or_default().contains("absolute path"));
+    // An output path that leads out of the checkout through a link is refused.
+    for (i, (cmd, output)) in [("ln -s / root", "root/etc"), ("ln -s /etc dist", "dist/.")]
+        .into_iter()
+        .enumerate()
+    {
+        let escape = commit(
+            &work,
+            &format!("[build]\ncommand = \"{cmd}\"\noutput = \"{output}\"\n"),
+            &format!("escape {i}"),
+        );
+        let b = wait_done(&c, push(&c, &escape, &format!("d-escape-{i}")).await).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{cmd}: {b:?}");
+        assert!(
+            b.reason
+                .clone()
+                .unwrap_or_default()
+                .contains("outside the checkout"),
+            "{b:?}"
+        );
+    }
     let releases: Vec<serde_json::Value> = c
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
         .await;
@@ -392,19 +428,134 @@ async fn logs_stream_while_running_and_are_capped() {
     assert!(text.contains("log cap of 1 MiB reached"), "no cap note");
     assert!(text.len() <= 1024 * 1024 + 100);
 
-    // The CLI prints the same bytes.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args([
-            "--control",
-            &c.url(1),
-            "builds",
-            "logs",
-            &id.to_string(),
-            "--follow",
-        ])
-        .output()
+    // The CLI prints the same bytes, with the token from a private file; a token file
+    // others can read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let token_file = c.dir.path().join("cli.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let cli = |mode: u32| {
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(mode)).unwrap();
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["--control", &c.url(1), "--token-file"])
+            .arg(&token_file)
+            .args(["builds", "logs", &id.to_string(), "--follow"])
+            .env_remove("STARLING_TOKEN")
+            .output()
+    };
+    let out = cli(0o600).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    let out = cli(0o644).await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
+
+/// A build is untrusted code. The probe looks for the worker's token everywhere a build
+/// could: its parent's environment, every process's environment, the worker's data
+/// directory. It finds none, and still gets a real git working tree of its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_find_no_secret_and_a_real_working_tree() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: builds run as another user only when the worker is root");
+        return;
+    }
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let probe = [
+        "mkdir -p dist",
+        "echo head=$(git rev-parse HEAD) describe=$(git describe --always)",
+        "echo id=$(id -u)",
+        "cat /proc/$PPID/environ",
+        "ps axe",
+        "cat /proc/*/environ",
+        "ls -la ../../.. ../../../mirrors ../../../staging",
+        "cat ../../../secret.txt",
+        "grep -r test-token ../../..",
+        "echo probe-done",
+    ]
+    .join("\n");
+    std::fs::write(work.join("probe.sh"), probe).unwrap();
+    let sha = commit(
+        &work,
+        "[build]\ncommand = \"sh probe.sh 2>&1 | tee dist.txt; mkdir -p dist; mv dist.txt dist/probe.txt\"\noutput = \"dist\"\n",
+        "probe",
+    );
+    add_repo(&c, &work).await;
+    // A secret in the worker's data directory, as a token file might be.
+    let data = c.dir.path().join("wp");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("secret.txt"), TOKEN).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        data.join("secret.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    // One runtime thread: release creation must not need a multi-thread runtime.
+    let _worker = spawn_worker_with(&c, "wp", &[("STARLING_RUNTIME_THREADS", "1")]);
+    let id = push(&c, &sha, "d-probe").await;
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    let log = c
+        .get(&format!("{}/v1/builds/{id}/logs", c.url(1)))
+        .await
+        .text()
         .await
         .unwrap();
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    assert!(log.contains("probe-done"), "{log}");
+    assert!(!log.contains(TOKEN), "the build found the token:\n{log}");
+    assert!(
+        log.contains(&format!("head={sha} describe={}", &sha[..7])),
+        "{log}"
+    );
+    assert!(!log.contains("id=0"), "the build ran as root:\n{log}");
+    // Nor is it anywhere in the release.
+    let release = b.release.unwrap();
+    let m = Manifest::decode(
+        &c.get_bytes(&format!("{}/v1/manifests/{release}", c.url(1)))
+            .await,
+    )
+    .unwrap();
+    for ch in &m.chunks {
+        let bytes = c
+            .get_bytes(&format!("{}/v1/chunks/{}", c.url(1), ch.hash))
+            .await;
+        assert!(!String::from_utf8_lossy(&bytes).contains(TOKEN));
+    }
+}
+
+/// Output of multi-byte characters, then a failure: the build fails with its reason and
+/// the worker's only slot goes on to the next build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multibyte_output_does_not_kill_a_slot() {
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    // `a€` 3,000 times: 12 KB of output in which most byte offsets fall inside a character.
+    std::fs::write(
+        work.join("euro.sh"),
+        "for i in $(seq 1 3000); do printf 'a\\342\\202\\254'; done\nexit 3\n",
+    )
+    .unwrap();
+    let euro = commit(
+        &work,
+        "[build]\ncommand = \"sh euro.sh\"\noutput = \"dist\"\n",
+        "euros",
+    );
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "wm");
+    let b = wait_done(&c, push(&c, &euro, "d-euro").await).await;
+    assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+    assert!(b.reason.unwrap_or_default().contains("exit code 3"));
+    let fine = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist && echo ok > dist/ok\"\noutput = \"dist\"\n",
+        "fine",
+    );
+    let b = wait_done(&c, push(&c, &fine, "d-fine").await).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
 }

@@ -13,6 +13,15 @@ pub const TOKEN: &str = "test-token-0123456789";
 pub const CLUSTER_KEY: &str = "test-cluster-key-0123456789";
 pub const SECRET: &str = "webhook-secret";
 
+/// A temporary directory others may pass through (not list), as a worker's data directory
+/// must be when its builds run as another user.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    d
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -39,7 +48,7 @@ impl Cluster {
     /// [`Cluster::start`], with more environment for the members.
     pub async fn start_with(n: usize, extra_args: &[&str], env: &[(String, String)]) -> Cluster {
         let mut c = Cluster {
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir: shared_tempdir(),
             ports: (0..n).map(|_| free_port()).collect(),
             children: (0..n).map(|_| None).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -195,7 +204,18 @@ impl Cluster {
             .expect("request")
     }
 
+    /// GET with the API token (logs, manifests and chunks need one).
     pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.http
+            .get(url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    /// GET without any token.
+    pub async fn get_anon(&self, url: &str) -> reqwest::Response {
         self.http.get(url).send().await.expect("GET")
     }
 

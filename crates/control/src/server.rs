@@ -32,6 +32,10 @@ pub struct ControlConfig {
     pub join: Option<String>,
     /// Bearer token for mutating API calls.
     pub api_token: String,
+    /// A second token that may only read build logs and release contents.
+    pub read_token: Option<String>,
+    /// Serve build logs and release contents to anyone (`--public-read`).
+    pub public_read: bool,
     /// Shared secret of the members' Raft RPC.
     pub cluster_key: String,
     pub lease_ttl: Duration,

@@ -1,6 +1,11 @@
-//! Getting the commit to build, with the system `git`: one bare mirror per repository on
-//! each worker, a fetch of just the wanted commit when the mirror lacks it, and a fresh
-//! checkout per build (`git archive`, so the build never sees a `.git` it could dirty).
+//! Getting the commit to build, with the system `git`: one bare mirror per repository URL
+//! on each worker (named by a hash of the URL, so two names can never share one), a fetch
+//! of just the wanted commit and the tags when the mirror lacks it, and for each build a
+//! fresh git working tree of exactly that commit — so that `git rev-parse HEAD` and
+//! `git describe` work in build scripts. The working tree is a new repository that fetched
+//! the commit's history from the mirror: it shares no file with the mirror (the build may
+//! run as another user, who must not be able to read other builds' sources or alter the
+//! mirror) and has no remote, so no URL or credential is in its `.git`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +16,7 @@ use tokio::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("commit {sha} does not exist in {url}")]
+    #[error("commit {sha} does not exist in {}", starling_proto::redact::url(url))]
     NoSuchCommit { sha: String, url: String },
     #[error("bad {what} {value:?}")]
     Invalid { what: &'static str, value: String },
@@ -36,30 +41,25 @@ impl MirrorCache {
         }
     }
 
-    /// Put the tree of `sha` of `url` into `dest` (which must not exist yet).
-    pub async fn checkout(
-        &self,
-        repo: &str,
-        url: &str,
-        sha: &str,
-        dest: &Path,
-    ) -> Result<(), SourceError> {
-        if sha.len() < 7 || sha.len() > 64 || !sha.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(SourceError::Invalid {
-                what: "commit id",
-                value: sha.into(),
-            });
-        }
+    /// Make `dest` (which must not exist yet) a git working tree of commit `sha` of `url`,
+    /// with `HEAD` detached at it and the repository's tags.
+    pub async fn checkout(&self, url: &str, sha: &str, dest: &Path) -> Result<(), SourceError> {
+        let sha = starling_proto::commit_id(sha).map_err(|_| SourceError::Invalid {
+            what: "commit id",
+            value: sha.into(),
+        })?;
+        let sha = sha.as_str();
         if url.is_empty() || url.starts_with('-') {
             return Err(SourceError::Invalid {
                 what: "repository url",
                 value: url.into(),
             });
         }
-        let mirror = self.root.join(format!("{}.git", repo.replace('/', "__")));
+        let key = blake3::hash(url.as_bytes()).to_hex();
+        let mirror = self.root.join(format!("{}.git", &key[..32]));
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(repo.to_string()).or_default().clone()
+            locks.entry(key.to_string()).or_default().clone()
         };
         {
             let _held = lock.lock().await;
@@ -69,10 +69,12 @@ impl MirrorCache {
             }
             if !has_commit(&mirror, sha).await {
                 let m = path_str(&mirror)?;
-                // Just the wanted commit; servers that refuse fetching by id get the branches.
-                if fetch(&self.root, m, url, sha).await.is_err() || !has_commit(&mirror, sha).await
+                // The wanted commit and the tags (for `git describe`); servers that refuse
+                // fetching by id get the branches.
+                if fetch(&self.root, m, url, &[sha, TAGS]).await.is_err()
+                    || !has_commit(&mirror, sha).await
                 {
-                    let _ = fetch(&self.root, m, url, "+refs/heads/*:refs/heads/*").await;
+                    let _ = fetch(&self.root, m, url, &["+refs/heads/*:refs/heads/*", TAGS]).await;
                 }
                 if !has_commit(&mirror, sha).await {
                     return Err(SourceError::NoSuchCommit {
@@ -83,14 +85,26 @@ impl MirrorCache {
             }
         }
         std::fs::create_dir_all(dest)?;
+        let d = path_str(dest)?;
         let m = path_str(&mirror)?;
-        let tarball = git(
-            &self.root,
-            &["--git-dir", m, "archive", "--format=tar", sha],
+        git(dest, &["init", "-q", d]).await?;
+        // `--no-local` semantics come free with `fetch`: objects are copied, not linked.
+        git(
+            dest,
+            &[
+                "-C",
+                d,
+                "fetch",
+                "-q",
+                "--no-tags",
+                "--end-of-options",
+                m,
+                sha,
+                TAGS,
+            ],
         )
         .await?;
-        // tar refuses entries that would land outside `dest`.
-        tar::Archive::new(tarball.as_slice()).unpack(dest)?;
+        git(dest, &["-C", d, "checkout", "-q", "--detach", sha]).await?;
         Ok(())
     }
 }
@@ -122,8 +136,16 @@ async fn has_commit(mirror: &Path, sha: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn fetch(cwd: &Path, mirror: &str, url: &str, refspec: &str) -> Result<Vec<u8>, SourceError> {
-    let args = [
+/// Every tag, kept up to date (a moved tag is moved here too).
+const TAGS: &str = "+refs/tags/*:refs/tags/*";
+
+async fn fetch(
+    cwd: &Path,
+    mirror: &str,
+    url: &str,
+    refspecs: &[&str],
+) -> Result<Vec<u8>, SourceError> {
+    let mut args = vec![
         "--git-dir",
         mirror,
         "fetch",
@@ -131,8 +153,8 @@ async fn fetch(cwd: &Path, mirror: &str, url: &str, refspec: &str) -> Result<Vec
         "-q",
         "--end-of-options",
         url,
-        refspec,
     ];
+    args.extend_from_slice(refspecs);
     git(cwd, &args).await
 }
 
@@ -148,9 +170,10 @@ async fn git(cwd: &Path, args: &[&str]) -> Result<Vec<u8>, SourceError> {
     if out.status.success() {
         Ok(out.stdout)
     } else {
+        // git repeats the URL it was given, credentials and all.
         Err(SourceError::Git {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            args: starling_proto::redact::text(&args.join(" ")),
+            stderr: starling_proto::redact::text(String::from_utf8_lossy(&out.stderr).trim()),
         })
     }
 }
@@ -188,13 +211,14 @@ mod tests {
         let second = sh_git(&work, &["rev-parse", "HEAD"]);
         let url = format!("file://{}", work.display());
 
+        sh_git(&work, &["tag", "-a", "v1", "-m", "v1", &first]);
         let cache = MirrorCache::new(t.path().join("mirrors"));
         cache
-            .checkout("acme/web", &url, &second, &t.path().join("b2"))
+            .checkout(&url, &second, &t.path().join("b2"))
             .await
             .unwrap();
         cache
-            .checkout("acme/web", &url, &first, &t.path().join("b1"))
+            .checkout(&url, &first, &t.path().join("b1"))
             .await
             .unwrap();
         assert_eq!(
@@ -205,17 +229,60 @@ mod tests {
             std::fs::read_to_string(t.path().join("b1/a.txt")).unwrap(),
             "one"
         );
-        assert!(!t.path().join("b1/.git").exists());
+        // Real working trees: HEAD is the commit, describe finds the tag.
+        assert_eq!(sh_git(&t.path().join("b2"), &["rev-parse", "HEAD"]), second);
+        assert_eq!(sh_git(&t.path().join("b1"), &["describe", "--tags"]), "v1");
+        assert!(sh_git(&t.path().join("b2"), &["describe", "--tags"]).starts_with("v1-1-g"));
+        // No remote, so no URL, in the build's repository.
+        assert_eq!(sh_git(&t.path().join("b2"), &["remote"]), "");
 
         let missing = "0123456789abcdef0123456789abcdef01234567";
         let err = cache
-            .checkout("acme/web", &url, missing, &t.path().join("b3"))
+            .checkout(&url, missing, &t.path().join("b3"))
             .await
             .unwrap_err();
         assert!(matches!(err, SourceError::NoSuchCommit { .. }), "{err}");
         assert!(cache
-            .checkout("acme/web", "--upload-pack=x", &first, &t.path().join("b4"))
+            .checkout("--upload-pack=x", &first, &t.path().join("b4"))
             .await
             .is_err());
+        for bad in ["main", "abc1234", &first.to_uppercase()[..39]] {
+            assert!(cache
+                .checkout(&url, bad, &t.path().join("b5"))
+                .await
+                .is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn mirrors_are_per_url_not_per_name() {
+        // `col/a` and `col__a` once shared a mirror; now two URLs never do.
+        let t = tempfile::tempdir().unwrap();
+        let mut shas = Vec::new();
+        for name in ["one", "two"] {
+            let work = t.path().join(name);
+            std::fs::create_dir_all(&work).unwrap();
+            sh_git(&work, &["init", "-q", "-b", "main"]);
+            std::fs::write(work.join("who"), name).unwrap();
+            sh_git(&work, &["add", "."]);
+            sh_git(&work, &["commit", "-q", "-m", name]);
+            shas.push(sh_git(&work, &["rev-parse", "HEAD"]));
+        }
+        let cache = MirrorCache::new(t.path().join("mirrors"));
+        let url = |n: &str| format!("file://{}", t.path().join(n).display());
+        cache
+            .checkout(&url("one"), &shas[0], &t.path().join("c1"))
+            .await
+            .unwrap();
+        // The commit of `one` is not in `two`'s mirror, however the repositories are named.
+        let err = cache
+            .checkout(&url("two"), &shas[0], &t.path().join("c2"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::NoSuchCommit { .. }), "{err}");
+        assert_eq!(
+            std::fs::read_dir(t.path().join("mirrors")).unwrap().count(),
+            2
+        );
     }
 }

@@ -2,16 +2,19 @@
 //! build, turn its output into a release, push the release's chunks and manifest to a
 //! majority of the control members' origin stores, and report the result.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use starling_client::ControlClient;
-use starling_proto::{Build, BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
+use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
+use starling_client::{ClientError, ControlClient};
+use starling_proto::{BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
 use starling_release::{create_release, ChunkSizes, ChunkStore, PackStore};
 use tokio::sync::watch;
 
-use crate::runner::{run, RunOutcome, RunRequest};
+use crate::runner::{run, Isolation, RunOutcome, RunRequest};
 use crate::source::{MirrorCache, SourceError};
 use crate::spec::{self, SPEC_FILE};
 
@@ -20,10 +23,9 @@ pub struct WorkerConfig {
     pub name: String,
     pub data_dir: PathBuf,
     pub slots: usize,
+    /// The uid and gid builds run as when the worker is root (default: `nobody`).
+    pub build_user: (u32, u32),
 }
-
-/// Bytes of build output kept with a failed build's reason.
-const TAIL_IN_REASON: usize = 2048;
 
 struct Shared {
     cfg: WorkerConfig,
@@ -31,22 +33,34 @@ struct Shared {
     mirrors: MirrorCache,
     /// Where each build's chunks wait in a [`PackStore`] until they are published.
     staging: PathBuf,
+    isolation: Isolation,
 }
 
 /// Run `cfg.slots` build slots until `stop` turns true; running builds finish first.
 pub async fn run_worker(
-    cfg: WorkerConfig,
+    mut cfg: WorkerConfig,
     control: ControlClient,
     stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    // Packs of builds a killed worker left behind: their leases have lapsed or will.
+    // git and the builds run in other directories: every path must be absolute.
+    cfg.data_dir = std::path::absolute(&cfg.data_dir)
+        .map_err(|e| format!("data directory {}: {e}", cfg.data_dir.display()))?;
+    let isolation = Isolation::detect(cfg.build_user);
+    prepare_data_dir(&cfg.data_dir, isolation)
+        .map_err(|e| format!("preparing data directory {}: {e}", cfg.data_dir.display()))?;
+    match isolation {
+        Isolation::ProcessGroup => tracing::warn!(
+            "builds run in a process group only: this kernel allows no namespaces to this user, so a build can read what the worker's user can read and a setsid process can outlive it; run the worker as root to isolate builds"
+        ),
+        _ => tracing::info!(%isolation, "builds are isolated"),
+    }
     let staging = cfg.data_dir.join("staging");
-    let _ = std::fs::remove_dir_all(&staging);
     let shared = Arc::new(Shared {
         mirrors: MirrorCache::new(cfg.data_dir.join("mirrors")),
         staging,
         control,
         cfg,
+        isolation,
     });
     let mut slots = Vec::new();
     for slot in 0..shared.cfg.slots.max(1) {
@@ -55,8 +69,57 @@ pub async fn run_worker(
             async move { slot_loop(shared, slot, stop).await },
         ));
     }
+    let mut lost = 0;
     for s in slots {
-        let _ = s.await;
+        if let Err(e) = s.await {
+            tracing::error!(error = %e, "a build slot ended abnormally");
+            lost += 1;
+        }
+    }
+    if lost > 0 {
+        return Err(format!("{lost} build slots ended abnormally"));
+    }
+    Ok(())
+}
+
+/// The data directory's layout and modes. Builds may run as another user: they can pass
+/// through the data directory to their own build directory but list nothing, and the
+/// mirrors (other repositories' sources) and staging stay the worker's alone.
+fn prepare_data_dir(dir: &Path, isolation: Isolation) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // Packs and build directories a killed worker left behind: their leases have lapsed.
+    for leftover in ["staging", "builds"] {
+        match std::fs::remove_dir_all(dir.join(leftover)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    if isolation.build_user().is_some() {
+        // The build user must be able to reach its build directory by its path.
+        for a in dir.ancestors().skip(1) {
+            use std::os::unix::fs::MetadataExt;
+            if a.metadata().is_ok_and(|m| m.mode() & 0o001 == 0) {
+                return Err(std::io::Error::other(format!(
+                    "builds run as another user, who cannot pass through {} (chmod o+x it, or choose another --data-dir)",
+                    a.display()
+                )));
+            }
+        }
+    }
+    let traverse = if isolation.build_user().is_some() {
+        0o711
+    } else {
+        0o700
+    };
+    for (sub, mode) in [
+        ("", traverse),
+        ("builds", traverse),
+        ("mirrors", 0o700),
+        ("staging", 0o700),
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
@@ -65,7 +128,27 @@ async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>
     let worker = format!("{}/{slot}", shared.cfg.name);
     while !*stop.borrow() {
         match shared.control.lease(&worker, Duration::from_secs(20)).await {
-            Ok(Some(lease)) => build_one(&shared, &worker, lease).await,
+            Ok(Some(lease)) => {
+                // A bug in a build's handling must not take the slot with it: the build
+                // fails with what happened, and the slot takes the next one.
+                let ran = std::panic::AssertUnwindSafe(build_one(&shared, &worker, lease.clone()))
+                    .catch_unwind()
+                    .await;
+                if let Err(panic) = ran {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    tracing::error!(
+                        build = lease.build.id,
+                        panic = what,
+                        "build slot panicked; the slot goes on"
+                    );
+                    let finish = Finish::failed(format!("worker error: {what}"));
+                    complete(&shared, &worker, &lease, finish, &AtomicBool::new(false)).await;
+                }
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(%worker, error = %e, "lease failed; retrying");
@@ -92,13 +175,41 @@ impl Finish {
     }
 }
 
+/// Why a build stopped before it ended by its own doing.
+enum Abandon {
+    /// The lease went to someone else (it lapsed while the control plane was unreachable):
+    /// the build is theirs now, or back in the queue.
+    LeaseLost,
+}
+
+/// Retries for talking to the control plane: exponential from 200 ms to 5 s, with jitter,
+/// for as long as the caller's condition holds.
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Errors worth retrying: the control plane was unreachable, busy or mid-election.
+/// 507 (an origin store over its quota) is final.
+fn transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { .. } | ClientError::Decode { .. } => true,
+        ClientError::Api { status, .. } => *status >= 500 && *status != 507,
+    }
+}
+
 #[tracing::instrument(skip_all, fields(build = lease.build.id, repo = %lease.build.repo, sha = %lease.build.sha, attempt = lease.attempt))]
 async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
     let build = lease.build.clone();
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    let lost = Arc::new(AtomicBool::new(false));
     // Heartbeats well inside the lease; a cancel or a lost lease stops the run.
     let beat = {
         let control = shared.control.clone();
+        let lost = lost.clone();
         let req = HeartbeatRequest {
             worker: worker.to_string(),
             attempt: lease.attempt,
@@ -113,8 +224,9 @@ async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
                         let _ = cancel_tx.send(true);
                     }
                     Ok(_) => {}
-                    Err(starling_client::ClientError::Api { status: 409, .. }) => {
+                    Err(ClientError::Api { status: 409, .. }) => {
                         tracing::warn!("lease lost; stopping the build");
+                        lost.store(true, Ordering::SeqCst);
                         let _ = cancel_tx.send(true);
                         return;
                     }
@@ -126,67 +238,75 @@ async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
     let name = format!("{}-{}", build.id, lease.attempt);
     let dir = shared.cfg.data_dir.join("builds").join(&name);
     let pack = shared.staging.join(format!("{name}.pack"));
-    let finish = execute(shared, &lease.build, &dir, &pack, cancel_rx).await;
-    beat.abort();
+    let finish = execute(shared, &lease, &dir, &pack, cancel_rx, &lost).await;
     let _ = std::fs::remove_dir_all(&dir);
-    tracing::info!(status = %finish.status, release = ?finish.release, "build finished");
+    match finish {
+        Ok(finish) => {
+            tracing::info!(status = %finish.status, release = ?finish.release, "build finished");
+            complete(shared, worker, &lease, finish, &lost).await;
+        }
+        Err(Abandon::LeaseLost) => tracing::warn!("build abandoned: its lease was lost"),
+    }
+    beat.abort();
+}
+
+/// Report the end of a build, retrying while the control plane is unreachable and the
+/// lease holds; a refusal (the lease was lost) is final.
+async fn complete(shared: &Shared, worker: &str, lease: &Lease, finish: Finish, lost: &AtomicBool) {
     let req = CompleteRequest {
         worker: worker.to_string(),
         attempt: lease.attempt,
         status: finish.status,
         release: finish.release,
-        reason: finish.reason,
+        reason: finish.reason.map(|r| starling_proto::redact::text(&r)),
     };
-    // Retry a completion the control plane did not hear; a refusal (lease lost) is final.
-    for _ in 0..10 {
-        match shared.control.complete(lease.build.id, &req).await {
-            Ok(_) => return,
-            Err(starling_client::ClientError::Api { status, message }) if status < 500 => {
-                tracing::warn!(status, %message, "completion refused");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "completion failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
+    let sent = (|| shared.control.complete(lease.build.id, &req))
+        .retry(backoff())
+        .when(|e| transient(e) && !lost.load(Ordering::SeqCst))
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "completion failed; retrying"))
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "completion not recorded");
     }
 }
 
 async fn execute(
     shared: &Shared,
-    b: &Build,
-    dir: &std::path::Path,
-    pack: &std::path::Path,
+    lease: &Lease,
+    dir: &Path,
+    pack: &Path,
     cancel: watch::Receiver<bool>,
-) -> Finish {
-    let repos = match shared.control.repos().await {
-        Ok(r) => r,
-        Err(e) => return Finish::failed(format!("cannot read repository settings: {e}")),
-    };
-    let Some(repo) = repos.into_iter().find(|r| r.name == b.repo) else {
-        return Finish::failed(format!("repository {} is no longer registered", b.repo));
-    };
+    lost: &AtomicBool,
+) -> Result<Finish, Abandon> {
+    let b = &lease.build;
     let src = dir.join("src");
-    if let Err(e) = shared
-        .mirrors
-        .checkout(&b.repo, &repo.url, &b.sha, &src)
-        .await
-    {
-        return Finish::failed(match e {
+    let home = dir.join("home");
+    if lease.url.is_empty() {
+        return Ok(Finish::failed(
+            "the lease names no repository URL (a control member older than this worker?)",
+        ));
+    }
+    if let Err(e) = shared.mirrors.checkout(&lease.url, &b.sha, &src).await {
+        return Ok(Finish::failed(match e {
             SourceError::NoSuchCommit { .. } => e.to_string(),
             other => format!("checkout: {other}"),
-        });
+        }));
+    }
+    if let Err(e) = hand_over(dir, &home, shared.isolation.build_user()) {
+        return Ok(Finish::failed(format!(
+            "preparing the build directory: {e}"
+        )));
     }
     let spec_text = match std::fs::read_to_string(src.join(SPEC_FILE)) {
         Ok(t) => t,
-        Err(e) => return Finish::failed(format!("{SPEC_FILE}: {e}")),
+        Err(e) => return Ok(Finish::failed(format!("{SPEC_FILE}: {e}"))),
     };
     let spec = match spec::parse(&spec_text) {
         Ok(s) => s,
-        Err(e) => return Finish::failed(e.to_string()),
+        Err(e) => return Ok(Finish::failed(e.to_string())),
     };
     let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
+    env.push(("HOME".into(), home.display().to_string()));
     env.push(("STARLING_REPO".into(), b.repo.clone()));
     env.push(("STARLING_SHA".into(), b.sha.clone()));
     env.push(("STARLING_BUILD_ID".into(), b.id.to_string()));
@@ -196,6 +316,7 @@ async fn execute(
         env,
         timeout: spec.timeout,
         tail_cap: 64 * 1024,
+        isolation: shared.isolation,
     };
     let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let shipper = tokio::spawn(ship_log(shared.control.clone(), b.id, out_rx));
@@ -206,26 +327,29 @@ async fn execute(
     drop(out_tx);
     // The log is complete on the members before the build is reported finished.
     let _ = shipper.await;
+    if lost.load(Ordering::SeqCst) {
+        return Err(Abandon::LeaseLost);
+    }
     let result = match ran {
         Ok(r) => r,
-        Err(e) => return Finish::failed(format!("starting the build command: {e}")),
+        Err(e) => return Ok(Finish::failed(format!("starting the build command: {e}"))),
     };
-    let tail = String::from_utf8_lossy(&result.tail);
-    let tail = &tail[tail.len().saturating_sub(TAIL_IN_REASON)..];
+    // The output itself is in the build's log, which only token holders may read.
+    let see_log = format!("its output: starling builds logs {}", b.id);
     match result.outcome {
         RunOutcome::TimedOut => {
-            return Finish {
+            return Ok(Finish {
                 status: BuildStatus::TimedOut,
                 release: None,
-                reason: Some(format!("timed out after {:?}", spec.timeout)),
-            }
+                reason: Some(format!("timed out after {:?}; {see_log}", spec.timeout)),
+            })
         }
         RunOutcome::Cancelled => {
-            return Finish {
+            return Ok(Finish {
                 status: BuildStatus::Cancelled,
                 release: None,
                 reason: Some("cancelled".into()),
-            }
+            })
         }
         RunOutcome::Exited { code, signal } if !result.outcome.success() => {
             let how = match (code, signal) {
@@ -233,29 +357,116 @@ async fn execute(
                 (None, Some(s)) => format!("killed by signal {s}"),
                 _ => "ended abnormally".into(),
             };
-            return Finish::failed(format!("build command failed ({how}); log tail:\n{tail}"));
+            return Ok(Finish::failed(format!(
+                "build command failed ({how}); {see_log}"
+            )));
         }
         RunOutcome::Exited { .. } => {}
     }
-    let output = src.join(&spec.output);
+    let output = match resolve_output(&src, &spec.output) {
+        Ok(o) => o,
+        Err(e) => return Ok(Finish::failed(e)),
+    };
     // Dropped (and its file removed) when this build is done, published or not.
     let pack = match PackStore::create(pack) {
-        Ok(p) => p,
-        Err(e) => return Finish::failed(format!("staging the release: {e}")),
+        Ok(p) => Arc::new(p),
+        Err(e) => return Ok(Finish::failed(format!("staging the release: {e}"))),
     };
-    let made =
-        tokio::task::block_in_place(|| create_release(&output, &pack, ChunkSizes::default()));
+    let made = {
+        let pack = pack.clone();
+        tokio::task::spawn_blocking(move || {
+            create_release(&output, pack.as_ref(), ChunkSizes::default())
+        })
+        .await
+    };
     let (id, manifest, _) = match made {
-        Ok(m) => m,
-        Err(e) => return Finish::failed(format!("making the release: {e}")),
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Ok(Finish::failed(format!("making the release: {e}"))),
+        Err(e) => return Ok(Finish::failed(format!("making the release: {e}"))),
     };
-    if let Err(e) = publish(shared, &pack, &id, &manifest).await {
-        return Finish::failed(format!("storing the release in the origin store: {e}"));
+    // Publishing is retried while the lease holds: a control-plane election or a member
+    // restart is not the build's fault.
+    let published = (|| publish(shared, &pack, &id, &manifest))
+        .retry(backoff())
+        .when(|e| e.transient && !lost.load(Ordering::SeqCst))
+        .notify(
+            |e, after| tracing::warn!(error = %e.message, ?after, "publishing failed; retrying"),
+        )
+        .await;
+    if lost.load(Ordering::SeqCst) {
+        return Err(Abandon::LeaseLost);
     }
-    Finish {
+    if let Err(e) = published {
+        return Ok(Finish::failed(format!(
+            "storing the release in the origin store: {}",
+            e.message
+        )));
+    }
+    Ok(Finish {
         status: BuildStatus::Succeeded,
         release: Some(id),
         reason: None,
+    })
+}
+
+/// The output directory, resolved through any symbolic links, which must lie inside the
+/// checkout: `ln -s / root` with `output = "root/etc"` must not pack the host's files.
+/// If it is the checkout itself, the build's `.git` is left out.
+fn resolve_output(src: &Path, output: &str) -> Result<PathBuf, String> {
+    let root = src
+        .canonicalize()
+        .map_err(|e| format!("checkout {}: {e}", src.display()))?;
+    let out = src
+        .join(output)
+        .canonicalize()
+        .map_err(|e| format!("output directory {output:?}: {e}"))?;
+    if !out.starts_with(&root) {
+        return Err(format!(
+            "output directory {output:?} resolves to {}, outside the checkout",
+            out.display()
+        ));
+    }
+    if out == root {
+        let _ = std::fs::remove_dir_all(root.join(".git"));
+    }
+    Ok(out)
+}
+
+/// Give the build directory to the build user (when builds run as one): the checkout and
+/// a home directory, nothing else.
+fn hand_over(dir: &Path, home: &Path, user: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(home)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some((uid, gid)) = user {
+        chown_tree(dir, uid, gid)?;
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// A failed publication, and whether trying again may help.
+#[derive(Debug)]
+struct PublishError {
+    message: String,
+    transient: bool,
+}
+
+impl From<ClientError> for PublishError {
+    fn from(e: ClientError) -> Self {
+        PublishError {
+            transient: transient(&e),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -265,25 +476,35 @@ async fn publish(
     pack: &PackStore,
     id: &str,
     manifest: &starling_proto::release::Manifest,
-) -> Result<(), String> {
-    let cluster = shared.control.cluster().await.map_err(|e| e.to_string())?;
+) -> Result<(), PublishError> {
+    let cluster = shared.control.cluster().await?;
     let members = cluster.members.len();
     let mut ok = 0;
-    let mut last_err = String::new();
+    let mut last: Option<(u64, PublishError)> = None;
     for m in &cluster.members {
         let client = shared.control.with_base(&format!("http://{}", m.addr));
         match push_to(pack, &client, id, manifest).await {
             Ok(()) => ok += 1,
-            Err(e) => last_err = format!("member {}: {e}", m.id),
+            Err(e) => last = Some((m.id, e)),
         }
     }
     if ok * 2 > members {
-        Ok(())
-    } else {
-        Err(format!(
-            "only {ok} of {members} members took the release; {last_err}"
-        ))
+        return Ok(());
     }
+    let (member, e) = last.unwrap_or((
+        0,
+        PublishError {
+            message: "no members".into(),
+            transient: true,
+        },
+    ));
+    Err(PublishError {
+        message: format!(
+            "only {ok} of {members} members took the release; member {member}: {}",
+            e.message
+        ),
+        transient: e.transient,
+    })
 }
 
 async fn push_to(
@@ -291,21 +512,20 @@ async fn push_to(
     client: &ControlClient,
     id: &str,
     manifest: &starling_proto::release::Manifest,
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     // Each distinct chunk once, even if the release repeats it.
     let mut names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
     names.sort_unstable();
     names.dedup();
-    let missing = client
-        .missing_chunks(&names)
-        .await
-        .map_err(|e| e.to_string())?;
+    let missing = client.missing_chunks(&names).await?;
     for hash in &missing {
-        let bytes = pack.get_chunk(hash).map_err(|e| e.to_string())?;
+        let bytes = pack.get_chunk(hash).map_err(|e| PublishError {
+            message: format!("reading staged chunk {hash}: {e}"),
+            transient: false,
+        })?;
         client
             .put_bytes(&format!("/v1/chunks/{hash}"), bytes)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
     }
     tracing::info!(
         release = id,
@@ -316,8 +536,7 @@ async fn push_to(
     );
     client
         .put_bytes(&format!("/v1/manifests/{id}"), manifest.encode())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(())
 }
 

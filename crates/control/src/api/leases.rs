@@ -7,10 +7,8 @@ pub(super) const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
 #[tracing::instrument(skip_all, fields(worker = %req.worker))]
 pub(super) async fn lease(
     State(m): Shared,
-    headers: HeaderMap,
     Json(req): Json<LeaseRequest>,
 ) -> Result<Response, ApiErr> {
-    require_token(&m, &headers)?;
     if req.worker.is_empty() || req.worker.len() > 200 {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -54,11 +52,9 @@ pub(super) async fn lease(
 #[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, attempt = req.attempt))]
 pub(super) async fn heartbeat(
     State(m): Shared,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(req): Json<HeartbeatRequest>,
 ) -> Result<Response, ApiErr> {
-    require_token(&m, &headers)?;
     let cmd = Command::Heartbeat {
         build: id,
         worker: req.worker,
@@ -83,11 +79,9 @@ pub(super) async fn heartbeat(
 #[tracing::instrument(skip_all, fields(build = id, worker = %req.worker, status = %req.status))]
 pub(super) async fn complete(
     State(m): Shared,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(req): Json<CompleteRequest>,
 ) -> Result<Response, ApiErr> {
-    require_token(&m, &headers)?;
     let cmd = Command::CompleteBuild {
         build: id,
         worker: req.worker,

@@ -39,6 +39,7 @@ use crate::state::BuildQuery;
 use crate::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
 use crate::TypeConfig;
 
+mod access;
 mod builds;
 mod cluster;
 mod events;
@@ -109,8 +110,15 @@ fn unexpected(outcome: Outcome) -> ApiErr {
     )
 }
 
+/// Requests of the JSON API: a repository, a trigger, a completion with its reason.
 const MAX_API_BODY: usize = 1024 * 1024;
-const MAX_RAFT_BODY: usize = 1024 * 1024 * 1024;
+/// A vote is a few dozen bytes.
+const MAX_VOTE_BODY: usize = 64 * 1024;
+/// A batch of log entries: each is a command made from an API request of at most
+/// `MAX_API_BODY`, and openraft sends a few hundred at most.
+const MAX_APPEND_BODY: usize = 256 * 1024 * 1024;
+/// A whole snapshot: it grows with the history (about 100 MB at 200,000 builds).
+const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
 const HOPS_HEADER: &str = "x-starling-hops";
 
 pub fn router(member: Arc<Member>) -> Router {
@@ -133,9 +141,17 @@ pub fn router(member: Arc<Member>) -> Router {
         );
     let raft = Router::new()
         .route("/raft/append", post(raft_append))
-        .route("/raft/vote", post(raft_vote))
-        .route("/raft/snapshot", post(raft_snapshot))
-        .layer(DefaultBodyLimit::max(MAX_RAFT_BODY));
+        .layer(DefaultBodyLimit::max(MAX_APPEND_BODY))
+        .merge(
+            Router::new()
+                .route("/raft/vote", post(raft_vote))
+                .layer(DefaultBodyLimit::max(MAX_VOTE_BODY)),
+        )
+        .merge(
+            Router::new()
+                .route("/raft/snapshot", post(raft_snapshot))
+                .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BODY)),
+        );
     let api = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -166,38 +182,12 @@ pub fn router(member: Arc<Member>) -> Router {
             member.clone(),
             route_to_leader,
         ))
+        // Outermost: credentials are checked before anything reads a body or forwards.
+        .layer(middleware::from_fn_with_state(
+            member.clone(),
+            access::authorize,
+        ))
         .with_state(member)
-}
-
-fn ct_eq(a: &str, b: &str) -> bool {
-    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
-}
-
-fn require_token(m: &Member, headers: &HeaderMap) -> Result<(), ApiErr> {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if ct_eq(t.trim(), &m.cfg.api_token) => Ok(()),
-        _ => Err(err(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
-        )),
-    }
-}
-
-fn require_cluster_key(m: &Member, headers: &HeaderMap) -> Result<(), ApiErr> {
-    let given = headers
-        .get(CLUSTER_KEY_HEADER)
-        .and_then(|v| v.to_str().ok());
-    match given {
-        Some(k) if ct_eq(k, &m.cfg.cluster_key) => Ok(()),
-        _ => Err(err(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster key",
-        )),
-    }
 }
 
 #[derive(Deserialize, Default)]

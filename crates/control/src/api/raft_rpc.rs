@@ -2,13 +2,12 @@
 
 use super::*;
 
-/// Check the cluster key and protocol version, then decode the body.
+/// Check the protocol version (the cluster key was checked before the body was read),
+/// then decode the body.
 fn raft_request<T: serde::de::DeserializeOwned>(
-    m: &Member,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, ApiErr> {
-    require_cluster_key(m, headers)?;
     match header(headers, PROTOCOL_HEADER) {
         Some(RAFT_PROTOCOL) => {}
         other => {
@@ -35,7 +34,7 @@ pub(super) async fn raft_append(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let req: AppendEntriesRequest<TypeConfig> = raft_request(&m, &headers, &body)?;
+    let req: AppendEntriesRequest<TypeConfig> = raft_request(&headers, &body)?;
     raft_answer(&m.raft.append_entries(req).await)
 }
 
@@ -44,7 +43,7 @@ pub(super) async fn raft_vote(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let req: VoteRequest<TypeConfig> = raft_request(&m, &headers, &body)?;
+    let req: VoteRequest<TypeConfig> = raft_request(&headers, &body)?;
     raft_answer(&m.raft.vote(req).await)
 }
 
@@ -55,12 +54,9 @@ pub(super) async fn raft_snapshot(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let (meta, data) = {
-        require_cluster_key(&m, &headers)?;
-        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?
-    };
+    let (meta, data) = decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
-        raft_request(&m, &headers, meta)?;
+        raft_request(&headers, meta)?;
     let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> {
         meta,
         snapshot: data.to_vec(),
@@ -70,10 +66,8 @@ pub(super) async fn raft_snapshot(
 
 pub(super) async fn join(
     State(m): Shared,
-    headers: HeaderMap,
     Json(req): Json<JoinRequest>,
 ) -> Result<Response, ApiErr> {
-    require_cluster_key(&m, &headers)?;
     admit(&m, req)
         .await
         .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?;
@@ -81,11 +75,7 @@ pub(super) async fn join(
 }
 
 /// Build a snapshot now and purge the log behind it (operators and tests).
-pub(super) async fn force_snapshot(
-    State(m): Shared,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
-    require_cluster_key(&m, &headers)?;
+pub(super) async fn force_snapshot(State(m): Shared) -> Result<Response, ApiErr> {
     let applied = m
         .raft
         .metrics()

@@ -1,0 +1,149 @@
+//! Who may call what, decided from the method, the path and the headers alone — before a
+//! byte of the body is read, so that an unauthenticated caller can never make a member
+//! buffer a body (the Raft routes take up to 1 GiB).
+//!
+//! | access | routes | credential |
+//! | --- | --- | --- |
+//! | cluster | `/raft/*`, `/internal/*` | the cluster key |
+//! | write | every other non-GET under `/v1/` | the API token |
+//! | private read | build logs, manifests, chunks | the API token or the read token, unless the member runs with `--public-read` |
+//! | public | other GETs, `/healthz`, `/metrics`, `/hooks/*` (signed per repository) | none |
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    Public,
+    /// Build output and release contents: what a build produced may hold anything.
+    PrivateRead,
+    Write,
+    Cluster,
+}
+
+/// The access a request needs. Anything not named is a write when it is not a GET, so a
+/// new mutating route is protected until said otherwise.
+pub(super) fn required(method: &Method, path: &str) -> Access {
+    if path.starts_with("/raft/") || path.starts_with("/internal/") {
+        return Access::Cluster;
+    }
+    if path.starts_with("/hooks/") {
+        return Access::Public;
+    }
+    if method == Method::GET || method == Method::HEAD {
+        let private = path.starts_with("/v1/chunks/")
+            || path.starts_with("/v1/manifests/")
+            || (path.starts_with("/v1/builds/") && path.ends_with("/logs"));
+        return if private {
+            Access::PrivateRead
+        } else {
+            Access::Public
+        };
+    }
+    Access::Write
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// Does `headers` carry what `access` needs on member `m`?
+pub(super) fn check(m: &Member, access: Access, headers: &HeaderMap) -> Result<(), ApiErr> {
+    let token_ok = || bearer(headers).is_some_and(|t| ct_eq(t, &m.cfg.api_token));
+    match access {
+        Access::Public => Ok(()),
+        Access::PrivateRead => {
+            let read_ok = || {
+                let read = m.cfg.read_token.as_deref();
+                bearer(headers).zip(read).is_some_and(|(t, r)| ct_eq(t, r))
+            };
+            if m.cfg.public_read || token_ok() || read_ok() {
+                Ok(())
+            } else {
+                Err(err(
+                    StatusCode::UNAUTHORIZED,
+                    "build logs and release contents need a token (the API token or the read token)",
+                ))
+            }
+        }
+        Access::Write => {
+            if token_ok() {
+                Ok(())
+            } else {
+                Err(err(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token",
+                ))
+            }
+        }
+        Access::Cluster => {
+            let given = headers
+                .get(CLUSTER_KEY_HEADER)
+                .and_then(|v| v.to_str().ok());
+            match given {
+                Some(k) if ct_eq(k, &m.cfg.cluster_key) => Ok(()),
+                _ => Err(err(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong cluster key",
+                )),
+            }
+        }
+    }
+}
+
+/// Middleware: refuse a request without the credential its route needs, unread.
+pub(super) async fn authorize(State(m): Shared, req: Request, next: Next) -> Response {
+    let access = required(req.method(), req.uri().path());
+    match check(&m, access, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            // The body is dropped unread; tell the client not to reuse the connection,
+            // so that hyper does not drain a large body to keep it alive.
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_the_access_it_should() {
+        use Access::*;
+        let cases = [
+            ("POST", "/raft/append", Cluster),
+            ("POST", "/raft/snapshot", Cluster),
+            ("POST", "/internal/join", Cluster),
+            ("POST", "/hooks/github", Public),
+            ("GET", "/healthz", Public),
+            ("GET", "/v1/builds", Public),
+            ("GET", "/v1/builds/7", Public),
+            ("GET", "/v1/builds/7/logs", PrivateRead),
+            ("GET", "/v1/chunks/abc", PrivateRead),
+            ("GET", "/v1/manifests/abc", PrivateRead),
+            ("PUT", "/v1/chunks/abc", Write),
+            ("PUT", "/v1/builds/7/logs", Write),
+            ("POST", "/v1/chunks/missing", Write),
+            ("POST", "/v1/trigger", Write),
+            ("DELETE", "/v1/cluster/members/2", Write),
+            ("POST", "/v1/anything-new", Write),
+        ];
+        for (method, path, want) in cases {
+            let method: Method = method.parse().unwrap();
+            assert_eq!(required(&method, path), want, "{method} {path}");
+        }
+    }
+}
