@@ -90,6 +90,11 @@ impl Cluster {
 
     /// Start (or restart) member `id`.
     pub fn spawn(&mut self, id: u64) {
+        self.spawn_with(id, &[]);
+    }
+
+    /// [`Cluster::spawn`] with more environment for this one member.
+    pub fn spawn_with(&mut self, id: u64, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -108,6 +113,7 @@ impl Cluster {
             .env("STARLING_TOKEN", TOKEN)
             .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
@@ -124,6 +130,21 @@ impl Cluster {
         if let Some(mut c) = self.children[id as usize - 1].take() {
             c.kill().await.expect("kill");
         }
+    }
+
+    /// Wait up to `within` for member `id` to exit by itself; its exit status if it did.
+    pub async fn exits_within(
+        &mut self,
+        id: u64,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.children[id as usize - 1].as_mut()?;
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .ok()?
+            .ok()?;
+        self.children[id as usize - 1] = None;
+        Some(status)
     }
 
     pub fn alive(&self) -> Vec<u64> {

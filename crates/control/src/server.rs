@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::log_store::LogStore;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
 use crate::reaper::LeaseReaper;
-use crate::store::{Files, SharedState, StateMachineStore};
+use crate::store::{Files, SharedState, StateMachineStore, StorageFault};
 use crate::{NodeId, Raft};
 
 /// Everything a member needs to start.
@@ -73,6 +73,8 @@ pub struct Member {
     /// The origin store (chunks and manifests): this member's copy under `--data-dir`, or
     /// a bucket the members share.
     pub origin: Arc<dyn OriginStore>,
+    /// Set when this member's storage failed; it then stops.
+    pub fault: Arc<StorageFault>,
 }
 
 pub fn now_ms() -> Millis {
@@ -143,6 +145,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     let sm = StateMachineStore::open(files.state, files.snapshots)?;
     let state = sm.shared();
     let events = sm.events();
+    let fault = sm.fault();
 
     let raft_cfg = Config {
         cluster_name: "starling".into(),
@@ -180,6 +183,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         events,
         http,
         origin,
+        fault,
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -234,10 +238,43 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     ));
     tokio::spawn(collect_chunks(member.clone()));
 
-    match serve.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ControlError::Storage(e)),
-        Err(e) => Err(ControlError::Raft(e.to_string())),
+    tokio::select! {
+        served = serve => match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ControlError::Storage(e)),
+            Err(e) => Err(ControlError::Raft(e.to_string())),
+        },
+        failed = storage_failure(&member) => Err(failed),
+    }
+}
+
+impl Member {
+    /// Why this member cannot serve, if it cannot: its storage failed, or its Raft core
+    /// stopped (openraft stops on a storage error).
+    pub fn broken(&self) -> Option<String> {
+        if let Some(f) = self.fault.get() {
+            return Some(f.to_string());
+        }
+        match &self.raft.metrics().borrow_watched().running_state {
+            Ok(()) => None,
+            Err(fatal) => Some(format!("Raft stopped: {fatal}")),
+        }
+    }
+}
+
+/// Resolves when this member's storage fails. The member then stops (fail-stop): the
+/// others carry on without it, and a restart recovers from the log once there is room
+/// again. Serving on with a stopped Raft core would answer health checks while every write
+/// sent here waits and fails.
+async fn storage_failure(member: &Member) -> ControlError {
+    let mut metrics = member.raft.metrics();
+    loop {
+        if let Some(why) = member.broken() {
+            tracing::error!(%why, "storage failed; this member stops");
+            return ControlError::Storage(std::io::Error::other(why));
+        }
+        // The fault flag has no watch of its own: look again at least every 200 ms.
+        let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
     }
 }
 

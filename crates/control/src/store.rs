@@ -160,6 +160,23 @@ pub struct SnapshotBuilder {
     records: Records,
 }
 
+/// The first storage failure of this member. Once one is recorded the member must stop
+/// (fail-stop, as etcd does when its WAL cannot be written): its state file no longer
+/// follows its log, and only a restart — which replays the log from the last durable
+/// `last_applied` — makes them agree again.
+#[derive(Debug, Default)]
+pub struct StorageFault(std::sync::OnceLock<String>);
+
+impl StorageFault {
+    pub fn record(&self, what: String) {
+        let _ = self.0.set(what);
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
 /// Shared view of the applied state, for the API's reads. Never held across an await.
 pub type SharedState = Arc<RwLock<ControlState>>;
 
@@ -174,6 +191,7 @@ pub struct StateMachineStore {
     /// The index of the newest event, for long-polls.
     events_tx: Arc<watch::Sender<u64>>,
     writer: mpsc::Sender<SmWrite>,
+    fault: Arc<StorageFault>,
 }
 
 /// Work for the state machine's writer thread.
@@ -194,9 +212,29 @@ enum SmWrite {
 /// longer log replay.
 const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
+/// Test-only switch (feature `fault-injection`): state writes fail once this many batches
+/// were written (`STARLING_FAULT_STATE_WRITES_AFTER`).
+#[cfg(feature = "fault-injection")]
+fn injected_fault(batches: u64) -> Option<io::Error> {
+    let after: u64 = std::env::var("STARLING_FAULT_STATE_WRITES_AFTER")
+        .ok()?
+        .parse()
+        .ok()?;
+    (batches >= after).then(|| io::Error::other("injected state-file write failure"))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn injected_fault(_batches: u64) -> Option<io::Error> {
+    None
+}
+
+/// Commits batches of touched records with their `last_applied`. On the first failure it
+/// records the fault and stops: a later batch must never record a `last_applied` past
+/// records that are not on disk.
+fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageFault>) {
     let mut last_sync = std::time::Instant::now();
     let mut unsynced = false;
+    let mut batches = 0u64;
     loop {
         let first = match rx.recv_timeout(STATE_SYNC_INTERVAL) {
             Ok(op) => op,
@@ -215,6 +253,9 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
         let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL
             || ops.iter().any(|op| matches!(op, SmWrite::Sync));
         let res = (|| -> io::Result<()> {
+            if let Some(e) = injected_fault(batches) {
+                return Err(e);
+            }
             let mut txn = db.begin_write().map_err(io::Error::other)?;
             let durability = if sync {
                 Durability::Immediate
@@ -243,18 +284,19 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>) {
             }
             txn.commit().map_err(io::Error::other)
         })();
-        match (&res, sync) {
+        batches += 1;
+        match (res, sync) {
             (Ok(()), true) => {
                 last_sync = std::time::Instant::now();
                 unsynced = false;
             }
             (Ok(()), false) => unsynced = true,
-            (Err(_), _) => {}
-        }
-        if let Err(e) = res {
-            // The in-memory state is ahead of the file; a restart replays the log from the
-            // last `last_applied` that made it, so nothing is lost, only recovery is longer.
-            tracing::error!(error = %e, "writing state-machine records failed");
+            (Err(e), _) => {
+                // Dropping `ops` drops the barriers' senders: their waiters see the end.
+                tracing::error!(error = %e, "writing state-machine records failed; this member stops");
+                fault.record(format!("writing state-machine records to state.redb: {e}"));
+                return;
+            }
         }
         for op in ops {
             if let SmWrite::Barrier(done) = op {
@@ -276,9 +318,11 @@ impl StateMachineStore {
         let (tx, _) = watch::channel(events);
         let (writer, rx) = mpsc::channel();
         let wdb = db.clone();
+        let fault = Arc::new(StorageFault::default());
+        let wfault = fault.clone();
         std::thread::Builder::new()
             .name("state-machine-writer".into())
-            .spawn(move || sm_writer(wdb, rx))?;
+            .spawn(move || sm_writer(wdb, rx, wfault))?;
         let mut sm = StateMachineStore {
             db,
             snapshots,
@@ -287,6 +331,7 @@ impl StateMachineStore {
             membership,
             events_tx: Arc::new(tx),
             writer,
+            fault,
         };
         if let Some((meta, data)) = load_snapshot(&sm.snapshots)? {
             let newer = meta.last_log_id.as_ref().map(|l| l.index())
@@ -304,6 +349,10 @@ impl StateMachineStore {
 
     pub fn events(&self) -> watch::Receiver<u64> {
         self.events_tx.subscribe()
+    }
+
+    pub fn fault(&self) -> Arc<StorageFault> {
+        self.fault.clone()
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ControlState> {
@@ -507,6 +556,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        if let Some(f) = self.fault.get() {
+            return Err(io::Error::other(f.to_string()));
+        }
         let mut responders = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();

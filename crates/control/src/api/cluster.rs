@@ -25,6 +25,19 @@ pub(super) fn cluster_status(m: &Member) -> ClusterStatus {
     }
 }
 
+/// 200 while this member can serve; 503 with the reason once its storage failed (it is
+/// about to stop).
+pub(super) async fn healthz(State(m): Shared) -> Response {
+    match m.broken() {
+        None => "ok\n".into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
 pub(super) async fn cluster(State(m): Shared) -> Json<ClusterStatus> {
     Json(cluster_status(&m))
 }

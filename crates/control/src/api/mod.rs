@@ -153,7 +153,7 @@ pub fn router(member: Arc<Member>) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BODY)),
         );
     let api = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/members/{id}", delete(remove_member))

@@ -1,0 +1,152 @@
+//! Storage that fails: a member whose state file cannot be written, or whose disk is full,
+//! stops (fail-stop) instead of serving on with lost records or a stopped Raft core; the
+//! others carry on; once restarted (with room again) it catches up and its history equals
+//! the others'.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn queue_builds(c: &Cluster, via: u64, from: u64, to: u64) {
+    for n in from..to {
+        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
+        let r = send_github(&c.http, &c.url(via), "push", &format!("d-{n}"), body, &sig)
+            .await
+            .expect("webhook");
+        let status = r.status().as_u16();
+        if status != 201 {
+            c.dump_logs();
+            panic!(
+                "webhook {n}: {status} {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+    }
+}
+
+async fn assert_caught_up_and_same(c: &Cluster, id: u64, leader: u64) {
+    let want = c.status(leader).await.and_then(|s| s.last_log_index);
+    c.wait_until(
+        "the restarted member caught up",
+        Duration::from_secs(60),
+        async move |c| c.status(id).await.is_some_and(|s| s.last_applied >= want),
+    )
+    .await;
+    let (mine, theirs) = (c.builds_local(id).await, c.builds_local(leader).await);
+    assert_eq!(mine.len(), theirs.len(), "member {id} lost builds");
+    assert_eq!(mine, theirs, "builds of members {id} and {leader} differ");
+    assert_eq!(c.events_local(id).await, c.events_local(leader).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_state_write_stops_the_member_and_loses_nothing() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.add_repo(1, "acme/web").await;
+    queue_builds(&c, 1, 0, 10).await;
+    let leader = c.leader().await.expect("leader");
+    let f = if leader == 3 { 2 } else { 3 };
+    // Restart a follower whose state-file writes fail after a few batches.
+    c.kill(f).await;
+    c.spawn_with(f, &[("STARLING_FAULT_STATE_WRITES_AFTER", "2")]);
+    queue_builds(&c, leader, 10, 40).await;
+    let status = c.exits_within(f, Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "member {f} went on after its state file could not be written ({status:?})"
+    );
+    // The other two carry on.
+    queue_builds(&c, leader, 40, 45).await;
+    c.spawn(f);
+    assert_caught_up_and_same(&c, f, leader).await;
+}
+
+/// Unmounts on drop, even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_disk_stops_the_member_until_restarted() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut c = Cluster::start(3, &[]).await;
+    c.add_repo(1, "acme/web").await;
+    queue_builds(&c, 1, 0, 5).await;
+    let leader = c.leader().await.expect("leader");
+    let f = if leader == 3 { 2 } else { 3 };
+    // Move the follower's data directory to a 64 MiB disk of its own. (Its files must come
+    // along: a member that comes back with an empty log would have lost entries it
+    // acknowledged, which Raft forbids.)
+    c.kill(f).await;
+    let dir = c.data_dir(f);
+    let aside = dir.with_extension("aside");
+    std::fs::rename(&dir, &aside).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: this machine does not let tests mount a tmpfs");
+        return;
+    }
+    let _mount = Mount(dir.clone());
+    for e in std::fs::read_dir(&aside).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    c.spawn(f);
+    let want = c.status(leader).await.and_then(|s| s.last_log_index);
+    c.wait_until(
+        "the member caught up",
+        Duration::from_secs(60),
+        async move |c| c.status(f).await.is_some_and(|s| s.last_applied >= want),
+    )
+    .await;
+    // Fill the disk.
+    let filler = dir.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+    }
+    // Writes go on through the leader; the full member stops by itself.
+    let mut n = 5;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        queue_builds(&c, leader, n, n + 5).await;
+        n += 5;
+        if let Some(s) = c.exits_within(f, Duration::from_millis(200)).await {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+    };
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "member {f} with a full disk kept running"
+    );
+    queue_builds(&c, leader, n, n + 5).await;
+    // Room again: a restart recovers.
+    std::fs::remove_file(&filler).unwrap();
+    c.spawn(f);
+    assert_caught_up_and_same(&c, f, leader).await;
+}
