@@ -95,6 +95,12 @@ struct ControlArgs {
     /// Serve build logs and release contents without a token.
     #[arg(long)]
     public_read: bool,
+    /// Client connections served at once (members' Raft traffic has room beyond these).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// A connection on which nothing moves this long is closed.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    idle_timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -211,6 +217,11 @@ async fn run(cli: Cli) -> Result<()> {
                 api_token: token,
                 read_token: a.read_token.filter(|t| !t.is_empty()),
                 public_read: a.public_read,
+                connections: starling_control::serve::ConnectionLimits {
+                    max_clients: a.max_connections,
+                    idle_timeout: a.idle_timeout,
+                    ..Default::default()
+                },
                 cluster_key: a.cluster_key,
                 lease_ttl: a.lease_ttl,
                 max_attempts: a.max_attempts,

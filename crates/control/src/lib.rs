@@ -2,6 +2,7 @@ pub mod api;
 pub mod log_store;
 pub mod network;
 pub mod reaper;
+pub mod serve;
 pub mod server;
 pub mod state;
 pub mod store;

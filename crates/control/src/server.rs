@@ -36,6 +36,8 @@ pub struct ControlConfig {
     pub read_token: Option<String>,
     /// Serve build logs and release contents to anyone (`--public-read`).
     pub public_read: bool,
+    /// Connection limit and timeouts of the HTTP listener.
+    pub connections: crate::serve::ConnectionLimits,
     /// Shared secret of the members' Raft RPC.
     pub cluster_key: String,
     pub lease_ttl: Duration,
@@ -75,6 +77,8 @@ pub struct Member {
     pub origin: Arc<dyn OriginStore>,
     /// Set when this member's storage failed; it then stops.
     pub fault: Arc<StorageFault>,
+    /// Permits for event-log readers (long-polls and streams).
+    pub event_readers: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn now_ms() -> Millis {
@@ -161,15 +165,17 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             .validate()
             .map_err(|e| ControlError::Config(e.to_string()))?,
     );
-    let raft = Raft::new(
-        cfg.id,
-        raft_cfg,
-        PeerNetwork::new(cfg.cluster_key.clone()),
-        log,
-        sm,
-    )
-    .await
-    .map_err(|e| ControlError::Raft(e.to_string()))?;
+    // openraft spawns its core, its state-machine worker and its replication tasks on the
+    // runtime `Raft::new` runs on: give them a thread of their own, so that HTTP readers
+    // (event replays, long-polls, chunk reads) can never delay a heartbeat or a vote.
+    let raft_rt = raft_runtime()?;
+    let id = cfg.id;
+    let network = PeerNetwork::new(cfg.cluster_key.clone());
+    let raft = raft_rt
+        .spawn(async move { Raft::new(id, raft_cfg, network, log, sm).await })
+        .await
+        .map_err(|e| ControlError::Raft(e.to_string()))?
+        .map_err(|e| ControlError::Raft(e.to_string()))?;
 
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -184,19 +190,18 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         http,
         origin,
         fault,
+        event_readers: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EVENT_READERS)),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(id = cfg.id, addr = %cfg.listen, "control member listening");
     let app = crate::api::router(member.clone());
-    // Small request/answer exchanges (Raft RPC, API calls) must not wait on Nagle's
-    // algorithm meeting the peer's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let serve = tokio::spawn(async move { axum::serve(listener, app).await });
+    let serve = tokio::spawn(crate::serve::serve(
+        listener,
+        app,
+        cfg.connections,
+        cfg.cluster_key.clone(),
+    ));
 
     if cfg.bootstrap {
         let initialized = raft
@@ -276,6 +281,19 @@ async fn storage_failure(member: &Member) -> ControlError {
         // The fault flag has no watch of its own: look again at least every 200 ms.
         let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
     }
+}
+
+/// A one-thread runtime for Raft's own tasks, alive as long as the process.
+fn raft_runtime() -> Result<tokio::runtime::Handle, ControlError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("raft")
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
 }
 
 /// Ask the cluster at `url` to add this member, until it says yes.

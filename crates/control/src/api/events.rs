@@ -1,6 +1,25 @@
 //! The event log: long-poll and server-sent events.
+//!
+//! Reading the log must never starve the member: at most [`MAX_EVENT_READERS`] reads and
+//! streams at once (503 beyond), streams replay in pages of [`SSE_PAGE`] events and yield
+//! between pages, and a slow client stalls only its own stream (one page is buffered).
+//! Raft runs on a thread of its own, so even a busy HTTP thread cannot delay a heartbeat.
 
 use super::*;
+
+/// Event-log reads and streams served at once by one member.
+pub(crate) const MAX_EVENT_READERS: usize = 64;
+/// Events per page of a stream's replay.
+const SSE_PAGE: usize = 100;
+
+fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr> {
+    m.event_readers.clone().try_acquire_owned().map_err(|_| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_EVENT_READERS} event-log readers are already served here; retry later or ask another member"),
+        )
+    })
+}
 
 #[derive(Deserialize)]
 pub(super) struct EventsQuery {
@@ -24,6 +43,7 @@ pub(super) async fn events(
     }
     .min(MAX_LEASE_WAIT);
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let _permit = reader_permit(&m)?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = m.events.clone();
     loop {
@@ -43,24 +63,34 @@ pub(super) async fn events(
 pub(super) async fn events_stream(
     State(m): Shared,
     Query(q): Query<EventsQuery>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiErr> {
+    // Held as long as the stream lives.
+    let permit = reader_permit(&m)?;
     let rx = m.events.clone();
     let stream = futures::stream::unfold(
-        (m, rx, q.after, Vec::new()),
-        |(m, mut rx, after, mut pending)| async move {
+        (m, rx, q.after, Vec::new(), permit),
+        |(m, mut rx, after, mut pending, permit)| async move {
             loop {
                 if let Some(e) = pending.pop() {
                     let e: starling_proto::Event = e;
                     let next = e.index;
-                    let sse = SseEvent::default()
+                    let sse = match SseEvent::default()
                         .id(e.index.to_string())
                         .event(e.kind.clone())
                         .json_data(&e)
-                        .unwrap_or_default();
-                    return Some((Ok(sse), (m, rx, next, pending)));
+                    {
+                        Ok(sse) => sse,
+                        Err(err) => {
+                            tracing::error!(index = e.index, error = %err, "event not encodable; stream ends");
+                            return None;
+                        }
+                    };
+                    return Some((Ok(sse), (m, rx, next, pending, permit)));
                 }
+                // Other tasks get their turn between pages of a long replay.
+                tokio::task::yield_now().await;
                 rx.borrow_and_update();
-                let mut evs = m.read().events_after(after, 1000);
+                let mut evs = m.read().events_after(after, SSE_PAGE);
                 if evs.is_empty() {
                     rx.changed().await.ok()?;
                     continue;
@@ -70,5 +100,5 @@ pub(super) async fn events_stream(
             }
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -60,6 +60,8 @@ use origin::*;
 use raft_rpc::*;
 use routing::*;
 
+pub(crate) use events::MAX_EVENT_READERS;
+
 type Shared = State<Arc<Member>>;
 
 /// An error answer: a status and a sentence.

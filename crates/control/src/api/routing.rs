@@ -70,7 +70,11 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
                     rb = rb.header(k, v);
                 }
             }
-            rb = rb.header(HOPS_HEADER, (hops + 1).to_string());
+            // Member to member: the key gives the request room on a leader whose client
+            // connections are all taken.
+            rb = rb
+                .header(HOPS_HEADER, (hops + 1).to_string())
+                .header(CLUSTER_KEY_HEADER, &m.cfg.cluster_key);
             match rb.send().await {
                 Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
                     return Ok(relay(resp).await);
