@@ -218,3 +218,54 @@ async fn read_token_and_public_read() {
         assert_eq!(r.status().as_u16(), if public { 404 } else { 401 });
     }
 }
+
+/// An old chunk that a worker was just told is held survives collection while the worker
+/// publishes (it will not send it again); once nobody asks for it, it is collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_chunks_outlive_the_grace_period() {
+    let c = Cluster::start(1, &["--collect-grace", "2s"]).await;
+    let url = c.url(1);
+    let chunk = b"an unreferenced chunk".to_vec();
+    let hash = blake3::hash(&chunk).to_hex().to_string();
+    let r = c
+        .http
+        .put(format!("{url}/v1/chunks/{hash}"))
+        .bearer_auth(TOKEN)
+        .body(chunk)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    // For three grace periods and more, a worker keeps being told the chunk is here.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        let r = c
+            .http
+            .post(format!("{url}/v1/chunks/missing"))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({ "chunks": [hash] }))
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            v["chunks"],
+            serde_json::json!([]),
+            "the confirmed chunk was collected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // Nobody asks any more: it goes.
+    c.wait_until(
+        "the chunk is collected",
+        std::time::Duration::from_secs(30),
+        async |c| {
+            c.get(&format!("{url}/v1/chunks/{hash}"))
+                .await
+                .status()
+                .as_u16()
+                == 404
+        },
+    )
+    .await;
+}

@@ -1,4 +1,5 @@
 pub mod api;
+pub mod collector;
 pub mod log_store;
 pub mod network;
 pub mod reaper;

@@ -79,6 +79,8 @@ pub struct Member {
     pub fault: Arc<StorageFault>,
     /// Permits for event-log readers (long-polls and streams).
     pub event_readers: Arc<tokio::sync::Semaphore>,
+    /// Chunks a worker was lately told are here: the collector spares them.
+    pub recent_chunks: crate::collector::RecentChunks,
 }
 
 pub fn now_ms() -> Millis {
@@ -191,6 +193,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         origin,
         fault,
         event_readers: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EVENT_READERS)),
+        recent_chunks: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -241,7 +244,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             })
         },
     ));
-    tokio::spawn(collect_chunks(member.clone()));
+    tokio::spawn(crate::collector::collect_chunks(member.clone()));
 
     tokio::select! {
         served = serve => match served {
@@ -393,65 +396,5 @@ fn open_origin(cfg: &ControlConfig) -> Result<Arc<dyn OriginStore>, ControlError
         Some(url) => Err(ControlError::Config(format!(
             "origin {url}: this starling was built without the `s3` feature (cargo build --features s3)"
         ))),
-    }
-}
-
-/// On every member: delete origin-store chunks no kept release references (after a grace
-/// period), and the manifests of collected releases.
-async fn collect_chunks(member: Arc<Member>) {
-    // Each pass reads every kept manifest from disk; nothing can be collected sooner than
-    // the grace period anyway, so pass at that pace (between 1 s and a minute).
-    let every = member
-        .cfg
-        .collect_grace
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        let (kept, collected): (Vec<String>, Vec<String>) = {
-            let st = member.read();
-            let all = st.list_releases(None);
-            let (k, c): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| r.collected_at.is_none());
-            (
-                k.into_iter().map(|r| r.id).collect(),
-                c.into_iter().map(|r| r.id).collect(),
-            )
-        };
-        let origin = member.origin.clone();
-        let grace = member.cfg.collect_grace;
-        let res = tokio::task::spawn_blocking(
-            move || -> Result<usize, starling_release::ReleaseError> {
-                let mut referenced = std::collections::HashSet::new();
-                for id in &kept {
-                    // A manifest this member never got references nothing here.
-                    if let Ok(bytes) = origin.get_manifest(id) {
-                        if let Ok(m) = starling_proto::release::Manifest::decode(&bytes) {
-                            referenced.extend(m.chunks.into_iter().map(|c| c.hash));
-                        }
-                    }
-                }
-                for id in &collected {
-                    origin.delete_manifest(id)?;
-                }
-                let held = origin.list_chunks()?;
-                let doomed = starling_release::store::garbage(
-                    &held,
-                    &referenced,
-                    std::time::SystemTime::now(),
-                    grace,
-                );
-                for h in &doomed {
-                    origin.delete_chunk(h)?;
-                }
-                Ok(doomed.len())
-            },
-        )
-        .await;
-        match res {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(chunks = n, "unreferenced chunks collected"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "chunk collection failed"),
-            Err(e) => tracing::warn!(error = %e, "chunk collection task failed"),
-        }
     }
 }

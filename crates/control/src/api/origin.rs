@@ -76,16 +76,21 @@ pub(super) async fn missing_chunks(
         ));
     }
     let store = m.origin.clone();
-    let missing = blocking(move || {
-        let mut missing = Vec::new();
+    let (held, missing) = blocking(move || {
+        let (mut held, mut missing) = (Vec::new(), Vec::new());
         for c in q.chunks {
-            if !store.has_chunk(&c)? {
+            if store.has_chunk(&c)? {
+                held.push(c);
+            } else {
                 missing.push(c);
             }
         }
-        Ok(missing)
+        Ok((held, missing))
     })
     .await?;
+    // The worker will not send these: they must outlive its publication.
+    m.recent_chunks
+        .mark(held.iter().map(String::as_str), std::time::Instant::now());
     Ok(Json(MissingChunks { chunks: missing }))
 }
 
@@ -118,6 +123,12 @@ pub(super) async fn put_manifest(
             format!("manifest hashes to {}, not {id}", manifest.id()),
         ));
     }
+    // Its release is recorded only when the build completes; until then (and while it is
+    // young) its chunks are spared by the collector.
+    m.recent_chunks.mark(
+        manifest.chunks.iter().map(|c| c.hash.as_str()),
+        std::time::Instant::now(),
+    );
     let store = m.origin.clone();
     // A manifest is accepted only once every chunk it lists is here, so that a release id
     // this member knows is always complete.
