@@ -188,3 +188,50 @@ async fn lapsed_leases_requeue_then_fail() {
     let b = c.build(2, l3.build.id).await;
     assert_eq!((b.status, b.release.as_deref()), (Succeeded, Some("rel-1")));
 }
+
+/// A request sent again with its request id (as a follower does when it re-forwards after
+/// a 503) applies once: the same lease, the same forced build, through any member, even
+/// after the member that answered first restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_id_makes_retries_apply_once() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.add_repo(1, "acme/web").await;
+    for n in 0..2 {
+        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
+        let r = send_github(&c.http, &c.url(1), "push", &format!("q-{n}"), body, &sig)
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let send = async |c: &Cluster, via: u64, path: &str, body: Value| -> Value {
+        let r = c
+            .http
+            .post(format!("{}{path}", c.url(via)))
+            .bearer_auth(TOKEN)
+            .header("x-starling-request-id", "retry-me-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        r.json().await.unwrap()
+    };
+    let lease = json!({"worker": "w1", "wait_ms": 1000});
+    let first = send(&c, 2, "/v1/leases", lease.clone()).await;
+    let leader = c.leader().await.expect("leader");
+    // Restart a member: the window is part of the durable state.
+    let other = if leader == 3 { 2 } else { 3 };
+    c.kill(other).await;
+    c.spawn(other);
+    c.wait_until("the member is back", Duration::from_secs(20), async |c| {
+        c.status(other).await.is_some()
+    })
+    .await;
+    let again = send(&c, other, "/v1/leases", lease).await;
+    assert_eq!(first["build"]["id"], again["build"]["id"]);
+    let queued: Vec<Build> = c
+        .get_json(&format!("{}/v1/builds?status=queued", c.url(1)))
+        .await;
+    assert_eq!(queued.len(), 1, "the retry leased a second build");
+    assert_eq!(first["build"]["status"], "running");
+}

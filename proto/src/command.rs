@@ -68,7 +68,17 @@ pub enum Command {
     },
     /// No state change; used to measure the write path.
     Noop,
+    /// `command`, applied at most once per `request` id within a window of recent ids: a
+    /// request retried after an answer was lost (a leader's 503 after it appended, a
+    /// follower re-forwarding) gets the first outcome again instead of a second effect.
+    Once {
+        request: String,
+        command: Box<Command>,
+    },
 }
+
+/// Request ids remembered by [`Command::Once`]; the oldest is forgotten beyond this.
+pub const REQUEST_WINDOW: usize = 4096;
 
 impl Command {
     /// A short name for logs and metrics.
@@ -84,6 +94,7 @@ impl Command {
             Command::SetGoal { .. } => "set_goal",
             Command::CollectReleases { .. } => "collect_releases",
             Command::Noop => "noop",
+            Command::Once { command, .. } => command.name(),
         }
     }
 }

@@ -107,6 +107,24 @@ impl Member {
         }
     }
 
+    /// [`Member::propose`], applied at most once per `request` id when there is one.
+    pub async fn propose_once(
+        &self,
+        cmd: Command,
+        request: Option<String>,
+    ) -> Result<Outcome, ProposeError> {
+        match request {
+            Some(request) => {
+                self.propose(Command::Once {
+                    request,
+                    command: Box::new(cmd),
+                })
+                .await
+            }
+            None => self.propose(cmd).await,
+        }
+    }
+
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, crate::state::ControlState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -46,6 +46,17 @@ pub struct Records {
     pub releases: OrdMap<String, Release>,
     /// Keyed by `repo/env`.
     pub goals: BTreeMap<String, Goal>,
+    /// The outcomes of the last [`starling_proto::REQUEST_WINDOW`] requests applied with a
+    /// request id ([`Command::Once`]), by the order they were applied.
+    #[serde(default)]
+    pub requests: OrdMap<u64, RequestRecord>,
+}
+
+/// What a request with an id was answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub request: String,
+    pub outcome: Outcome,
 }
 
 /// Keys of the records an `apply` changed, for the store to write.
@@ -57,6 +68,9 @@ pub struct Touched {
     pub events_from: Option<u64>,
     pub releases: BTreeSet<String>,
     pub goals: BTreeSet<String>,
+    /// Request records added, and those forgotten (to delete).
+    pub requests: BTreeSet<u64>,
+    pub requests_forgotten: BTreeSet<u64>,
 }
 
 impl Touched {
@@ -75,6 +89,8 @@ struct Indexes {
     by_delivery: HashMap<String, u64>,
     /// The newest build of each (repo, sha).
     by_commit: HashMap<(String, String), u64>,
+    /// Request id → its place in `Records::requests`.
+    by_request: HashMap<String, u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -106,6 +122,9 @@ impl ControlState {
         let mut index = Indexes::default();
         for b in records.builds.values() {
             index_build(&mut index, b);
+        }
+        for (seq, r) in records.requests.iter() {
+            index.by_request.insert(r.request.clone(), *seq);
         }
         ControlState {
             records,
@@ -207,6 +226,7 @@ impl ControlState {
     /// same result everywhere.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
         match cmd {
+            Command::Once { request, command } => self.apply_once(request, command),
             Command::PutRepo { spec, at } => self.put_repo(spec, *at),
             Command::QueueBuild {
                 repo,
@@ -670,6 +690,41 @@ impl ControlState {
         });
     }
 
+    /// Apply `cmd` unless `request` was applied before; either way, its first outcome.
+    fn apply_once(&mut self, request: &str, cmd: &Command) -> Outcome {
+        if let Some(seq) = self.index.by_request.get(request) {
+            if let Some(r) = self.records.requests.get(seq) {
+                return r.outcome.clone();
+            }
+        }
+        let outcome = self.apply(cmd);
+        let seq = self
+            .records
+            .requests
+            .get_max()
+            .map_or(1, |(last, _)| last + 1);
+        self.records.requests.insert(
+            seq,
+            RequestRecord {
+                request: request.to_string(),
+                outcome: outcome.clone(),
+            },
+        );
+        self.index.by_request.insert(request.to_string(), seq);
+        self.touched.requests.insert(seq);
+        while self.records.requests.len() > starling_proto::REQUEST_WINDOW {
+            let Some(old) = self.records.requests.get_min().map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some(r) = self.records.requests.remove(&old) {
+                self.index.by_request.remove(&r.request);
+            }
+            self.touched.requests.remove(&old);
+            self.touched.requests_forgotten.insert(old);
+        }
+        outcome
+    }
+
     fn push_event(&mut self, mut e: Event) {
         e.index = self.records.events.len() as u64 + 1;
         self.touched.events_from.get_or_insert(e.index);
@@ -800,6 +855,52 @@ mod tests {
             Outcome::Queued(b) if b.id == 2
         ));
         assert_eq!(s.queued_len(), 2);
+    }
+
+    fn once(request: &str, cmd: Command) -> Command {
+        Command::Once {
+            request: request.into(),
+            command: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn a_request_id_applies_once() {
+        let mut s = state();
+        s.apply(&queue("aa", None, false, 2));
+        s.apply(&queue("bb", None, false, 2));
+        let first = s.apply(&once("r1", lease("w", 3)));
+        assert!(matches!(&first, Outcome::Leased(b) if b.id == 1));
+        // The retry gets the first answer; the second build stays queued.
+        assert_eq!(s.apply(&once("r1", lease("w", 4))), first);
+        assert_eq!(s.queued_len(), 1);
+        // A forced trigger retried with its id queues one build, not two.
+        let q = s.apply(&once("r2", queue("aa", None, true, 5)));
+        assert_eq!(s.apply(&once("r2", queue("aa", None, true, 6))), q);
+        assert_eq!(s.queued_len(), 2);
+        // The window survives a reload from the records (as after a restart).
+        let mut reloaded = ControlState::from_records(s.records().clone());
+        assert_eq!(reloaded.apply(&once("r1", lease("w", 7))), first);
+    }
+
+    #[test]
+    fn the_request_window_forgets_the_oldest() {
+        let mut s = state();
+        s.take_touched();
+        for i in 0..starling_proto::REQUEST_WINDOW + 3 {
+            s.apply(&once(&format!("n{i}"), Command::Noop));
+        }
+        assert_eq!(s.records().requests.len(), starling_proto::REQUEST_WINDOW);
+        let t = s.take_touched();
+        assert_eq!(t.requests_forgotten.len(), 3);
+        assert_eq!(t.requests.len(), starling_proto::REQUEST_WINDOW);
+        assert!(t.requests.is_disjoint(&t.requests_forgotten));
+        // A forgotten id applies again.
+        s.apply(&queue("aa", None, false, 2));
+        assert!(matches!(
+            s.apply(&once("n0", lease("w", 3))),
+            Outcome::Leased(_)
+        ));
     }
 
     #[test]

@@ -32,6 +32,7 @@ const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
+const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
 
 pub(crate) const K_VOTE: &str = "vote";
 pub(crate) const K_PURGED: &str = "last_purged";
@@ -59,7 +60,7 @@ impl Files {
             log: open_file(&dir.join("log.redb"), &[LOG], &[META])?,
             state: open_file(
                 &dir.join("state.redb"),
-                &[BUILDS, EVENTS],
+                &[BUILDS, EVENTS, REQUESTS],
                 &[META, REPOS, RELEASES, GOALS],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
@@ -377,6 +378,7 @@ impl StateMachineStore {
         txn.delete_table(EVENTS).map_err(io::Error::other)?;
         txn.delete_table(RELEASES).map_err(io::Error::other)?;
         txn.delete_table(GOALS).map_err(io::Error::other)?;
+        txn.delete_table(REQUESTS).map_err(io::Error::other)?;
         let state = ControlState::from_records(records);
         Rows::encode(&state, &all_touched(state.records()))?.write(&txn)?;
         {
@@ -407,6 +409,7 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .collect(),
         releases: read_named(&txn, RELEASES)?.into_iter().collect(),
         goals: read_named(&txn, GOALS)?.into_iter().collect(),
+        requests: read_numbered(&txn, REQUESTS)?.into_iter().collect(),
     })
 }
 
@@ -468,6 +471,8 @@ fn all_touched(r: &Records) -> Touched {
         events_from: (!r.events.is_empty()).then_some(1),
         releases: r.releases.keys().cloned().collect(),
         goals: r.goals.keys().cloned().collect(),
+        requests: r.requests.keys().copied().collect(),
+        requests_forgotten: Default::default(),
     }
 }
 
@@ -479,6 +484,8 @@ struct Rows {
     events: Vec<(u64, Vec<u8>)>,
     releases: Vec<(String, Vec<u8>)>,
     goals: Vec<(String, Vec<u8>)>,
+    requests: Vec<(u64, Vec<u8>)>,
+    requests_forgotten: Vec<u64>,
 }
 
 impl Rows {
@@ -512,6 +519,12 @@ impl Rows {
                 rows.goals.push((k.clone(), enc(v)?));
             }
         }
+        for k in &touched.requests {
+            if let Some(v) = r.requests.get(k) {
+                rows.requests.push((*k, enc(v)?));
+            }
+        }
+        rows.requests_forgotten = touched.requests_forgotten.iter().copied().collect();
         Ok(rows)
     }
 
@@ -520,7 +533,13 @@ impl Rows {
         write_numbered(txn, BUILDS, &self.builds)?;
         write_numbered(txn, EVENTS, &self.events)?;
         write_named(txn, RELEASES, &self.releases)?;
-        write_named(txn, GOALS, &self.goals)
+        write_named(txn, GOALS, &self.goals)?;
+        write_numbered(txn, REQUESTS, &self.requests)?;
+        let mut t = txn.open_table(REQUESTS).map_err(io::Error::other)?;
+        for k in &self.requests_forgotten {
+            t.remove(*k).map_err(io::Error::other)?;
+        }
+        Ok(())
     }
 }
 

@@ -126,6 +126,7 @@ pub(super) async fn queue(
     trigger: &str,
     delivery: Option<String>,
     force: bool,
+    request: Option<String>,
 ) -> Result<Response, ApiErr> {
     let known = m
         .read()
@@ -141,7 +142,7 @@ pub(super) async fn queue(
                 force,
                 at: now_ms(),
             };
-            m.propose(cmd).await?
+            m.propose_once(cmd, request).await?
         }
     };
     queue_answer(outcome)
@@ -171,8 +172,10 @@ pub(super) fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
 #[tracing::instrument(skip_all, fields(repo = %req.repo, sha = ?req.sha, force = req.force))]
 pub(super) async fn trigger(
     State(m): Shared,
+    headers: HeaderMap,
     Json(req): Json<TriggerRequest>,
 ) -> Result<Response, ApiErr> {
+    let request = request_id(&headers)?;
     let name = repo_name(&req.repo).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let repo = m
         .read()
@@ -186,7 +189,7 @@ pub(super) async fn trigger(
         Some(Err(_)) => resolve_ref(&repo.url, req.sha.as_deref().unwrap_or_default()).await?,
         None => resolve_ref(&repo.url, &format!("refs/heads/{}", repo.branch)).await?,
     };
-    queue(&m, repo.name, sha, "manual", None, req.force).await
+    queue(&m, repo.name, sha, "manual", None, req.force, request).await
 }
 
 /// The commit `name` (a branch, a tag, `HEAD` or a full ref) points at in `url`, asked of

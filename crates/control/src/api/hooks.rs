@@ -116,5 +116,14 @@ pub(super) async fn hook(
         ));
     }
     let delivery = delivery.map(|d| format!("{trigger}:{d}"));
-    queue(&m, name, sha, trigger, delivery, false).await
+    queue(
+        &m,
+        name,
+        sha,
+        trigger,
+        delivery,
+        false,
+        request_id(&headers)?,
+    )
+    .await
 }

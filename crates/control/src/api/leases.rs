@@ -7,6 +7,7 @@ pub(super) const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
 #[tracing::instrument(skip_all, fields(worker = %req.worker))]
 pub(super) async fn lease(
     State(m): Shared,
+    headers: HeaderMap,
     Json(req): Json<LeaseRequest>,
 ) -> Result<Response, ApiErr> {
     if req.worker.is_empty() || req.worker.len() > 200 {
@@ -19,6 +20,10 @@ pub(super) async fn lease(
     let deadline = tokio::time::Instant::now() + wait;
     let ttl_ms = m.cfg.lease_ttl.as_millis() as u64;
     let mut events = m.events.clone();
+    // Each proposal of this request gets its own id, numbered the same way on a retry: a
+    // retried lease request finds the lease its first try was granted.
+    let request = request_id(&headers)?;
+    let mut tries = 0u32;
     loop {
         events.borrow_and_update();
         if m.read().queued_len() > 0 {
@@ -27,7 +32,9 @@ pub(super) async fn lease(
                 ttl_ms,
                 at: now_ms(),
             };
-            if let Outcome::Leased(b) = m.propose(cmd).await? {
+            let once = request.as_ref().map(|r| format!("{r}/{tries}"));
+            tries += 1;
+            if let Outcome::Leased(b) = m.propose_once(cmd, once).await? {
                 let url = m.read().repo(&b.repo).map(|r| r.repo.url.clone());
                 let lease = Lease {
                     url: url.unwrap_or_default(),

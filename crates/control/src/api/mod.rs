@@ -122,6 +122,25 @@ const MAX_APPEND_BODY: usize = 256 * 1024 * 1024;
 /// A whole snapshot: it grows with the history (about 100 MB at 200,000 builds).
 const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
 const HOPS_HEADER: &str = "x-starling-hops";
+/// A caller-chosen id that makes a mutating request apply at most once
+/// ([`Command::Once`]); a follower that forwards a request sets one if the caller did not.
+pub(crate) const REQUEST_ID_HEADER: &str = "x-starling-request-id";
+
+/// The request id of `headers`, if any; at most 128 visible ASCII characters.
+fn request_id(headers: &HeaderMap) -> Result<Option<String>, ApiErr> {
+    let Some(v) = headers.get(REQUEST_ID_HEADER) else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(id) if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(id.to_string()))
+        }
+        _ => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("{REQUEST_ID_HEADER} must be 1 to 128 visible ASCII characters"),
+        )),
+    }
+}
 
 pub fn router(member: Arc<Member>) -> Router {
     let hooks = Router::new()

@@ -47,7 +47,15 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
             "no stable leader; retry",
         ));
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The same id on every retry below: if the leader applied the request but its answer
+    // was lost (a 503 after it appended), the retry gets that outcome, not a second effect.
+    if !parts.headers.contains_key(REQUEST_ID_HEADER) {
+        let id = format!("fwd-{:032x}", rand::random::<u128>());
+        if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+            parts.headers.insert(REQUEST_ID_HEADER, v);
+        }
+    }
     let body = axum::body::to_bytes(body, 2 * MAX_WEBHOOK_BODY)
         .await
         .map_err(|_| err(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))?;
