@@ -199,7 +199,7 @@ pub struct StateMachineStore {
 enum SmWrite {
     /// Records one apply batch touched, with the `last_applied` and membership after it.
     Rows {
-        rows: Rows,
+        rows: Box<Rows>,
         applied: Vec<u8>,
         membership: Vec<u8>,
     },
@@ -600,7 +600,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             (Rows::encode(&st, &touched)?, touched.events_from.is_some())
         };
         let write = SmWrite::Rows {
-            rows,
+            rows: Box::new(rows),
             applied: enc(&self.last_applied)?,
             membership: enc(&self.membership)?,
         };
