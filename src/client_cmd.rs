@@ -58,6 +58,9 @@ pub enum ReposCmd {
         /// Do not deploy successful builds automatically.
         #[arg(long)]
         no_auto_deploy: bool,
+        /// Largest release a build may make (`4GiB`, `500MiB`, bytes).
+        #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+        max_release_size: u64,
     },
     List,
 }
@@ -135,6 +138,10 @@ fn build_table(builds: &[Build]) {
     }
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    starling_proto::parse_size(s).ok_or_else(|| format!("bad size {s:?} (try 4GiB, 500MiB)"))
+}
+
 pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
     match cmd {
         ClientCmd::Repos(ReposCmd::Add {
@@ -143,6 +150,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             branch,
             webhook_secret,
             no_auto_deploy,
+            max_release_size,
         }) => {
             let spec = RepoSpec {
                 name,
@@ -150,6 +158,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 branch,
                 webhook_secret,
                 auto_deploy: !no_auto_deploy,
+                max_release_bytes: max_release_size,
             };
             let repo = c.put_repo(&spec).await?;
             if json {

@@ -228,6 +228,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             branch: "main".into(),
             webhook_secret: secret.clone(),
             auto_deploy: true,
+            max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
         })
         .await?;
     println!(

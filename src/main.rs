@@ -89,6 +89,10 @@ struct ControlArgs {
     /// endpoint from AWS_* variables). Default: `<data-dir>/origin` on this member.
     #[arg(long, env = "STARLING_ORIGIN")]
     origin: Option<String>,
+    /// Chunk bytes this member's origin directory may hold (`50GiB`; default: no limit);
+    /// beyond it chunk uploads get 507 and the build fails.
+    #[arg(long, env = "STARLING_ORIGIN_QUOTA", value_parser = parse_size)]
+    origin_quota: Option<u64>,
     /// A token that may read build logs and release contents, and nothing else.
     #[arg(long, env = "STARLING_READ_TOKEN", hide_env_values = true)]
     read_token: Option<String>,
@@ -165,6 +169,10 @@ fn token(cli: &Cli) -> Result<Option<String>> {
     Ok(Some(t.to_string()))
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    starling_proto::parse_size(s).ok_or_else(|| format!("bad size {s:?} (try 50GiB, 500MiB)"))
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     starling_proto::parse_duration(s)
         .ok_or_else(|| format!("bad duration {s:?} (try 30s, 500ms, 2m)"))
@@ -229,6 +237,7 @@ async fn run(cli: Cli) -> Result<()> {
                 keep_releases: a.keep_releases,
                 collect_grace: a.collect_grace,
                 origin: a.origin,
+                origin_quota: a.origin_quota,
             };
             starling_control::server::run(cfg).await?;
             Ok(())

@@ -269,3 +269,25 @@ async fn confirmed_chunks_outlive_the_grace_period() {
     )
     .await;
 }
+
+/// A member's origin directory holds at most its quota: past it, chunk uploads get 507.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_quota_is_enforced() {
+    let c = Cluster::start(1, &["--origin-quota", "100000"]).await;
+    let url = c.url(1);
+    let mut statuses = Vec::new();
+    for i in 0..3u8 {
+        let chunk = vec![i; 40_000];
+        let hash = blake3::hash(&chunk).to_hex().to_string();
+        let r = c
+            .http
+            .put(format!("{url}/v1/chunks/{hash}"))
+            .bearer_auth(TOKEN)
+            .body(chunk)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, vec![201, 201, 507]);
+}

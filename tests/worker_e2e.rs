@@ -559,3 +559,86 @@ async fn multibyte_output_does_not_kill_a_slot() {
     let b = wait_done(&c, push(&c, &fine, "d-fine").await).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
 }
+
+/// A release over its repository's size limit fails the build with the reason, and no
+/// member stores any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_release_fails_and_stores_nothing() {
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let big = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist && head -c 200000 /dev/urandom > dist/blob\"\noutput = \"dist\"\n",
+        "big",
+    );
+    let r = c
+        .post(
+            1,
+            "/v1/repos",
+            &serde_json::json!({
+                "name": "acme/web", "url": format!("file://{}", work.display()), "branch": "main",
+                "webhook_secret": SECRET, "max_release_bytes": 100_000
+            }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+    let _worker = spawn_worker(&c, "wo");
+    let b = wait_done(&c, push(&c, &big, "d-big").await).await;
+    assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+    let reason = b.reason.unwrap_or_default();
+    assert!(reason.contains("over this repository's limit"), "{reason}");
+    let chunks = c.data_dir(1).join("origin/chunks");
+    let stored: Vec<_> = walk(&chunks);
+    assert!(stored.is_empty(), "stored: {stored:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// The control plane gone while a build publishes is not the build's fault: the worker
+/// retries until the member is back, and the build succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_control_plane_does_not_fail_the_build() {
+    let mut c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let sha = commit(
+        &work,
+        "[build]\ncommand = \"sleep 2 && mkdir -p dist && echo ok > dist/ok\"\noutput = \"dist\"\n",
+        "patient",
+    );
+    add_repo(&c, &work).await;
+    let _worker = spawn_worker(&c, "wr");
+    let id = push(&c, &sha, "d-patient").await;
+    wait_running(&c, id).await;
+    c.kill(1).await;
+    // The build ends while the member is down; the worker keeps trying to publish.
+    let log = c.dir.path().join("wr.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("publishing failed; retrying")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.spawn(1);
+    c.wait_until("the member is back", Duration::from_secs(20), async |c| {
+        c.status(1).await.is_some()
+    })
+    .await;
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    assert!(b.release.is_some());
+}

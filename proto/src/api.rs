@@ -71,6 +71,16 @@ pub struct Repo {
     pub branch: String,
     pub auto_deploy: bool,
     pub created_at: Millis,
+    /// A build whose release would be larger fails and stores nothing.
+    #[serde(default = "default_max_release_bytes")]
+    pub max_release_bytes: u64,
+}
+
+/// The release size limit of a repository registered without one: 4 GiB.
+pub const DEFAULT_MAX_RELEASE_BYTES: u64 = 4 << 30;
+
+fn default_max_release_bytes() -> u64 {
+    DEFAULT_MAX_RELEASE_BYTES
 }
 
 /// `POST /v1/repos`: register (or update) a repository.
@@ -85,6 +95,9 @@ pub struct RepoSpec {
     pub webhook_secret: String,
     #[serde(default = "default_true")]
     pub auto_deploy: bool,
+    /// Largest release a build may make, in bytes (default 4 GiB).
+    #[serde(default = "default_max_release_bytes")]
+    pub max_release_bytes: u64,
 }
 
 fn default_branch() -> String {
@@ -226,6 +239,9 @@ pub struct Lease {
     /// leases, and the API shows it everywhere else redacted.
     #[serde(default)]
     pub url: String,
+    /// The repository's release size limit.
+    #[serde(default = "default_max_release_bytes")]
+    pub max_release_bytes: u64,
 }
 
 /// `POST /v1/builds/{id}/heartbeat`.

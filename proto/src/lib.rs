@@ -15,7 +15,7 @@ pub mod redact;
 
 pub use api::*;
 pub use command::*;
-pub use duration::parse_duration;
+pub use duration::{parse_duration, parse_size};
 pub use names::{commit_id, repo_name, NameError};
 
 /// Milliseconds since the Unix epoch. Every timestamp in Starling is one of these,

@@ -51,6 +51,8 @@ pub struct ControlConfig {
     /// Where the origin store lives: `None` for `<data_dir>/origin` on this member's disk,
     /// or `s3://bucket[/prefix]` (needs the `s3` feature).
     pub origin: Option<String>,
+    /// Chunk bytes this member's origin directory may hold (`None`: no limit).
+    pub origin_quota: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -344,6 +344,7 @@ impl ControlState {
                 branch: spec.branch.clone(),
                 auto_deploy: spec.auto_deploy,
                 created_at,
+                max_release_bytes: spec.max_release_bytes,
             },
             webhook_secret: spec.webhook_secret.clone(),
         };
@@ -805,6 +806,7 @@ mod tests {
                 branch: "main".into(),
                 webhook_secret: "s".into(),
                 auto_deploy: true,
+                max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
             },
             at: 1,
         }

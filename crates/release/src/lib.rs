@@ -47,6 +47,9 @@ pub enum ReleaseError {
     /// The store's backing service failed (an S3 error, say): not the caller's fault.
     #[error("chunk store backend: {0}")]
     Backend(String),
+    /// The store is at its quota.
+    #[error("chunk store full: {0}")]
+    Full(String),
 }
 
 impl ReleaseError {
@@ -101,6 +104,14 @@ const SEGMENT: usize = 32 << 20;
 /// for the previous segment to say where its first chunk really starts
 /// ([`cuts::CutPlanner::resync`]), then hashes and stores its chunks from the same
 /// buffer. Cuts, chunks and the release id are exactly those of one sequential pass.
+/// The size in bytes of the archive [`create_release`] would make of `dir`: its files and
+/// their tar headers. Cheap (a listing, no reads), so a size limit can be checked before
+/// anything is stored.
+pub fn release_size(dir: &Path) -> Result<u64, ReleaseError> {
+    let files = archive::list(dir)?;
+    Ok(ArchivePlan::new(&files)?.len())
+}
+
 pub fn create_release(
     dir: &Path,
     store: &dyn ChunkStore,

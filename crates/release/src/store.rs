@@ -26,6 +26,10 @@ pub trait OriginStore: ChunkStore {
     /// Deleting what is not there succeeds: members sharing one store collect at once.
     fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError>;
     fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError>;
+    /// Bytes of chunks held, where the store can tell cheaply (a shared bucket cannot).
+    fn used_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Chunks at `chunks/<h[0..2]>/<h>`, manifests at `manifests/<id>`; each written to a
@@ -35,6 +39,8 @@ pub struct FsChunkStore {
     /// fsync every write: the origin store must; a worker's staging copy need not, since
     /// the release counts only once the origin store has it.
     durable: bool,
+    /// Bytes of chunks held: counted when the store opens, then kept up to date.
+    used: AtomicU64,
 }
 
 /// A name must be 64 lower-case hex digits: it becomes part of a path.
@@ -69,7 +75,17 @@ impl FsChunkStore {
                 let _ = fs::remove_file(e.path());
             }
         }
-        Ok(FsChunkStore { root, durable })
+        let store = FsChunkStore {
+            root,
+            durable,
+            used: AtomicU64::new(0),
+        };
+        let mut used = 0;
+        for (hash, _) in store.list_chunks()? {
+            used += fs::metadata(store.chunk_path(&hash)?).map_or(0, |m| m.len());
+        }
+        store.used.store(used, Ordering::Relaxed);
+        Ok(store)
     }
 
     fn chunk_path(&self, hash: &str) -> Result<PathBuf, ReleaseError> {
@@ -109,6 +125,15 @@ impl FsChunkStore {
             }
         }
         Ok(())
+    }
+
+    /// A chunk of `old` bytes became one of `new` bytes (0 for none).
+    fn adjust_used(&self, old: u64, new: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(old) + new)
+            });
     }
 
     fn read(path: &Path) -> Result<Vec<u8>, ReleaseError> {
@@ -298,7 +323,10 @@ impl ChunkStore for FsChunkStore {
 
     fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
         let p = self.chunk_path(hash)?;
-        self.write_atomic(&p, bytes)
+        let before = fs::metadata(&p).map_or(0, |m| m.len());
+        self.write_atomic(&p, bytes)?;
+        self.adjust_used(before, bytes.len() as u64);
+        Ok(())
     }
 
     fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
@@ -339,11 +367,18 @@ impl OriginStore for FsChunkStore {
 
     fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
         let p = self.chunk_path(hash)?;
-        remove_if_present(&p)
+        let size = fs::metadata(&p).map_or(0, |m| m.len());
+        remove_if_present(&p)?;
+        self.adjust_used(size, 0);
+        Ok(())
     }
 
     fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
         let p = self.manifest_path(id)?;
         remove_if_present(&p)
+    }
+
+    fn used_bytes(&self) -> Option<u64> {
+        Some(self.used.load(Ordering::Relaxed))
     }
 }

@@ -11,7 +11,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
 use starling_proto::{BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
-use starling_release::{create_release, ChunkSizes, ChunkStore, PackStore};
+use starling_release::{create_release, release_size, ChunkSizes, ChunkStore, PackStore};
 use tokio::sync::watch;
 
 use crate::runner::{run, Isolation, RunOutcome, RunRequest};
@@ -367,6 +367,23 @@ async fn execute(
         Ok(o) => o,
         Err(e) => return Ok(Finish::failed(e)),
     };
+    // Checked before anything is stored: a release over the limit leaves no trace.
+    let size = {
+        let output = output.clone();
+        tokio::task::spawn_blocking(move || release_size(&output)).await
+    };
+    match size {
+        Ok(Ok(n)) if n > lease.max_release_bytes => {
+            return Ok(Finish::failed(format!(
+                "the release would be {} ({n} bytes), over this repository's limit of {} (starling repos add --max-release-size)",
+                mib(n),
+                mib(lease.max_release_bytes)
+            )))
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Ok(Finish::failed(format!("making the release: {e}"))),
+        Err(e) => return Ok(Finish::failed(format!("making the release: {e}"))),
+    }
     // Dropped (and its file removed) when this build is done, published or not.
     let pack = match PackStore::create(pack) {
         Ok(p) => Arc::new(p),
@@ -407,6 +424,10 @@ async fn execute(
         release: Some(id),
         reason: None,
     })
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
 /// The output directory, resolved through any symbolic links, which must lie inside the

@@ -35,9 +35,13 @@ pub(super) async fn lease(
             let once = request.as_ref().map(|r| format!("{r}/{tries}"));
             tries += 1;
             if let Outcome::Leased(b) = m.propose_once(cmd, once).await? {
-                let url = m.read().repo(&b.repo).map(|r| r.repo.url.clone());
+                let repo = m.read().repo(&b.repo).map(|r| r.repo.clone());
                 let lease = Lease {
-                    url: url.unwrap_or_default(),
+                    url: repo.as_ref().map(|r| r.url.clone()).unwrap_or_default(),
+                    max_release_bytes: repo
+                        .map_or(starling_proto::DEFAULT_MAX_RELEASE_BYTES, |r| {
+                            r.max_release_bytes
+                        }),
                     attempt: b.attempt,
                     lease_expires_at: b.lease_expires_at.unwrap_or_default(),
                     lease_ttl_ms: ttl_ms,

@@ -21,6 +21,7 @@ fn store_err(e: ReleaseError) -> ApiErr {
         ReleaseError::NotFound(_) => {
             err(StatusCode::NOT_FOUND, "not in this member's origin store")
         }
+        ReleaseError::Full(m) => err(StatusCode::INSUFFICIENT_STORAGE, m),
         other => err(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }
@@ -49,9 +50,17 @@ pub(super) async fn put_chunk(
         ));
     }
     let store = m.origin.clone();
+    let quota = m.cfg.origin_quota;
     let created = blocking(move || {
         if store.has_chunk(&hash)? {
             return Ok(false);
+        }
+        if let (Some(quota), Some(used)) = (quota, store.used_bytes()) {
+            if used + body.len() as u64 > quota {
+                return Err(ReleaseError::Full(format!(
+                    "this member's origin store holds {used} bytes of its quota of {quota}"
+                )));
+            }
         }
         store.put_chunk(&hash, &body).map(|_| true)
     })
