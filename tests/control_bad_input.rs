@@ -237,3 +237,36 @@ async fn bad_input_changes_nothing() {
     let st = c.status(1).await.unwrap();
     assert_eq!(st.members.len(), 3, "membership changed");
 }
+
+/// Credentials are checked from the headers before any body is read: a request announcing
+/// a 1 GiB body without the cluster key (or a 60 MB manifest without the token) is refused
+/// at once, though the body never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_checked_before_bodies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(1, &[]).await;
+    let addr = c.url(1).trim_start_matches("http://").to_string();
+    for (method, path, length) in [
+        ("POST", "/raft/append", 1u64 << 30),
+        ("POST", "/raft/snapshot", 1 << 30),
+        (
+            "PUT",
+            &format!("/v1/manifests/{}", "a".repeat(64)),
+            60_000_000,
+        ),
+        ("PUT", &format!("/v1/chunks/{}", "a".repeat(64)), 8_000_000),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head =
+            format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[0u8; 1024]).await.unwrap();
+        let mut answer = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer while the body is missing"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{method} {path}: {text}");
+    }
+}

@@ -547,7 +547,8 @@ async fn multibyte_output_does_not_kill_a_slot() {
         "euros",
     );
     add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "wm");
+    // One runtime thread (STARLING_RUNTIME_THREADS=1): nothing may need a multi-thread runtime.
+    let _worker = spawn_worker_with(&c, "wm", &[("STARLING_RUNTIME_THREADS", "1")]);
     let b = wait_done(&c, push(&c, &euro, "d-euro").await).await;
     assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
     assert!(b.reason.unwrap_or_default().contains("exit code 3"));
