@@ -232,6 +232,20 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                     t.reason.as_deref().unwrap_or("")
                 );
             }
+            // A failed build's output lives in its log, which needs a token to read.
+            if matches!(b.status, BuildStatus::Failed | BuildStatus::TimedOut) {
+                if let Ok(log) = c.log(id, 0).await {
+                    let text = String::from_utf8_lossy(&log);
+                    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                    println!(
+                        "
+last lines of its output:"
+                    );
+                    for l in tail.into_iter().rev() {
+                        println!("  {l}");
+                    }
+                }
+            }
         }
         ClientCmd::Builds(BuildsCmd::Cancel { id }) => {
             let b = c.cancel(id).await?;
