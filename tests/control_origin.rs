@@ -227,15 +227,7 @@ async fn confirmed_chunks_outlive_the_grace_period() {
     let url = c.url(1);
     let chunk = b"an unreferenced chunk".to_vec();
     let hash = blake3::hash(&chunk).to_hex().to_string();
-    let r = c
-        .http
-        .put(format!("{url}/v1/chunks/{hash}"))
-        .bearer_auth(TOKEN)
-        .body(chunk)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(c.put_chunk(1, chunk).await, 201);
     // For three grace periods and more, a worker keeps being told the chunk is here.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(8);
     while std::time::Instant::now() < until {
@@ -274,20 +266,9 @@ async fn confirmed_chunks_outlive_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_origin_quota_is_enforced() {
     let c = Cluster::start(1, &["--origin-quota", "100000"]).await;
-    let url = c.url(1);
     let mut statuses = Vec::new();
     for i in 0..3u8 {
-        let chunk = vec![i; 40_000];
-        let hash = blake3::hash(&chunk).to_hex().to_string();
-        let r = c
-            .http
-            .put(format!("{url}/v1/chunks/{hash}"))
-            .bearer_auth(TOKEN)
-            .body(chunk)
-            .send()
-            .await
-            .unwrap();
-        statuses.push(r.status().as_u16());
+        statuses.push(c.put_chunk(1, vec![i; 40_000]).await);
     }
     assert_eq!(statuses, vec![201, 201, 507]);
 }

@@ -8,26 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn queue_builds(c: &Cluster, via: u64, from: u64, to: u64) {
-    for n in from..to {
-        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
-        let r = send_github(&c.http, &c.url(via), "push", &format!("d-{n}"), body, &sig)
-            .await
-            .expect("webhook");
-        assert_eq!(r.status().as_u16(), 201, "webhook {n}");
-    }
-}
-
-async fn wait_caught_up(c: &Cluster, id: u64, leader: u64) {
-    let want = c.status(leader).await.and_then(|s| s.last_log_index);
-    c.wait_until(
-        "the restarted member caught up",
-        Duration::from_secs(60),
-        async move |c| c.status(id).await.is_some_and(|s| s.last_applied >= want),
-    )
-    .await;
-}
-
 async fn assert_same_history(c: &Cluster, a: u64, b: u64) {
     let (ba, bb) = (c.builds_local(a).await, c.builds_local(b).await);
     assert!(!ba.is_empty());
@@ -41,7 +21,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     // A small snapshot threshold is not needed: the test forces snapshots itself.
     let mut c = Cluster::start(3, &[]).await;
     c.add_repo(1, "acme/web").await;
-    queue_builds(&c, 1, 0, 50).await;
+    c.queue_builds(1, 0, 50).await;
     let leader = c.leader().await.expect("leader");
     let follower = if leader == 3 { 2 } else { 3 };
 
@@ -49,7 +29,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     //    redb files and the leader's log.
     let before = c.status(follower).await.expect("follower status");
     c.kill(follower).await;
-    queue_builds(&c, leader, 50, 80).await;
+    c.queue_builds(leader, 50, 80).await;
     c.spawn(follower);
     c.wait_until(
         "the restarted member answers",
@@ -71,13 +51,13 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
         "restart lost the applied state"
     );
     let after_restart = restarted.last_applied;
-    wait_caught_up(&c, follower, leader).await;
+    c.wait_caught_up(follower, leader).await;
     assert_same_history(&c, leader, follower).await;
 
     // 2. Kill it again, write a lot more, then make every live member snapshot and purge
     //    its log past the entries the dead one lacks. It can only catch up by snapshot.
     c.kill(follower).await;
-    queue_builds(&c, leader, 80, 280).await;
+    c.queue_builds(leader, 80, 280).await;
     for id in c.alive() {
         let snap = c.force_snapshot(id).await;
         eprintln!("member {id} snapshot: {snap}");
@@ -107,7 +87,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     eprintln!("leader purged up to {purged}, last applied {behind}");
 
     c.spawn(follower);
-    wait_caught_up(&c, follower, leader).await;
+    c.wait_caught_up(follower, leader).await;
     let fs = c.status(follower).await.expect("follower status");
     assert!(
         fs.snapshot_index.is_some_and(|s| s >= purged),
@@ -120,7 +100,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     // 3. And it survives one more restart with the snapshot as its base.
     c.kill(follower).await;
     c.spawn(follower);
-    wait_caught_up(&c, follower, leader).await;
+    c.wait_caught_up(follower, leader).await;
     assert_same_history(&c, leader, follower).await;
 
     // `starling cluster remove`: the follower leaves the voters; the other two go on.

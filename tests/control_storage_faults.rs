@@ -9,31 +9,8 @@ use std::time::Duration;
 
 use common::*;
 
-async fn queue_builds(c: &Cluster, via: u64, from: u64, to: u64) {
-    for n in from..to {
-        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
-        let r = send_github(&c.http, &c.url(via), "push", &format!("d-{n}"), body, &sig)
-            .await
-            .expect("webhook");
-        let status = r.status().as_u16();
-        if status != 201 {
-            c.dump_logs();
-            panic!(
-                "webhook {n}: {status} {}",
-                r.text().await.unwrap_or_default()
-            );
-        }
-    }
-}
-
 async fn assert_caught_up_and_same(c: &Cluster, id: u64, leader: u64) {
-    let want = c.status(leader).await.and_then(|s| s.last_log_index);
-    c.wait_until(
-        "the restarted member caught up",
-        Duration::from_secs(60),
-        async move |c| c.status(id).await.is_some_and(|s| s.last_applied >= want),
-    )
-    .await;
+    c.wait_caught_up(id, leader).await;
     let (mine, theirs) = (c.builds_local(id).await, c.builds_local(leader).await);
     assert_eq!(mine.len(), theirs.len(), "member {id} lost builds");
     assert_eq!(mine, theirs, "builds of members {id} and {leader} differ");
@@ -44,20 +21,20 @@ async fn assert_caught_up_and_same(c: &Cluster, id: u64, leader: u64) {
 async fn failed_state_write_stops_the_member_and_loses_nothing() {
     let mut c = Cluster::start(3, &[]).await;
     c.add_repo(1, "acme/web").await;
-    queue_builds(&c, 1, 0, 10).await;
+    c.queue_builds(1, 0, 10).await;
     let leader = c.leader().await.expect("leader");
     let f = if leader == 3 { 2 } else { 3 };
     // Restart a follower whose state-file writes fail after a few batches.
     c.kill(f).await;
     c.spawn_with(f, &[("STARLING_FAULT_STATE_WRITES_AFTER", "2")]);
-    queue_builds(&c, leader, 10, 40).await;
+    c.queue_builds(leader, 10, 40).await;
     let status = c.exits_within(f, Duration::from_secs(30)).await;
     assert!(
         status.is_some_and(|s| !s.success()),
         "member {f} went on after its state file could not be written ({status:?})"
     );
     // The other two carry on.
-    queue_builds(&c, leader, 40, 45).await;
+    c.queue_builds(leader, 40, 45).await;
     c.spawn(f);
     assert_caught_up_and_same(&c, f, leader).await;
 }
@@ -83,7 +60,7 @@ async fn full_disk_stops_the_member_until_restarted() {
     }
     let mut c = Cluster::start(3, &[]).await;
     c.add_repo(1, "acme/web").await;
-    queue_builds(&c, 1, 0, 5).await;
+    c.queue_builds(1, 0, 5).await;
     let leader = c.leader().await.expect("leader");
     let f = if leader == 3 { 2 } else { 3 };
     // Move the follower's data directory to a 64 MiB disk of its own. (Its files must come
@@ -131,7 +108,7 @@ async fn full_disk_stops_the_member_until_restarted() {
     let mut n = 5;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
-        queue_builds(&c, leader, n, n + 5).await;
+        c.queue_builds(leader, n, n + 5).await;
         n += 5;
         if let Some(s) = c.exits_within(f, Duration::from_millis(200)).await {
             break Some(s);
@@ -144,7 +121,7 @@ async fn full_disk_stops_the_member_until_restarted() {
         status.is_some_and(|s| !s.success()),
         "member {f} with a full disk kept running"
     );
-    queue_builds(&c, leader, n, n + 5).await;
+    c.queue_builds(leader, n, n + 5).await;
     // Room again: a restart recovers.
     std::fs::remove_file(&filler).unwrap();
     c.spawn(f);

@@ -132,6 +132,56 @@ impl Cluster {
         }
     }
 
+    /// Queue builds of commits `from..to` of `acme/web` by signed webhooks sent to `via`.
+    pub async fn queue_builds(&self, via: u64, from: u64, to: u64) {
+        for n in from..to {
+            let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
+            let r = send_github(
+                &self.http,
+                &self.url(via),
+                "push",
+                &format!("d-{n}"),
+                body,
+                &sig,
+            )
+            .await
+            .expect("webhook");
+            let status = r.status().as_u16();
+            if status != 201 {
+                self.dump_logs();
+                panic!(
+                    "webhook {n}: {status} {}",
+                    r.text().await.unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// Wait until member `id` has applied everything `leader` had logged when asked.
+    pub async fn wait_caught_up(&self, id: u64, leader: u64) {
+        let want = self.status(leader).await.and_then(|s| s.last_log_index);
+        self.wait_until(
+            "the member caught up",
+            Duration::from_secs(60),
+            async move |c| c.status(id).await.is_some_and(|s| s.last_applied >= want),
+        )
+        .await;
+    }
+
+    /// PUT a chunk with the API token; the answer's status.
+    pub async fn put_chunk(&self, id: u64, bytes: Vec<u8>) -> u16 {
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        self.http
+            .put(format!("{}/v1/chunks/{hash}", self.url(id)))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()
+            .await
+            .expect("chunk put")
+            .status()
+            .as_u16()
+    }
+
     /// Wait up to `within` for member `id` to exit by itself; its exit status if it did.
     pub async fn exits_within(
         &mut self,

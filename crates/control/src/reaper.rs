@@ -44,6 +44,7 @@ mod tests {
                 branch: "main".into(),
                 webhook_secret: String::new(),
                 auto_deploy: false,
+                max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
             },
             at: 0,
         });
