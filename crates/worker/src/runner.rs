@@ -31,14 +31,15 @@ pub enum Isolation {
         user: Option<(u32, u32)>,
         user_namespace: bool,
     },
-    /// Only a process group: what is left where namespaces are not allowed.
-    ProcessGroup,
+    /// Only a process group: what is left where namespaces are not allowed. `user`: the
+    /// uid and gid the command still runs as when the worker is root.
+    ProcessGroup { user: Option<(u32, u32)> },
 }
 
 impl Isolation {
     /// The strongest isolation this process can set up: namespaces and `build_user` as
     /// root; a user and PID namespace otherwise if the kernel allows them (checked by
-    /// running one); else a process group.
+    /// running one); else a process group (still as `build_user` when root).
     pub fn detect(build_user: (u32, u32)) -> Isolation {
         // SAFETY: geteuid(2) has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
@@ -64,7 +65,9 @@ impl Isolation {
         if works {
             candidate
         } else {
-            Isolation::ProcessGroup
+            Isolation::ProcessGroup {
+                user: root.then_some(build_user),
+            }
         }
     }
 
@@ -98,8 +101,7 @@ impl Isolation {
     /// The uid and gid a build's files must belong to, when it runs as another user.
     pub fn build_user(&self) -> Option<(u32, u32)> {
         match self {
-            Isolation::Namespaces { user, .. } => *user,
-            Isolation::ProcessGroup => None,
+            Isolation::Namespaces { user, .. } | Isolation::ProcessGroup { user } => *user,
         }
     }
 }
@@ -112,7 +114,10 @@ impl std::fmt::Display for Isolation {
                 ..
             } => write!(f, "PID namespace, as uid {uid} gid {gid}"),
             Isolation::Namespaces { .. } => write!(f, "user and PID namespace"),
-            Isolation::ProcessGroup => write!(f, "process group only"),
+            Isolation::ProcessGroup {
+                user: Some((uid, gid)),
+            } => write!(f, "process group only, as uid {uid} gid {gid}"),
+            Isolation::ProcessGroup { user: None } => write!(f, "process group only"),
         }
     }
 }
@@ -165,7 +170,14 @@ pub async fn run(
     mut on_output: impl FnMut(&[u8]),
 ) -> std::io::Result<RunResult> {
     let mut cmd = match req.isolation {
-        Isolation::ProcessGroup => Command::new("/bin/sh"),
+        Isolation::ProcessGroup { user } => {
+            let mut c = Command::new("/bin/sh");
+            // std drops the supplementary groups too when it changes the uid as root.
+            if let Some((uid, gid)) = user {
+                c.uid(uid).gid(gid);
+            }
+            c
+        }
         ns => {
             let mut c = Command::new("unshare");
             c.args(ns.unshare_args()).arg("/bin/sh");
@@ -371,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn detached_processes_die_with_the_build() {
         let r = req("", 0);
-        if r.isolation == Isolation::ProcessGroup {
+        if matches!(r.isolation, Isolation::ProcessGroup { .. }) {
             eprintln!("skipped: no namespaces here, so setsid can escape (documented)");
             return;
         }
@@ -404,7 +416,7 @@ mod tests {
         // pipes open; the build still ends soon after its shell.
         let needle = format!("sleep 63.{}", std::process::id());
         let mut r = req(&format!("setsid {needle} & echo started"), 60_000);
-        r.isolation = Isolation::ProcessGroup;
+        r.isolation = Isolation::ProcessGroup { user: None };
         let start = Instant::now();
         let out = run(&r, no_cancel(), |_| {}).await.unwrap();
         assert!(out.outcome.success(), "{:?}", out.outcome);
@@ -416,6 +428,21 @@ mod tests {
             // SAFETY: kill(2) on a pid we found; it has no memory-safety preconditions.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+    }
+
+    #[tokio::test]
+    async fn without_namespaces_a_root_worker_still_drops_to_the_build_user() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let mut r = req("id -u; id -G", 10_000);
+        r.isolation = Isolation::ProcessGroup {
+            user: Some((65534, 65534)),
+        };
+        let out = run(&r, no_cancel(), |_| {}).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.tail), "65534\n65534\n");
     }
 
     #[tokio::test]

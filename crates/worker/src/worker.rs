@@ -49,8 +49,12 @@ pub async fn run_worker(
     prepare_data_dir(&cfg.data_dir, isolation)
         .map_err(|e| format!("preparing data directory {}: {e}", cfg.data_dir.display()))?;
     match isolation {
-        Isolation::ProcessGroup => tracing::warn!(
+        Isolation::ProcessGroup { user: None } => tracing::warn!(
             "builds run in a process group only: this kernel allows no namespaces to this user, so a build can read what the worker's user can read and a setsid process can outlive it; run the worker as root to isolate builds"
+        ),
+        Isolation::ProcessGroup { user: Some(_) } => tracing::warn!(
+            %isolation,
+            "no PID namespace here: builds run as the build user, but a setsid process can outlive its build"
         ),
         _ => tracing::info!(%isolation, "builds are isolated"),
     }
