@@ -131,6 +131,18 @@ impl Member {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Why this member cannot serve, if it cannot: its storage failed, or its Raft core
+    /// stopped (openraft stops on a storage error).
+    pub fn broken(&self) -> Option<String> {
+        if let Some(f) = self.fault.get() {
+            return Some(f.to_string());
+        }
+        match &self.raft.metrics().borrow_watched().running_state {
+            Ok(()) => None,
+            Err(fatal) => Some(format!("Raft stopped: {fatal}")),
+        }
+    }
+
     /// The leader's id and HTTP address, as this member knows them.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -273,20 +285,6 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             Err(e) => Err(ControlError::Raft(e.to_string())),
         },
         failed = storage_failure(&member) => Err(failed),
-    }
-}
-
-impl Member {
-    /// Why this member cannot serve, if it cannot: its storage failed, or its Raft core
-    /// stopped (openraft stops on a storage error).
-    pub fn broken(&self) -> Option<String> {
-        if let Some(f) = self.fault.get() {
-            return Some(f.to_string());
-        }
-        match &self.raft.metrics().borrow_watched().running_state {
-            Ok(()) => None,
-            Err(fatal) => Some(format!("Raft stopped: {fatal}")),
-        }
     }
 }
 
