@@ -2,10 +2,11 @@
 //! the loop that ties them to the control plane's lease API.
 //!
 //! This crate owns what a build worker does on its own machine: reading how a repository
-//! builds itself, running that build under a timeout in its own process group, and turning
-//! its output into a release pushed to the origin store. It never decides which build runs
-//! (the control plane's lease does) and never writes history itself (it reports through the
-//! API, and the control plane records).
+//! builds itself, running that build — untrusted code — under a deadline, isolated from the
+//! worker (its own PID namespace, an unprivileged user), and turning its output into a
+//! release pushed to the origin store. It never decides which build runs (the control
+//! plane's lease does), never writes history itself (it reports through the API, and the
+//! control plane records), and never lets a build see its credentials.
 
 pub mod runner;
 pub mod source;
