@@ -81,6 +81,8 @@ pub struct Member {
     pub fault: Arc<StorageFault>,
     /// Permits for event-log readers (long-polls and streams).
     pub event_readers: Arc<tokio::sync::Semaphore>,
+    /// Turns at reading and encoding a page of events.
+    pub event_pages: tokio::sync::Semaphore,
     /// Chunks a worker was lately told are here: the collector spares them.
     pub recent_chunks: crate::collector::RecentChunks,
 }
@@ -225,6 +227,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         origin,
         fault,
         event_readers: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EVENT_READERS)),
+        event_pages: tokio::sync::Semaphore::new(crate::api::PAGE_WORKERS),
         recent_chunks: Default::default(),
     });
 

@@ -1,14 +1,18 @@
 //! The event log: long-poll and server-sent events.
 //!
-//! Reading the log must never starve the member: at most [`MAX_EVENT_READERS`] reads and
-//! streams at once (503 beyond), streams replay in pages of [`SSE_PAGE`] events and yield
-//! between pages, and a slow client stalls only its own stream (one page is buffered).
-//! Raft runs on a thread of its own, so even a busy HTTP thread cannot delay a heartbeat.
+//! Reading the log must never starve the member. Waiting is cheap and many may wait (up
+//! to [`MAX_EVENT_READERS`] long-polls and streams per member, 503 beyond); the work —
+//! reading a page of events and encoding it — is done by at most [`PAGE_WORKERS`] readers
+//! at a time, the others queue for their turn. Streams replay in pages of [`SSE_PAGE`]
+//! events and hold one page at a time, so a slow client stalls only its own stream. Raft
+//! runs on a thread of its own, so even a busy HTTP thread cannot delay a heartbeat.
 
 use super::*;
 
-/// Event-log reads and streams served at once by one member.
-pub(crate) const MAX_EVENT_READERS: usize = 64;
+/// Long-polls and streams of the event log served at once by one member.
+pub(crate) const MAX_EVENT_READERS: usize = 1024;
+/// Readers reading and encoding a page at the same moment.
+pub(crate) const PAGE_WORKERS: usize = 4;
 /// Events per page of a stream's replay.
 const SSE_PAGE: usize = 100;
 
@@ -19,6 +23,11 @@ fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr
             format!("{MAX_EVENT_READERS} event-log readers are already served here; retry later or ask another member"),
         )
     })
+}
+
+/// Wait for a turn to read and encode a page; `None` if the member is shutting down.
+async fn page_turn(m: &Member) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    m.event_pages.acquire().await.ok()
 }
 
 #[derive(Deserialize)]
@@ -48,12 +57,13 @@ pub(super) async fn events(
     let mut rx = m.events.clone();
     loop {
         rx.borrow_and_update();
-        let evs = m.read().events_after(q.after, limit);
-        if !evs.is_empty()
+        if m.read().last_event_index() > q.after
             || tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()
         {
+            let _turn = page_turn(&m).await;
+            let evs = m.read().events_after(q.after, limit);
             return Ok(Json(evs).into_response());
         }
     }
@@ -71,34 +81,48 @@ pub(super) async fn events_stream(
         (m, rx, q.after, Vec::new(), permit),
         |(m, mut rx, after, mut pending, permit)| async move {
             loop {
-                if let Some(e) = pending.pop() {
-                    let e: starling_proto::Event = e;
-                    let next = e.index;
-                    let sse = match SseEvent::default()
-                        .id(e.index.to_string())
-                        .event(e.kind.clone())
-                        .json_data(&e)
-                    {
-                        Ok(sse) => sse,
-                        Err(err) => {
-                            tracing::error!(index = e.index, error = %err, "event not encodable; stream ends");
-                            return None;
-                        }
-                    };
-                    return Some((Ok(sse), (m, rx, next, pending, permit)));
+                if let Some(sse) = pending.pop() {
+                    return Some((Ok(sse), (m, rx, after, pending, permit)));
                 }
-                // Other tasks get their turn between pages of a long replay.
-                tokio::task::yield_now().await;
                 rx.borrow_and_update();
-                let mut evs = m.read().events_after(after, SSE_PAGE);
-                if evs.is_empty() {
+                if m.read().last_event_index() <= after {
                     rx.changed().await.ok()?;
                     continue;
                 }
-                evs.reverse();
-                pending = evs;
+                // Every other task gets a turn between pages: a connection would otherwise
+                // pump pages for as long as its socket takes them.
+                tokio::task::yield_now().await;
+                // Read and encode one page in turn with the other readers.
+                let (page, next) = {
+                    let _turn = page_turn(&m).await?;
+                    let evs = m.read().events_after(after, SSE_PAGE);
+                    let next = evs.last().map_or(after, |e| e.index);
+                    (encode_page(&evs)?, next)
+                };
+                pending = page;
+                pending.reverse();
+                let after = next;
+                return pending
+                    .pop()
+                    .map(|sse| (Ok(sse), (m, rx, after, pending, permit)));
             }
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Server-sent events of `evs`; `None` (the stream ends) if one cannot be encoded.
+fn encode_page(evs: &[starling_proto::Event]) -> Option<Vec<SseEvent>> {
+    evs.iter()
+        .map(|e| {
+            SseEvent::default()
+                .id(e.index.to_string())
+                .event(e.kind.clone())
+                .json_data(e)
+                .map_err(|err| {
+                    tracing::error!(index = e.index, error = %err, "event not encodable; stream ends")
+                })
+                .ok()
+        })
+        .collect()
 }

@@ -60,7 +60,7 @@ use origin::*;
 use raft_rpc::*;
 use routing::*;
 
-pub(crate) use events::MAX_EVENT_READERS;
+pub(crate) use events::{MAX_EVENT_READERS, PAGE_WORKERS};
 
 type Shared = State<Arc<Member>>;
 
