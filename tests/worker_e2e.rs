@@ -643,3 +643,44 @@ async fn an_unreachable_control_plane_does_not_fail_the_build() {
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
     assert!(b.release.is_some());
 }
+
+/// A build whose handling panics fails with what happened, and the worker's only slot
+/// goes on to the next build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_build_fails_and_the_slot_goes_on() {
+    let c = Cluster::start(1, &[]).await;
+    let work = new_repo(&c);
+    let sha = commit(
+        &work,
+        "[build]\ncommand = \"mkdir -p dist && echo ok > dist/ok\"\noutput = \"dist\"\n",
+        "ok",
+    );
+    add_repo(&c, &work).await;
+    let r = c
+        .post(
+            1,
+            "/v1/repos",
+            &serde_json::json!({
+                "name": "acme/other", "url": format!("file://{}", work.display()), "branch": "main",
+                "webhook_secret": SECRET
+            }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 201);
+    let _worker = spawn_worker_with(&c, "wx", &[("STARLING_FAULT_PANIC_IN_BUILD", "acme/web")]);
+    let b = wait_done(&c, push(&c, &sha, "d-panic").await).await;
+    assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+    assert!(b
+        .reason
+        .unwrap_or_default()
+        .contains("worker error: injected panic"));
+    let (body, sig) = github_push("acme/other", "main", &sha, SECRET);
+    let r = send_github(&c.http, &c.url(1), "push", "d-after-panic", body, &sig)
+        .await
+        .unwrap();
+    let id = r.json::<serde_json::Value>().await.unwrap()["build"]["id"]
+        .as_u64()
+        .unwrap();
+    let b = wait_done(&c, id).await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+}

@@ -283,6 +283,7 @@ async fn execute(
     lost: &AtomicBool,
 ) -> Result<Finish, Abandon> {
     let b = &lease.build;
+    inject_panic(&b.repo);
     let src = dir.join("src");
     let home = dir.join("home");
     if lease.url.is_empty() {
@@ -429,6 +430,18 @@ async fn execute(
         reason: None,
     })
 }
+
+/// Test-only switch (feature `fault-injection`): builds of the repository named by
+/// `STARLING_FAULT_PANIC_IN_BUILD` panic, to show that a slot survives its build's panic.
+#[cfg(feature = "fault-injection")]
+fn inject_panic(repo: &str) {
+    if std::env::var("STARLING_FAULT_PANIC_IN_BUILD").is_ok_and(|r| r == repo) {
+        panic!("injected panic in a build of {repo}");
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn inject_panic(_repo: &str) {}
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
