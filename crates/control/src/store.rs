@@ -41,6 +41,13 @@ const K_APPLIED: &str = "sm_last_applied";
 const K_MEMBERSHIP: &str = "sm_membership";
 const K_SNAPSHOT_META: &str = "snapshot_meta";
 const K_SNAPSHOT_DATA: &str = "snapshot_data";
+const K_FORMAT: &str = "format";
+
+/// The encoding of what a member's files hold: JSON of openraft entries carrying
+/// [`starling_proto::Command`]s (pinned by `proto/tests/command_encoding.rs`) and JSON
+/// records. Raised only when a file written before could no longer be read as it is;
+/// then a member refuses the old file instead of misreading it.
+pub const FILE_FORMAT: u32 = 1;
 
 /// A member's redb files, each with its own write lock and fsyncs:
 /// - `log.redb`: the Raft log, vote and purge marker — fsynced before every acknowledgement;
@@ -56,7 +63,7 @@ pub struct Files {
 impl Files {
     pub fn open(dir: &Path) -> io::Result<Files> {
         std::fs::create_dir_all(dir)?;
-        Ok(Files {
+        let files = Files {
             log: open_file(&dir.join("log.redb"), &[LOG], &[META])?,
             state: open_file(
                 &dir.join("state.redb"),
@@ -64,7 +71,36 @@ impl Files {
                 &[META, REPOS, RELEASES, GOALS],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
-        })
+        };
+        for (name, db) in [
+            ("log.redb", &files.log),
+            ("state.redb", &files.state),
+            ("snapshots.redb", &files.snapshots),
+        ] {
+            check_format(db, name)?;
+        }
+        Ok(files)
+    }
+}
+
+/// Refuse a file written in another format; mark a file without one (new, or written
+/// before formats were recorded, which is format 1) as [`FILE_FORMAT`].
+fn check_format(db: &Database, name: &str) -> io::Result<()> {
+    match read_meta::<u32>(db, K_FORMAT)? {
+        Some(FILE_FORMAT) => Ok(()),
+        Some(other) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} is in format {other}; this starling reads format {FILE_FORMAT}"),
+        )),
+        None => {
+            let txn = db.begin_write().map_err(io::Error::other)?;
+            {
+                let mut m = txn.open_table(META).map_err(io::Error::other)?;
+                m.insert(K_FORMAT, enc(&FILE_FORMAT)?.as_slice())
+                    .map_err(io::Error::other)?;
+            }
+            txn.commit().map_err(io::Error::other)
+        }
     }
 }
 
@@ -669,5 +705,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 snapshot,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_of_another_format_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let files = Files::open(t.path()).unwrap();
+        assert_eq!(
+            read_meta::<u32>(&files.log, K_FORMAT).unwrap(),
+            Some(FILE_FORMAT)
+        );
+        // A file from a later starling:
+        let txn = files.state.begin_write().unwrap();
+        {
+            let mut m = txn.open_table(META).unwrap();
+            m.insert(K_FORMAT, enc(&(FILE_FORMAT + 1)).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        drop(files);
+        let e = Files::open(t.path())
+            .err()
+            .expect("opened a file of another format");
+        assert!(e.to_string().contains("state.redb is in format 2"), "{e}");
     }
 }

@@ -1,0 +1,120 @@
+//! The Raft log holds `Command`s as JSON and lives for years: a member after an upgrade must
+//! read every entry an older member wrote. This pins the encoding of every command, and of
+//! a log entry written before later fields existed, to files under `tests/fixtures`.
+//!
+//! A change that fails this test breaks old logs. Add fields with `#[serde(default)]` and
+//! variants at the end; if an incompatible change is unavoidable, raise the file format
+//! (`starling_control::store::FILE_FORMAT`). Regenerate the pinned file only for an
+//! addition: `STARLING_BLESS=1 cargo test -p starling-proto --test command_encoding`.
+
+use starling_proto::{BuildStatus, Command, RepoSpec};
+
+fn every_command() -> Vec<Command> {
+    let spec = RepoSpec {
+        name: "acme/web".into(),
+        url: "https://git.example.com/acme/web.git".into(),
+        branch: "main".into(),
+        webhook_secret: "s3cret".into(),
+        auto_deploy: true,
+        max_release_bytes: 4 << 30,
+    };
+    let sha = "0123456789abcdef0123456789abcdef01234567".to_string();
+    vec![
+        Command::PutRepo { spec, at: 1 },
+        Command::QueueBuild {
+            repo: "acme/web".into(),
+            sha: sha.clone(),
+            trigger: "github".into(),
+            delivery: Some("github:d-1".into()),
+            force: false,
+            at: 2,
+        },
+        Command::LeaseBuild {
+            worker: "w/0".into(),
+            ttl_ms: 30_000,
+            at: 3,
+        },
+        Command::Heartbeat {
+            build: 1,
+            worker: "w/0".into(),
+            attempt: 1,
+            ttl_ms: 30_000,
+            at: 4,
+        },
+        Command::CompleteBuild {
+            build: 1,
+            worker: "w/0".into(),
+            attempt: 1,
+            status: BuildStatus::Succeeded,
+            release: Some("ab".repeat(32)),
+            reason: None,
+            at: 5,
+        },
+        Command::CancelBuild { build: 2, at: 6 },
+        Command::ExpireLeases {
+            builds: vec![3],
+            max_attempts: 3,
+            at: 7,
+        },
+        Command::SetGoal {
+            repo: "acme/web".into(),
+            env: "default".into(),
+            release: "ab".repeat(32),
+            at: 8,
+        },
+        Command::CollectReleases {
+            releases: vec!["cd".repeat(32)],
+            keep: 10,
+            at: 9,
+        },
+        Command::Noop,
+        Command::Once {
+            request: "fwd-1".into(),
+            command: Box::new(Command::LeaseBuild {
+                worker: "w/1".into(),
+                ttl_ms: 30_000,
+                at: 10,
+            }),
+        },
+    ]
+}
+
+const PINNED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/commands_v1.json"
+);
+
+#[test]
+fn every_command_encodes_as_pinned() {
+    let now: Vec<serde_json::Value> = every_command()
+        .iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect();
+    let text = serde_json::to_string_pretty(&now).unwrap() + "\n";
+    if std::env::var_os("STARLING_BLESS").is_some() {
+        std::fs::write(PINNED, &text).unwrap();
+    }
+    let pinned = std::fs::read_to_string(PINNED).expect("the pinned encoding");
+    assert_eq!(
+        text, pinned,
+        "the encoding of a command changed: old logs would misread"
+    );
+    // And what is pinned decodes to the same commands.
+    let back: Vec<Command> = serde_json::from_str(&pinned).unwrap();
+    assert_eq!(back, every_command());
+}
+
+/// A `PutRepo` written before repositories had a release size limit still reads, with the
+/// default limit.
+#[test]
+fn entries_from_before_later_fields_still_read() {
+    let old = r#"{"PutRepo":{"spec":{"name":"acme/web","url":"file:///x","branch":"main","webhook_secret":"s","auto_deploy":true},"at":1}}"#;
+    let cmd: Command = serde_json::from_str(old).unwrap();
+    let Command::PutRepo { spec, .. } = cmd else {
+        panic!("not a PutRepo: {cmd:?}");
+    };
+    assert_eq!(
+        spec.max_release_bytes,
+        starling_proto::DEFAULT_MAX_RELEASE_BYTES
+    );
+}
