@@ -77,8 +77,8 @@ impl Cluster {
         Ok(())
     }
 
-    fn client(&self, id: u64) -> ControlClient {
-        ControlClient::new(&self.url(id), Some(self.token.clone()))
+    fn client(&self, id: u64) -> Result<ControlClient> {
+        Ok(ControlClient::new(&self.url(id), Some(self.token.clone()))?)
     }
 }
 
@@ -195,7 +195,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
 
     c.spawn(1, true)?;
-    let first = c.client(1);
+    let first = c.client(1)?;
     wait_for("member 1 to lead", Duration::from_secs(20), || async {
         first.cluster().await.ok().filter(|s| s.leader == Some(1))
     })
@@ -221,7 +221,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     let (url, sha) = make_repo(&dir)?;
     let secret = random_hex(12);
-    c.client(2)
+    c.client(2)?
         .put_repo(&RepoSpec {
             name: "acme/web".into(),
             url: url.clone(),
@@ -264,7 +264,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("starting the worker")?;
-    let wc = c.client(2);
+    let wc = c.client(2)?;
     let built = wait_for(
         "the worker to build the commit",
         Duration::from_secs(60),
@@ -286,12 +286,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
     }
 
-    let leader = c.client(1).cluster().await?.leader.context("no leader")?;
+    let leader = c.client(1)?.cluster().await?.leader.context("no leader")?;
     println!("== killing the leader (member {leader}) with SIGKILL");
     let killed_at = Instant::now();
     c.kill(leader).await?;
     let survivor = if leader == 1 { 2 } else { 1 };
-    let sc = c.client(survivor);
+    let sc = c.client(survivor)?;
     let new = wait_for("a new leader", Duration::from_secs(15), || async {
         sc.cluster()
             .await
@@ -315,7 +315,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
     }
     c.spawn(leader, leader == 1)?;
-    let back = c.client(leader);
+    let back = c.client(leader)?;
     let want = sc.cluster().await?.last_applied;
     wait_for(
         "the killed member to catch up",

@@ -243,7 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Worker(a) => {
-            let client = starling_client::ControlClient::new(&cli.control, token);
+            let client = starling_client::ControlClient::new(&cli.control, token)?;
             let name = a.name.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
@@ -271,7 +271,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Client(c) => {
-            let client = starling_client::ControlClient::new(&cli.control, token);
+            let client = starling_client::ControlClient::new(&cli.control, token)?;
             client_cmd::run(&client, c, cli.json).await
         }
     }

@@ -46,29 +46,36 @@ pub struct Manifest {
     pub chunks: Vec<ChunkRef>,
 }
 
+/// Why a manifest could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("malformed manifest: {0}")]
+    Malformed(String),
+    #[error("manifest version {0} (this build reads {MANIFEST_VERSION})")]
+    Version(u32),
+    #[error("encoding the manifest: {0}")]
+    Encode(String),
+}
+
 impl Manifest {
     /// The canonical encoding (postcard: deterministic, positional).
-    pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain structs of strings and integers into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, ManifestError> {
+        postcard::to_allocvec(self).map_err(|e| ManifestError::Encode(e.to_string()))
     }
 
     /// Decode and check the version; bad input is an error, never a panic.
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let m: Manifest =
-            postcard::from_bytes(bytes).map_err(|e| format!("malformed manifest: {e}"))?;
+            postcard::from_bytes(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
         if m.version != MANIFEST_VERSION {
-            return Err(format!(
-                "manifest version {} (this build reads {MANIFEST_VERSION})",
-                m.version
-            ));
+            return Err(ManifestError::Version(m.version));
         }
         Ok(m)
     }
 
     /// The release id: BLAKE3 of the canonical encoding, as 64 hex digits.
-    pub fn id(&self) -> String {
-        blake3::hash(&self.encode()).to_hex().to_string()
+    pub fn id(&self) -> Result<String, ManifestError> {
+        Ok(blake3::hash(&self.encode()?).to_hex().to_string())
     }
 }
 
@@ -94,13 +101,16 @@ mod tests {
             }],
         };
         assert_eq!(m.id(), m.clone().id());
-        assert_eq!(Manifest::decode(&m.encode()), Ok(m.clone()));
+        assert_eq!(Manifest::decode(&m.encode().unwrap()), Ok(m.clone()));
         let mut other = m.clone();
         other.files[0].mode = 0o755;
         assert_ne!(m.id(), other.id());
         let mut future = m;
         future.version = 2;
-        assert!(Manifest::decode(&future.encode()).is_err());
+        assert_eq!(
+            Manifest::decode(&future.encode().unwrap()),
+            Err(ManifestError::Version(future.version))
+        );
         assert!(Manifest::decode(b"\xff\xff").is_err());
     }
 }

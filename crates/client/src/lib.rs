@@ -24,6 +24,8 @@ pub enum ClientError {
     },
     #[error("{status}: {message}")]
     Api { status: u16, message: String },
+    #[error("setting up the HTTP client: {0}")]
+    Setup(#[source] reqwest::Error),
     #[error("unexpected answer from {url}: {source}")]
     Decode {
         url: String,
@@ -55,18 +57,18 @@ pub struct BuildFilter {
 }
 
 impl ControlClient {
-    pub fn new(base: &str, token: Option<String>) -> Self {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(90))
             .build()
-            .unwrap_or_default();
-        ControlClient {
+            .map_err(ClientError::Setup)?;
+        Ok(ControlClient {
             base: base.trim_end_matches('/').to_string(),
             token,
             http,
-        }
+        })
     }
 
     /// The same client (token, connection pool) pointed at another member.
@@ -105,7 +107,10 @@ impl ControlClient {
         if status.is_success() {
             return Ok(resp);
         }
-        let text = resp.text().await.unwrap_or_default();
+        let text = resp
+            .text()
+            .await
+            .unwrap_or_else(|e| format!("(the answer's body could not be read: {e})"));
         let message = serde_json::from_str::<ApiError>(&text)
             .map(|e| e.error)
             .unwrap_or(text);

@@ -75,14 +75,13 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
-    pub fn new(cluster_key: String) -> Self {
+    pub fn new(cluster_key: String) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(16)
-            .build()
-            .unwrap_or_default();
-        PeerNetwork { http, cluster_key }
+            .build()?;
+        Ok(PeerNetwork { http, cluster_key })
     }
 }
 

@@ -206,7 +206,8 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     // (event replays, long-polls, chunk reads) can never delay a heartbeat or a vote.
     let raft_rt = raft_runtime()?;
     let id = cfg.id;
-    let network = PeerNetwork::new(cfg.cluster_key.clone());
+    let network = PeerNetwork::new(cfg.cluster_key.clone())
+        .map_err(|e| ControlError::Config(format!("Raft HTTP client: {e}")))?;
     let raft = raft_rt
         .spawn(async move { Raft::new(id, raft_cfg, network, log, sm).await })
         .await

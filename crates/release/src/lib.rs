@@ -44,6 +44,8 @@ pub enum ReleaseError {
     /// A bad name or a request the store refuses: the caller's fault.
     #[error("chunk store: {0}")]
     Store(String),
+    #[error(transparent)]
+    Manifest(#[from] starling_proto::release::ManifestError),
     /// The store's backing service failed (an S3 error, say): not the caller's fault.
     #[error("chunk store backend: {0}")]
     Backend(String),
@@ -170,8 +172,8 @@ pub fn create_release(
         files,
         chunks,
     };
-    let id = manifest.id();
-    store.put_manifest(&id, &manifest.encode())?;
+    let id = manifest.id()?;
+    store.put_manifest(&id, &manifest.encode()?)?;
     Ok((id, manifest, stats))
 }
 
@@ -350,7 +352,7 @@ mod tests {
         }
         assert_eq!(total, m.archive_size);
         let stored = Manifest::decode(&store.get_manifest(&id_a).unwrap()).unwrap();
-        assert_eq!(stored.id(), id_a);
+        assert_eq!(stored.id().unwrap(), id_a);
     }
 
     #[test]

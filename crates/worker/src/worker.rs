@@ -202,6 +202,7 @@ fn transient(e: &ClientError) -> bool {
     match e {
         ClientError::Unreachable { .. } | ClientError::Decode { .. } => true,
         ClientError::Api { status, .. } => *status >= 500 && *status != 507,
+        ClientError::Setup(_) => false,
     }
 }
 
@@ -572,8 +573,12 @@ async fn push_to(
         member = client.base(),
         "published"
     );
+    let encoded = manifest.encode().map_err(|e| PublishError {
+        message: e.to_string(),
+        transient: false,
+    })?;
     client
-        .put_bytes(&format!("/v1/manifests/{id}"), manifest.encode())
+        .put_bytes(&format!("/v1/manifests/{id}"), encoded)
         .await?;
     Ok(())
 }

@@ -82,10 +82,15 @@ pub(super) async fn read_log(
         return Err(err(StatusCode::NOT_FOUND, format!("unknown build {id}")));
     }
     let path = log_path(&m, id);
-    // No file yet means no output yet.
-    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path).unwrap_or_default())
-        .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let read = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+        Ok(b) => Ok(b),
+        // No file yet means no output yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("reading the log of build {id}: {e}")),
+    })
+    .await
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let bytes = read.map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let from = (q.offset as usize).min(bytes.len());
     Ok((
         [(

@@ -26,6 +26,10 @@ fn store_err(e: ReleaseError) -> ApiErr {
     }
 }
 
+fn store_err_from(e: starling_proto::release::ManifestError) -> ApiErr {
+    store_err(ReleaseError::from(e))
+}
+
 /// Run blocking store work off the runtime thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ReleaseError> + Send + 'static,
@@ -125,13 +129,16 @@ pub(super) async fn put_manifest(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let manifest = Manifest::decode(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
-    if manifest.id() != id {
+    let manifest =
+        Manifest::decode(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let actual = manifest.id().map_err(store_err_from)?;
+    if actual != id {
         return Err(err(
             StatusCode::BAD_REQUEST,
-            format!("manifest hashes to {}, not {id}", manifest.id()),
+            format!("manifest hashes to {actual}, not {id}"),
         ));
     }
+    let encoded = manifest.encode().map_err(store_err_from)?;
     // Its release is recorded only when the build completes; until then (and while it is
     // young) its chunks are spared by the collector.
     m.recent_chunks.mark(
@@ -147,7 +154,7 @@ pub(super) async fn put_manifest(
                 return Err(ReleaseError::Store(format!("chunk {} is missing", c.hash)));
             }
         }
-        store.put_manifest(&id, &manifest.encode())
+        store.put_manifest(&id, &encoded)
     })
     .await?;
     Ok(StatusCode::CREATED.into_response())

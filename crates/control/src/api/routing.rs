@@ -85,7 +85,7 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
                 .header(CLUSTER_KEY_HEADER, &m.cfg.cluster_key);
             match rb.send().await {
                 Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                    return Ok(relay(resp).await);
+                    return relay(resp, leader_id).await;
                 }
                 Ok(_) => tracing::debug!(leader_id, "leader busy; retrying"),
                 Err(e) if e.is_connect() => {
@@ -114,18 +114,28 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
     }
 }
 
-pub(super) async fn relay(resp: reqwest::Response) -> Response {
+/// The leader's answer, as this member's; 502 if its body cannot be read whole (an empty
+/// body would look like a real answer).
+pub(super) async fn relay(
+    resp: reqwest::Response,
+    leader: crate::NodeId,
+) -> Result<Response, ApiErr> {
     let status = resp.status();
     let ctype = resp
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .cloned();
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let bytes = resp.bytes().await.map_err(|e| {
+        err(
+            StatusCode::BAD_GATEWAY,
+            format!("reading the answer of leader {leader} (it may have applied the request): {e}"),
+        )
+    })?;
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
     if let Some(ct) = ctype {
         out.headers_mut()
             .insert(axum::http::header::CONTENT_TYPE, ct);
     }
-    out
+    Ok(out)
 }
