@@ -129,9 +129,15 @@ fn prepare_data_dir(dir: &Path, isolation: Isolation) -> std::io::Result<()> {
 }
 
 async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>) {
+    use backon::BackoffBuilder;
     let worker = format!("{}/{slot}", shared.cfg.name);
+    let mut delays = backoff().build();
     while !*stop.borrow() {
-        match shared.control.lease(&worker, Duration::from_secs(20)).await {
+        let leased = shared.control.lease(&worker, Duration::from_secs(20)).await;
+        if leased.is_ok() {
+            delays = backoff().build();
+        }
+        match leased {
             Ok(Some(lease)) => {
                 // A bug in a build's handling must not take the slot with it: the build
                 // fails with what happened, and the slot takes the next one.
@@ -155,8 +161,9 @@ async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(%worker, error = %e, "lease failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let after = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%worker, error = %e, ?after, "lease failed; retrying");
+                tokio::time::sleep(after).await;
             }
         }
     }
