@@ -13,8 +13,24 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// Let this test process hold its 1,000 sockets whatever the machine's default limit.
+fn raise_own_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 4096 {
+            lim.rlim_cur = lim.rlim_max.min(4096);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_connections_are_bounded_and_closed() {
+    raise_own_fd_limit();
     let c = Cluster::start(3, &["--max-connections", "64", "--idle-timeout", "3s"]).await;
     c.add_repo(1, "acme/web").await;
     let leader = c.leader().await.expect("leader");
