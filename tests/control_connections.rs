@@ -59,24 +59,7 @@ async fn idle_connections_are_bounded_and_closed() {
     .await;
 
     // Writes forwarded by a follower carry the cluster key and still reach the leader.
-    for n in 0..5 {
-        let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
-        let r = send_github(
-            &c.http,
-            &c.url(follower),
-            "push",
-            &format!("c-{n}"),
-            body,
-            &sig,
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            r.status().as_u16(),
-            201,
-            "write {n} while the leader is crowded"
-        );
-    }
+    c.queue_builds(follower, 0, 5).await;
 
     // Idle connections are closed by the member.
     let start = Instant::now();

@@ -8,14 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn assert_same_history(c: &Cluster, a: u64, b: u64) {
-    let (ba, bb) = (c.builds_local(a).await, c.builds_local(b).await);
-    assert!(!ba.is_empty());
-    assert_eq!(ba, bb, "builds of members {a} and {b} differ");
-    let (ea, eb) = (c.events_local(a).await, c.events_local(b).await);
-    assert_eq!(ea, eb, "events of members {a} and {b} differ");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     // A small snapshot threshold is not needed: the test forces snapshots itself.
@@ -52,7 +44,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     );
     let after_restart = restarted.last_applied;
     c.wait_caught_up(follower, leader).await;
-    assert_same_history(&c, leader, follower).await;
+    c.assert_same_history(leader, follower).await;
 
     // 2. Kill it again, write a lot more, then make every live member snapshot and purge
     //    its log past the entries the dead one lacks. It can only catch up by snapshot.
@@ -93,7 +85,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
         fs.snapshot_index.is_some_and(|s| s >= purged),
         "follower did not install a snapshot: {fs:?}"
     );
-    assert_same_history(&c, leader, follower).await;
+    c.assert_same_history(leader, follower).await;
     let builds = c.builds_local(follower).await;
     assert_eq!(builds.len(), 280);
 
@@ -101,7 +93,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     c.kill(follower).await;
     c.spawn(follower);
     c.wait_caught_up(follower, leader).await;
-    assert_same_history(&c, leader, follower).await;
+    c.assert_same_history(leader, follower).await;
 
     // `starling cluster remove`: the follower leaves the voters; the other two go on.
     let r = c

@@ -9,14 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn assert_caught_up_and_same(c: &Cluster, id: u64, leader: u64) {
-    c.wait_caught_up(id, leader).await;
-    let (mine, theirs) = (c.builds_local(id).await, c.builds_local(leader).await);
-    assert_eq!(mine.len(), theirs.len(), "member {id} lost builds");
-    assert_eq!(mine, theirs, "builds of members {id} and {leader} differ");
-    assert_eq!(c.events_local(id).await, c.events_local(leader).await);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_state_write_stops_the_member_and_loses_nothing() {
     let mut c = Cluster::start(3, &[]).await;
@@ -36,7 +28,8 @@ async fn failed_state_write_stops_the_member_and_loses_nothing() {
     // The other two carry on.
     c.queue_builds(leader, 40, 45).await;
     c.spawn(f);
-    assert_caught_up_and_same(&c, f, leader).await;
+    c.wait_caught_up(f, leader).await;
+    c.assert_same_history(leader, f).await;
 }
 
 /// Unmounts on drop, even when the test fails.
@@ -125,5 +118,6 @@ async fn full_disk_stops_the_member_until_restarted() {
     // Room again: a restart recovers.
     std::fs::remove_file(&filler).unwrap();
     c.spawn(f);
-    assert_caught_up_and_same(&c, f, leader).await;
+    c.wait_caught_up(f, leader).await;
+    c.assert_same_history(leader, f).await;
 }

@@ -75,7 +75,13 @@ impl Manifest {
 
     /// The release id: BLAKE3 of the canonical encoding, as 64 hex digits.
     pub fn id(&self) -> Result<String, ManifestError> {
-        Ok(blake3::hash(&self.encode()?).to_hex().to_string())
+        self.encode_with_id().map(|(id, _)| id)
+    }
+
+    /// The release id and the canonical encoding it is the hash of, encoded once.
+    pub fn encode_with_id(&self) -> Result<(String, Vec<u8>), ManifestError> {
+        let bytes = self.encode()?;
+        Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
     }
 }
 

@@ -168,6 +168,20 @@ impl Cluster {
         .await;
     }
 
+    /// Members `a` and `b` hold the same builds (some, none lost) and the same events.
+    pub async fn assert_same_history(&self, a: u64, b: u64) {
+        let (ba, bb) = (self.builds_local(a).await, self.builds_local(b).await);
+        assert!(!ba.is_empty());
+        assert_eq!(
+            ba.len(),
+            bb.len(),
+            "members {a} and {b} hold different numbers of builds"
+        );
+        assert_eq!(ba, bb, "builds of members {a} and {b} differ");
+        let (ea, eb) = (self.events_local(a).await, self.events_local(b).await);
+        assert_eq!(ea, eb, "events of members {a} and {b} differ");
+    }
+
     /// PUT a chunk with the API token; the answer's status.
     pub async fn put_chunk(&self, id: u64, bytes: Vec<u8>) -> u16 {
         let hash = blake3::hash(&bytes).to_hex().to_string();

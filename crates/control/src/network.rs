@@ -27,6 +27,14 @@ use serde::Serialize;
 use crate::{NodeId, TypeConfig};
 
 pub const CLUSTER_KEY_HEADER: &str = "x-starling-cluster-key";
+
+/// Do `headers` carry the cluster key `key`? (Compared in constant time.)
+pub fn carries_cluster_key(headers: &axum::http::HeaderMap, key: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    headers
+        .get(CLUSTER_KEY_HEADER)
+        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(key.as_bytes())))
+}
 /// Names the encoding of a Raft RPC body; see [`RAFT_PROTOCOL`].
 pub const PROTOCOL_HEADER: &str = "x-starling-raft-protocol";
 /// Version 1: request and answer bodies are postcard; the answer is

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
-use crate::network::CLUSTER_KEY_HEADER;
+use crate::network::carries_cluster_key;
 
 /// Bounds on the connections one member serves.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +111,7 @@ async fn serve_connection(
     });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
-        let refused = probation && !carries_key(&req, &cluster_key);
+        let refused = probation && !carries_cluster_key(req.headers(), &cluster_key);
         async move {
             if refused {
                 return Ok::<_, std::convert::Infallible>(busy());
@@ -142,13 +142,6 @@ async fn serve_connection(
             }
         }
     }
-}
-
-fn carries_key(req: &Request<Incoming>, key: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    req.headers()
-        .get(CLUSTER_KEY_HEADER)
-        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(key.as_bytes())))
 }
 
 fn busy() -> Response<Body> {

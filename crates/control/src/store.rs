@@ -250,18 +250,17 @@ enum SmWrite {
 const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Test-only switch (feature `fault-injection`): state writes fail once this many batches
-/// were written (`STARLING_FAULT_STATE_WRITES_AFTER`).
+/// were written (`STARLING_FAULT_STATE_WRITES_AFTER`), read once when the writer starts.
 #[cfg(feature = "fault-injection")]
-fn injected_fault(batches: u64) -> Option<io::Error> {
-    let after: u64 = std::env::var("STARLING_FAULT_STATE_WRITES_AFTER")
+fn writes_fail_after() -> Option<u64> {
+    std::env::var("STARLING_FAULT_STATE_WRITES_AFTER")
         .ok()?
         .parse()
-        .ok()?;
-    (batches >= after).then(|| io::Error::other("injected state-file write failure"))
+        .ok()
 }
 
 #[cfg(not(feature = "fault-injection"))]
-fn injected_fault(_batches: u64) -> Option<io::Error> {
+fn writes_fail_after() -> Option<u64> {
     None
 }
 
@@ -272,6 +271,7 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageF
     let mut last_sync = std::time::Instant::now();
     let mut unsynced = false;
     let mut batches = 0u64;
+    let fail_after = writes_fail_after();
     loop {
         let first = match rx.recv_timeout(STATE_SYNC_INTERVAL) {
             Ok(op) => op,
@@ -290,8 +290,8 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageF
         let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL
             || ops.iter().any(|op| matches!(op, SmWrite::Sync));
         let res = (|| -> io::Result<()> {
-            if let Some(e) = injected_fault(batches) {
-                return Err(e);
+            if fail_after.is_some_and(|n| batches >= n) {
+                return Err(io::Error::other("injected state-file write failure"));
             }
             let mut txn = db.begin_write().map_err(io::Error::other)?;
             let durability = if sync {

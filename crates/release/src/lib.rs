@@ -49,9 +49,16 @@ pub enum ReleaseError {
     /// The store's backing service failed (an S3 error, say): not the caller's fault.
     #[error("chunk store backend: {0}")]
     Backend(String),
+    /// The release would be larger than its limit; nothing was stored.
+    #[error("the release would be {} ({size} bytes), more than the limit of {}", mib(*size), mib(*limit))]
+    TooLarge { size: u64, limit: u64 },
     /// The store is at its quota.
     #[error("chunk store full: {0}")]
     Full(String),
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
 impl ReleaseError {
@@ -106,21 +113,30 @@ const SEGMENT: usize = 32 << 20;
 /// for the previous segment to say where its first chunk really starts
 /// ([`cuts::CutPlanner::resync`]), then hashes and stores its chunks from the same
 /// buffer. Cuts, chunks and the release id are exactly those of one sequential pass.
-/// The size in bytes of the archive [`create_release`] would make of `dir`: its files and
-/// their tar headers. Cheap (a listing, no reads), so a size limit can be checked before
-/// anything is stored.
-pub fn release_size(dir: &Path) -> Result<u64, ReleaseError> {
-    let files = archive::list(dir)?;
-    Ok(ArchivePlan::new(&files)?.len())
-}
-
 pub fn create_release(
     dir: &Path,
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
 ) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
+    create_release_within(dir, store, sizes, u64::MAX)
+}
+
+/// [`create_release`], refused with [`ReleaseError::TooLarge`] before anything is stored
+/// when the archive would exceed `max_bytes` (known from the listing, before any read).
+pub fn create_release_within(
+    dir: &Path,
+    store: &dyn ChunkStore,
+    sizes: ChunkSizes,
+    max_bytes: u64,
+) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
     let files = archive::list(dir)?;
     let plan = ArchivePlan::new(&files)?;
+    if plan.len() > max_bytes {
+        return Err(ReleaseError::TooLarge {
+            size: plan.len(),
+            limit: max_bytes,
+        });
+    }
     let job = Job {
         dir,
         files: &files,
@@ -172,8 +188,8 @@ pub fn create_release(
         files,
         chunks,
     };
-    let id = manifest.id()?;
-    store.put_manifest(&id, &manifest.encode()?)?;
+    let (id, encoded) = manifest.encode_with_id()?;
+    store.put_manifest(&id, &encoded)?;
     Ok((id, manifest, stats))
 }
 

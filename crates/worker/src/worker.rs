@@ -11,7 +11,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
 use starling_proto::{BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
-use starling_release::{create_release, release_size, ChunkSizes, ChunkStore, PackStore};
+use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
 use tokio::sync::watch;
 
 use crate::runner::{run, Isolation, RunOutcome, RunRequest};
@@ -380,37 +380,28 @@ async fn execute(
         Ok(o) => o,
         Err(e) => return Ok(Finish::failed(e)),
     };
-    // Checked before anything is stored: a release over the limit leaves no trace.
-    let size = {
-        let output = output.clone();
-        tokio::task::spawn_blocking(move || release_size(&output)).await
-    };
-    match size {
-        Ok(Ok(n)) if n > lease.max_release_bytes => {
-            return Ok(Finish::failed(format!(
-                "the release would be {} ({n} bytes), over this repository's limit of {} (starling repos add --max-release-size)",
-                mib(n),
-                mib(lease.max_release_bytes)
-            )))
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Ok(Finish::failed(format!("making the release: {e}"))),
-        Err(e) => return Ok(Finish::failed(format!("making the release: {e}"))),
-    }
     // Dropped (and its file removed) when this build is done, published or not.
     let pack = match PackStore::create(pack) {
         Ok(p) => Arc::new(p),
         Err(e) => return Ok(Finish::failed(format!("staging the release: {e}"))),
     };
+    // The size limit is checked before anything is stored: an oversized release leaves
+    // no trace.
+    let limit = lease.max_release_bytes;
     let made = {
         let pack = pack.clone();
         tokio::task::spawn_blocking(move || {
-            create_release(&output, pack.as_ref(), ChunkSizes::default())
+            create_release_within(&output, pack.as_ref(), ChunkSizes::default(), limit)
         })
         .await
     };
     let (id, manifest, _) = match made {
         Ok(Ok(m)) => m,
+        Ok(Err(e @ ReleaseError::TooLarge { .. })) => {
+            return Ok(Finish::failed(format!(
+                "{e}: over this repository's limit; raise it with starling repos add --max-release-size"
+            )))
+        }
         Ok(Err(e)) => return Ok(Finish::failed(format!("making the release: {e}"))),
         Err(e) => return Ok(Finish::failed(format!("making the release: {e}"))),
     };
@@ -450,10 +441,6 @@ fn inject_panic(repo: &str) {
 
 #[cfg(not(feature = "fault-injection"))]
 fn inject_panic(_repo: &str) {}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
 
 /// The output directory, resolved through any symbolic links, which must lie inside the
 /// checkout: `ln -s / root` with `output = "root/etc"` must not pack the host's files.

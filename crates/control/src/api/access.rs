@@ -84,15 +84,13 @@ pub(super) fn check(m: &Member, access: Access, headers: &HeaderMap) -> Result<(
             }
         }
         Access::Cluster => {
-            let given = headers
-                .get(CLUSTER_KEY_HEADER)
-                .and_then(|v| v.to_str().ok());
-            match given {
-                Some(k) if ct_eq(k, &m.cfg.cluster_key) => Ok(()),
-                _ => Err(err(
+            if carries_cluster_key(headers, &m.cfg.cluster_key) {
+                Ok(())
+            } else {
+                Err(err(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong cluster key",
-                )),
+                ))
             }
         }
     }

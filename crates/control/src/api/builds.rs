@@ -7,27 +7,27 @@ pub(super) async fn list_repos(
     Query(o): Query<ReadOpts>,
 ) -> Result<Response, ApiErr> {
     linearize(&m, &o).await?;
-    let mut repos = m.read().list_repos();
-    for r in &mut repos {
-        r.url = starling_proto::redact::url(&r.url);
-    }
+    let repos: Vec<Repo> = m.read().list_repos().into_iter().map(shown).collect();
     Ok(Json(repos).into_response())
+}
+
+/// A repository as the API shows it: credentials in its URL hidden.
+fn shown(mut r: Repo) -> Repo {
+    r.url = starling_proto::redact::url(&r.url);
+    r
 }
 
 pub(super) async fn put_repo(
     State(m): Shared,
     Json(mut spec): Json<RepoSpec>,
 ) -> Result<Response, ApiErr> {
-    spec.name = repo_name(&spec.name).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    spec.name = repo_name(&spec.name)?;
     crate::state::validate_repo_spec(&spec).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     let name = spec.name.clone();
     match m.propose(Command::PutRepo { spec, at: now_ms() }).await? {
         Outcome::Rejected(r) => Err(r.into()),
         _ => {
-            let mut repo = m.read().repo(&name).map(|r| r.repo.clone());
-            if let Some(r) = &mut repo {
-                r.url = starling_proto::redact::url(&r.url);
-            }
+            let repo = m.read().repo(&name).map(|r| shown(r.repo.clone()));
             Ok((StatusCode::CREATED, Json(repo)).into_response())
         }
     }
@@ -176,7 +176,7 @@ pub(super) async fn trigger(
     Json(req): Json<TriggerRequest>,
 ) -> Result<Response, ApiErr> {
     let request = request_id(&headers)?;
-    let name = repo_name(&req.repo).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let name = repo_name(&req.repo)?;
     let repo = m
         .read()
         .repo(&name)

@@ -65,7 +65,7 @@ pub(super) async fn hook(
 ) -> Result<Response, ApiErr> {
     let json = webhook::payload_json(header(&headers, "content-type"), &body)?;
     let name = match q.repo {
-        Some(r) => repo_name(&r).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?,
+        Some(r) => repo_name(&r)?,
         None => webhook::payload_repo_name(&json)?,
     };
     tracing::Span::current().record("repo", name.as_str());

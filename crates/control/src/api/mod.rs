@@ -27,12 +27,13 @@ use serde::Deserialize;
 use starling_proto::{
     commit_id, parse_duration, repo_name, ApiError, BuildStatus, ClusterStatus, Command,
     CompleteRequest, HeartbeatReply, HeartbeatRequest, JoinRequest, Lease, LeaseRequest,
-    Member as MemberInfo, Outcome, QueueOutcome, Rejection, RepoSpec, TriggerRequest,
+    Member as MemberInfo, Outcome, QueueOutcome, Rejection, Repo, RepoSpec, TriggerRequest,
 };
 use subtle::ConstantTimeEq;
 
 use crate::network::{
-    decode, decode_snapshot_body, encode, CLUSTER_KEY_HEADER, PROTOCOL_HEADER, RAFT_PROTOCOL,
+    carries_cluster_key, decode, decode_snapshot_body, encode, CLUSTER_KEY_HEADER, PROTOCOL_HEADER,
+    RAFT_PROTOCOL,
 };
 use crate::server::{admit, now_ms, Member, ProposeError};
 use crate::state::BuildQuery;
@@ -83,6 +84,12 @@ impl From<ProposeError> for ApiErr {
             ),
             ProposeError::Raft(m) => ApiErr(StatusCode::SERVICE_UNAVAILABLE, m),
         }
+    }
+}
+
+impl From<starling_proto::NameError> for ApiErr {
+    fn from(e: starling_proto::NameError) -> Self {
+        ApiErr(StatusCode::BAD_REQUEST, e.to_string())
     }
 }
 

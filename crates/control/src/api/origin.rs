@@ -26,10 +26,6 @@ fn store_err(e: ReleaseError) -> ApiErr {
     }
 }
 
-fn store_err_from(e: starling_proto::release::ManifestError) -> ApiErr {
-    store_err(ReleaseError::from(e))
-}
-
 /// Run blocking store work off the runtime thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ReleaseError> + Send + 'static,
@@ -131,14 +127,13 @@ pub(super) async fn put_manifest(
 ) -> Result<Response, ApiErr> {
     let manifest =
         Manifest::decode(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let actual = manifest.id().map_err(store_err_from)?;
+    let (actual, encoded) = manifest.encode_with_id().map_err(|e| store_err(e.into()))?;
     if actual != id {
         return Err(err(
             StatusCode::BAD_REQUEST,
             format!("manifest hashes to {actual}, not {id}"),
         ));
     }
-    let encoded = manifest.encode().map_err(store_err_from)?;
     // Its release is recorded only when the build completes; until then (and while it is
     // young) its chunks are spared by the collector.
     m.recent_chunks.mark(
