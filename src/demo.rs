@@ -154,7 +154,7 @@ async fn send_webhook(url: &str, secret: &str, delivery: &str, sha: &str) -> Res
         "head_commit": { "id": sha },
     })
     .to_string();
-    let sig = starling_control::webhook::github_signature(secret, body.as_bytes());
+    let sig = starling_core::webhook::github_signature(secret, body.as_bytes());
     let resp = reqwest::Client::new()
         .post(format!("{url}/hooks/github"))
         .header("X-GitHub-Event", "push")

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use starling_core::retention;
 use starling_proto::release::Manifest;
 use starling_release::{OriginStore, ReleaseError};
 
@@ -50,7 +51,7 @@ pub fn collect_pass(
     now: SystemTime,
     grace: Duration,
 ) -> Result<usize, ReleaseError> {
-    let mut referenced = spared;
+    let mut manifests = Vec::with_capacity(kept.len());
     for id in kept {
         let bytes = match origin.get_manifest(id) {
             Ok(b) => b,
@@ -58,15 +59,17 @@ pub fn collect_pass(
             Err(ReleaseError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        let m = Manifest::decode(&bytes)
-            .map_err(|e| ReleaseError::Store(format!("manifest {id} is unreadable: {e}")))?;
-        referenced.extend(m.chunks.into_iter().map(|c| c.hash));
+        manifests.push(
+            Manifest::decode(&bytes)
+                .map_err(|e| ReleaseError::Store(format!("manifest {id} is unreadable: {e}")))?,
+        );
     }
+    let referenced = retention::referenced_chunks(&manifests, spared);
     for id in collected {
         origin.delete_manifest(id)?;
     }
     let held = origin.list_chunks()?;
-    let doomed = starling_release::store::garbage(&held, &referenced, now, grace);
+    let doomed = retention::garbage(&held, &referenced, now, grace);
     for h in &doomed {
         origin.delete_chunk(h)?;
     }

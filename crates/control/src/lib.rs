@@ -9,12 +9,9 @@ pub mod api;
 pub mod collector;
 pub mod log_store;
 pub mod network;
-pub mod reaper;
 pub mod serve;
 pub mod server;
-pub mod state;
 pub mod store;
-pub mod webhook;
 
 use starling_proto::{Command, Outcome};
 

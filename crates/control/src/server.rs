@@ -16,9 +16,9 @@ use tokio::sync::watch;
 
 use crate::log_store::LogStore;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
-use crate::reaper::LeaseReaper;
 use crate::store::{Files, SharedState, StateMachineStore, StorageFault};
 use crate::{NodeId, Raft};
+use starling_core::reaper::LeaseReaper;
 
 /// Everything a member needs to start.
 #[derive(Debug, Clone)]
@@ -129,7 +129,7 @@ impl Member {
         }
     }
 
-    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, crate::state::ControlState> {
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, starling_core::state::ControlState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -384,7 +384,7 @@ pub async fn admit(member: &Member, req: JoinRequest) -> Result<(), String> {
 /// its premise, so a decision made on a slightly stale view is harmless.
 async fn housekeeping<F>(member: Arc<Member>, period: Duration, decide: F)
 where
-    F: Fn(&crate::state::ControlState, starling_proto::Millis) -> Option<Command>,
+    F: Fn(&starling_core::state::ControlState, starling_proto::Millis) -> Option<Command>,
 {
     let mut tick = tokio::time::interval(period);
     loop {

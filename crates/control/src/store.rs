@@ -22,8 +22,8 @@ use serde::Serialize;
 use starling_proto::Outcome;
 use tokio::sync::{oneshot, watch};
 
-use crate::state::{ControlState, Records, Touched};
 use crate::TypeConfig;
+use starling_core::state::{ControlState, Records, Touched};
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");

@@ -253,25 +253,9 @@ impl ChunkStore for PackStore {
     }
 }
 
-/// The chunks a collector may delete: held, referenced by no kept release, and older than
-/// `grace` — a worker may be publishing chunks of a release not recorded yet.
-pub fn garbage(
-    held: &[(String, std::time::SystemTime)],
-    referenced: &std::collections::HashSet<String>,
-    now: std::time::SystemTime,
-    grace: std::time::Duration,
-) -> Vec<String> {
-    held.iter()
-        .filter(|(h, _)| !referenced.contains(h))
-        .filter(|(_, t)| now.duration_since(*t).is_ok_and(|age| age >= grace))
-        .map(|(h, _)| h.clone())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime};
 
     #[test]
     fn pack_round_trips_and_removes_its_file() {
@@ -292,22 +276,6 @@ mod tests {
         assert!(path.exists());
         drop(pack);
         assert!(!path.exists(), "a dropped pack leaves its file behind");
-    }
-
-    #[test]
-    fn garbage_spares_referenced_and_young_chunks() {
-        let now = SystemTime::now();
-        let old = now - Duration::from_secs(7200);
-        let held = vec![
-            ("a".repeat(64), old),
-            ("b".repeat(64), old),
-            ("c".repeat(64), now),
-        ];
-        let referenced = ["a".repeat(64)].into_iter().collect();
-        assert_eq!(
-            garbage(&held, &referenced, now, Duration::from_secs(3600)),
-            vec!["b".repeat(64)]
-        );
     }
 }
 

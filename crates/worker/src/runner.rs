@@ -12,6 +12,7 @@
 //! Output (stdout and stderr, interleaved as they arrive) goes to a callback as it comes —
 //! for streaming to the control plane — and its tail is kept, capped.
 
+pub use starling_core::build_result::RunOutcome;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -137,23 +138,6 @@ pub struct RunRequest {
 /// After the command exits, how long output pipes held open by a process that escaped
 /// it may delay the end of the build.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// The command ended by itself: its exit code, or the signal that ended it.
-    Exited {
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
-    TimedOut,
-    Cancelled,
-}
-
-impl RunOutcome {
-    pub fn success(&self) -> bool {
-        matches!(self, RunOutcome::Exited { code: Some(0), .. })
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct RunResult {

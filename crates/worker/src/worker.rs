@@ -10,11 +10,12 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
-use starling_proto::{BuildStatus, CompleteRequest, HeartbeatRequest, Lease};
+use starling_core::build_result::{release_stored, Finish};
+use starling_proto::{CompleteRequest, HeartbeatRequest, Lease};
 use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
 use tokio::sync::watch;
 
-use crate::runner::{run, Isolation, RunOutcome, RunRequest};
+use crate::runner::{run, Isolation, RunRequest};
 use crate::source::{MirrorCache, SourceError};
 use crate::spec::{self, SPEC_FILE};
 
@@ -165,23 +166,6 @@ async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>
                 tracing::warn!(%worker, error = %e, ?after, "lease failed; retrying");
                 tokio::time::sleep(after).await;
             }
-        }
-    }
-}
-
-/// The result a build ends with.
-struct Finish {
-    status: BuildStatus,
-    release: Option<String>,
-    reason: Option<String>,
-}
-
-impl Finish {
-    fn failed(reason: impl Into<String>) -> Self {
-        Finish {
-            status: BuildStatus::Failed,
-            release: None,
-            reason: Some(reason.into()),
         }
     }
 }
@@ -347,34 +331,8 @@ async fn execute(
         Ok(r) => r,
         Err(e) => return Ok(Finish::failed(format!("starting the build command: {e}"))),
     };
-    // The output itself is in the build's log, which only token holders may read.
-    let see_log = format!("its output: starling builds logs {}", b.id);
-    match result.outcome {
-        RunOutcome::TimedOut => {
-            return Ok(Finish {
-                status: BuildStatus::TimedOut,
-                release: None,
-                reason: Some(format!("timed out after {:?}; {see_log}", spec.timeout)),
-            })
-        }
-        RunOutcome::Cancelled => {
-            return Ok(Finish {
-                status: BuildStatus::Cancelled,
-                release: None,
-                reason: Some("cancelled".into()),
-            })
-        }
-        RunOutcome::Exited { code, signal } if !result.outcome.success() => {
-            let how = match (code, signal) {
-                (Some(c), _) => format!("exit code {c}"),
-                (None, Some(s)) => format!("killed by signal {s}"),
-                _ => "ended abnormally".into(),
-            };
-            return Ok(Finish::failed(format!(
-                "build command failed ({how}); {see_log}"
-            )));
-        }
-        RunOutcome::Exited { .. } => {}
+    if let Some(finish) = Finish::of_run(&result.outcome, spec.timeout, b.id) {
+        return Ok(finish);
     }
     let output = match resolve_output(&src, &spec.output) {
         Ok(o) => o,
@@ -423,11 +381,7 @@ async fn execute(
             e.message
         )));
     }
-    Ok(Finish {
-        status: BuildStatus::Succeeded,
-        release: Some(id),
-        reason: None,
-    })
+    Ok(Finish::succeeded(id))
 }
 
 /// Test-only switch (feature `fault-injection`): builds of the repository named by
@@ -521,7 +475,7 @@ async fn publish(
             Err(e) => last = Some((m.id, e)),
         }
     }
-    if ok * 2 > members {
+    if release_stored(ok, members) {
         return Ok(());
     }
     let (member, e) = last.unwrap_or((

@@ -1,14 +1,12 @@
 //! Build logs: workers append output while a build runs, to every member; any member
 //! answers reads. Logs are kept beside the Raft state, not in it (they are bulky and only
-//! appended), in `<data-dir>/logs/<build>.log`, capped at [`LOG_CAP`] with a note.
+//! appended), in `<data-dir>/logs/<build>.log`, capped as [`starling_core::build_log`] decides.
 
 use std::io::Write;
 
-use super::*;
+use starling_core::build_log::{plan_append, LogAppend, CAP_NOTE};
 
-/// Bytes of log kept per build; what comes after is dropped, with a note saying so.
-pub(super) const LOG_CAP: u64 = 1024 * 1024;
-const CAP_NOTE: &[u8] = b"\n[starling: log cap of 1 MiB reached; later output not kept]\n";
+use super::*;
 
 fn log_path(m: &Member, build: u64) -> std::path::PathBuf {
     m.cfg.data_dir.join("logs").join(format!("{build}.log"))
@@ -33,39 +31,44 @@ pub(super) async fn append_log(
         return Err(err(StatusCode::NOT_FOUND, format!("unknown build {id}")));
     }
     let path = log_path(&m, id);
-    let res = tokio::task::spawn_blocking(move || -> std::io::Result<Result<u64, u64>> {
+    let res = tokio::task::spawn_blocking(move || -> std::io::Result<LogAppend> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let held = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
-        // `held` counts the cap note too once it is written; past the cap, accept and drop.
-        if held >= LOG_CAP {
-            return Ok(Ok(held));
+        let held = match std::fs::metadata(&path) {
+            Ok(md) => md.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let plan = plan_append(held, q.offset, body.len());
+        if let LogAppend::Write {
+            skip,
+            take,
+            cap_note,
+            ..
+        } = plan
+        {
+            if take > 0 || cap_note {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                f.write_all(&body[skip..skip + take])?;
+                if cap_note {
+                    f.write_all(CAP_NOTE)?;
+                }
+            }
         }
-        if q.offset > held {
-            return Ok(Err(held));
-        }
-        let skip = (held - q.offset) as usize;
-        let fresh = body.get(skip..).unwrap_or_default();
-        let room = (LOG_CAP - held) as usize;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        if fresh.len() > room {
-            f.write_all(&fresh[..room])?;
-            f.write_all(CAP_NOTE)?;
-        } else {
-            f.write_all(fresh)?;
-        }
-        Ok(Ok(held + fresh.len().min(room) as u64))
+        Ok(plan)
     })
     .await
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match res {
-        Ok(len) => Ok(Json(serde_json::json!({ "length": len })).into_response()),
-        Err(held) => Err(err(
+        LogAppend::Write { length, .. } => {
+            Ok(Json(serde_json::json!({ "length": length })).into_response())
+        }
+        LogAppend::Gap { held } => Err(err(
             StatusCode::CONFLICT,
             format!("log of build {id} holds {held} bytes; append from there"),
         )),

@@ -36,9 +36,9 @@ use crate::network::{
     RAFT_PROTOCOL,
 };
 use crate::server::{admit, now_ms, Member, ProposeError};
-use crate::state::BuildQuery;
-use crate::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
 use crate::TypeConfig;
+use starling_core::state::BuildQuery;
+use starling_core::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
 
 mod access;
 mod builds;

@@ -280,29 +280,9 @@ impl ControlState {
         }
     }
 
-    /// Releases retention lets go: all but the newest `keep` of each repository, except any
-    /// that a goal names. Already collected ones are not listed again.
+    /// Releases retention lets go; see [`crate::retention::releases_to_collect`].
     pub fn releases_to_collect(&self, keep: usize) -> Vec<String> {
-        let goals: BTreeSet<&str> = self
-            .records
-            .goals
-            .values()
-            .map(|g| g.release.as_str())
-            .collect();
-        let mut by_repo: BTreeMap<&str, Vec<&Release>> = BTreeMap::new();
-        for r in self.records.releases.values() {
-            by_repo.entry(r.repo.as_str()).or_default().push(r);
-        }
-        let mut out = Vec::new();
-        for rels in by_repo.values_mut() {
-            rels.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.build.cmp(&a.build)));
-            for r in rels.iter().skip(keep) {
-                if r.collected_at.is_none() && !goals.contains(r.id.as_str()) {
-                    out.push(r.id.clone());
-                }
-            }
-        }
-        out
+        crate::retention::releases_to_collect(&self.records, keep)
     }
 
     fn collect_releases(&mut self, ids: &[String], keep: usize, at: Millis) -> Outcome {
