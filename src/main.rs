@@ -215,7 +215,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let token = token
                 .context("an API token is required: STARLING_TOKEN, --token or --token-file")?;
-            let cfg = starling_control::server::ControlConfig {
+            let cfg = starling_control::member::ControlConfig {
                 id: a.id,
                 listen: a.listen,
                 advertise: a.advertise.unwrap_or_else(|| a.listen.to_string()),

@@ -17,7 +17,7 @@ use starling_core::retention;
 use starling_proto::release::Manifest;
 use starling_release::{OriginStore, ReleaseError};
 
-use crate::server::Member;
+use crate::member::Member;
 
 /// Chunks confirmed to a worker lately, with when (soft state: lost on restart, which is
 /// why collection waits one grace period after a start).

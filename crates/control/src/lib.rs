@@ -8,6 +8,7 @@
 pub mod api;
 pub mod collector;
 pub mod log_store;
+pub mod member;
 pub mod network;
 pub mod serve;
 pub mod server;

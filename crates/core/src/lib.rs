@@ -12,5 +12,6 @@ pub mod build_log;
 pub mod build_result;
 pub mod reaper;
 pub mod retention;
+pub mod retry;
 pub mod state;
 pub mod webhook;

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
 use starling_core::build_result::{release_stored, Finish};
+use starling_core::retry::backoff;
 use starling_proto::{CompleteRequest, HeartbeatRequest, Lease};
 use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
 use tokio::sync::watch;
@@ -175,16 +176,6 @@ enum Abandon {
     /// The lease went to someone else (it lapsed while the control plane was unreachable):
     /// the build is theirs now, or back in the queue.
     LeaseLost,
-}
-
-/// Retries for talking to the control plane: exponential from 200 ms to 5 s, with jitter,
-/// for as long as the caller's condition holds.
-fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
 }
 
 /// Errors worth retrying: the control plane was unreachable, busy or mid-election.

@@ -31,11 +31,11 @@ use starling_proto::{
 };
 use subtle::ConstantTimeEq;
 
+use crate::member::{now_ms, Member, ProposeError};
 use crate::network::{
     carries_cluster_key, decode, decode_snapshot_body, encode, CLUSTER_KEY_HEADER, PROTOCOL_HEADER,
     RAFT_PROTOCOL,
 };
-use crate::server::{admit, now_ms, Member, ProposeError};
 use crate::TypeConfig;
 use starling_core::state::BuildQuery;
 use starling_core::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};

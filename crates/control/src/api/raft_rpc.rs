@@ -68,7 +68,7 @@ pub(super) async fn join(
     State(m): Shared,
     Json(req): Json<JoinRequest>,
 ) -> Result<Response, ApiErr> {
-    admit(&m, req)
+    m.admit(req)
         .await
         .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok(StatusCode::OK.into_response())

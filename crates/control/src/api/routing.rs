@@ -1,5 +1,8 @@
 //! Forwarding of writes and linearizable reads from a follower to the leader.
 
+use backon::Retryable;
+use starling_core::retry::backoff;
+
 use super::*;
 
 /// Requests answered by whichever member receives them.
@@ -64,54 +67,68 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let leader = m.leader().filter(|(id, _)| *id != m.cfg.id);
-        if let Some((leader_id, addr)) = leader {
-            let mut rb = m
-                .http
-                .request(parts.method.clone(), format!("http://{addr}{path_q}"))
-                .timeout(Duration::from_secs(120))
-                .body(body.clone());
-            for (k, v) in parts.headers.iter() {
-                if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH {
-                    rb = rb.header(k, v);
-                }
+    let attempt = || async {
+        let Some((leader_id, addr)) = m.leader().filter(|(id, _)| *id != m.cfg.id) else {
+            if m.raft.is_leader() {
+                return Err(Hop::Final(err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this member just became leader; retry",
+                )));
             }
-            // Member to member: the key gives the request room on a leader whose client
-            // connections are all taken.
-            rb = rb
-                .header(HOPS_HEADER, (hops + 1).to_string())
-                .header(CLUSTER_KEY_HEADER, &m.cfg.cluster_key);
-            match rb.send().await {
-                Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                    return relay(resp, leader_id).await;
-                }
-                Ok(_) => tracing::debug!(leader_id, "leader busy; retrying"),
-                Err(e) if e.is_connect() => {
-                    tracing::debug!(leader_id, error = %e, "leader unreachable; retrying")
-                }
-                Err(e) => {
-                    return Err(err(
-                        StatusCode::BAD_GATEWAY,
-                        format!("forwarding to leader {leader_id}: {e}"),
-                    ))
-                }
+            return Err(Hop::Again("no leader known"));
+        };
+        let mut rb = m
+            .http
+            .request(parts.method.clone(), format!("http://{addr}{path_q}"))
+            .timeout(Duration::from_secs(120))
+            .body(body.clone());
+        for (k, v) in parts.headers.iter() {
+            if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH {
+                rb = rb.header(k, v);
             }
-        } else if m.raft.is_leader() {
-            return Err(err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this member just became leader; retry",
-            ));
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no leader reachable; retry",
-            ));
+        // Member to member: the key gives the request room on a leader whose client
+        // connections are all taken.
+        rb = rb
+            .header(HOPS_HEADER, (hops + 1).to_string())
+            .header(CLUSTER_KEY_HEADER, &m.cfg.cluster_key);
+        match rb.send().await {
+            Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                relay(resp, leader_id).await.map_err(Hop::Final)
+            }
+            Ok(_) => Err(Hop::Again("leader busy")),
+            Err(e) if e.is_connect() => Err(Hop::Again("leader unreachable")),
+            Err(e) => Err(Hop::Final(err(
+                StatusCode::BAD_GATEWAY,
+                format!("forwarding to leader {leader_id}: {e}"),
+            ))),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    attempt
+        .retry(backoff().with_total_delay(Some(FORWARD_PATIENCE)))
+        .when(|e| matches!(e, Hop::Again(_)))
+        .notify(|e, after| {
+            if let Hop::Again(why) = e {
+                tracing::debug!(why, ?after, "forwarding again");
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            Hop::Final(e) => e,
+            Hop::Again(why) => err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no leader reachable ({why}); retry"),
+            ),
+        })
+}
+
+/// How long a follower keeps trying to reach a leader for a caller.
+const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
+
+/// One try at forwarding: worth another, or the answer.
+enum Hop {
+    Again(&'static str),
+    Final(ApiErr),
 }
 
 /// The leader's answer, as this member's; 502 if its body cannot be read whole (an empty

@@ -1,0 +1,176 @@
+//! A member as its HTTP handlers and background tasks see it: its configuration, its
+//! Raft handle, its state and stores, and the operations on them (propose, read, admit).
+//! `server` builds one and `api` serves it; this module depends on neither.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{BasicNode, ChangeMembers};
+use starling_proto::{Command, JoinRequest, Millis, Outcome};
+use starling_release::OriginStore;
+use tokio::sync::watch;
+
+use crate::store::{SharedState, StorageFault};
+use crate::{NodeId, Raft};
+
+/// Everything a member needs to start.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// Address other members and clients use to reach this one (defaults to `listen`).
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    /// Bearer token for mutating API calls.
+    pub api_token: String,
+    /// A second token that may only read build logs and release contents.
+    pub read_token: Option<String>,
+    /// Serve build logs and release contents to anyone (`--public-read`).
+    pub public_read: bool,
+    /// Connection limit and timeouts of the HTTP listener.
+    pub connections: crate::serve::ConnectionLimits,
+    /// Shared secret of the members' Raft RPC.
+    pub cluster_key: String,
+    pub lease_ttl: Duration,
+    pub max_attempts: u32,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_every: u64,
+    /// Releases kept per repository beside every one a goal names.
+    pub keep_releases: usize,
+    /// Chunks younger than this are never collected (a release may be mid-publish).
+    pub collect_grace: Duration,
+    /// Where the origin store lives: `None` for `<data_dir>/origin` on this member's disk,
+    /// or `s3://bucket[/prefix]` (needs the `s3` feature).
+    pub origin: Option<String>,
+    /// Chunk bytes this member's origin directory may hold (`None`: no limit).
+    pub origin_quota: Option<u64>,
+}
+
+/// What the HTTP handlers share.
+pub struct Member {
+    pub cfg: ControlConfig,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub events: watch::Receiver<u64>,
+    pub http: reqwest::Client,
+    /// The origin store (chunks and manifests): this member's copy under `--data-dir`, or
+    /// a bucket the members share.
+    pub origin: Arc<dyn OriginStore>,
+    /// Set when this member's storage failed; it then stops.
+    pub fault: Arc<StorageFault>,
+    /// Permits for event-log readers (long-polls and streams).
+    pub event_readers: Arc<tokio::sync::Semaphore>,
+    /// Turns at reading and encoding a page of events.
+    pub event_pages: tokio::sync::Semaphore,
+    /// Chunks a worker was lately told are here: the collector spares them.
+    pub recent_chunks: crate::collector::RecentChunks,
+}
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+impl Member {
+    /// Propose `cmd` on this member, which must be the leader.
+    #[tracing::instrument(skip_all, fields(command = cmd.name()))]
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let name = cmd.name();
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => {
+                if e.forward_to_leader().is_some() {
+                    Err(ProposeError::NotLeader)
+                } else {
+                    tracing::warn!(command = name, error = %e, "proposal failed");
+                    Err(ProposeError::Raft(e.to_string()))
+                }
+            }
+        }
+    }
+
+    /// [`Member::propose`], applied at most once per `request` id when there is one.
+    pub async fn propose_once(
+        &self,
+        cmd: Command,
+        request: Option<String>,
+    ) -> Result<Outcome, ProposeError> {
+        match request {
+            Some(request) => {
+                self.propose(Command::Once {
+                    request,
+                    command: Box::new(cmd),
+                })
+                .await
+            }
+            None => self.propose(cmd).await,
+        }
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, starling_core::state::ControlState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why this member cannot serve, if it cannot: its storage failed, or its Raft core
+    /// stopped (openraft stops on a storage error).
+    pub fn broken(&self) -> Option<String> {
+        if let Some(f) = self.fault.get() {
+            return Some(f.to_string());
+        }
+        match &self.raft.metrics().borrow_watched().running_state {
+            Ok(()) => None,
+            Err(fatal) => Some(format!("Raft stopped: {fatal}")),
+        }
+    }
+
+    /// The leader's id and HTTP address, as this member knows them.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        let addr = m
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.addr.clone())?;
+        Some((leader, addr))
+    }
+
+    /// On the leader: add `req` as a learner, wait for it to catch up, promote it to voter.
+    pub async fn admit(&self, req: JoinRequest) -> Result<(), String> {
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .collect();
+        if voters.contains(&req.id) {
+            return Ok(());
+        }
+        self.raft
+            .add_learner(req.id, BasicNode::new(req.addr.clone()), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(id = req.id, addr = %req.addr, "member promoted to voter");
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this member is not the leader")]
+    NotLeader,
+    #[error("{0}")]
+    Raft(String),
+}
