@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use starling_client::{BuildFilter, ControlClient};
+use starling_proto::routes::Endpoint;
 use starling_proto::RepoSpec;
 use tokio::process::{Child, Command};
 
@@ -156,7 +157,7 @@ async fn send_webhook(url: &str, secret: &str, delivery: &str, sha: &str) -> Res
     .to_string();
     let sig = starling_core::webhook::github_signature(secret, body.as_bytes());
     let resp = reqwest::Client::new()
-        .post(format!("{url}/hooks/github"))
+        .post(format!("{url}{}", Endpoint::GithubHook.path(&[])))
         .header("X-GitHub-Event", "push")
         .header("X-GitHub-Delivery", delivery)
         .header("X-Hub-Signature-256", sig)

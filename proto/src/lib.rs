@@ -12,6 +12,7 @@ pub mod command;
 mod duration;
 pub mod names;
 pub mod redact;
+pub mod routes;
 
 pub use api::*;
 pub use command::*;

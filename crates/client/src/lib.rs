@@ -1,4 +1,6 @@
-//! A typed HTTP client for the control plane's public API.
+//! A typed HTTP client for the control plane's API: every process that talks to a member
+//! (the CLI, workers, the demo) does it through here, with paths from the route table
+//! (`starling_proto::routes`).
 //!
 //! It owns the request shapes, the bearer token and the mapping of error answers to
 //! [`ClientError`]; it never retries a write by itself (a caller that retries must know the
@@ -8,6 +10,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use starling_proto::routes::Endpoint;
 use starling_proto::{
     ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, Event, HeartbeatReply,
     HeartbeatRequest, Lease, LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec,
@@ -151,7 +154,7 @@ impl ControlClient {
 
     /// Ask for a build, waiting up to `wait` for one; `None` when nothing was queued.
     pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, ClientError> {
-        let url = self.url("/v1/leases");
+        let url = self.url(&Endpoint::Lease.path(&[]));
         let req = LeaseRequest {
             worker: worker.to_string(),
             wait_ms: wait.as_millis() as u64,
@@ -176,30 +179,61 @@ impl ControlClient {
         build: u64,
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatReply, ClientError> {
-        self.post(&format!("/v1/builds/{build}/heartbeat"), req)
-            .await
+        self.post(&Endpoint::Heartbeat.path(&[&build]), req).await
     }
 
     pub async fn complete(&self, build: u64, req: &CompleteRequest) -> Result<Build, ClientError> {
-        self.post(&format!("/v1/builds/{build}/complete"), req)
-            .await
+        self.post(&Endpoint::Complete.path(&[&build]), req).await
     }
 
     /// The build's log from byte `offset` on, as this member holds it.
     pub async fn log(&self, build: u64, offset: u64) -> Result<Vec<u8>, ClientError> {
-        let url = self.url(&format!("/v1/builds/{build}/logs?offset={offset}"));
-        let resp = self.send_raw(self.http.get(&url), &url).await?;
+        let url = self.url(&Endpoint::ReadLog.path(&[&build]));
+        let rb = self.http.get(&url).query(&[("offset", offset)]);
+        let resp = self.send_raw(rb, &url).await?;
         resp.bytes()
             .await
             .map(|b| b.to_vec())
             .map_err(|source| ClientError::Decode { url, source })
     }
 
-    /// Put bytes at `path` (origin store, logs); `true` if the member did not have them.
-    pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
-        let url = self.url(path);
-        let resp = self.send_raw(self.http.put(&url).body(bytes), &url).await?;
+    /// Put `bytes` to `url`; `true` if the member did not have them (201).
+    async fn put_bytes(
+        &self,
+        rb: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.send_raw(rb, url).await
+    }
+
+    /// Store a chunk in this member's origin store; `true` if it was new there.
+    pub async fn put_chunk(&self, hash: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
+        let url = self.url(&Endpoint::PutChunk.path(&[&hash]));
+        let resp = self
+            .put_bytes(self.http.put(&url).body(bytes), &url)
+            .await?;
         Ok(resp.status() == reqwest::StatusCode::CREATED)
+    }
+
+    /// Store an encoded manifest under its release id in this member's origin store.
+    pub async fn put_manifest(&self, id: &str, encoded: Vec<u8>) -> Result<bool, ClientError> {
+        let url = self.url(&Endpoint::PutManifest.path(&[&id]));
+        let resp = self
+            .put_bytes(self.http.put(&url).body(encoded), &url)
+            .await?;
+        Ok(resp.status() == reqwest::StatusCode::CREATED)
+    }
+
+    /// Append build output that starts at byte `offset` to this member's copy of the log.
+    pub async fn append_log(
+        &self,
+        build: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let url = self.url(&Endpoint::AppendLog.path(&[&build]));
+        let rb = self.http.put(&url).query(&[("offset", offset)]).body(bytes);
+        self.put_bytes(rb, &url).await.map(drop)
     }
 
     /// Which of `chunks` this member's origin store lacks, asked in batches the member
@@ -210,46 +244,47 @@ impl ControlClient {
             let q = MissingChunks {
                 chunks: batch.to_vec(),
             };
-            let reply: MissingChunks = self.post("/v1/chunks/missing", &q).await?;
+            let reply: MissingChunks = self.post(&Endpoint::MissingChunks.path(&[]), &q).await?;
             missing.extend(reply.chunks);
         }
         Ok(missing)
     }
 
     pub async fn put_repo(&self, spec: &RepoSpec) -> Result<Option<Repo>, ClientError> {
-        self.post("/v1/repos", spec).await
+        self.post(&Endpoint::PutRepo.path(&[]), spec).await
     }
 
     pub async fn repos(&self) -> Result<Vec<Repo>, ClientError> {
-        self.get("/v1/repos", &()).await
+        self.get(&Endpoint::ListRepos.path(&[]), &()).await
     }
 
     pub async fn trigger(&self, req: &TriggerRequest) -> Result<QueueOutcome, ClientError> {
-        self.post("/v1/trigger", req).await
+        self.post(&Endpoint::Trigger.path(&[]), req).await
     }
 
     pub async fn builds(&self, filter: &BuildFilter) -> Result<Vec<Build>, ClientError> {
-        self.get("/v1/builds", filter).await
+        self.get(&Endpoint::ListBuilds.path(&[]), filter).await
     }
 
     pub async fn build(&self, id: u64) -> Result<Build, ClientError> {
-        self.get(&format!("/v1/builds/{id}"), &()).await
+        self.get(&Endpoint::ShowBuild.path(&[&id]), &()).await
     }
 
     pub async fn cancel(&self, id: u64) -> Result<Build, ClientError> {
-        self.post(&format!("/v1/builds/{id}/cancel"), &()).await
+        self.post(&Endpoint::CancelBuild.path(&[&id]), &()).await
     }
 
     pub async fn releases(&self, repo: Option<&str>) -> Result<Vec<Release>, ClientError> {
-        self.get("/v1/releases", &[("repo", repo)]).await
+        self.get(&Endpoint::ListReleases.path(&[]), &[("repo", repo)])
+            .await
     }
 
     pub async fn cluster(&self) -> Result<ClusterStatus, ClientError> {
-        self.get("/v1/cluster", &()).await
+        self.get(&Endpoint::Cluster.path(&[]), &()).await
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
-        let url = self.url(&format!("/v1/cluster/members/{id}"));
+        let url = self.url(&Endpoint::RemoveMember.path(&[&id]));
         self.send(self.http.delete(&url), url).await
     }
 
@@ -257,7 +292,7 @@ impl ControlClient {
     pub async fn events(&self, after: u64, wait: Duration) -> Result<Vec<Event>, ClientError> {
         let timeout = format!("{}ms", wait.as_millis());
         self.get(
-            "/v1/events",
+            &Endpoint::Events.path(&[]),
             &[("after", after.to_string()), ("timeout", timeout)],
         )
         .await

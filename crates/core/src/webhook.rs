@@ -6,9 +6,6 @@ use serde::Deserialize;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-/// Bodies above this are refused with 413 before anything else is looked at.
-pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WebhookError {
     #[error("missing or bad signature")]

@@ -501,9 +501,7 @@ async fn push_to(
             message: format!("reading staged chunk {hash}: {e}"),
             transient: false,
         })?;
-        client
-            .put_bytes(&format!("/v1/chunks/{hash}"), bytes)
-            .await?;
+        client.put_chunk(hash, bytes).await?;
     }
     tracing::info!(
         release = id,
@@ -516,9 +514,7 @@ async fn push_to(
         message: e.to_string(),
         transient: false,
     })?;
-    client
-        .put_bytes(&format!("/v1/manifests/{id}"), encoded)
-        .await?;
+    client.put_manifest(id, encoded).await?;
     Ok(())
 }
 
@@ -565,8 +561,10 @@ async fn ship_log(
                 continue;
             }
             let client = control.with_base(&format!("http://{addr}"));
-            let path = format!("/v1/builds/{build}/logs?offset={from}");
-            match client.put_bytes(&path, log[from..].to_vec()).await {
+            match client
+                .append_log(build, from as u64, log[from..].to_vec())
+                .await
+            {
                 Ok(_) => {
                     acked.insert(addr.clone(), log.len());
                 }

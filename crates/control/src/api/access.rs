@@ -2,44 +2,36 @@
 //! byte of the body is read, so that an unauthenticated caller can never make a member
 //! buffer a body (the Raft routes take up to 1 GiB).
 //!
+//! Each route's [`Access`] is in the route table (`starling_proto::routes`):
+//!
 //! | access | routes | credential |
 //! | --- | --- | --- |
 //! | cluster | `/raft/*`, `/internal/*` | the cluster key |
-//! | write | every other non-GET under `/v1/` | the API token |
+//! | write | every other non-GET | the API token |
 //! | private read | build logs, manifests, chunks | the API token or the read token, unless the member runs with `--public-read` |
 //! | public | other GETs, `/healthz`, `/metrics`, `/hooks/*` (signed per repository) | none |
 
-use super::*;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use starling_proto::routes::{Access, Endpoint, Method as RouteMethod};
+use subtle::ConstantTimeEq;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Access {
-    Public,
-    /// Build output and release contents: what a build produced may hold anything.
-    PrivateRead,
-    Write,
-    Cluster,
-}
+use super::{err, ApiErr, Shared};
+use crate::member::Member;
+use crate::network::carries_cluster_key;
 
-/// The access a request needs. Anything not named is a write when it is not a GET, so a
-/// new mutating route is protected until said otherwise.
+/// The access a request needs, from the route table. A request no route matches gets a
+/// 404 from the router; if it is not a GET it needs the token first all the same, so that
+/// nothing unnamed is ever open.
 pub(super) fn required(method: &Method, path: &str) -> Access {
-    if path.starts_with("/raft/") || path.starts_with("/internal/") {
-        return Access::Cluster;
+    let found = RouteMethod::parse(method.as_str()).and_then(|m| Endpoint::find(m, path));
+    match found {
+        Some(e) => e.route().access,
+        None if method == Method::GET || method == Method::HEAD => Access::Public,
+        None => Access::Write,
     }
-    if path.starts_with("/hooks/") {
-        return Access::Public;
-    }
-    if method == Method::GET || method == Method::HEAD {
-        let private = path.starts_with("/v1/chunks/")
-            || path.starts_with("/v1/manifests/")
-            || (path.starts_with("/v1/builds/") && path.ends_with("/logs"));
-        return if private {
-            Access::PrivateRead
-        } else {
-            Access::Public
-        };
-    }
-    Access::Write
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -1,6 +1,20 @@
 //! Repositories, manual triggers, the build history and releases.
 
-use super::*;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use starling_core::state::BuildQuery;
+use starling_proto::{
+    commit_id, repo_name, BuildStatus, Command, Outcome, QueueOutcome, Repo, RepoSpec,
+    TriggerRequest,
+};
+
+use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
+use crate::member::{now_ms, Member};
 
 pub(super) async fn list_repos(
     State(m): Shared,

@@ -1,6 +1,15 @@
 //! Membership, status and Prometheus metrics.
 
-use super::*;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::ChangeMembers;
+use starling_proto::{BuildStatus, ClusterStatus, Member as MemberInfo};
+
+use super::{err, ApiErr, Shared};
+use crate::member::Member;
 
 pub(super) fn cluster_status(m: &Member) -> ClusterStatus {
     let mx = m.raft.metrics().borrow_watched().clone();

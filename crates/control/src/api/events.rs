@@ -7,7 +7,20 @@
 //! events and hold one page at a time, so a slow client stalls only its own stream. Raft
 //! runs on a thread of its own, so even a busy HTTP thread cannot delay a heartbeat.
 
-use super::*;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::Deserialize;
+use starling_proto::parse_duration;
+
+use super::{err, ApiErr, Shared, MAX_WAIT};
+use crate::member::Member;
 
 /// Long-polls and streams of the event log served at once by one member.
 pub(crate) const MAX_EVENT_READERS: usize = 1024;
@@ -50,7 +63,7 @@ pub(super) async fn events(
             .ok_or_else(|| err(StatusCode::BAD_REQUEST, format!("bad timeout {t:?}")))?,
         None => Duration::ZERO,
     }
-    .min(MAX_LEASE_WAIT);
+    .min(MAX_WAIT);
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let _permit = reader_permit(&m)?;
     let deadline = tokio::time::Instant::now() + wait;

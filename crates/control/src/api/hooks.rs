@@ -1,6 +1,19 @@
 //! GitHub and GitLab push webhooks.
 
-use super::*;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use starling_core::webhook::{self, PushDecision, WebhookError};
+use starling_proto::repo_name;
+
+use super::builds::queue;
+use super::{err, request_id, ApiErr, Shared};
+use crate::member::Member;
 
 #[derive(Deserialize)]
 pub(super) struct HookQuery {

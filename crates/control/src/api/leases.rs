@@ -1,8 +1,17 @@
 //! The build-worker lease API: lease, heartbeat, complete.
 
-use super::*;
+use std::time::Duration;
 
-pub(super) const MAX_LEASE_WAIT: Duration = Duration::from_secs(60);
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use starling_proto::{
+    Command, CompleteRequest, HeartbeatReply, HeartbeatRequest, Lease, LeaseRequest, Outcome,
+};
+
+use super::{err, request_id, unexpected, ApiErr, Shared, MAX_WAIT};
+use crate::member::now_ms;
 
 #[tracing::instrument(skip_all, fields(worker = %req.worker))]
 pub(super) async fn lease(
@@ -16,7 +25,7 @@ pub(super) async fn lease(
             "worker name must be 1..200 bytes",
         ));
     }
-    let wait = Duration::from_millis(req.wait_ms).min(MAX_LEASE_WAIT);
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let ttl_ms = m.cfg.lease_ttl.as_millis() as u64;
     let mut events = m.events.clone();

@@ -6,7 +6,15 @@ use std::io::Write;
 
 use starling_core::build_log::{plan_append, LogAppend, CAP_NOTE};
 
-use super::*;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{err, ApiErr, Shared};
+use crate::member::Member;
 
 fn log_path(m: &Member, build: u64) -> std::path::PathBuf {
     m.cfg.data_dir.join("logs").join(format!("{build}.log"))

@@ -6,39 +6,21 @@
 //! retrying while an election is under way. Handlers can therefore assume they run on the
 //! leader, and only have to cope with losing leadership mid-request (503, retryable).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
-use futures::Stream;
-use openraft::async_runtime::watch::WatchReceiver;
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::{ChangeMembers, ReadPolicy};
+use openraft::ReadPolicy;
 use serde::Deserialize;
-use starling_proto::{
-    commit_id, parse_duration, repo_name, ApiError, BuildStatus, ClusterStatus, Command,
-    CompleteRequest, HeartbeatReply, HeartbeatRequest, JoinRequest, Lease, LeaseRequest,
-    Member as MemberInfo, Outcome, QueueOutcome, Rejection, Repo, RepoSpec, TriggerRequest,
-};
-use subtle::ConstantTimeEq;
+use starling_proto::routes::{Endpoint, Method};
+use starling_proto::{ApiError, Outcome, Rejection};
 
-use crate::member::{now_ms, Member, ProposeError};
-use crate::network::{
-    carries_cluster_key, decode, decode_snapshot_body, encode, CLUSTER_KEY_HEADER, PROTOCOL_HEADER,
-    RAFT_PROTOCOL,
-};
-use crate::TypeConfig;
-use starling_core::state::BuildQuery;
-use starling_core::webhook::{self, PushDecision, WebhookError, MAX_WEBHOOK_BODY};
+use crate::member::{Member, ProposeError};
 
 mod access;
 mod builds;
@@ -50,16 +32,6 @@ mod logs;
 mod origin;
 mod raft_rpc;
 mod routing;
-
-use builds::*;
-use cluster::*;
-use events::*;
-use hooks::*;
-use leases::*;
-use logs::*;
-use origin::*;
-use raft_rpc::*;
-use routing::*;
 
 pub(crate) use events::{MAX_EVENT_READERS, PAGE_WORKERS};
 
@@ -119,15 +91,8 @@ fn unexpected(outcome: Outcome) -> ApiErr {
     )
 }
 
-/// Requests of the JSON API: a repository, a trigger, a completion with its reason.
-const MAX_API_BODY: usize = 1024 * 1024;
-/// A vote is a few dozen bytes.
-const MAX_VOTE_BODY: usize = 64 * 1024;
-/// A batch of log entries: each is a command made from an API request of at most
-/// `MAX_API_BODY`, and openraft sends a few hundred at most.
-const MAX_APPEND_BODY: usize = 256 * 1024 * 1024;
-/// A whole snapshot: it grows with the history (about 100 MB at 200,000 builds).
-const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
+/// Longest a long-poll (a lease request, an events read) holds its request.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 const HOPS_HEADER: &str = "x-starling-hops";
 /// A caller-chosen id that makes a mutating request apply at most once
 /// ([`Command::Once`]); a follower that forwards a request sets one if the caller did not.
@@ -149,66 +114,22 @@ fn request_id(headers: &HeaderMap) -> Result<Option<String>, ApiErr> {
     }
 }
 
+/// The member's router: one handler per endpoint of [`starling_proto::routes`], with the
+/// route's body limit, behind the leader-or-local decision and, outermost, the access
+/// check.
 pub fn router(member: Arc<Member>) -> Router {
-    let hooks = Router::new()
-        .route("/hooks/github", post(github_hook))
-        .route("/hooks/gitlab", post(gitlab_hook))
-        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY));
-    let origin = Router::new()
-        .route("/v1/chunks/{hash}", get(get_chunk).put(put_chunk))
-        .layer(DefaultBodyLimit::max(MAX_CHUNK))
-        .merge(
-            Router::new()
-                .route("/v1/manifests/{id}", get(get_manifest).put(put_manifest))
-                .layer(DefaultBodyLimit::max(MAX_MANIFEST)),
-        )
-        .merge(
-            Router::new()
-                .route("/v1/chunks/missing", post(missing_chunks))
-                .layer(DefaultBodyLimit::max(MAX_MISSING_BODY)),
+    let mut router = Router::new();
+    for e in Endpoint::ALL {
+        let route = e.route();
+        router = router.route(
+            route.path,
+            handler(e).layer(DefaultBodyLimit::max(route.body_limit)),
         );
-    let raft = Router::new()
-        .route("/raft/append", post(raft_append))
-        .layer(DefaultBodyLimit::max(MAX_APPEND_BODY))
-        .merge(
-            Router::new()
-                .route("/raft/vote", post(raft_vote))
-                .layer(DefaultBodyLimit::max(MAX_VOTE_BODY)),
-        )
-        .merge(
-            Router::new()
-                .route("/raft/snapshot", post(raft_snapshot))
-                .layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BODY)),
-        );
-    let api = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/cluster/members/{id}", delete(remove_member))
-        .route("/v1/repos", get(list_repos).post(put_repo))
-        .route("/v1/trigger", post(trigger))
-        .route("/v1/builds", get(list_builds))
-        .route("/v1/builds/{id}", get(show_build))
-        .route("/v1/builds/{id}/cancel", post(cancel_build))
-        .route("/v1/builds/{id}/logs", get(read_log).put(append_log))
-        .route("/v1/builds/{id}/heartbeat", post(heartbeat))
-        .route("/v1/builds/{id}/complete", post(complete))
-        .route("/v1/leases", post(lease))
-        .route("/v1/releases", get(list_releases))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/events", get(events))
-        .route("/v1/events/stream", get(events_stream))
-        .route("/internal/join", post(join))
-        .route("/internal/snapshot", post(force_snapshot))
-        .layer(DefaultBodyLimit::max(MAX_API_BODY));
-    Router::new()
-        .merge(hooks)
-        .merge(origin)
-        .merge(raft)
-        .merge(api)
+    }
+    router
         .layer(middleware::from_fn_with_state(
             member.clone(),
-            route_to_leader,
+            routing::route_to_leader,
         ))
         // Outermost: credentials are checked before anything reads a body or forwards.
         .layer(middleware::from_fn_with_state(
@@ -216,6 +137,49 @@ pub fn router(member: Arc<Member>) -> Router {
             access::authorize,
         ))
         .with_state(member)
+}
+
+/// The handler of `e`, on the method the table gives it.
+fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
+    let m = match e.route().method {
+        Method::Get => MethodFilter::GET,
+        Method::Post => MethodFilter::POST,
+        Method::Put => MethodFilter::PUT,
+        Method::Delete => MethodFilter::DELETE,
+    };
+    match e {
+        Endpoint::Healthz => on(m, cluster::healthz),
+        Endpoint::Metrics => on(m, cluster::metrics),
+        Endpoint::Cluster => on(m, cluster::cluster),
+        Endpoint::RemoveMember => on(m, cluster::remove_member),
+        Endpoint::ListRepos => on(m, builds::list_repos),
+        Endpoint::PutRepo => on(m, builds::put_repo),
+        Endpoint::Trigger => on(m, builds::trigger),
+        Endpoint::ListBuilds => on(m, builds::list_builds),
+        Endpoint::ShowBuild => on(m, builds::show_build),
+        Endpoint::CancelBuild => on(m, builds::cancel_build),
+        Endpoint::ReadLog => on(m, logs::read_log),
+        Endpoint::AppendLog => on(m, logs::append_log),
+        Endpoint::Heartbeat => on(m, leases::heartbeat),
+        Endpoint::Complete => on(m, leases::complete),
+        Endpoint::Lease => on(m, leases::lease),
+        Endpoint::ListReleases => on(m, builds::list_releases),
+        Endpoint::ListNodes => on(m, builds::list_nodes),
+        Endpoint::Events => on(m, events::events),
+        Endpoint::EventsStream => on(m, events::events_stream),
+        Endpoint::GithubHook => on(m, hooks::github_hook),
+        Endpoint::GitlabHook => on(m, hooks::gitlab_hook),
+        Endpoint::GetChunk => on(m, origin::get_chunk),
+        Endpoint::PutChunk => on(m, origin::put_chunk),
+        Endpoint::MissingChunks => on(m, origin::missing_chunks),
+        Endpoint::GetManifest => on(m, origin::get_manifest),
+        Endpoint::PutManifest => on(m, origin::put_manifest),
+        Endpoint::RaftAppend => on(m, raft_rpc::raft_append),
+        Endpoint::RaftVote => on(m, raft_rpc::raft_vote),
+        Endpoint::RaftSnapshot => on(m, raft_rpc::raft_snapshot),
+        Endpoint::Join => on(m, raft_rpc::join),
+        Endpoint::Snapshot => on(m, raft_rpc::force_snapshot),
+    }
 }
 
 #[derive(Deserialize, Default)]

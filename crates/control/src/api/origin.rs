@@ -6,14 +6,13 @@ use starling_proto::release::Manifest;
 use starling_proto::{MissingChunks, MAX_MISSING_QUERY};
 use starling_release::ReleaseError;
 
-use super::*;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 
-/// Largest chunk accepted: the FastCDC maximum with room to spare.
-pub(super) const MAX_CHUNK: usize = 8 * 1024 * 1024;
-/// Largest missing-chunks question: its names and their JSON quoting.
-pub(super) const MAX_MISSING_BODY: usize = MAX_MISSING_QUERY * 80;
-/// Largest manifest accepted (a million files is ~100 MiB; far beyond a sane release).
-pub(super) const MAX_MANIFEST: usize = 64 * 1024 * 1024;
+use super::{err, ApiErr, Shared};
 
 fn store_err(e: ReleaseError) -> ApiErr {
     match e {

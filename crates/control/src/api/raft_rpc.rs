@@ -1,6 +1,21 @@
 //! Raft RPC between members, joining, forced snapshots: all behind the cluster key.
 
-use super::*;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use starling_proto::JoinRequest;
+
+use super::hooks::header;
+use super::{err, ApiErr, Shared};
+use crate::network::{decode, decode_snapshot_body, encode, PROTOCOL_HEADER, RAFT_PROTOCOL};
+use crate::TypeConfig;
 
 /// Check the protocol version (the cluster key was checked before the body was read),
 /// then decode the body.

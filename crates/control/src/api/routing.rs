@@ -2,42 +2,44 @@
 
 use backon::Retryable;
 use starling_core::retry::backoff;
+use starling_proto::routes::{Endpoint, Method as RouteMethod};
 
-use super::*;
+use std::time::Duration;
 
-/// Requests answered by whichever member receives them.
-pub(super) fn served_locally(req: &Request) -> bool {
-    let path = req.uri().path();
-    // Each member keeps its own copy of the origin store and of build logs: those calls
-    // are answered by the member they reach.
-    let local_path = path.starts_with("/raft/")
-        || path.starts_with("/v1/events")
-        || path.starts_with("/v1/chunks/")
-        || path.starts_with("/v1/manifests/")
-        || (path.starts_with("/v1/builds/") && path.ends_with("/logs"))
-        || matches!(
-            path,
-            "/healthz" | "/metrics" | "/v1/cluster" | "/internal/snapshot"
-        );
-    let stale_read = req.method() == Method::GET
-        && req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|kv| kv == "stale=true" || kv == "stale=1"));
-    local_path || stale_read
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{err, ApiErr, Shared, HOPS_HEADER, REQUEST_ID_HEADER};
+use crate::member::Member;
+use crate::network::CLUSTER_KEY_HEADER;
+
+/// The endpoint `req` reaches, if it must be answered by the leader; `None` when the
+/// member it reached answers it (the route says so, it is a stale read, or no route
+/// matches and the router answers 404).
+fn leaders_endpoint(req: &Request) -> Option<Endpoint> {
+    let method = RouteMethod::parse(req.method().as_str())?;
+    let e = Endpoint::find(method, req.uri().path())?;
+    let stale_ok = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "stale=true" || kv == "stale=1"));
+    (!e.route().answered_here(stale_ok)).then_some(e)
 }
 
 pub(super) async fn route_to_leader(State(m): Shared, req: Request, next: Next) -> Response {
-    if served_locally(&req) || m.raft.is_leader() {
+    let Some(e) = leaders_endpoint(&req).filter(|_| !m.raft.is_leader()) else {
         return next.run(req).await;
-    }
-    forward(&m, req)
+    };
+    forward(&m, e.route().body_limit, req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Relay `req` to the leader, retrying for a while if there is none or it changes.
-pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr> {
+async fn forward(m: &Member, body_limit: usize, req: Request) -> Result<Response, ApiErr> {
     let hops: u32 = req
         .headers()
         .get(HOPS_HEADER)
@@ -59,7 +61,7 @@ pub(super) async fn forward(m: &Member, req: Request) -> Result<Response, ApiErr
             parts.headers.insert(REQUEST_ID_HEADER, v);
         }
     }
-    let body = axum::body::to_bytes(body, 2 * MAX_WEBHOOK_BODY)
+    let body = axum::body::to_bytes(body, body_limit)
         .await
         .map_err(|_| err(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))?;
     let path_q = parts
