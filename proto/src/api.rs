@@ -148,8 +148,7 @@ pub struct Event {
     /// Monotonic, gap-free, starting at 1.
     pub index: u64,
     pub at: Millis,
-    /// `build:queued`, `build:started`, `build:requeued`, `build:completed`, `repo:added`, …
-    pub kind: String,
+    pub kind: crate::EventKind,
     pub repo: Option<String>,
     pub build: Option<u64>,
     pub sha: Option<String>,
@@ -203,8 +202,7 @@ pub struct TriggerRequest {
 /// Answer to a trigger or webhook that reached the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueOutcome {
-    /// `queued`, `duplicate_delivery` or `duplicate_commit`.
-    pub outcome: String,
+    pub outcome: crate::QueueResult,
     pub build: Build,
 }
 

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod command;
 mod duration;
+pub mod kinds;
 pub mod names;
 pub mod redact;
 pub mod routes;
@@ -17,7 +18,8 @@ pub mod routes;
 pub use api::*;
 pub use command::*;
 pub use duration::{parse_duration, parse_size};
-pub use names::{commit_id, repo_name, NameError};
+pub use kinds::{EventKind, QueueResult};
+pub use names::{commit_id, env_name, repo_name, NameError};
 
 /// Milliseconds since the Unix epoch. Every timestamp in Starling is one of these,
 /// chosen by the Raft leader when it proposes a command so that applying the log is

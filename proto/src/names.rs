@@ -1,4 +1,4 @@
-//! The two names every path agrees on: a repository's and a commit's. Each has one parse
+//! The names every path agrees on: a repository's, a commit's and an environment's. Each has one parse
 //! function, used by the API, the webhooks, the CLI and the worker, so that `Acme/Web` and
 //! `acme/web`, or an uppercase and a lowercase commit id, are never two different things.
 
@@ -9,6 +9,8 @@ pub enum NameError {
     Repo(String),
     #[error("bad commit id {0:?}: expected 40 or 64 hexadecimal digits")]
     Commit(String),
+    #[error("bad environment name {0:?}: use 1 to 63 letters, digits, '.', '_', '-', not starting with '.' or '-'")]
+    Env(String),
 }
 
 /// At most this many `/`-separated parts (GitLab nests groups).
@@ -52,9 +54,33 @@ pub fn commit_id(sha: &str) -> Result<String, NameError> {
     }
 }
 
+/// An environment name in its canonical form: lowercase, one part of `[a-z0-9._-]` (no
+/// `/`, so that `{repo}/{env}` names one goal), not starting with `.` or `-`.
+pub fn env_name(env: &str) -> Result<String, NameError> {
+    let ok = (1..=63).contains(&env.len())
+        && !env.starts_with(['.', '-'])
+        && env
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok {
+        Ok(env.to_ascii_lowercase())
+    } else {
+        Err(NameError::Env(env.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_names() {
+        assert_eq!(env_name("Prod").unwrap(), "prod");
+        assert_eq!(env_name("eu-west.canary_2").unwrap(), "eu-west.canary_2");
+        for bad in ["", "a/b", ".x", "-x", "a b", &"x".repeat(64)] {
+            assert!(env_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn repository_names() {

@@ -23,7 +23,7 @@ use starling_proto::Outcome;
 use tokio::sync::{oneshot, watch};
 
 use crate::TypeConfig;
-use starling_core::state::{ControlState, Records, Touched};
+use starling_core::state::{ControlState, Goal, GoalKey, Records, Touched};
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -444,7 +444,10 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .map(|(_, e)| e)
             .collect(),
         releases: read_named(&txn, RELEASES)?.into_iter().collect(),
-        goals: read_named(&txn, GOALS)?.into_iter().collect(),
+        goals: read_named::<Goal>(&txn, GOALS)?
+            .into_iter()
+            .map(|(_, g)| (GoalKey::of(&g), g))
+            .collect(),
         requests: read_numbered(&txn, REQUESTS)?.into_iter().collect(),
     })
 }
@@ -552,7 +555,7 @@ impl Rows {
         }
         for k in &touched.goals {
             if let Some(v) = r.goals.get(k) {
-                rows.goals.push((k.clone(), enc(v)?));
+                rows.goals.push((k.as_str().to_string(), enc(v)?));
             }
         }
         for k in &touched.requests {

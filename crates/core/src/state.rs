@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
-    Build, BuildStatus, Command, Event, Millis, Outcome, Rejection, Release, Repo, RepoSpec,
-    Transition,
+    Build, BuildStatus, Command, Event, EventKind, Millis, Outcome, Rejection, Release, Repo,
+    RepoSpec, Transition,
 };
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
@@ -33,6 +33,23 @@ pub struct Goal {
     pub at: Millis,
 }
 
+/// The key of an environment's goal, `{repo}/{env}`. It names one goal only because an
+/// environment name holds no `/` ([`starling_proto::env_name`]); it is made from the
+/// goal's own fields, never parsed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GoalKey(String);
+
+impl GoalKey {
+    pub fn of(goal: &Goal) -> GoalKey {
+        GoalKey(format!("{}/{}", goal.repo, goal.env))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The durable facts. Everything else in [`ControlState`] is derived from these.
 ///
 /// The collections that grow with history are persistent (structurally shared) so that
@@ -44,8 +61,7 @@ pub struct Records {
     /// `events[i]` has index `i + 1`.
     pub events: Vector<Event>,
     pub releases: OrdMap<String, Release>,
-    /// Keyed by `repo/env`.
-    pub goals: BTreeMap<String, Goal>,
+    pub goals: BTreeMap<GoalKey, Goal>,
     /// The outcomes of the last [`starling_proto::REQUEST_WINDOW`] requests applied with a
     /// request id ([`Command::Once`]), by the order they were applied.
     #[serde(default)]
@@ -67,7 +83,7 @@ pub struct Touched {
     /// Events with an index at or above this were appended.
     pub events_from: Option<u64>,
     pub releases: BTreeSet<String>,
-    pub goals: BTreeSet<String>,
+    pub goals: BTreeSet<GoalKey>,
     /// Request records added, and those forgotten (to delete).
     pub requests: BTreeSet<u64>,
     pub requests_forgotten: BTreeSet<u64>,
@@ -296,12 +312,11 @@ impl ControlState {
             self.records.releases.insert(id.clone(), r.clone());
             self.touched.releases.insert(id.clone());
             self.push_event(Event {
-                kind: "release:collected".into(),
                 repo: Some(r.repo.clone()),
                 build: Some(r.build),
                 sha: Some(r.sha.clone()),
                 detail: Some(id.clone()),
-                ..event_at(at)
+                ..event_at(EventKind::ReleaseCollected, at)
             });
             done.push(id.clone());
         }
@@ -331,9 +346,8 @@ impl ControlState {
         self.records.repos.insert(spec.name.clone(), stored);
         self.touched.repos.insert(spec.name.clone());
         self.push_event(Event {
-            kind: "repo:put".into(),
             repo: Some(spec.name.clone()),
-            ..event_at(at)
+            ..event_at(EventKind::RepoPut, at)
         });
         Outcome::Done
     }
@@ -382,7 +396,7 @@ impl ControlState {
             }],
         };
         self.store_build(build.clone());
-        self.push_build_event("build:queued", &build, at);
+        self.push_build_event(EventKind::BuildQueued, &build, at);
         Outcome::Queued(build)
     }
 
@@ -430,7 +444,7 @@ impl ControlState {
             reason: None,
         });
         self.store_build(b.clone());
-        self.push_build_event("build:started", &b, at);
+        self.push_build_event(EventKind::BuildStarted, &b, at);
         Outcome::Leased(b)
     }
 
@@ -518,12 +532,11 @@ impl ControlState {
             self.records.releases.insert(rel.clone(), record);
             self.touched.releases.insert(rel.clone());
             self.push_event(Event {
-                kind: "release:created".into(),
                 repo: Some(b.repo.clone()),
                 build: Some(b.id),
                 sha: Some(b.sha.clone()),
                 detail: Some(rel.clone()),
-                ..event_at(at)
+                ..event_at(EventKind::ReleaseCreated, at)
             });
             let auto = self
                 .records
@@ -549,7 +562,7 @@ impl ControlState {
                 if !b.cancel_requested {
                     b.cancel_requested = true;
                     self.store_build(b.clone());
-                    self.push_build_event("build:cancel_requested", &b, at);
+                    self.push_build_event(EventKind::BuildCancelRequested, &b, at);
                 }
             }
             _ => return Outcome::Rejected(Rejection::AlreadyFinished(id)),
@@ -589,7 +602,7 @@ impl ControlState {
                 });
                 b.reason = Some(lost);
                 self.store_build(b.clone());
-                self.push_build_event("build:requeued", &b, at);
+                self.push_build_event(EventKind::BuildRequeued, &b, at);
             } else {
                 let reason = format!("worker lost (after {} attempts)", b.attempt);
                 self.finish(&mut b, BuildStatus::Failed, Some(reason), at);
@@ -611,24 +624,25 @@ impl ControlState {
                 rel.repo
             )));
         }
-        let key = format!("{repo}/{env}");
-        self.records.goals.insert(
-            key.clone(),
-            Goal {
-                repo: repo.to_string(),
-                env: env.to_string(),
-                release: release.to_string(),
-                at,
-            },
-        );
+        let env = match starling_proto::env_name(env) {
+            Ok(env) => env,
+            Err(e) => return Outcome::Rejected(Rejection::Invalid(e.to_string())),
+        };
+        let goal = Goal {
+            repo: repo.to_string(),
+            env: env.clone(),
+            release: release.to_string(),
+            at,
+        };
+        let key = GoalKey::of(&goal);
+        self.records.goals.insert(key.clone(), goal);
         self.touched.goals.insert(key);
         self.push_event(Event {
-            kind: "goal:set".into(),
             repo: Some(repo.to_string()),
             build: Some(rel.build),
             sha: Some(rel.sha.clone()),
             detail: Some(format!("{env}={release}")),
-            ..event_at(at)
+            ..event_at(EventKind::GoalSet, at)
         });
         Outcome::Release(rel)
     }
@@ -647,7 +661,7 @@ impl ControlState {
             reason,
         });
         self.store_build(b.clone());
-        self.push_build_event("build:completed", b, at);
+        self.push_build_event(EventKind::BuildCompleted, b, at);
     }
 
     fn store_build(&mut self, b: Build) {
@@ -659,15 +673,14 @@ impl ControlState {
         self.records.builds.insert(b.id, b);
     }
 
-    fn push_build_event(&mut self, kind: &str, b: &Build, at: Millis) {
+    fn push_build_event(&mut self, kind: EventKind, b: &Build, at: Millis) {
         self.push_event(Event {
-            kind: kind.to_string(),
             repo: Some(b.repo.clone()),
             build: Some(b.id),
             sha: Some(b.sha.clone()),
             status: Some(b.status),
             detail: b.reason.clone(),
-            ..event_at(at)
+            ..event_at(kind, at)
         });
     }
 
@@ -713,11 +726,11 @@ impl ControlState {
     }
 }
 
-fn event_at(at: Millis) -> Event {
+fn event_at(kind: EventKind, at: Millis) -> Event {
     Event {
         index: 0,
         at,
-        kind: String::new(),
+        kind,
         repo: None,
         build: None,
         sha: None,
@@ -1074,6 +1087,16 @@ mod tests {
             at: 100,
         });
         assert_eq!(s.releases_to_collect(2), vec!["r1".to_string()]);
+        // An environment name with a `/` could make two goals share a key: refused.
+        let out = s.apply(&Command::SetGoal {
+            repo: "acme/web".into(),
+            env: "eu/canary".into(),
+            release: "r0".into(),
+            at: 101,
+        });
+        assert!(matches!(out, Outcome::Rejected(Rejection::Invalid(_))), "{out:?}");
+        let keys: Vec<&str> = s.records().goals.keys().map(GoalKey::as_str).collect();
+        assert_eq!(keys, ["acme/web/canary", "acme/web/default"]);
         let out = s.apply(&Command::CollectReleases {
             releases: vec!["r1".into(), "r3".into()],
             keep: 2,

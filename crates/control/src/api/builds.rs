@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, Outcome, QueueOutcome, Repo, RepoSpec,
+    commit_id, repo_name, BuildStatus, Command, Outcome, QueueOutcome, QueueResult, Repo, RepoSpec,
     TriggerRequest,
 };
 
@@ -167,16 +167,16 @@ pub(super) fn queue_answer(outcome: Outcome) -> Result<Response, ApiErr> {
         tracing::info!(build = b.id, repo = %b.repo, sha = %b.sha, "build queued");
     }
     let (status, label, build) = match outcome {
-        Outcome::Queued(b) => (StatusCode::CREATED, "queued", b),
-        Outcome::DuplicateDelivery(b) => (StatusCode::OK, "duplicate_delivery", b),
-        Outcome::DuplicateCommit(b) => (StatusCode::OK, "duplicate_commit", b),
+        Outcome::Queued(b) => (StatusCode::CREATED, QueueResult::Queued, b),
+        Outcome::DuplicateDelivery(b) => (StatusCode::OK, QueueResult::DuplicateDelivery, b),
+        Outcome::DuplicateCommit(b) => (StatusCode::OK, QueueResult::DuplicateCommit, b),
         Outcome::Rejected(r) => return Err(r.into()),
         other => return Err(unexpected(other)),
     };
     Ok((
         status,
         Json(QueueOutcome {
-            outcome: label.into(),
+            outcome: label,
             build,
         }),
     )

@@ -130,7 +130,7 @@ fn encode_page(evs: &[starling_proto::Event]) -> Option<Vec<SseEvent>> {
         .map(|e| {
             SseEvent::default()
                 .id(e.index.to_string())
-                .event(e.kind.clone())
+                .event(e.kind.as_str())
                 .json_data(e)
                 .map_err(|err| {
                     tracing::error!(index = e.index, error = %err, "event not encodable; stream ends")
