@@ -143,7 +143,7 @@ impl Member {
     }
 
     /// On the leader: add `req` as a learner, wait for it to catch up, promote it to voter.
-    pub async fn admit(&self, req: JoinRequest) -> Result<(), String> {
+    pub async fn admit(&self, req: JoinRequest) -> Result<(), AdmitError> {
         let voters: BTreeSet<NodeId> = self
             .raft
             .metrics()
@@ -157,14 +157,23 @@ impl Member {
         self.raft
             .add_learner(req.id, BasicNode::new(req.addr.clone()), true)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AdmitError::AddLearner(e.to_string()))?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AdmitError::Promote(e.to_string()))?;
         tracing::info!(id = req.id, addr = %req.addr, "member promoted to voter");
         Ok(())
     }
+}
+
+/// Why a member could not be admitted; openraft's errors, as their sentences.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("adding it as a learner: {0}")]
+    AddLearner(String),
+    #[error("promoting it to voter: {0}")]
+    Promote(String),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,14 +63,22 @@ pub fn encode_snapshot_body(meta_json: &[u8], data: &[u8]) -> Vec<u8> {
     body
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotBodyError {
+    #[error("snapshot body shorter than its length prefix")]
+    Short,
+    #[error("snapshot meta length {0} is out of bounds")]
+    MetaLength(usize),
+}
+
 /// Split a snapshot body into its meta JSON and data, or say what is wrong with it.
-pub fn decode_snapshot_body(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
+pub fn decode_snapshot_body(body: &[u8]) -> Result<(&[u8], &[u8]), SnapshotBodyError> {
     let (len, rest) = body
         .split_first_chunk::<4>()
-        .ok_or("snapshot body shorter than its length prefix")?;
+        .ok_or(SnapshotBodyError::Short)?;
     let len = u32::from_be_bytes(*len) as usize;
     if len > MAX_SNAPSHOT_META || len > rest.len() {
-        return Err(format!("snapshot meta length {len} is out of bounds"));
+        return Err(SnapshotBodyError::MetaLength(len));
     }
     Ok(rest.split_at(len))
 }

@@ -325,7 +325,7 @@ impl ControlState {
 
     fn put_repo(&mut self, spec: &RepoSpec, at: Millis) -> Outcome {
         if let Err(e) = validate_repo_spec(spec) {
-            return Outcome::Rejected(Rejection::Invalid(e));
+            return Outcome::Rejected(Rejection::Invalid(e.to_string()));
         }
         let created_at = self
             .records
@@ -762,8 +762,21 @@ fn unindex_build(ix: &mut Indexes, b: &Build) {
     ix.running.remove(&b.id);
 }
 
-/// Names are `owner/name`-like: letters, digits, `-`, `_`, `.`, `/`; at most 200 bytes.
-pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), String> {
+/// Why `apply` refuses a repository.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("bad repository name {0:?}: use letters, digits, '-', '_', '.', '/'")]
+    Name(String),
+    #[error("repository url must be 1..2000 bytes")]
+    Url,
+    #[error("branch must be 1..250 bytes")]
+    Branch,
+}
+
+/// The rule `apply` has always held repositories to (the log holds entries written under
+/// it): names are `owner/name`-like, at most 200 bytes. The API applies the stricter
+/// [`starling_proto::repo_name`] before proposing.
+pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), SpecError> {
     let ok_name = !spec.name.is_empty()
         && spec.name.len() <= 200
         && spec
@@ -773,16 +786,13 @@ pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), String> {
         && !spec.name.starts_with('/')
         && !spec.name.contains("..");
     if !ok_name {
-        return Err(format!(
-            "bad repository name {:?}: use letters, digits, '-', '_', '.', '/'",
-            spec.name
-        ));
+        return Err(SpecError::Name(spec.name.clone()));
     }
     if spec.url.is_empty() || spec.url.len() > 2000 {
-        return Err("repository url must be 1..2000 bytes".into());
+        return Err(SpecError::Url);
     }
     if spec.branch.is_empty() || spec.branch.len() > 250 {
-        return Err("branch must be 1..250 bytes".into());
+        return Err(SpecError::Branch);
     }
     Ok(())
 }
@@ -1094,7 +1104,10 @@ mod tests {
             release: "r0".into(),
             at: 101,
         });
-        assert!(matches!(out, Outcome::Rejected(Rejection::Invalid(_))), "{out:?}");
+        assert!(
+            matches!(out, Outcome::Rejected(Rejection::Invalid(_))),
+            "{out:?}"
+        );
         let keys: Vec<&str> = s.records().goals.keys().map(GoalKey::as_str).collect();
         assert_eq!(keys, ["acme/web/canary", "acme/web/default"]);
         let out = s.apply(&Command::CollectReleases {

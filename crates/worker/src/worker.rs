@@ -38,18 +38,51 @@ struct Shared {
     isolation: Isolation,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("data directory {}: {source}", dir.display())]
+    DataDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} build slots ended abnormally")]
+    SlotsLost(usize),
+}
+
+/// Why a build's output directory cannot be packed.
+#[derive(Debug, thiserror::Error)]
+enum OutputError {
+    #[error("checkout {}: {source}", dir.display())]
+    Checkout {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("output directory {output:?}: {source}")]
+    Missing {
+        output: String,
+        source: std::io::Error,
+    },
+    #[error("output directory {output:?} resolves to {}, outside the checkout", resolved.display())]
+    Outside { output: String, resolved: PathBuf },
+}
+
 /// Run `cfg.slots` build slots until `stop` turns true; running builds finish first.
 pub async fn run_worker(
     mut cfg: WorkerConfig,
     control: ControlClient,
     stop: watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), WorkerError> {
     // git and the builds run in other directories: every path must be absolute.
-    cfg.data_dir = std::path::absolute(&cfg.data_dir)
-        .map_err(|e| format!("data directory {}: {e}", cfg.data_dir.display()))?;
+    cfg.data_dir = std::path::absolute(&cfg.data_dir).map_err(|e| WorkerError::DataDir {
+        dir: cfg.data_dir.clone(),
+        source: e,
+    })?;
     let isolation = Isolation::detect(cfg.build_user);
-    prepare_data_dir(&cfg.data_dir, isolation)
-        .map_err(|e| format!("preparing data directory {}: {e}", cfg.data_dir.display()))?;
+    prepare_data_dir(&cfg.data_dir, isolation).map_err(|e| WorkerError::DataDir {
+        dir: cfg.data_dir.clone(),
+        source: e,
+    })?;
     match isolation {
         Isolation::ProcessGroup { user: None } => tracing::warn!(
             "builds run in a process group only: this kernel allows no namespaces to this user, so a build can read what the worker's user can read and a setsid process can outlive it; run the worker as root to isolate builds"
@@ -83,7 +116,7 @@ pub async fn run_worker(
         }
     }
     if lost > 0 {
-        return Err(format!("{lost} build slots ended abnormally"));
+        return Err(WorkerError::SlotsLost(lost));
     }
     Ok(())
 }
@@ -327,7 +360,7 @@ async fn execute(
     }
     let output = match resolve_output(&src, &spec.output) {
         Ok(o) => o,
-        Err(e) => return Ok(Finish::failed(e)),
+        Err(e) => return Ok(Finish::failed(e.to_string())),
     };
     // Dropped (and its file removed) when this build is done, published or not.
     let pack = match PackStore::create(pack) {
@@ -390,19 +423,23 @@ fn inject_panic(_repo: &str) {}
 /// The output directory, resolved through any symbolic links, which must lie inside the
 /// checkout: `ln -s / root` with `output = "root/etc"` must not pack the host's files.
 /// If it is the checkout itself, the build's `.git` is left out.
-fn resolve_output(src: &Path, output: &str) -> Result<PathBuf, String> {
-    let root = src
-        .canonicalize()
-        .map_err(|e| format!("checkout {}: {e}", src.display()))?;
+fn resolve_output(src: &Path, output: &str) -> Result<PathBuf, OutputError> {
+    let root = src.canonicalize().map_err(|source| OutputError::Checkout {
+        dir: src.to_path_buf(),
+        source,
+    })?;
     let out = src
         .join(output)
         .canonicalize()
-        .map_err(|e| format!("output directory {output:?}: {e}"))?;
+        .map_err(|source| OutputError::Missing {
+            output: output.to_string(),
+            source,
+        })?;
     if !out.starts_with(&root) {
-        return Err(format!(
-            "output directory {output:?} resolves to {}, outside the checkout",
-            out.display()
-        ));
+        return Err(OutputError::Outside {
+            output: output.to_string(),
+            resolved: out,
+        });
     }
     if out == root {
         let _ = std::fs::remove_dir_all(root.join(".git"));

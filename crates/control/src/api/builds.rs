@@ -36,7 +36,8 @@ pub(super) async fn put_repo(
     Json(mut spec): Json<RepoSpec>,
 ) -> Result<Response, ApiErr> {
     spec.name = repo_name(&spec.name)?;
-    starling_core::state::validate_repo_spec(&spec).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    starling_core::state::validate_repo_spec(&spec)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let name = spec.name.clone();
     match m.propose(Command::PutRepo { spec, at: now_ms() }).await? {
         Outcome::Rejected(r) => Err(r.into()),

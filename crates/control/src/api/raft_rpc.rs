@@ -69,7 +69,8 @@ pub(super) async fn raft_snapshot(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let (meta, data) = decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let (meta, data) =
+        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
         raft_request(&headers, meta)?;
     let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> {
@@ -85,7 +86,7 @@ pub(super) async fn join(
 ) -> Result<Response, ApiErr> {
     m.admit(req)
         .await
-        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(StatusCode::OK.into_response())
 }
 
