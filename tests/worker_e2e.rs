@@ -237,6 +237,30 @@ async fn webhook_to_release() {
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
         .await;
     assert_eq!(releases.len(), 1, "no partial release recorded");
+
+    // The member counted what happened: one build succeeded and the rest failed, every
+    // delivery was queued, and the release's bytes went into its origin store.
+    let metrics = c
+        .get(&format!("{}/metrics", c.url(1)))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let figure = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    assert_eq!(figure("starling_builds_finished_total{status=\"succeeded\"}"), 1.0);
+    assert_eq!(figure("starling_builds_finished_total{status=\"failed\"}"), 5.0);
+    assert_eq!(
+        figure("starling_webhooks_total{forge=\"github\",outcome=\"queued\"}"),
+        6.0
+    );
+    assert!(figure("starling_origin_chunk_bytes_total") > 0.0);
+    assert_eq!(figure("starling_build_seconds_count"), 6.0);
+    assert_eq!(figure("starling_raft_is_leader"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ pub mod api;
 pub mod collector;
 pub mod log_store;
 pub mod member;
+pub mod metrics;
 pub mod network;
 pub mod serve;
 pub mod server;

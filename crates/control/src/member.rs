@@ -70,6 +70,7 @@ pub struct Member {
     pub event_pages: tokio::sync::Semaphore,
     /// Chunks a worker was lately told are here: the collector spares them.
     pub recent_chunks: crate::collector::RecentChunks,
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
 }
 
 pub fn now_ms() -> Millis {
@@ -83,17 +84,19 @@ impl Member {
     #[tracing::instrument(skip_all, fields(command = cmd.name()))]
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
         let name = cmd.name();
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => {
-                if e.forward_to_leader().is_some() {
-                    Err(ProposeError::NotLeader)
-                } else {
-                    tracing::warn!(command = name, error = %e, "proposal failed");
-                    Err(ProposeError::Raft(e.to_string()))
-                }
+        let started = std::time::Instant::now();
+        let (result, answer) = match self.raft.client_write(cmd).await {
+            Ok(resp) => ("ok", Ok(resp.data)),
+            Err(e) if e.forward_to_leader().is_some() => {
+                ("not_leader", Err(ProposeError::NotLeader))
             }
-        }
+            Err(e) => {
+                tracing::warn!(command = name, error = %e, "proposal failed");
+                ("error", Err(ProposeError::Raft(e.to_string())))
+            }
+        };
+        self.metrics.proposal(name, result, started.elapsed());
+        answer
     }
 
     /// [`Member::propose`], applied at most once per `request` id when there is one.

@@ -13,6 +13,7 @@ use starling_release::{FsChunkStore, OriginStore};
 
 use crate::log_store::LogStore;
 use crate::member::{now_ms, ControlConfig, Member};
+use crate::metrics::ControlMetrics;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
 use crate::store::{Files, StateMachineStore};
 use crate::Raft;
@@ -48,7 +49,8 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     let origin = open_origin(&cfg)?;
     let files = Files::open(&cfg.data_dir)?;
     let log = LogStore::new(files.log)?;
-    let sm = StateMachineStore::open(files.state, files.snapshots)?;
+    let metrics = Arc::new(ControlMetrics::new());
+    let sm = StateMachineStore::open(files.state, files.snapshots, metrics.clone())?;
     let state = sm.shared();
     let events = sm.events();
     let fault = sm.fault();
@@ -96,6 +98,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         event_readers: Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_EVENT_READERS)),
         event_pages: tokio::sync::Semaphore::new(crate::api::PAGE_WORKERS),
         recent_chunks: Default::default(),
+        metrics,
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use starling_proto::Outcome;
 use tokio::sync::{oneshot, watch};
 
+use crate::metrics::ControlMetrics;
 use crate::TypeConfig;
 use starling_core::state::{ControlState, Goal, GoalKey, Records, Touched};
 
@@ -229,6 +230,7 @@ pub struct StateMachineStore {
     events_tx: Arc<watch::Sender<u64>>,
     writer: mpsc::Sender<SmWrite>,
     fault: Arc<StorageFault>,
+    metrics: Arc<ControlMetrics>,
 }
 
 /// Work for the state machine's writer thread.
@@ -346,7 +348,11 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageF
 impl StateMachineStore {
     /// Load the state machine from `db`, preferring the stored snapshot when the records
     /// are older than it.
-    pub fn open(db: Arc<Database>, snapshots: Arc<Database>) -> io::Result<Self> {
+    pub fn open(
+        db: Arc<Database>,
+        snapshots: Arc<Database>,
+        metrics: Arc<ControlMetrics>,
+    ) -> io::Result<Self> {
         let last_applied: Option<LogIdOf<TypeConfig>> = read_meta(&db, K_APPLIED)?;
         let membership: StoredMembershipOf<TypeConfig> =
             read_meta(&db, K_MEMBERSHIP)?.unwrap_or_default();
@@ -369,6 +375,7 @@ impl StateMachineStore {
             events_tx: Arc::new(tx),
             writer,
             fault,
+            metrics,
         };
         if let Some((meta, data)) = load_snapshot(&sm.snapshots)? {
             let newer = meta.last_log_id.as_ref().map(|l| l.index())
@@ -617,8 +624,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(f) = self.fault.get() {
             return Err(io::Error::other(f.to_string()));
         }
+        let started = std::time::Instant::now();
         let mut responders = Vec::new();
+        let mut entries_applied = 0;
+        let mut leases_expired = 0;
         while let Some((entry, responder)) = entries.try_next().await? {
+            entries_applied += 1;
             let log_id = entry.log_id();
             let outcome = match entry.payload {
                 EntryPayload::Blank => Outcome::Done,
@@ -629,15 +640,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             };
             self.last_applied = Some(log_id);
+            if let Outcome::Expired(ids) = &outcome {
+                leases_expired += ids.len();
+            }
             if let Some(r) = responder {
                 responders.push((r, outcome));
             }
         }
-        let (rows, new_events) = {
+        let (rows, events_from) = {
             let mut st = self.write_state();
             let touched = st.take_touched();
-            (Rows::encode(&st, &touched)?, touched.events_from.is_some())
+            (Rows::encode(&st, &touched)?, touched.events_from)
         };
+        let new_events = events_from.is_some();
         let write = SmWrite::Rows {
             rows: Box::new(rows),
             applied: enc(&self.last_applied)?,
@@ -650,6 +665,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let last = self.read_state().last_event_index();
             self.events_tx.send_replace(last);
         }
+        self.metrics.applied(
+            entries_applied,
+            leases_expired,
+            &self.read_state(),
+            events_from,
+            started.elapsed(),
+        );
         for (r, outcome) in responders {
             r.send(outcome);
         }

@@ -6,10 +6,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ChangeMembers;
-use starling_proto::{BuildStatus, ClusterStatus, Member as MemberInfo};
+use starling_proto::{ClusterStatus, Member as MemberInfo};
 
 use super::{err, ApiErr, Shared};
 use crate::member::Member;
+use crate::metrics::RaftFigures;
 
 pub(super) fn cluster_status(m: &Member) -> ClusterStatus {
     let mx = m.raft.metrics().borrow_watched().clone();
@@ -75,66 +76,24 @@ pub(super) async fn remove_member(
     Ok(Json(cluster_status(&m)).into_response())
 }
 
-pub(super) async fn metrics(State(m): Shared) -> Response {
+pub(super) async fn metrics(State(m): Shared) -> Result<Response, ApiErr> {
     let c = cluster_status(&m);
-    let mut out = String::new();
-    let line = |out: &mut String, name: &str, help: &str, value: String| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
+    let figures = RaftFigures {
+        term: c.term,
+        is_leader: c.leader == Some(c.id),
+        last_applied: c.last_applied.unwrap_or(0),
+        members: c.members.len(),
     };
-    line(
-        &mut out,
-        "starling_raft_term",
-        "Current Raft term.",
-        c.term.to_string(),
-    );
-    line(
-        &mut out,
-        "starling_raft_is_leader",
-        "1 if this member leads.",
-        u8::from(c.leader == Some(c.id)).to_string(),
-    );
-    line(
-        &mut out,
-        "starling_raft_last_applied",
-        "Index of the last applied log entry.",
-        c.last_applied.unwrap_or(0).to_string(),
-    );
-    line(
-        &mut out,
-        "starling_raft_members",
-        "Members in the configuration.",
-        c.members.len().to_string(),
-    );
-    let st = m.read();
-    line(
-        &mut out,
-        "starling_build_queue_depth",
-        "Builds waiting for a worker.",
-        st.queued_len().to_string(),
-    );
-    line(
-        &mut out,
-        "starling_events_total",
-        "Entries in the event log.",
-        st.last_event_index().to_string(),
-    );
-    out.push_str("# HELP starling_builds Builds by status.\n# TYPE starling_builds gauge\n");
-    let mut counts = std::collections::BTreeMap::new();
-    for b in st.records().builds.values() {
-        *counts.entry(b.status.as_str()).or_insert(0u64) += 1;
-    }
-    for s in BuildStatus::ALL {
-        let n = counts.get(s.as_str()).copied().unwrap_or(0);
-        out.push_str(&format!("starling_builds{{status=\"{s}\"}} {n}\n"));
-    }
-    (
+    let text = m
+        .metrics
+        .render(figures, &m.read())
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")))?;
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        out,
+        text,
     )
-        .into_response()
+        .into_response())
 }

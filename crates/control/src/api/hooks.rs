@@ -54,7 +54,11 @@ pub(super) async fn github_hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    hook(m, Forge::GitHub, q, headers, body).await
+    counted(
+        &m.clone(),
+        "github",
+        hook(m, Forge::GitHub, q, headers, body).await,
+    )
 }
 
 pub(super) async fn gitlab_hook(
@@ -63,7 +67,25 @@ pub(super) async fn gitlab_hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    hook(m, Forge::GitLab, q, headers, body).await
+    counted(
+        &m.clone(),
+        "gitlab",
+        hook(m, Forge::GitLab, q, headers, body).await,
+    )
+}
+
+/// Count a delivery by what it was answered.
+fn counted(
+    m: &Member,
+    forge: &'static str,
+    answer: Result<Response, ApiErr>,
+) -> Result<Response, ApiErr> {
+    let status = match &answer {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    m.metrics.webhook(forge, status.as_u16());
+    answer
 }
 
 /// Checks run in this order, each before anything reaches the log: size (413, by the body

@@ -41,6 +41,12 @@ type Shared = State<Arc<Member>>;
 #[derive(Debug)]
 pub struct ApiErr(StatusCode, String);
 
+impl ApiErr {
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+}
+
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
         (self.0, Json(ApiError { error: self.1 })).into_response()

@@ -50,6 +50,7 @@ pub(super) async fn put_chunk(
     }
     let store = m.origin.clone();
     let quota = m.cfg.origin_quota;
+    let len = body.len();
     let created = blocking(move || {
         if store.has_chunk(&hash)? {
             return Ok(false);
@@ -64,6 +65,9 @@ pub(super) async fn put_chunk(
         store.put_chunk(&hash, &body).map(|_| true)
     })
     .await?;
+    if created {
+        m.metrics.chunk_stored(len);
+    }
     Ok(if created {
         StatusCode::CREATED
     } else {
