@@ -6,7 +6,9 @@ use anyhow::Result;
 use clap::Subcommand;
 use serde::Serialize;
 use starling_client::{BuildFilter, ControlClient};
-use starling_proto::{Build, BuildStatus, RepoSpec, TriggerRequest};
+use starling_proto::{BuildStatus, RepoSpec, TriggerRequest};
+
+use crate::tables;
 
 #[derive(Subcommand)]
 pub enum ClientCmd {
@@ -110,34 +112,6 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn time(ms: Option<u64>) -> String {
-    ms.map_or_else(|| "-".into(), |ms| format!("{:.3}", ms as f64 / 1000.0))
-}
-
-fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
-}
-
-fn build_table(builds: &[Build]) {
-    println!(
-        "{:>6}  {:<20} {:<12} {:<10} {:>3}  {:<16} {:<15} REASON",
-        "ID", "REPO", "SHA", "STATUS", "TRY", "WORKER", "CREATED"
-    );
-    for b in builds {
-        println!(
-            "{:>6}  {:<20} {:<12} {:<10} {:>3}  {:<16} {:<15} {}",
-            b.id,
-            b.repo,
-            short(&b.sha),
-            b.status,
-            b.attempt,
-            b.worker.as_deref().unwrap_or("-"),
-            time(Some(b.created_at)),
-            b.reason.as_deref().unwrap_or("")
-        );
-    }
-}
-
 fn parse_size(s: &str) -> Result<u64, String> {
     starling_proto::parse_size(s).ok_or_else(|| format!("bad size {s:?} (try 4GiB, 500MiB)"))
 }
@@ -175,13 +149,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&repos);
             }
-            println!("{:<24} {:<10} {:<6} URL", "NAME", "BRANCH", "AUTO");
-            for r in repos {
-                println!(
-                    "{:<24} {:<10} {:<6} {}",
-                    r.name, r.branch, r.auto_deploy, r.url
-                );
-            }
+            println!("{}", tables::repos(&repos).trim_fmt());
         }
         ClientCmd::Trigger { repo, sha, force } => {
             let out = c.trigger(&TriggerRequest { repo, sha, force }).await?;
@@ -193,7 +161,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 out.outcome,
                 out.build.id,
                 out.build.repo,
-                short(&out.build.sha)
+                tables::short(&out.build.sha)
             );
         }
         ClientCmd::Builds(BuildsCmd::List {
@@ -213,25 +181,15 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&builds);
             }
-            build_table(&builds);
+            println!("{}", tables::builds(&builds).trim_fmt());
         }
         ClientCmd::Builds(BuildsCmd::Show { id }) => {
             let b = c.build(id).await?;
             if json {
                 return print_json(&b);
             }
-            build_table(std::slice::from_ref(&b));
-            println!("\nhistory:");
-            for t in &b.history {
-                println!(
-                    "  {}  {:<10} attempt {} {} {}",
-                    time(Some(t.at)),
-                    t.status,
-                    t.attempt,
-                    t.worker.as_deref().unwrap_or(""),
-                    t.reason.as_deref().unwrap_or("")
-                );
-            }
+            println!("{}", tables::builds(std::slice::from_ref(&b)).trim_fmt());
+            println!("\nhistory:\n{}", tables::history(&b).trim_fmt());
             // A failed build's output lives in its log, which needs a token to read.
             if matches!(b.status, BuildStatus::Failed | BuildStatus::TimedOut) {
                 if let Ok(log) = c.log(id, 0).await {
@@ -281,24 +239,7 @@ last lines of its output:"
             if json {
                 return print_json(&rels);
             }
-            println!(
-                "{:<66} {:<20} {:<12} {:>6}  STATE",
-                "RELEASE", "REPO", "SHA", "BUILD"
-            );
-            for r in rels {
-                let state = if r.collected_at.is_some() {
-                    "collected"
-                } else {
-                    "kept"
-                };
-                println!(
-                    "{:<66} {:<20} {:<12} {:>6}  {state}",
-                    r.id,
-                    r.repo,
-                    short(&r.sha),
-                    r.build
-                );
-            }
+            println!("{}", tables::releases(&rels).trim_fmt());
         }
         ClientCmd::Cluster(cmd) => {
             let st = match cmd {
@@ -312,16 +253,7 @@ last lines of its output:"
                 "member {} answering; leader {:?}, term {}, last applied {:?}",
                 st.id, st.leader, st.term, st.last_applied
             );
-            for m in st.members {
-                let role = if Some(m.id) == st.leader {
-                    "leader"
-                } else if m.voter {
-                    "voter"
-                } else {
-                    "learner"
-                };
-                println!("  {:>3}  {:<22} {role}", m.id, m.addr);
-            }
+            println!("{}", tables::members(&st).trim_fmt());
         }
         ClientCmd::Events { mut after, follow } => loop {
             let wait = if follow {
@@ -337,7 +269,7 @@ last lines of its output:"
                     println!(
                         "{:>6} {} {:<22} {} {} {}",
                         e.index,
-                        time(Some(e.at)),
+                        tables::time(Some(e.at)),
                         e.kind,
                         e.repo.as_deref().unwrap_or("-"),
                         e.build.map(|b| format!("build {b}")).unwrap_or_default(),

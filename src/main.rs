@@ -2,6 +2,7 @@
 
 mod client_cmd;
 mod demo;
+mod tables;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -252,8 +252,14 @@ async fn webhook_to_release() {
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
     };
-    assert_eq!(figure("starling_builds_finished_total{status=\"succeeded\"}"), 1.0);
-    assert_eq!(figure("starling_builds_finished_total{status=\"failed\"}"), 5.0);
+    assert_eq!(
+        figure("starling_builds_finished_total{status=\"succeeded\"}"),
+        1.0
+    );
+    assert_eq!(
+        figure("starling_builds_finished_total{status=\"failed\"}"),
+        5.0
+    );
     assert_eq!(
         figure("starling_webhooks_total{forge=\"github\",outcome=\"queued\"}"),
         6.0

@@ -1,0 +1,203 @@
+//! The CLI's tables for people (`--json` prints the records instead). Each function
+//! turns records into a [`Table`]; nothing here talks to the control plane.
+
+use comfy_table::{presets, CellAlignment, Table};
+use starling_proto::{Build, ClusterStatus, Release, Repo};
+
+/// A borderless table with a header, like `kubectl get`.
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING).set_header(header.to_vec());
+    t
+}
+
+/// Right-align the columns at `columns` (numbers).
+fn numbers(t: &mut Table, columns: &[usize]) {
+    for &i in columns {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+/// Milliseconds since the epoch, as seconds with three decimals; `-` for none.
+pub fn time(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{:.3}", ms as f64 / 1000.0))
+}
+
+pub fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+pub fn builds(builds: &[Build]) -> Table {
+    let mut t = table(&[
+        "ID", "REPO", "SHA", "STATUS", "TRY", "WORKER", "CREATED", "REASON",
+    ]);
+    for b in builds {
+        t.add_row(vec![
+            b.id.to_string(),
+            b.repo.clone(),
+            short(&b.sha).to_string(),
+            b.status.to_string(),
+            b.attempt.to_string(),
+            b.worker.clone().unwrap_or_else(|| "-".into()),
+            time(Some(b.created_at)),
+            b.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    numbers(&mut t, &[0, 4]);
+    t
+}
+
+/// A build's state changes, oldest first.
+pub fn history(b: &Build) -> Table {
+    let mut t = table(&["AT", "STATUS", "TRY", "WORKER", "REASON"]);
+    for h in &b.history {
+        t.add_row(vec![
+            time(Some(h.at)),
+            h.status.to_string(),
+            h.attempt.to_string(),
+            h.worker.clone().unwrap_or_default(),
+            h.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    numbers(&mut t, &[2]);
+    t
+}
+
+pub fn repos(repos: &[Repo]) -> Table {
+    let mut t = table(&["NAME", "BRANCH", "AUTO", "URL"]);
+    for r in repos {
+        t.add_row(vec![
+            r.name.clone(),
+            r.branch.clone(),
+            r.auto_deploy.to_string(),
+            r.url.clone(),
+        ]);
+    }
+    t
+}
+
+pub fn releases(rels: &[Release]) -> Table {
+    let mut t = table(&["RELEASE", "REPO", "SHA", "BUILD", "STATE"]);
+    for r in rels {
+        let state = if r.collected_at.is_some() {
+            "collected"
+        } else {
+            "kept"
+        };
+        t.add_row(vec![
+            r.id.clone(),
+            r.repo.clone(),
+            short(&r.sha).to_string(),
+            r.build.to_string(),
+            state.to_string(),
+        ]);
+    }
+    numbers(&mut t, &[3]);
+    t
+}
+
+pub fn members(st: &ClusterStatus) -> Table {
+    let mut t = table(&["ID", "ADDRESS", "ROLE"]);
+    for m in &st.members {
+        let role = if Some(m.id) == st.leader {
+            "leader"
+        } else if m.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        t.add_row(vec![m.id.to_string(), m.addr.clone(), role.to_string()]);
+    }
+    numbers(&mut t, &[0]);
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_proto::{BuildStatus, Member, Transition};
+
+    fn build() -> Build {
+        Build {
+            id: 7,
+            repo: "acme/web".into(),
+            sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            status: BuildStatus::Failed,
+            attempt: 2,
+            worker: Some("w1/0".into()),
+            release: None,
+            reason: Some("build command failed (exit code 7)".into()),
+            trigger: "github".into(),
+            delivery: None,
+            created_at: 1_700_000_000_000,
+            started_at: None,
+            finished_at: None,
+            lease_expires_at: None,
+            cancel_requested: false,
+            history: vec![Transition {
+                status: BuildStatus::Queued,
+                at: 1_700_000_000_000,
+                attempt: 1,
+                worker: None,
+                reason: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_build_row_has_every_column() {
+        let text = builds(&[build()]).trim_fmt();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["ID", "REPO", "SHA", "STATUS", "TRY", "WORKER", "CREATED", "REASON"]
+        );
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            &row[..7],
+            [
+                "7",
+                "acme/web",
+                "0123456789ab",
+                "failed",
+                "2",
+                "w1/0",
+                "1700000000.000"
+            ]
+        );
+        assert!(lines[1].ends_with("(exit code 7)"), "{text}");
+        assert!(history(&build()).to_string().contains("queued"));
+    }
+
+    #[test]
+    fn members_show_their_roles() {
+        let st = ClusterStatus {
+            id: 1,
+            leader: Some(2),
+            term: 4,
+            last_applied: None,
+            last_log_index: None,
+            snapshot_index: None,
+            purged_index: None,
+            members: vec![
+                Member {
+                    id: 1,
+                    addr: "127.0.0.1:7001".into(),
+                    voter: true,
+                },
+                Member {
+                    id: 2,
+                    addr: "127.0.0.1:7002".into(),
+                    voter: true,
+                },
+            ],
+        };
+        let text = members(&st).trim_fmt();
+        assert!(text.contains("127.0.0.1:7001  voter"), "{text}");
+        assert!(text.contains("127.0.0.1:7002  leader"), "{text}");
+    }
+}
