@@ -10,10 +10,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use starling_client::{BuildFilter, ControlClient};
+use starling_client::BuildFilter;
+use starling_harness::{wait_for, Members, MembersConfig};
 use starling_proto::routes::Endpoint;
 use starling_proto::RepoSpec;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -26,78 +27,6 @@ pub struct DemoArgs {
     /// Keep the cluster running after the walk-through until Ctrl-C.
     #[arg(long)]
     keep_running: bool,
-}
-
-struct Cluster {
-    exe: PathBuf,
-    dir: PathBuf,
-    token: String,
-    cluster_key: String,
-    base_port: u16,
-    members: Vec<Option<Child>>,
-}
-
-impl Cluster {
-    fn url(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.base_port + id as u16 - 1)
-    }
-
-    fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
-        let dir = self.dir.join(format!("member{id}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(self.dir.join(format!("member{id}.log")))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("control")
-            .args(["--id", &id.to_string()])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.base_port + id as u16 - 1),
-            ])
-            .arg("--data-dir")
-            .arg(&dir)
-            .env("STARLING_TOKEN", &self.token)
-            .env("STARLING_CLUSTER_KEY", &self.cluster_key)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        if bootstrap {
-            cmd.arg("--bootstrap");
-        } else {
-            cmd.args(["--join", &self.url(1)]);
-        }
-        let child = cmd.spawn().context("starting a control member")?;
-        self.members[id as usize - 1] = Some(child);
-        Ok(())
-    }
-
-    async fn kill(&mut self, id: u64) -> Result<()> {
-        if let Some(mut c) = self.members[id as usize - 1].take() {
-            // tokio's kill sends SIGKILL: no chance to flush or say goodbye.
-            c.kill().await?;
-        }
-        Ok(())
-    }
-
-    fn client(&self, id: u64) -> Result<ControlClient> {
-        Ok(ControlClient::new(&self.url(id), Some(self.token.clone()))?)
-    }
-}
-
-async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn git(dir: &Path, args: &[&str]) -> Result<String> {
@@ -182,39 +111,26 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         None => std::env::temp_dir().join(format!("starling-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
-    let mut c = Cluster {
-        exe: std::env::current_exe()?,
-        dir: dir.clone(),
-        token: random_hex(16),
-        cluster_key: random_hex(16),
-        base_port: args.base_port,
-        members: vec![None, None, None],
-    };
+    let token = random_hex(16);
+    let mut c = Members::new(
+        MembersConfig {
+            exe: std::env::current_exe()?,
+            dir: dir.clone(),
+            token: token.clone(),
+            cluster_key: random_hex(16),
+            base_port: Some(args.base_port),
+            args: Vec::new(),
+            env: Vec::new(),
+        },
+        3,
+    );
     println!(
         "== Starling demo: data and member logs in {}",
         dir.display()
     );
 
-    c.spawn(1, true)?;
-    let first = c.client(1)?;
-    wait_for("member 1 to lead", Duration::from_secs(20), || async {
-        first.cluster().await.ok().filter(|s| s.leader == Some(1))
-    })
-    .await?;
-    c.spawn(2, false)?;
-    c.spawn(3, false)?;
-    let st = wait_for(
-        "members 2 and 3 to join as voters",
-        Duration::from_secs(30),
-        || async {
-            first
-                .cluster()
-                .await
-                .ok()
-                .filter(|s| s.members.iter().filter(|m| m.voter).count() == 3)
-        },
-    )
-    .await?;
+    c.start(Duration::from_secs(30)).await?;
+    let st = c.client(1)?.cluster().await?;
     println!(
         "== 3 members up; leader is member {:?}, term {}",
         st.leader, st.term
@@ -249,7 +165,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("== a webhook signed with the wrong secret: HTTP {status}, nothing queued");
 
     let worker_log = std::fs::File::create(dir.join("worker.log"))?;
-    let mut worker = Command::new(&c.exe)
+    let mut worker = Command::new(&c.config().exe)
         .args([
             "--control",
             &c.url(2),
@@ -259,7 +175,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "--data-dir",
         ])
         .arg(dir.join("worker"))
-        .env("STARLING_TOKEN", &c.token)
+        .env("STARLING_TOKEN", &token)
         .stdout(Stdio::null())
         .stderr(worker_log)
         .kill_on_drop(true)
@@ -315,7 +231,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             b.attempt
         );
     }
-    c.spawn(leader, leader == 1)?;
+    c.spawn(leader, &[]).await?;
     let back = c.client(leader)?;
     let want = sc.cluster().await?.last_applied;
     wait_for(
@@ -330,7 +246,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "  export STARLING_CONTROL={} STARLING_TOKEN={}",
         c.url(1),
-        c.token
+        token
     );
     println!("  starling cluster status");
     println!("  starling builds list");

@@ -219,7 +219,7 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = starling_control::member::ControlConfig {
                 id: a.id,
                 listen: a.listen,
-                advertise: a.advertise.unwrap_or_else(|| a.listen.to_string()),
+                advertise: a.advertise,
                 data_dir: a.data_dir,
                 bootstrap: a.bootstrap,
                 join: a.join,

@@ -36,11 +36,8 @@ async fn idle_connections_are_bounded_and_closed() {
     let leader = c.leader().await.expect("leader");
     let follower = if leader == 1 { 2 } else { 1 };
     let term = c.status(leader).await.expect("status").term;
-    let pid = c.children[leader as usize - 1]
-        .as_ref()
-        .and_then(|ch| ch.id())
-        .expect("pid");
-    let addr = format!("127.0.0.1:{}", c.ports[leader as usize - 1]);
+    let pid = c.members.pid(leader).expect("pid");
+    let addr = c.members.addr(leader);
 
     // 1,000 connections that never send a byte.
     let mut idle = Vec::new();

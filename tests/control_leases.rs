@@ -222,7 +222,7 @@ async fn a_request_id_makes_retries_apply_once() {
     // Restart a member: the window is part of the durable state.
     let other = if leader == 3 { 2 } else { 3 };
     c.kill(other).await;
-    c.spawn(other);
+    c.spawn(other).await;
     c.wait_until("the member is back", Duration::from_secs(20), async |c| {
         c.status(other).await.is_some()
     })

@@ -22,7 +22,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     let before = c.status(follower).await.expect("follower status");
     c.kill(follower).await;
     c.queue_builds(leader, 50, 80).await;
-    c.spawn(follower);
+    c.spawn(follower).await;
     c.wait_until(
         "the restarted member answers",
         Duration::from_secs(20),
@@ -78,7 +78,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
     );
     eprintln!("leader purged up to {purged}, last applied {behind}");
 
-    c.spawn(follower);
+    c.spawn(follower).await;
     c.wait_caught_up(follower, leader).await;
     let fs = c.status(follower).await.expect("follower status");
     assert!(
@@ -91,7 +91,7 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
 
     // 3. And it survives one more restart with the snapshot as its base.
     c.kill(follower).await;
-    c.spawn(follower);
+    c.spawn(follower).await;
     c.wait_caught_up(follower, leader).await;
     c.assert_same_history(leader, follower).await;
 

@@ -18,7 +18,8 @@ async fn failed_state_write_stops_the_member_and_loses_nothing() {
     let f = if leader == 3 { 2 } else { 3 };
     // Restart a follower whose state-file writes fail after a few batches.
     c.kill(f).await;
-    c.spawn_with(f, &[("STARLING_FAULT_STATE_WRITES_AFTER", "2")]);
+    c.spawn_with(f, &[("STARLING_FAULT_STATE_WRITES_AFTER", "2")])
+        .await;
     c.queue_builds(leader, 10, 40).await;
     let status = c.exits_within(f, Duration::from_secs(30)).await;
     assert!(
@@ -27,7 +28,7 @@ async fn failed_state_write_stops_the_member_and_loses_nothing() {
     );
     // The other two carry on.
     c.queue_builds(leader, 40, 45).await;
-    c.spawn(f);
+    c.spawn(f).await;
     c.wait_caught_up(f, leader).await;
     c.assert_same_history(leader, f).await;
 }
@@ -80,7 +81,7 @@ async fn full_disk_stops_the_member_until_restarted() {
             std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
         }
     }
-    c.spawn(f);
+    c.spawn(f).await;
     let want = c.status(leader).await.and_then(|s| s.last_log_index);
     c.wait_until(
         "the member caught up",
@@ -117,7 +118,7 @@ async fn full_disk_stops_the_member_until_restarted() {
     c.queue_builds(leader, n, n + 5).await;
     // Room again: a restart recovers.
     std::fs::remove_file(&filler).unwrap();
-    c.spawn(f);
+    c.spawn(f).await;
     c.wait_caught_up(f, leader).await;
     c.assert_same_history(leader, f).await;
 }

@@ -664,7 +664,7 @@ async fn an_unreachable_control_plane_does_not_fail_the_build() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.spawn(1);
+    c.spawn(1).await;
     c.wait_until("the member is back", Duration::from_secs(20), async |c| {
         c.status(1).await.is_some()
     })

@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use starling_harness::{Members, MembersConfig};
 use starling_proto::{Build, ClusterStatus, Event};
 use tokio::process::{Child, Command};
 
@@ -22,20 +23,10 @@ pub fn shared_tempdir() -> tempfile::TempDir {
     d
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub ports: Vec<u16>,
-    pub children: Vec<Option<Child>>,
-    pub extra_args: Vec<String>,
-    /// Environment of every member process beyond the token and cluster key.
-    pub extra_env: Vec<(String, String)>,
+    /// The member processes, started the way `starling demo` starts them.
+    pub members: Members,
     pub http: reqwest::Client,
 }
 
@@ -47,89 +38,56 @@ impl Cluster {
 
     /// [`Cluster::start`], with more environment for the members.
     pub async fn start_with(n: usize, extra_args: &[&str], env: &[(String, String)]) -> Cluster {
+        let dir = shared_tempdir();
+        let cfg = MembersConfig {
+            exe: env!("CARGO_BIN_EXE_starling").into(),
+            dir: dir.path().to_path_buf(),
+            token: TOKEN.into(),
+            cluster_key: CLUSTER_KEY.into(),
+            base_port: None,
+            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env.to_vec(),
+        };
         let mut c = Cluster {
-            dir: shared_tempdir(),
-            ports: (0..n).map(|_| free_port()).collect(),
-            children: (0..n).map(|_| None).collect(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            extra_env: env.to_vec(),
+            dir,
+            members: Members::new(cfg, n),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
         };
-        c.spawn(1);
-        c.wait_until("member 1 leads", Duration::from_secs(20), async |c| {
-            c.status(1).await.is_some_and(|s| s.leader == Some(1))
-        })
-        .await;
-        for id in 2..=n as u64 {
-            c.spawn(id);
+        if let Err(e) = c.members.start(Duration::from_secs(60)).await {
+            c.dump_logs();
+            panic!("starting {n} members: {e}");
         }
-        c.wait_until(
-            "all members are voters",
-            Duration::from_secs(60),
-            async move |c| {
-                c.status(1)
-                    .await
-                    .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == n)
-            },
-        )
-        .await;
         c
     }
 
     pub fn url(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+        self.members.url(id)
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("m{id}"))
+        self.members.data_dir(id)
     }
 
     /// Start (or restart) member `id`.
-    pub fn spawn(&mut self, id: u64) {
-        self.spawn_with(id, &[]);
+    pub async fn spawn(&mut self, id: u64) {
+        self.spawn_with(id, &[]).await;
     }
 
     /// [`Cluster::spawn`] with more environment for this one member.
-    pub fn spawn_with(&mut self, id: u64, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("m{id}.log")))
-            .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling"));
-        cmd.arg("control")
-            .args(["--id", &id.to_string()])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
-            ])
-            .arg("--data-dir")
-            .arg(self.data_dir(id))
-            .args(&self.extra_args)
-            .env("STARLING_TOKEN", TOKEN)
-            .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
-            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        if id == 1 {
-            cmd.arg("--bootstrap");
-        } else {
-            cmd.args(["--join", &self.url(1)]);
+    pub async fn spawn_with(&mut self, id: u64, env: &[(&str, &str)]) {
+        if let Err(e) = self.members.spawn(id, env).await {
+            self.dump_logs();
+            panic!("starting member {id}: {e}");
         }
-        self.children[id as usize - 1] = Some(cmd.spawn().expect("spawn starling control"));
     }
 
     /// SIGKILL member `id`.
     pub async fn kill(&mut self, id: u64) {
-        if let Some(mut c) = self.children[id as usize - 1].take() {
-            c.kill().await.expect("kill");
-        }
+        self.members.kill(id).await.expect("kill");
     }
 
     /// Queue builds of commits `from..to` of `acme/web` by signed webhooks sent to `via`.
@@ -202,19 +160,11 @@ impl Cluster {
         id: u64,
         within: Duration,
     ) -> Option<std::process::ExitStatus> {
-        let child = self.children[id as usize - 1].as_mut()?;
-        let status = tokio::time::timeout(within, child.wait())
-            .await
-            .ok()?
-            .ok()?;
-        self.children[id as usize - 1] = None;
-        Some(status)
+        self.members.exits_within(id, within).await
     }
 
     pub fn alive(&self) -> Vec<u64> {
-        (1..=self.ports.len() as u64)
-            .filter(|id| self.children[*id as usize - 1].is_some())
-            .collect()
+        self.members.alive()
     }
 
     pub async fn status(&self, id: u64) -> Option<ClusterStatus> {
@@ -261,16 +211,12 @@ impl Cluster {
     pub fn dump_logs(&self) {
         let keep = std::env::temp_dir().join(format!("starling-failed-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&keep);
-        for id in 1..=self.ports.len() {
-            let _ = std::fs::copy(
-                self.dir.path().join(format!("m{id}.log")),
-                keep.join(format!("m{id}.log")),
-            );
+        for id in 1..=self.members.len() as u64 {
+            let _ = std::fs::copy(self.members.log_path(id), keep.join(format!("m{id}.log")));
         }
         eprintln!("full member logs kept in {}", keep.display());
-        for id in 1..=self.ports.len() {
-            let p = self.dir.path().join(format!("m{id}.log"));
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for id in 1..=self.members.len() as u64 {
+            let text = std::fs::read_to_string(self.members.log_path(id)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             eprintln!("--- member {id} log (last 30 lines) ---");
             for l in tail.into_iter().rev() {
@@ -449,22 +395,34 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start(bucket: &str) -> S3Server {
-        let port = free_port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+        // Port 0: the kernel chooses, and the server says which on its standard error.
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("python3 to run moto's S3-compatible server");
-        let url = format!("http://127.0.0.1:{port}");
+        let stderr = child.stderr.take().expect("moto's stderr");
+        // Its standard error is read to the end (a closed pipe would fail its request
+        // logging); the first line naming the address tells the URL.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut tx = Some(tx);
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(at) = line.find("http://127.0.0.1:") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line[at..].trim().to_string());
+                    }
+                }
+            }
+        });
+        let url = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("moto_server to say where it listens within 30 s")
+            .expect("moto_server to say where it listens before it ends");
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()

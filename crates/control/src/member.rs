@@ -22,8 +22,9 @@ use crate::{NodeId, Raft};
 pub struct ControlConfig {
     pub id: NodeId,
     pub listen: SocketAddr,
-    /// Address other members and clients use to reach this one (defaults to `listen`).
-    pub advertise: String,
+    /// Address other members and clients use to reach this one; `None` for the address
+    /// the listener got (which tells a `:0` port apart from the one the kernel chose).
+    pub advertise: Option<String>,
     pub data_dir: PathBuf,
     pub bootstrap: bool,
     pub join: Option<String>,

@@ -34,7 +34,7 @@ pub enum ControlError {
 }
 
 /// Start a member and serve until the process ends.
-pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
+pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     if cfg.cluster_key.len() < 16 {
         return Err(ControlError::Config(
             "the cluster key must be at least 16 characters (STARLING_CLUSTER_KEY)".into(),
@@ -48,6 +48,13 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     // Before anything is written: a bad origin must not leave a half-started member.
     let origin = open_origin(&cfg)?;
     let files = Files::open(&cfg.data_dir)?;
+    // Bound before Raft starts: with `--listen host:0` the address members know this one
+    // by is the one the kernel chose.
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let bound = listener.local_addr()?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    cfg.advertise = Some(advertise.clone());
+    write_listen_addr(&cfg.data_dir, bound)?;
     let log = LogStore::new(files.log)?;
     let metrics = Arc::new(ControlMetrics::new());
     let sm = StateMachineStore::open(files.state, files.snapshots, metrics.clone())?;
@@ -101,8 +108,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         metrics,
     });
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-    tracing::info!(id = cfg.id, addr = %cfg.listen, "control member listening");
+    tracing::info!(id = cfg.id, addr = %bound, %advertise, "control member listening");
     let app = crate::api::router(member.clone());
     let serve = tokio::spawn(crate::serve::serve(
         listener,
@@ -117,7 +123,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
             .await
             .map_err(|e| ControlError::Raft(e.to_string()))?;
         if !initialized {
-            let nodes = BTreeMap::from([(cfg.id, BasicNode::new(cfg.advertise.clone()))]);
+            let nodes = BTreeMap::from([(cfg.id, BasicNode::new(advertise.clone()))]);
             raft.initialize(nodes)
                 .await
                 .map_err(|e| ControlError::Raft(e.to_string()))?;
@@ -125,7 +131,7 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
         }
     }
     if let Some(url) = cfg.join.clone() {
-        tokio::spawn(join_cluster(member.clone(), url));
+        tokio::spawn(join_cluster(member.clone(), url, advertise.clone()));
     }
     // The lease reaper (the problem statement's health-check service) and retention.
     let reaper = LeaseReaper {
@@ -161,6 +167,17 @@ pub async fn run(cfg: ControlConfig) -> Result<(), ControlError> {
     }
 }
 
+/// The file in a member's data directory that holds the address its listener got, for
+/// whoever started it with `--listen host:0` (the demo, the tests).
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+/// Write [`LISTEN_ADDR_FILE`] whole or not at all: a reader never sees half an address.
+fn write_listen_addr(dir: &std::path::Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{LISTEN_ADDR_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(&tmp, dir.join(LISTEN_ADDR_FILE))
+}
+
 /// Resolves when this member's storage fails. The member then stops (fail-stop): the
 /// others carry on without it, and a restart recovers from the log once there is room
 /// again. Serving on with a stopped Raft core would answer health checks while every write
@@ -191,10 +208,10 @@ fn raft_runtime() -> Result<tokio::runtime::Handle, ControlError> {
 }
 
 /// Ask the cluster at `url` to add this member, until it says yes.
-async fn join_cluster(member: Arc<Member>, url: String) {
+async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
     let req = JoinRequest {
         id: member.cfg.id,
-        addr: member.cfg.advertise.clone(),
+        addr: advertise,
     };
     let endpoint = format!("{}/internal/join", url.trim_end_matches('/'));
     let ask = || async {
