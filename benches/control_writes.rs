@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use starling_harness::{Members, MembersConfig};
 use tokio::process::{Child, Command};
 
 const TOKEN: &str = "bench-token-0123456789";
@@ -150,58 +151,29 @@ async fn wait_http(url: &str, what: &str) {
     panic!("{what} did not come up at {url}");
 }
 
-async fn start_starling(dir: &Path) -> (Vec<Child>, System) {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut children = Vec::new();
-    for id in 1..=3u16 {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling"));
-        cmd.arg("control")
-            .args(["--id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", ports[id as usize - 1])])
-            .arg("--data-dir")
-            .arg(dir.join(format!("s{id}")))
-            .env("STARLING_TOKEN", TOKEN)
-            .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
-            .env("STARLING_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if id == 1 {
-            cmd.arg("--bootstrap");
-        } else {
-            cmd.args(["--join", &format!("http://127.0.0.1:{}", ports[0])]);
-        }
-        children.push(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("spawn starling: {e}")),
-        );
-        if id == 1 {
-            wait_http(
-                &format!("http://127.0.0.1:{}/healthz", ports[0]),
-                "starling member 1",
-            )
-            .await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    }
-    let url = format!("http://127.0.0.1:{}", ports[0]);
+/// A 3-member Starling cluster, started by the same harness as the demo and the tests.
+async fn start_starling(dir: &Path) -> (Members, System) {
+    let mut members = Members::new(
+        MembersConfig {
+            exe: env!("CARGO_BIN_EXE_starling").into(),
+            dir: dir.join("starling"),
+            token: TOKEN.into(),
+            cluster_key: CLUSTER_KEY.into(),
+            base_port: None,
+            args: Vec::new(),
+            env: vec![("STARLING_LOG".into(), "warn".into())],
+        },
+        3,
+    );
+    members
+        .start(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("starting starling: {e}"));
+    let url = members.url(1);
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
         .unwrap_or_default();
-    for _ in 0..600 {
-        let voters = match http.get(format!("{url}/v1/cluster")).send().await {
-            Ok(r) => r
-                .json::<starling_proto::ClusterStatus>()
-                .await
-                .map_or(0, |s| s.members.iter().filter(|m| m.voter).count()),
-            Err(_) => 0,
-        };
-        if voters == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let r = http
         .post(format!("{url}/v1/repos"))
         .bearer_auth(TOKEN)
@@ -212,7 +184,7 @@ async fn start_starling(dir: &Path) -> (Vec<Child>, System) {
         r.is_ok_and(|r| r.status().is_success()),
         "registering the bench repository"
     );
-    (children, System::Starling { url })
+    (members, System::Starling { url })
 }
 
 async fn start_etcd(dir: &Path) -> Option<(Vec<Child>, System)> {
