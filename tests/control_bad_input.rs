@@ -30,12 +30,8 @@ async fn bad_input_changes_nothing() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
     let leader = c.leader().await.expect("leader");
-    let want = c.status(leader).await.and_then(|s| s.last_log_index);
     for id in 1..=3 {
-        c.wait_until("replicated", Duration::from_secs(10), async move |c| {
-            c.status(id).await.is_some_and(|s| s.last_applied >= want)
-        })
-        .await;
+        c.wait_caught_up(id, leader).await;
     }
     let before = fingerprint(&c).await;
 
@@ -222,8 +218,11 @@ async fn bad_input_changes_nothing() {
         wrong.is_empty(),
         "unexpected answers (case, want, got): {wrong:?}"
     );
-    // Give any stray write time to show up, then compare.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every request was answered, so any write one made is in the leader's log by now:
+    // once every member has applied all of it, compare.
+    for id in 1..=3 {
+        c.wait_caught_up(id, leader).await;
+    }
     let after = fingerprint(&c).await;
     // The one good GitLab push added one entry and two events (queued) on every member.
     let expected: Vec<_> = before

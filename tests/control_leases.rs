@@ -60,7 +60,21 @@ async fn lapsed_leases_requeue_then_fail() {
                 .expect("lease")
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It waits on the leader, which counts it.
+    let leader = c.leader().await.expect("leader");
+    c.wait_until(
+        "the lease request waits",
+        Duration::from_secs(10),
+        async |c| {
+            let text = c
+                .get(&format!("{}/metrics", c.url(leader)))
+                .await
+                .text()
+                .await;
+            text.is_ok_and(|t| t.lines().any(|l| l == "starling_lease_waiters 1"))
+        },
+    )
+    .await;
     let r = c
         .post(
             2,

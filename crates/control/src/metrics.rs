@@ -56,6 +56,17 @@ pub struct ControlMetrics {
     queue_depth: Gauge,
     running: Gauge,
     events: Gauge<u64, AtomicU64>,
+    lease_waiters: Gauge,
+}
+
+/// Holds a gauge one higher for as long as it lives.
+#[derive(Debug)]
+pub struct Raised(Gauge);
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What the scrape reads from Raft's metrics.
@@ -98,6 +109,7 @@ impl ControlMetrics {
             queue_depth: Gauge::default(),
             running: Gauge::default(),
             events: Gauge::default(),
+            lease_waiters: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -177,6 +189,11 @@ impl ControlMetrics {
             m.running.clone(),
         );
         r.register("events", "Entries in the event log", m.events.clone());
+        r.register(
+            "lease_waiters",
+            "Lease requests waiting here for a build to be queued (idle worker slots)",
+            m.lease_waiters.clone(),
+        );
         m
     }
 
@@ -232,6 +249,12 @@ impl ControlMetrics {
                     .observe(end.saturating_sub(start) as f64 / 1000.0);
             }
         }
+    }
+
+    /// A lease request waits here until the returned guard is dropped.
+    pub fn lease_waiting(&self) -> Raised {
+        self.lease_waiters.inc();
+        Raised(self.lease_waiters.clone())
     }
 
     /// A chunk of `bytes` was newly stored in this member's origin store.

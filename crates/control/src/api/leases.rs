@@ -33,6 +33,7 @@ pub(super) async fn lease(
     // retried lease request finds the lease its first try was granted.
     let request = request_id(&headers)?;
     let mut tries = 0u32;
+    let _waiting = m.metrics.lease_waiting();
     loop {
         events.borrow_and_update();
         if m.read().queued_len() > 0 {
