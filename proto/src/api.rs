@@ -193,7 +193,9 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TriggerRequest {
     pub repo: String,
-    /// Commit to build; the control plane does not resolve branch names, the worker does.
+    /// What to build: a full commit id, or a branch, tag or `HEAD`, which the control
+    /// plane resolves against the repository (`git ls-remote`) before queueing; absent,
+    /// the repository's branch.
     pub sha: Option<String>,
     #[serde(default)]
     pub force: bool,
@@ -267,7 +269,7 @@ pub struct CompleteRequest {
     pub reason: Option<String>,
 }
 
-/// `POST /v1/join` (cluster-internal): a new member asks to be added.
+/// `POST /internal/join` (cluster key only): a new member asks to be added.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub id: u64,
