@@ -191,7 +191,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "== a worker leased build 1, ran its starling.toml and ended it {}: release {}",
         built.status,
-        built.release.as_deref().unwrap_or("-")
+        built.release.map_or_else(|| "-".into(), |r| r.to_string())
     );
     worker.kill().await?;
     if built.status != starling_proto::BuildStatus::Succeeded {

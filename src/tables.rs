@@ -87,7 +87,7 @@ pub fn releases(rels: &[Release]) -> Table {
             "kept"
         };
         t.add_row(vec![
-            r.id.clone(),
+            r.id.to_string(),
             r.repo.clone(),
             short(&r.sha).to_string(),
             r.build.to_string(),

@@ -150,7 +150,7 @@ async fn lapsed_leases_requeue_then_fail() {
         .post(
             1,
             &format!("/v1/builds/{id}/complete"),
-            &json!({"worker": "w1", "attempt": 1, "status": "succeeded", "release": "r"}),
+            &json!({"worker": "w1", "attempt": 1, "status": "succeeded", "release": starling_proto::ReleaseId::of(b"r")}),
         )
         .await;
     assert_eq!(r.status().as_u16(), 409);
@@ -195,12 +195,16 @@ async fn lapsed_leases_requeue_then_fail() {
         .await;
     assert_eq!(r.status().as_u16(), 201);
     let l3 = lease(&c, 1, "w3").await;
-    let r = c
-        .post(3, &format!("/v1/builds/{}/complete", l3.build.id), &json!({"worker": "w3", "attempt": l3.attempt, "status": "succeeded", "release": "rel-1"}))
-        .await;
+    let complete = |release: String| json!({"worker": "w3", "attempt": l3.attempt, "status": "succeeded", "release": release});
+    let path = format!("/v1/builds/{}/complete", l3.build.id);
+    // A release id is a digest: anything else is refused before it reaches the log.
+    let r = c.post(3, &path, &complete("rel-1".into())).await;
+    assert_eq!(r.status().as_u16(), 422, "a release id that is no digest");
+    let release = starling_proto::ReleaseId::of(b"rel-1");
+    let r = c.post(3, &path, &complete(release.to_string())).await;
     assert_eq!(r.status().as_u16(), 200);
     let b = c.build(2, l3.build.id).await;
-    assert_eq!((b.status, b.release.as_deref()), (Succeeded, Some("rel-1")));
+    assert_eq!((b.status, b.release), (Succeeded, Some(release)));
 }
 
 /// A request sent again with its request id (as a follower does when it re-forwards after

@@ -142,13 +142,13 @@ async fn webhook_to_release() {
     let id = push(&c, &good, "d-good").await;
     let b = wait_done(&c, id).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
-    let release = b.release.clone().expect("a release id");
+    let release = b.release.expect("a release id");
 
     // The manifest and every chunk come back from the control member and re-hash.
     let bytes = c
         .get_bytes(&format!("{}/v1/manifests/{release}", c.url(1)))
         .await;
-    assert_eq!(blake3::hash(&bytes).to_hex().to_string(), release);
+    assert_eq!(starling_proto::ReleaseId::of(&bytes), release);
     let manifest = Manifest::decode(&bytes).unwrap();
     let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, vec!["bin", "bin/v", "index.html", "version"]);
@@ -156,7 +156,7 @@ async fn webhook_to_release() {
         let data = c
             .get_bytes(&format!("{}/v1/chunks/{}", c.url(1), ch.hash))
             .await;
-        assert_eq!(blake3::hash(&data).to_hex().to_string(), ch.hash);
+        assert_eq!(starling_proto::ChunkHash::of(&data), ch.hash);
     }
     let releases: Vec<serde_json::Value> = c
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
@@ -341,7 +341,7 @@ async fn s3_origin_holds_and_collects_releases() {
         let bytes = c
             .get_bytes(&format!("{}/v1/chunks/{}", c.url(2), ch.hash))
             .await;
-        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), ch.hash);
+        assert_eq!(starling_proto::ChunkHash::of(&bytes), ch.hash);
     }
     for ch in &only_old {
         assert!(
@@ -375,7 +375,7 @@ async fn two_releases_then_collect(
         assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
         releases.push(b.release.unwrap());
     }
-    let manifest_of = |id: &str| format!("{}/v1/manifests/{id}", c.url(1));
+    let manifest_of = |id: &starling_proto::ReleaseId| format!("{}/v1/manifests/{id}", c.url(1));
     let old = Manifest::decode(&c.get_bytes(&manifest_of(&releases[0])).await).unwrap();
     let new = Manifest::decode(&c.get_bytes(&manifest_of(&releases[1])).await).unwrap();
     let only_old: Vec<_> = old
@@ -408,13 +408,13 @@ async fn two_releases_then_collect(
     let rels: Vec<starling_proto::Release> = c
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
         .await;
-    let state: Vec<(String, bool)> = rels
+    let state: Vec<(starling_proto::ReleaseId, bool)> = rels
         .iter()
-        .map(|r| (r.id.clone(), r.collected_at.is_some()))
+        .map(|r| (r.id, r.collected_at.is_some()))
         .collect();
     assert_eq!(
         state,
-        vec![(releases[1].clone(), false), (releases[0].clone(), true)]
+        vec![(releases[1], false), (releases[0], true)]
     );
     // Everything the kept release needs is still there.
     for ch in &new.chunks {

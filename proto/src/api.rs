@@ -127,7 +127,7 @@ pub struct Build {
     /// 1 for the first lease; a lease that expires puts the build back with attempt+1.
     pub attempt: u32,
     pub worker: Option<String>,
-    pub release: Option<String>,
+    pub release: Option<crate::ReleaseId>,
     pub reason: Option<String>,
     /// What asked for the build: `github`, `gitlab` or `manual`.
     pub trigger: String,
@@ -159,7 +159,7 @@ pub struct Event {
 /// A release recorded by a successful build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
-    pub id: String,
+    pub id: crate::ReleaseId,
     pub repo: String,
     pub sha: String,
     pub build: u64,
@@ -212,7 +212,7 @@ pub struct QueueOutcome {
 /// A worker asks before publishing, so that chunks already held are not sent again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingChunks {
-    pub chunks: Vec<String>,
+    pub chunks: Vec<crate::ChunkHash>,
 }
 
 /// Most chunk names one [`MissingChunks`] question may carry (a 100 GiB release at the
@@ -265,7 +265,7 @@ pub struct CompleteRequest {
     pub attempt: u32,
     /// One of the terminal statuses.
     pub status: BuildStatus,
-    pub release: Option<String>,
+    pub release: Option<crate::ReleaseId>,
     pub reason: Option<String>,
 }
 

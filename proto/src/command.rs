@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Build, BuildStatus, Millis, Release, RepoSpec};
+use crate::{Build, BuildStatus, Millis, Release, ReleaseId, RepoSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -39,7 +39,7 @@ pub enum Command {
         worker: String,
         attempt: u32,
         status: BuildStatus,
-        release: Option<String>,
+        release: Option<ReleaseId>,
         reason: Option<String>,
         at: Millis,
     },
@@ -56,13 +56,13 @@ pub enum Command {
     SetGoal {
         repo: String,
         env: String,
-        release: String,
+        release: ReleaseId,
         at: Millis,
     },
     /// Proposed by the retention loop; applying re-checks each release is still outside
     /// the kept set, so a release that became a goal meanwhile stays.
     CollectReleases {
-        releases: Vec<String>,
+        releases: Vec<ReleaseId>,
         keep: usize,
         at: Millis,
     },
@@ -124,7 +124,7 @@ pub enum Outcome {
     /// The builds whose leases had expired: requeued or failed.
     Expired(Vec<u64>),
     /// The releases retention let go.
-    Collected(Vec<String>),
+    Collected(Vec<ReleaseId>),
     Release(Release),
     /// The command was refused; nothing changed.
     Rejected(Rejection),

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod command;
 mod duration;
+pub mod ids;
 pub mod kinds;
 pub mod names;
 pub mod redact;
@@ -18,6 +19,7 @@ pub mod routes;
 pub use api::*;
 pub use command::*;
 pub use duration::{parse_duration, parse_size};
+pub use ids::{ChunkHash, DigestError, ReleaseId};
 pub use kinds::{EventKind, QueueResult};
 pub use names::{commit_id, env_name, repo_name, NameError};
 

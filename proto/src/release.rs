@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{ChunkHash, ReleaseId};
+
 /// Version of the manifest layout; a reader refuses any other.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -29,10 +31,10 @@ pub struct FileEntry {
     pub target: Option<String>,
 }
 
-/// A chunk of the archive: its BLAKE3 hash (64 hex digits) and length.
+/// A chunk of the archive: its BLAKE3 hash and length.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkRef {
-    pub hash: String,
+    pub hash: ChunkHash,
     pub size: u32,
 }
 
@@ -73,15 +75,15 @@ impl Manifest {
         Ok(m)
     }
 
-    /// The release id: BLAKE3 of the canonical encoding, as 64 hex digits.
-    pub fn id(&self) -> Result<String, ManifestError> {
+    /// The release id: BLAKE3 of the canonical encoding.
+    pub fn id(&self) -> Result<ReleaseId, ManifestError> {
         self.encode_with_id().map(|(id, _)| id)
     }
 
     /// The release id and the canonical encoding it is the hash of, encoded once.
-    pub fn encode_with_id(&self) -> Result<(String, Vec<u8>), ManifestError> {
+    pub fn encode_with_id(&self) -> Result<(ReleaseId, Vec<u8>), ManifestError> {
         let bytes = self.encode()?;
-        Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
+        Ok((ReleaseId::of(&bytes), bytes))
     }
 }
 
@@ -102,7 +104,7 @@ mod tests {
                 target: None,
             }],
             chunks: vec![ChunkRef {
-                hash: blake3::hash(b"abc").to_hex().to_string(),
+                hash: ChunkHash::of(b"abc"),
                 size: 3,
             }],
         };

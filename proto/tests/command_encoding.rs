@@ -7,7 +7,7 @@
 //! (`starling_control::store::FILE_FORMAT`). Regenerate the pinned file only for an
 //! addition: `STARLING_BLESS=1 cargo test -p starling-proto --test command_encoding`.
 
-use starling_proto::{BuildStatus, Command, RepoSpec};
+use starling_proto::{BuildStatus, Command, ReleaseId, RepoSpec};
 
 fn every_command() -> Vec<Command> {
     let spec = RepoSpec {
@@ -46,7 +46,7 @@ fn every_command() -> Vec<Command> {
             worker: "w/0".into(),
             attempt: 1,
             status: BuildStatus::Succeeded,
-            release: Some("ab".repeat(32)),
+            release: Some(ReleaseId::from_bytes([0xab; 32])),
             reason: None,
             at: 5,
         },
@@ -59,11 +59,11 @@ fn every_command() -> Vec<Command> {
         Command::SetGoal {
             repo: "acme/web".into(),
             env: "default".into(),
-            release: "ab".repeat(32),
+            release: ReleaseId::from_bytes([0xab; 32]),
             at: 8,
         },
         Command::CollectReleases {
-            releases: vec!["cd".repeat(32)],
+            releases: vec![ReleaseId::from_bytes([0xcd; 32])],
             keep: 10,
             at: 9,
         },

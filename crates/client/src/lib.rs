@@ -16,6 +16,7 @@ use starling_proto::{
     HeartbeatRequest, Lease, LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec,
     TriggerRequest, MAX_MISSING_QUERY,
 };
+use starling_proto::{ChunkHash, ReleaseId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -207,7 +208,7 @@ impl ControlClient {
     }
 
     /// Store a chunk in this member's origin store; `true` if it was new there.
-    pub async fn put_chunk(&self, hash: &str, bytes: Vec<u8>) -> Result<bool, ClientError> {
+    pub async fn put_chunk(&self, hash: &ChunkHash, bytes: Vec<u8>) -> Result<bool, ClientError> {
         let url = self.url(&Endpoint::PutChunk.path(&[&hash]));
         let resp = self
             .put_bytes(self.http.put(&url).body(bytes), &url)
@@ -216,7 +217,11 @@ impl ControlClient {
     }
 
     /// Store an encoded manifest under its release id in this member's origin store.
-    pub async fn put_manifest(&self, id: &str, encoded: Vec<u8>) -> Result<bool, ClientError> {
+    pub async fn put_manifest(
+        &self,
+        id: &ReleaseId,
+        encoded: Vec<u8>,
+    ) -> Result<bool, ClientError> {
         let url = self.url(&Endpoint::PutManifest.path(&[&id]));
         let resp = self
             .put_bytes(self.http.put(&url).body(encoded), &url)
@@ -238,7 +243,10 @@ impl ControlClient {
 
     /// Which of `chunks` this member's origin store lacks, asked in batches the member
     /// accepts.
-    pub async fn missing_chunks(&self, chunks: &[String]) -> Result<Vec<String>, ClientError> {
+    pub async fn missing_chunks(
+        &self,
+        chunks: &[ChunkHash],
+    ) -> Result<Vec<ChunkHash>, ClientError> {
         let mut missing = Vec::new();
         for batch in chunks.chunks(MAX_MISSING_QUERY) {
             let q = MissingChunks {

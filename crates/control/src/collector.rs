@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use starling_core::retention;
 use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{OriginStore, ReleaseError};
 
 use crate::member::Member;
@@ -22,18 +23,18 @@ use crate::member::Member;
 /// Chunks confirmed to a worker lately, with when (soft state: lost on restart, which is
 /// why collection waits one grace period after a start).
 #[derive(Debug, Default)]
-pub struct RecentChunks(Mutex<HashMap<String, Instant>>);
+pub struct RecentChunks(Mutex<HashMap<ChunkHash, Instant>>);
 
 impl RecentChunks {
-    pub fn mark<'a>(&self, hashes: impl IntoIterator<Item = &'a str>, now: Instant) {
+    pub fn mark(&self, hashes: &[ChunkHash], now: Instant) {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for h in hashes {
-            seen.insert(h.to_string(), now);
+            seen.insert(*h, now);
         }
     }
 
     /// The chunks marked within `grace` of `now`; older marks are forgotten.
-    pub fn within(&self, now: Instant, grace: Duration) -> HashSet<String> {
+    pub fn within(&self, now: Instant, grace: Duration) -> HashSet<ChunkHash> {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         seen.retain(|_, at| now.saturating_duration_since(*at) < grace);
         seen.keys().cloned().collect()
@@ -45,9 +46,9 @@ impl RecentChunks {
 /// older than `grace`. The number of chunks deleted.
 pub fn collect_pass(
     origin: &dyn OriginStore,
-    kept: &[String],
-    collected: &[String],
-    spared: HashSet<String>,
+    kept: &[ReleaseId],
+    collected: &[ReleaseId],
+    spared: HashSet<ChunkHash>,
     now: SystemTime,
     grace: Duration,
 ) -> Result<usize, ReleaseError> {
@@ -87,7 +88,7 @@ pub async fn collect_chunks(member: Arc<Member>) {
         tokio::time::interval(grace.clamp(Duration::from_secs(1), Duration::from_secs(60)));
     loop {
         tick.tick().await;
-        let (kept, collected): (Vec<String>, Vec<String>) = {
+        let (kept, collected): (Vec<ReleaseId>, Vec<ReleaseId>) = {
             let st = member.read();
             let (k, c): (Vec<_>, Vec<_>) = st
                 .list_releases(None)
@@ -131,18 +132,19 @@ mod tests {
     fn recent_chunks_are_forgotten_after_the_grace_period() {
         let r = RecentChunks::default();
         let t0 = Instant::now();
-        r.mark(["a", "b"], t0);
-        r.mark(["b"], t0 + Duration::from_secs(5));
+        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        r.mark(&[a, b], t0);
+        r.mark(&[b], t0 + Duration::from_secs(5));
         let at = t0 + Duration::from_secs(8);
         let kept = r.within(at, Duration::from_secs(6));
-        assert_eq!(kept, HashSet::from(["b".to_string()]));
+        assert_eq!(kept, HashSet::from([b]));
         assert!(r
             .within(at + Duration::from_secs(10), Duration::from_secs(6))
             .is_empty());
     }
 
     /// A store with one old release `id` in it, and an old stray chunk.
-    fn store_with_release() -> (tempfile::TempDir, FsChunkStore, String, String) {
+    fn store_with_release() -> (tempfile::TempDir, FsChunkStore, ReleaseId, ChunkHash) {
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
@@ -150,7 +152,7 @@ mod tests {
         let store = FsChunkStore::new(t.path().join("origin")).unwrap();
         let (id, _, _) = create_release(&out, &store, ChunkSizes::default()).unwrap();
         let stray = vec![1u8; 10];
-        let stray_hash = blake3::hash(&stray).to_hex().to_string();
+        let stray_hash = ChunkHash::of(&stray);
         store.put_chunk(&stray_hash, &stray).unwrap();
         (t, store, id, stray_hash)
     }
@@ -161,7 +163,7 @@ mod tests {
         let later = SystemTime::now() + Duration::from_secs(3600);
         let grace = Duration::from_secs(60);
         // Confirmed lately: spared though old and unreferenced.
-        let spared = HashSet::from([stray.clone()]);
+        let spared = HashSet::from([stray]);
         let n = collect_pass(&store, std::slice::from_ref(&id), &[], spared, later, grace).unwrap();
         assert_eq!(n, 0);
         assert!(store.has_chunk(&stray).unwrap());
@@ -181,7 +183,7 @@ mod tests {
     #[test]
     fn an_unreadable_manifest_stops_the_pass() {
         let (t, store, id, stray) = store_with_release();
-        let manifest = t.path().join("origin/manifests").join(&id);
+        let manifest = t.path().join("origin/manifests").join(id.to_hex());
         assert!(manifest.exists(), "manifest file layout changed");
         std::fs::write(&manifest, b"\xffgarbage").unwrap();
         let later = SystemTime::now() + Duration::from_secs(3600);

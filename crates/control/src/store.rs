@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use starling_proto::Outcome;
+use starling_proto::{Outcome, Release};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::ControlMetrics;
@@ -450,7 +450,11 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .into_iter()
             .map(|(_, e)| e)
             .collect(),
-        releases: read_named(&txn, RELEASES)?.into_iter().collect(),
+        // Keyed by the record's own id, as goals are by their own fields.
+        releases: read_named::<Release>(&txn, RELEASES)?
+            .into_iter()
+            .map(|(_, r)| (r.id, r))
+            .collect(),
         goals: read_named::<Goal>(&txn, GOALS)?
             .into_iter()
             .map(|(_, g)| (GoalKey::of(&g), g))
@@ -557,7 +561,7 @@ impl Rows {
         }
         for k in &touched.releases {
             if let Some(v) = r.releases.get(k) {
-                rows.releases.push((k.clone(), enc(v)?));
+                rows.releases.push((k.to_hex(), enc(v)?));
             }
         }
         for k in &touched.goals {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use starling_proto::BuildStatus;
+use starling_proto::{BuildStatus, ReleaseId};
 
 /// How a build command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl RunOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finish {
     pub status: BuildStatus,
-    pub release: Option<String>,
+    pub release: Option<ReleaseId>,
     pub reason: Option<String>,
 }
 
@@ -40,7 +40,7 @@ impl Finish {
         }
     }
 
-    pub fn succeeded(release: String) -> Self {
+    pub fn succeeded(release: ReleaseId) -> Self {
         Finish {
             status: BuildStatus::Succeeded,
             release: Some(release),

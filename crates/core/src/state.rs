@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
-    Build, BuildStatus, Command, Event, EventKind, Millis, Outcome, Rejection, Release, Repo,
-    RepoSpec, Transition,
+    Build, BuildStatus, Command, Event, EventKind, Millis, Outcome, Rejection, Release, ReleaseId,
+    Repo, RepoSpec, Transition,
 };
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
@@ -29,7 +29,7 @@ pub struct StoredRepo {
 pub struct Goal {
     pub repo: String,
     pub env: String,
-    pub release: String,
+    pub release: ReleaseId,
     pub at: Millis,
 }
 
@@ -60,7 +60,7 @@ pub struct Records {
     pub builds: OrdMap<u64, Build>,
     /// `events[i]` has index `i + 1`.
     pub events: Vector<Event>,
-    pub releases: OrdMap<String, Release>,
+    pub releases: OrdMap<ReleaseId, Release>,
     pub goals: BTreeMap<GoalKey, Goal>,
     /// The outcomes of the last [`starling_proto::REQUEST_WINDOW`] requests applied with a
     /// request id ([`Command::Once`]), by the order they were applied.
@@ -82,7 +82,7 @@ pub struct Touched {
     pub builds: BTreeSet<u64>,
     /// Events with an index at or above this were appended.
     pub events_from: Option<u64>,
-    pub releases: BTreeSet<String>,
+    pub releases: BTreeSet<ReleaseId>,
     pub goals: BTreeSet<GoalKey>,
     /// Request records added, and those forgotten (to delete).
     pub requests: BTreeSet<u64>,
@@ -273,7 +273,7 @@ impl ControlState {
                 worker,
                 *attempt,
                 *status,
-                release.clone(),
+                *release,
                 reason.clone(),
                 *at,
             ),
@@ -288,7 +288,7 @@ impl ControlState {
                 env,
                 release,
                 at,
-            } => self.set_goal(repo, env, release, *at),
+            } => self.set_goal(repo, env, *release, *at),
             Command::CollectReleases { releases, keep, at } => {
                 self.collect_releases(releases, *keep, *at)
             }
@@ -297,28 +297,28 @@ impl ControlState {
     }
 
     /// Releases retention lets go; see [`crate::retention::releases_to_collect`].
-    pub fn releases_to_collect(&self, keep: usize) -> Vec<String> {
+    pub fn releases_to_collect(&self, keep: usize) -> Vec<ReleaseId> {
         crate::retention::releases_to_collect(&self.records, keep)
     }
 
-    fn collect_releases(&mut self, ids: &[String], keep: usize, at: Millis) -> Outcome {
-        let due: BTreeSet<String> = self.releases_to_collect(keep).into_iter().collect();
+    fn collect_releases(&mut self, ids: &[ReleaseId], keep: usize, at: Millis) -> Outcome {
+        let due: BTreeSet<ReleaseId> = self.releases_to_collect(keep).into_iter().collect();
         let mut done = Vec::new();
         for id in ids.iter().filter(|id| due.contains(*id)) {
             let Some(mut r) = self.records.releases.get(id).cloned() else {
                 continue;
             };
             r.collected_at = Some(at);
-            self.records.releases.insert(id.clone(), r.clone());
-            self.touched.releases.insert(id.clone());
+            self.records.releases.insert(*id, r.clone());
+            self.touched.releases.insert(*id);
             self.push_event(Event {
                 repo: Some(r.repo.clone()),
                 build: Some(r.build),
                 sha: Some(r.sha.clone()),
-                detail: Some(id.clone()),
+                detail: Some(id.to_string()),
                 ..event_at(EventKind::ReleaseCollected, at)
             });
-            done.push(id.clone());
+            done.push(*id);
         }
         Outcome::Collected(done)
     }
@@ -497,7 +497,7 @@ impl ControlState {
         worker: &str,
         attempt: u32,
         status: BuildStatus,
-        release: Option<String>,
+        release: Option<ReleaseId>,
         reason: Option<String>,
         at: Millis,
     ) -> Outcome {
@@ -505,9 +505,6 @@ impl ControlState {
             return Outcome::Rejected(Rejection::Invalid(format!(
                 "{status} is not a final status"
             )));
-        }
-        if status == BuildStatus::Succeeded && release.as_deref().is_some_and(str::is_empty) {
-            return Outcome::Rejected(Rejection::Invalid("empty release id".into()));
         }
         let mut b = match self.held_lease(id, worker, attempt) {
             Ok(b) => b.clone(),
@@ -518,24 +515,24 @@ impl ControlState {
         } else {
             None
         };
-        b.release = release.clone();
+        b.release = release;
         self.finish(&mut b, status, reason, at);
         if let Some(rel) = release {
             let record = Release {
-                id: rel.clone(),
+                id: rel,
                 repo: b.repo.clone(),
                 sha: b.sha.clone(),
                 build: b.id,
                 created_at: at,
                 collected_at: None,
             };
-            self.records.releases.insert(rel.clone(), record);
-            self.touched.releases.insert(rel.clone());
+            self.records.releases.insert(rel, record);
+            self.touched.releases.insert(rel);
             self.push_event(Event {
                 repo: Some(b.repo.clone()),
                 build: Some(b.id),
                 sha: Some(b.sha.clone()),
-                detail: Some(rel.clone()),
+                detail: Some(rel.to_string()),
                 ..event_at(EventKind::ReleaseCreated, at)
             });
             let auto = self
@@ -544,7 +541,7 @@ impl ControlState {
                 .get(&b.repo)
                 .is_some_and(|r| r.repo.auto_deploy);
             if auto {
-                self.set_goal(&b.repo, DEFAULT_ENV, &rel, at);
+                self.set_goal(&b.repo, DEFAULT_ENV, rel, at);
             }
         }
         Outcome::Build(b)
@@ -611,11 +608,11 @@ impl ControlState {
         Outcome::Expired(expired)
     }
 
-    fn set_goal(&mut self, repo: &str, env: &str, release: &str, at: Millis) -> Outcome {
+    fn set_goal(&mut self, repo: &str, env: &str, release: ReleaseId, at: Millis) -> Outcome {
         if !self.records.repos.contains_key(repo) {
             return Outcome::Rejected(Rejection::UnknownRepo(repo.to_string()));
         }
-        let Some(rel) = self.records.releases.get(release).cloned() else {
+        let Some(rel) = self.records.releases.get(&release).cloned() else {
             return Outcome::Rejected(Rejection::Invalid(format!("unknown release {release}")));
         };
         if rel.repo != repo {
@@ -631,7 +628,7 @@ impl ControlState {
         let goal = Goal {
             repo: repo.to_string(),
             env: env.clone(),
-            release: release.to_string(),
+            release,
             at,
         };
         let key = GoalKey::of(&goal);
@@ -800,6 +797,11 @@ pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release id named for a test.
+    fn rel(name: &str) -> ReleaseId {
+        ReleaseId::of(name.as_bytes())
+    }
 
     fn repo_cmd() -> Command {
         Command::PutRepo {
@@ -1014,13 +1016,13 @@ mod tests {
             worker: "w1".into(),
             attempt: 1,
             status: BuildStatus::Succeeded,
-            release: Some("r1".into()),
+            release: Some(rel("r1")),
             reason: None,
             at: 160,
         });
         assert!(matches!(out, Outcome::Build(b) if b.status == BuildStatus::Succeeded));
         assert_eq!(s.list_releases(Some("acme/web")).len(), 1);
-        assert_eq!(s.goals().next().unwrap().release, "r1");
+        assert_eq!(s.goals().next().unwrap().release, rel("r1"));
         let events = s.events_after(0, 100);
         let kinds: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
@@ -1084,7 +1086,7 @@ mod tests {
                 worker: "w".into(),
                 attempt: 1,
                 status: BuildStatus::Succeeded,
-                release: Some(format!("r{i}")),
+                release: Some(rel(&format!("r{i}"))),
                 reason: None,
                 at: 10 * i + 2,
             });
@@ -1093,15 +1095,15 @@ mod tests {
         s.apply(&Command::SetGoal {
             repo: "acme/web".into(),
             env: "canary".into(),
-            release: "r0".into(),
+            release: rel("r0"),
             at: 100,
         });
-        assert_eq!(s.releases_to_collect(2), vec!["r1".to_string()]);
+        assert_eq!(s.releases_to_collect(2), vec![rel("r1")]);
         // An environment name with a `/` could make two goals share a key: refused.
         let out = s.apply(&Command::SetGoal {
             repo: "acme/web".into(),
             env: "eu/canary".into(),
-            release: "r0".into(),
+            release: rel("r0"),
             at: 101,
         });
         assert!(
@@ -1111,12 +1113,12 @@ mod tests {
         let keys: Vec<&str> = s.records().goals.keys().map(GoalKey::as_str).collect();
         assert_eq!(keys, ["acme/web/canary", "acme/web/default"]);
         let out = s.apply(&Command::CollectReleases {
-            releases: vec!["r1".into(), "r3".into()],
+            releases: vec![rel("r1"), rel("r3")],
             keep: 2,
             at: 200,
         });
         // r3 is kept (newest, and a goal): a wrong or stale proposal does nothing to it.
-        assert_eq!(out, Outcome::Collected(vec!["r1".into()]));
+        assert_eq!(out, Outcome::Collected(vec![rel("r1")]));
         assert!(s.releases_to_collect(2).is_empty());
         assert_eq!(
             s.list_releases(None).len(),

@@ -23,6 +23,7 @@ use archive::ArchivePlan;
 use cuts::CutPlanner;
 
 use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
+use starling_proto::{ChunkHash, ReleaseId};
 
 #[cfg(feature = "s3")]
 pub use s3::S3ChunkStore;
@@ -117,7 +118,7 @@ pub fn create_release(
     dir: &Path,
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
-) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
+) -> Result<(ReleaseId, Manifest, ReleaseStats), ReleaseError> {
     create_release_within(dir, store, sizes, u64::MAX)
 }
 
@@ -128,7 +129,7 @@ pub fn create_release_within(
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
     max_bytes: u64,
-) -> Result<(String, Manifest, ReleaseStats), ReleaseError> {
+) -> Result<(ReleaseId, Manifest, ReleaseStats), ReleaseError> {
     let files = archive::list(dir)?;
     let plan = ArchivePlan::new(&files)?;
     if plan.len() > max_bytes {
@@ -263,7 +264,7 @@ impl Job<'_> {
             };
             for w in cuts.windows(2) {
                 let data = &buf[w[0]..w[1]];
-                let hash = blake3::hash(data).to_hex().to_string();
+                let hash = ChunkHash::of(data);
                 if !self.store.has_chunk(&hash)? {
                     self.store.put_chunk(&hash, data)?;
                     seg.new_chunks += 1;
@@ -363,7 +364,7 @@ mod tests {
         let mut total = 0u64;
         for c in &m.chunks {
             let bytes = store.get_chunk(&c.hash).unwrap();
-            assert_eq!(blake3::hash(&bytes).to_hex().to_string(), c.hash);
+            assert_eq!(ChunkHash::of(&bytes), c.hash);
             total += bytes.len() as u64;
         }
         assert_eq!(total, m.archive_size);

@@ -19,7 +19,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use crate::store::{check_name, ChunkStore, OriginStore};
+use starling_proto::{ChunkHash, ReleaseId};
+
+use crate::store::{ChunkStore, OriginStore};
 use crate::ReleaseError;
 
 pub struct S3ChunkStore {
@@ -62,14 +64,12 @@ impl S3ChunkStore {
         })
     }
 
-    fn chunk_path(hash: &str) -> Result<ObjectPath, ReleaseError> {
-        check_name(hash)?;
-        Ok(ObjectPath::from(format!("chunks/{hash}")))
+    fn chunk_path(hash: &ChunkHash) -> ObjectPath {
+        ObjectPath::from(format!("chunks/{hash}"))
     }
 
-    fn manifest_path(id: &str) -> Result<ObjectPath, ReleaseError> {
-        check_name(id)?;
-        Ok(ObjectPath::from(format!("manifests/{id}")))
+    fn manifest_path(id: &ReleaseId) -> ObjectPath {
+        ObjectPath::from(format!("manifests/{id}"))
     }
 
     fn error(&self, at: &ObjectPath, e: object_store::Error) -> ReleaseError {
@@ -108,8 +108,8 @@ impl S3ChunkStore {
 }
 
 impl ChunkStore for S3ChunkStore {
-    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError> {
-        let at = Self::chunk_path(hash)?;
+    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool, ReleaseError> {
+        let at = Self::chunk_path(hash);
         match self.runtime.block_on(self.store.head(&at)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -117,25 +117,25 @@ impl ChunkStore for S3ChunkStore {
         }
     }
 
-    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
-        self.put(&Self::chunk_path(hash)?, bytes)
+    fn put_chunk(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<(), ReleaseError> {
+        self.put(&Self::chunk_path(hash), bytes)
     }
 
-    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
-        self.get(&Self::chunk_path(hash)?)
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
+        self.get(&Self::chunk_path(hash))
     }
 
-    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
-        self.put(&Self::manifest_path(id)?, bytes)
+    fn put_manifest(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), ReleaseError> {
+        self.put(&Self::manifest_path(id), bytes)
     }
 
-    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
-        self.get(&Self::manifest_path(id)?)
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
+        self.get(&Self::manifest_path(id))
     }
 }
 
 impl OriginStore for S3ChunkStore {
-    fn list_chunks(&self) -> Result<Vec<(String, SystemTime)>, ReleaseError> {
+    fn list_chunks(&self) -> Result<Vec<(ChunkHash, SystemTime)>, ReleaseError> {
         let prefix = ObjectPath::from("chunks");
         let listed: Vec<_> = self
             .runtime
@@ -144,18 +144,17 @@ impl OriginStore for S3ChunkStore {
         Ok(listed
             .into_iter()
             .filter_map(|o| {
-                let name = o.location.filename()?.to_string();
-                check_name(&name).ok()?;
-                Some((name, SystemTime::from(o.last_modified)))
+                let hash = ChunkHash::parse(o.location.filename()?).ok()?;
+                Some((hash, SystemTime::from(o.last_modified)))
             })
             .collect())
     }
 
-    fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
-        self.delete(&Self::chunk_path(hash)?)
+    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), ReleaseError> {
+        self.delete(&Self::chunk_path(hash))
     }
 
-    fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
-        self.delete(&Self::manifest_path(id)?)
+    fn delete_manifest(&self, id: &ReleaseId) -> Result<(), ReleaseError> {
+        self.delete(&Self::manifest_path(id))
     }
 }

@@ -8,24 +8,26 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use starling_proto::{ChunkHash, ReleaseId};
+
 use crate::ReleaseError;
 
 pub trait ChunkStore: Send + Sync {
-    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError>;
+    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool, ReleaseError>;
     /// Store durably; the caller has checked that `hash` is the BLAKE3 of `bytes`.
-    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError>;
-    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError>;
-    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError>;
-    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError>;
+    fn put_chunk(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<(), ReleaseError>;
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError>;
+    fn put_manifest(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), ReleaseError>;
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError>;
 }
 
 /// What a control member needs beyond [`ChunkStore`]: the collector lists and deletes.
 pub trait OriginStore: ChunkStore {
     /// Every chunk held, with when it was written.
-    fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError>;
+    fn list_chunks(&self) -> Result<Vec<(ChunkHash, std::time::SystemTime)>, ReleaseError>;
     /// Deleting what is not there succeeds: members sharing one store collect at once.
-    fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError>;
-    fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError>;
+    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), ReleaseError>;
+    fn delete_manifest(&self, id: &ReleaseId) -> Result<(), ReleaseError>;
     /// Bytes of chunks held, where the store can tell cheaply (a shared bucket cannot).
     fn used_bytes(&self) -> Option<u64> {
         None
@@ -41,16 +43,6 @@ pub struct FsChunkStore {
     durable: bool,
     /// Bytes of chunks held: counted when the store opens, then kept up to date.
     used: AtomicU64,
-}
-
-/// A name must be 64 lower-case hex digits: it becomes part of a path.
-pub(crate) fn check_name(name: &str) -> Result<(), ReleaseError> {
-    let ok = name.len() == 64 && name.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ReleaseError::Store(format!("bad content name {name:?}")))
-    }
 }
 
 impl FsChunkStore {
@@ -82,20 +74,20 @@ impl FsChunkStore {
         };
         let mut used = 0;
         for (hash, _) in store.list_chunks()? {
-            used += fs::metadata(store.chunk_path(&hash)?).map_or(0, |m| m.len());
+            used += fs::metadata(store.chunk_path(&hash)).map_or(0, |m| m.len());
         }
         store.used.store(used, Ordering::Relaxed);
         Ok(store)
     }
 
-    fn chunk_path(&self, hash: &str) -> Result<PathBuf, ReleaseError> {
-        check_name(hash)?;
-        Ok(self.root.join("chunks").join(&hash[..2]).join(hash))
+    // Digests are hex by construction: a name can never leave its directory.
+    fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    fn manifest_path(&self, id: &str) -> Result<PathBuf, ReleaseError> {
-        check_name(id)?;
-        Ok(self.root.join("manifests").join(id))
+    fn manifest_path(&self, id: &ReleaseId) -> PathBuf {
+        self.root.join("manifests").join(id.to_hex())
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), ReleaseError> {
@@ -167,8 +159,8 @@ pub struct PackStore {
 #[derive(Default)]
 struct PackIndex {
     end: u64,
-    chunks: std::collections::HashMap<String, (u64, u32)>,
-    manifests: std::collections::HashMap<String, Vec<u8>>,
+    chunks: std::collections::HashMap<ChunkHash, (u64, u32)>,
+    manifests: std::collections::HashMap<ReleaseId, Vec<u8>>,
 }
 
 impl PackStore {
@@ -204,13 +196,12 @@ impl Drop for PackStore {
 }
 
 impl ChunkStore for PackStore {
-    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError> {
+    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool, ReleaseError> {
         Ok(self.index().chunks.contains_key(hash))
     }
 
-    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
+    fn put_chunk(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<(), ReleaseError> {
         use std::os::unix::fs::FileExt;
-        check_name(hash)?;
         let len = u32::try_from(bytes.len())
             .map_err(|_| ReleaseError::Store(format!("chunk {hash} is over 4 GiB")))?;
         let at = {
@@ -223,11 +214,11 @@ impl ChunkStore for PackStore {
             .write_all_at(bytes, at)
             .map_err(|e| ReleaseError::io(&self.path, e))?;
         // Listed only once written, so a reader never sees the bytes before they are there.
-        self.index().chunks.insert(hash.to_string(), (at, len));
+        self.index().chunks.insert(*hash, (at, len));
         Ok(())
     }
 
-    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
         use std::os::unix::fs::FileExt;
         let Some(&(at, len)) = self.index().chunks.get(hash) else {
             return Err(ReleaseError::NotFound(format!("chunk {hash}")));
@@ -239,15 +230,12 @@ impl ChunkStore for PackStore {
         Ok(buf)
     }
 
-    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
-        check_name(id)?;
-        self.index()
-            .manifests
-            .insert(id.to_string(), bytes.to_vec());
+    fn put_manifest(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), ReleaseError> {
+        self.index().manifests.insert(*id, bytes.to_vec());
         Ok(())
     }
 
-    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
         let manifest = self.index().manifests.get(id).cloned();
         manifest.ok_or_else(|| ReleaseError::NotFound(format!("manifest {id}")))
     }
@@ -262,17 +250,17 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("staging/b1.pack");
         let pack = PackStore::create(&path).unwrap();
-        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let (a, b) = (ChunkHash::of(b"first"), ChunkHash::of(b"second chunk"));
         assert!(!pack.has_chunk(&a).unwrap());
         pack.put_chunk(&a, b"first").unwrap();
         pack.put_chunk(&b, b"second chunk").unwrap();
         assert!(pack.has_chunk(&a).unwrap());
         assert_eq!(pack.get_chunk(&b).unwrap(), b"second chunk");
         assert_eq!(pack.get_chunk(&a).unwrap(), b"first");
-        assert!(pack.get_chunk(&"c".repeat(64)).is_err());
-        assert!(pack.put_chunk("../x", b"no").is_err());
-        pack.put_manifest(&a, b"m").unwrap();
-        assert_eq!(pack.get_manifest(&a).unwrap(), b"m");
+        assert!(pack.get_chunk(&ChunkHash::of(b"absent")).is_err());
+        let m = ReleaseId::of(b"m");
+        pack.put_manifest(&m, b"m").unwrap();
+        assert_eq!(pack.get_manifest(&m).unwrap(), b"m");
         assert!(path.exists());
         drop(pack);
         assert!(!path.exists(), "a dropped pack leaves its file behind");
@@ -280,8 +268,8 @@ mod tests {
 }
 
 impl ChunkStore for FsChunkStore {
-    fn has_chunk(&self, hash: &str) -> Result<bool, ReleaseError> {
-        let p = self.chunk_path(hash)?;
+    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool, ReleaseError> {
+        let p = self.chunk_path(hash);
         match fs::metadata(&p) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -289,30 +277,30 @@ impl ChunkStore for FsChunkStore {
         }
     }
 
-    fn put_chunk(&self, hash: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
-        let p = self.chunk_path(hash)?;
+    fn put_chunk(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<(), ReleaseError> {
+        let p = self.chunk_path(hash);
         let before = fs::metadata(&p).map_or(0, |m| m.len());
         self.write_atomic(&p, bytes)?;
         self.adjust_used(before, bytes.len() as u64);
         Ok(())
     }
 
-    fn get_chunk(&self, hash: &str) -> Result<Vec<u8>, ReleaseError> {
-        Self::read(&self.chunk_path(hash)?)
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
+        Self::read(&self.chunk_path(hash))
     }
 
-    fn put_manifest(&self, id: &str, bytes: &[u8]) -> Result<(), ReleaseError> {
-        let p = self.manifest_path(id)?;
+    fn put_manifest(&self, id: &ReleaseId, bytes: &[u8]) -> Result<(), ReleaseError> {
+        let p = self.manifest_path(id);
         self.write_atomic(&p, bytes)
     }
 
-    fn get_manifest(&self, id: &str) -> Result<Vec<u8>, ReleaseError> {
-        Self::read(&self.manifest_path(id)?)
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
+        Self::read(&self.manifest_path(id))
     }
 }
 
 impl OriginStore for FsChunkStore {
-    fn list_chunks(&self) -> Result<Vec<(String, std::time::SystemTime)>, ReleaseError> {
+    fn list_chunks(&self) -> Result<Vec<(ChunkHash, std::time::SystemTime)>, ReleaseError> {
         let mut out = Vec::new();
         let root = self.root.join("chunks");
         for dir in fs::read_dir(&root).map_err(|e| ReleaseError::io(&root, e))? {
@@ -321,28 +309,28 @@ impl OriginStore for FsChunkStore {
                 continue;
             };
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if check_name(&name).is_err() {
+                // Temp files and strays are not chunks.
+                let Ok(hash) = ChunkHash::parse(&e.file_name().to_string_lossy()) else {
                     continue;
-                }
+                };
                 if let Ok(modified) = e.metadata().and_then(|m| m.modified()) {
-                    out.push((name, modified));
+                    out.push((hash, modified));
                 }
             }
         }
         Ok(out)
     }
 
-    fn delete_chunk(&self, hash: &str) -> Result<(), ReleaseError> {
-        let p = self.chunk_path(hash)?;
+    fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), ReleaseError> {
+        let p = self.chunk_path(hash);
         let size = fs::metadata(&p).map_or(0, |m| m.len());
         remove_if_present(&p)?;
         self.adjust_used(size, 0);
         Ok(())
     }
 
-    fn delete_manifest(&self, id: &str) -> Result<(), ReleaseError> {
-        let p = self.manifest_path(id)?;
+    fn delete_manifest(&self, id: &ReleaseId) -> Result<(), ReleaseError> {
+        let p = self.manifest_path(id);
         remove_if_present(&p)
     }
 

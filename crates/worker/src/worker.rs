@@ -12,7 +12,7 @@ use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
 use starling_core::build_result::{release_stored, Finish};
 use starling_core::retry::backoff;
-use starling_proto::{CompleteRequest, HeartbeatRequest, Lease};
+use starling_proto::{ChunkHash, CompleteRequest, HeartbeatRequest, Lease, ReleaseId};
 use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
 use tokio::sync::watch;
 
@@ -489,7 +489,7 @@ impl From<ClientError> for PublishError {
 async fn publish(
     shared: &Shared,
     pack: &PackStore,
-    id: &str,
+    id: &ReleaseId,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), PublishError> {
     let cluster = shared.control.cluster().await?;
@@ -525,11 +525,11 @@ async fn publish(
 async fn push_to(
     pack: &PackStore,
     client: &ControlClient,
-    id: &str,
+    id: &ReleaseId,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), PublishError> {
     // Each distinct chunk once, even if the release repeats it.
-    let mut names: Vec<String> = manifest.chunks.iter().map(|c| c.hash.clone()).collect();
+    let mut names: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
     names.sort_unstable();
     names.dedup();
     let missing = client.missing_chunks(&names).await?;
@@ -541,7 +541,7 @@ async fn push_to(
         client.put_chunk(hash, bytes).await?;
     }
     tracing::info!(
-        release = id,
+        release = %id,
         chunks = names.len(),
         sent = missing.len(),
         member = client.base(),

@@ -3,7 +3,7 @@
 //! to it, a manifest must decode and hash to its id — before anything is written.
 
 use starling_proto::release::Manifest;
-use starling_proto::{MissingChunks, MAX_MISSING_QUERY};
+use starling_proto::{ChunkHash, MissingChunks, ReleaseId, MAX_MISSING_QUERY};
 use starling_release::ReleaseError;
 
 use axum::body::Bytes;
@@ -38,10 +38,10 @@ async fn blocking<T: Send + 'static>(
 #[tracing::instrument(skip_all, fields(chunk = %hash, bytes = body.len()))]
 pub(super) async fn put_chunk(
     State(m): Shared,
-    Path(hash): Path<String>,
+    Path(hash): Path<ChunkHash>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
-    let actual = blake3::hash(&body).to_hex().to_string();
+    let actual = ChunkHash::of(&body);
     if actual != hash {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -101,14 +101,13 @@ pub(super) async fn missing_chunks(
     })
     .await?;
     // The worker will not send these: they must outlive its publication.
-    m.recent_chunks
-        .mark(held.iter().map(String::as_str), std::time::Instant::now());
+    m.recent_chunks.mark(&held, std::time::Instant::now());
     Ok(Json(MissingChunks { chunks: missing }))
 }
 
 pub(super) async fn get_chunk(
     State(m): Shared,
-    Path(hash): Path<String>,
+    Path(hash): Path<ChunkHash>,
 ) -> Result<Response, ApiErr> {
     let store = m.origin.clone();
     blocking(move || store.get_chunk(&hash)).await.map(octets)
@@ -125,7 +124,7 @@ fn octets(bytes: Vec<u8>) -> Response {
 #[tracing::instrument(skip_all, fields(release = %id))]
 pub(super) async fn put_manifest(
     State(m): Shared,
-    Path(id): Path<String>,
+    Path(id): Path<ReleaseId>,
     body: Bytes,
 ) -> Result<Response, ApiErr> {
     let manifest =
@@ -139,10 +138,8 @@ pub(super) async fn put_manifest(
     }
     // Its release is recorded only when the build completes; until then (and while it is
     // young) its chunks are spared by the collector.
-    m.recent_chunks.mark(
-        manifest.chunks.iter().map(|c| c.hash.as_str()),
-        std::time::Instant::now(),
-    );
+    let named: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+    m.recent_chunks.mark(&named, std::time::Instant::now());
     let store = m.origin.clone();
     // A manifest is accepted only once every chunk it lists is here, so that a release id
     // this member knows is always complete.
@@ -160,7 +157,7 @@ pub(super) async fn put_manifest(
 
 pub(super) async fn get_manifest(
     State(m): Shared,
-    Path(id): Path<String>,
+    Path(id): Path<ReleaseId>,
 ) -> Result<Response, ApiErr> {
     let store = m.origin.clone();
     blocking(move || store.get_manifest(&id)).await.map(octets)
