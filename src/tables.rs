@@ -40,7 +40,9 @@ pub fn builds(builds: &[Build]) -> Table {
             short(&b.sha).to_string(),
             b.status.to_string(),
             b.attempt.to_string(),
-            b.worker.clone().unwrap_or_else(|| "-".into()),
+            b.worker
+                .as_ref()
+                .map_or_else(|| "-".into(), |w| w.to_string()),
             time(Some(b.created_at)),
             b.reason.clone().unwrap_or_default(),
         ]);
@@ -57,7 +59,7 @@ pub fn history(b: &Build) -> Table {
             time(Some(h.at)),
             h.status.to_string(),
             h.attempt.to_string(),
-            h.worker.clone().unwrap_or_default(),
+            h.worker.as_ref().map(|w| w.to_string()).unwrap_or_default(),
             h.reason.clone().unwrap_or_default(),
         ]);
     }

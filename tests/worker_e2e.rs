@@ -412,10 +412,7 @@ async fn two_releases_then_collect(
         .iter()
         .map(|r| (r.id, r.collected_at.is_some()))
         .collect();
-    assert_eq!(
-        state,
-        vec![(releases[1], false), (releases[0], true)]
-    );
+    assert_eq!(state, vec![(releases[1], false), (releases[0], true)]);
     // Everything the kept release needs is still there.
     for ch in &new.chunks {
         let r = c.get(&format!("{}/v1/chunks/{}", c.url(1), ch.hash)).await;

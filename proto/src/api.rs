@@ -113,7 +113,7 @@ pub struct Transition {
     pub status: BuildStatus,
     pub at: Millis,
     pub attempt: u32,
-    pub worker: Option<String>,
+    pub worker: Option<crate::WorkerId>,
     pub reason: Option<String>,
 }
 
@@ -126,7 +126,7 @@ pub struct Build {
     pub status: BuildStatus,
     /// 1 for the first lease; a lease that expires puts the build back with attempt+1.
     pub attempt: u32,
-    pub worker: Option<String>,
+    pub worker: Option<crate::WorkerId>,
     pub release: Option<crate::ReleaseId>,
     pub reason: Option<String>,
     /// What asked for the build: `github`, `gitlab` or `manual`.
@@ -222,7 +222,7 @@ pub const MAX_MISSING_QUERY: usize = 100_000;
 /// `POST /v1/leases`: a worker asks for work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRequest {
-    pub worker: String,
+    pub worker: crate::WorkerId,
     /// How long to wait for a queued build before answering 204, in ms (capped at 60 s).
     #[serde(default)]
     pub wait_ms: u64,
@@ -247,7 +247,7 @@ pub struct Lease {
 /// `POST /v1/builds/{id}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
-    pub worker: String,
+    pub worker: crate::WorkerId,
     pub attempt: u32,
 }
 
@@ -261,7 +261,7 @@ pub struct HeartbeatReply {
 /// `POST /v1/builds/{id}/complete`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompleteRequest {
-    pub worker: String,
+    pub worker: crate::WorkerId,
     pub attempt: u32,
     /// One of the terminal statuses.
     pub status: BuildStatus,

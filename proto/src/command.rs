@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Build, BuildStatus, Millis, Release, ReleaseId, RepoSpec};
+use crate::{Build, BuildStatus, Millis, Release, ReleaseId, RepoSpec, WorkerId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -21,14 +21,14 @@ pub enum Command {
     },
     /// Hand the oldest queued build to `worker` until `at + ttl_ms`.
     LeaseBuild {
-        worker: String,
+        worker: WorkerId,
         ttl_ms: u64,
         at: Millis,
     },
     /// Extend the lease of `build` held by `worker` for `attempt`.
     Heartbeat {
         build: u64,
-        worker: String,
+        worker: WorkerId,
         attempt: u32,
         ttl_ms: u64,
         at: Millis,
@@ -36,7 +36,7 @@ pub enum Command {
     /// The worker holding the lease reports the end of the build.
     CompleteBuild {
         build: u64,
-        worker: String,
+        worker: WorkerId,
         attempt: u32,
         status: BuildStatus,
         release: Option<ReleaseId>,
@@ -139,7 +139,7 @@ pub enum Rejection {
     #[error("build {build} is not leased to {worker} for attempt {attempt}")]
     NotLeaseHolder {
         build: u64,
-        worker: String,
+        worker: WorkerId,
         attempt: u32,
     },
     #[error("build {0} has already finished")]

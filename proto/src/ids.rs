@@ -110,6 +110,43 @@ digest_id!(
     "release id"
 );
 
+/// A build slot's name, `<worker>/<slot>` (e.g. `w1/0`): who holds a lease.
+///
+/// Read as written (the log holds names from before this type); [`WorkerId::new`] is the
+/// rule the API holds a lease request to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(String);
+
+impl WorkerId {
+    /// 1 to 200 bytes without control characters.
+    pub fn new(name: &str) -> Result<WorkerId, crate::NameError> {
+        let ok = (1..=200).contains(&name.len()) && !name.chars().any(char::is_control);
+        if ok {
+            Ok(WorkerId(name.to_string()))
+        } else {
+            Err(crate::NameError::Worker(name.chars().take(80).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// For tests and literals; the API checks names with [`WorkerId::new`].
+impl From<&str> for WorkerId {
+    fn from(name: &str) -> Self {
+        WorkerId(name.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

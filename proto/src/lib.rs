@@ -19,7 +19,7 @@ pub mod routes;
 pub use api::*;
 pub use command::*;
 pub use duration::{parse_duration, parse_size};
-pub use ids::{ChunkHash, DigestError, ReleaseId};
+pub use ids::{ChunkHash, DigestError, ReleaseId, WorkerId};
 pub use kinds::{EventKind, QueueResult};
 pub use names::{commit_id, env_name, repo_name, NameError};
 

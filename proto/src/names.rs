@@ -9,6 +9,8 @@ pub enum NameError {
     Repo(String),
     #[error("bad commit id {0:?}: expected 40 or 64 hexadecimal digits")]
     Commit(String),
+    #[error("bad worker name {0:?}: use 1 to 200 bytes without control characters")]
+    Worker(String),
     #[error("bad environment name {0:?}: use 1 to 63 letters, digits, '.', '_', '-', not starting with '.' or '-'")]
     Env(String),
 }

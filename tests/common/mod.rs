@@ -316,7 +316,13 @@ impl Cluster {
 pub fn trail(b: &Build) -> Vec<(starling_proto::BuildStatus, u32, Option<String>)> {
     b.history
         .iter()
-        .map(|t| (t.status, t.attempt, t.worker.clone()))
+        .map(|t| {
+            (
+                t.status,
+                t.attempt,
+                t.worker.as_ref().map(|w| w.to_string()),
+            )
+        })
         .collect()
 }
 

@@ -16,7 +16,7 @@ use starling_proto::{
     HeartbeatRequest, Lease, LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec,
     TriggerRequest, MAX_MISSING_QUERY,
 };
-use starling_proto::{ChunkHash, ReleaseId};
+use starling_proto::{ChunkHash, ReleaseId, WorkerId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -154,10 +154,14 @@ impl ControlClient {
     }
 
     /// Ask for a build, waiting up to `wait` for one; `None` when nothing was queued.
-    pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, ClientError> {
+    pub async fn lease(
+        &self,
+        worker: &WorkerId,
+        wait: Duration,
+    ) -> Result<Option<Lease>, ClientError> {
         let url = self.url(&Endpoint::Lease.path(&[]));
         let req = LeaseRequest {
-            worker: worker.to_string(),
+            worker: worker.clone(),
             wait_ms: wait.as_millis() as u64,
         };
         let rb = self

@@ -11,7 +11,7 @@ use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
     Build, BuildStatus, Command, Event, EventKind, Millis, Outcome, Rejection, Release, ReleaseId,
-    Repo, RepoSpec, Transition,
+    Repo, RepoSpec, Transition, WorkerId,
 };
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
@@ -425,7 +425,7 @@ impl ControlState {
             .map(|b| Outcome::DuplicateCommit(b.clone()))
     }
 
-    fn lease_build(&mut self, worker: &str, ttl_ms: u64, at: Millis) -> Outcome {
+    fn lease_build(&mut self, worker: &WorkerId, ttl_ms: u64, at: Millis) -> Outcome {
         let Some(&id) = self.index.queue.first() else {
             return Outcome::NothingQueued;
         };
@@ -433,14 +433,14 @@ impl ControlState {
             return Outcome::NothingQueued;
         };
         b.status = BuildStatus::Running;
-        b.worker = Some(worker.to_string());
+        b.worker = Some(worker.clone());
         b.started_at = Some(at);
         b.lease_expires_at = Some(at.saturating_add(ttl_ms));
         b.history.push(Transition {
             status: BuildStatus::Running,
             at,
             attempt: b.attempt,
-            worker: Some(worker.to_string()),
+            worker: Some(worker.clone()),
             reason: None,
         });
         self.store_build(b.clone());
@@ -449,19 +449,19 @@ impl ControlState {
     }
 
     /// The running build `id` if `worker` holds its lease for `attempt`.
-    fn held_lease(&self, id: u64, worker: &str, attempt: u32) -> Result<&Build, Rejection> {
+    fn held_lease(&self, id: u64, worker: &WorkerId, attempt: u32) -> Result<&Build, Rejection> {
         let b = self
             .records
             .builds
             .get(&id)
             .ok_or(Rejection::UnknownBuild(id))?;
         if b.status != BuildStatus::Running
-            || b.worker.as_deref() != Some(worker)
+            || b.worker.as_ref() != Some(worker)
             || b.attempt != attempt
         {
             return Err(Rejection::NotLeaseHolder {
                 build: id,
-                worker: worker.to_string(),
+                worker: worker.clone(),
                 attempt,
             });
         }
@@ -471,7 +471,7 @@ impl ControlState {
     fn heartbeat(
         &mut self,
         id: u64,
-        worker: &str,
+        worker: &WorkerId,
         attempt: u32,
         ttl_ms: u64,
         at: Millis,
@@ -494,7 +494,7 @@ impl ControlState {
     fn complete_build(
         &mut self,
         id: u64,
-        worker: &str,
+        worker: &WorkerId,
         attempt: u32,
         status: BuildStatus,
         release: Option<ReleaseId>,
@@ -581,7 +581,7 @@ impl ControlState {
             expired.push(id);
             let lost = format!(
                 "worker lost: {} stopped renewing its lease",
-                b.worker.as_deref().unwrap_or("?")
+                b.worker.as_ref().map_or("?", WorkerId::as_str)
             );
             if b.cancel_requested {
                 self.finish(&mut b, BuildStatus::Cancelled, Some(lost), at);

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use starling_client::{ClientError, ControlClient};
 use starling_core::build_result::{release_stored, Finish};
 use starling_core::retry::backoff;
-use starling_proto::{ChunkHash, CompleteRequest, HeartbeatRequest, Lease, ReleaseId};
+use starling_proto::{ChunkHash, CompleteRequest, HeartbeatRequest, Lease, ReleaseId, WorkerId};
 use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
 use tokio::sync::watch;
 
@@ -48,6 +48,8 @@ pub enum WorkerError {
     },
     #[error("{0} build slots ended abnormally")]
     SlotsLost(usize),
+    #[error("worker name: {0}")]
+    Name(#[from] starling_proto::NameError),
 }
 
 /// Why a build's output directory cannot be packed.
@@ -78,6 +80,8 @@ pub async fn run_worker(
         dir: cfg.data_dir.clone(),
         source: e,
     })?;
+    // Slots are named `<name>/<slot>`.
+    WorkerId::new(&format!("{}/{}", cfg.name, cfg.slots))?;
     let isolation = Isolation::detect(cfg.build_user);
     prepare_data_dir(&cfg.data_dir, isolation).map_err(|e| WorkerError::DataDir {
         dir: cfg.data_dir.clone(),
@@ -165,7 +169,8 @@ fn prepare_data_dir(dir: &Path, isolation: Isolation) -> std::io::Result<()> {
 
 async fn slot_loop(shared: Arc<Shared>, slot: usize, stop: watch::Receiver<bool>) {
     use backon::BackoffBuilder;
-    let worker = format!("{}/{slot}", shared.cfg.name);
+    // The name was checked when the worker started.
+    let worker = WorkerId::from(format!("{}/{slot}", shared.cfg.name).as_str());
     let mut delays = backoff().build();
     while !*stop.borrow() {
         let leased = shared.control.lease(&worker, Duration::from_secs(20)).await;
@@ -222,7 +227,7 @@ fn transient(e: &ClientError) -> bool {
 }
 
 #[tracing::instrument(skip_all, fields(build = lease.build.id, repo = %lease.build.repo, sha = %lease.build.sha, attempt = lease.attempt))]
-async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
+async fn build_one(shared: &Shared, worker: &WorkerId, lease: Lease) {
     let build = lease.build.clone();
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let lost = Arc::new(AtomicBool::new(false));
@@ -231,7 +236,7 @@ async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
         let control = shared.control.clone();
         let lost = lost.clone();
         let req = HeartbeatRequest {
-            worker: worker.to_string(),
+            worker: worker.clone(),
             attempt: lease.attempt,
         };
         // At most every 2 s, so that a cancel reaches the build within a few seconds.
@@ -272,9 +277,15 @@ async fn build_one(shared: &Shared, worker: &str, lease: Lease) {
 
 /// Report the end of a build, retrying while the control plane is unreachable and the
 /// lease holds; a refusal (the lease was lost) is final.
-async fn complete(shared: &Shared, worker: &str, lease: &Lease, finish: Finish, lost: &AtomicBool) {
+async fn complete(
+    shared: &Shared,
+    worker: &WorkerId,
+    lease: &Lease,
+    finish: Finish,
+    lost: &AtomicBool,
+) {
     let req = CompleteRequest {
-        worker: worker.to_string(),
+        worker: worker.clone(),
         attempt: lease.attempt,
         status: finish.status,
         release: finish.release,

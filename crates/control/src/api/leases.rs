@@ -8,9 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use starling_proto::{
     Command, CompleteRequest, HeartbeatReply, HeartbeatRequest, Lease, LeaseRequest, Outcome,
+    WorkerId,
 };
 
-use super::{err, request_id, unexpected, ApiErr, Shared, MAX_WAIT};
+use super::{request_id, unexpected, ApiErr, Shared, MAX_WAIT};
 use crate::member::now_ms;
 
 #[tracing::instrument(skip_all, fields(worker = %req.worker))]
@@ -19,12 +20,7 @@ pub(super) async fn lease(
     headers: HeaderMap,
     Json(req): Json<LeaseRequest>,
 ) -> Result<Response, ApiErr> {
-    if req.worker.is_empty() || req.worker.len() > 200 {
-        return Err(err(
-            StatusCode::BAD_REQUEST,
-            "worker name must be 1..200 bytes",
-        ));
-    }
+    WorkerId::new(req.worker.as_str())?;
     let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let ttl_ms = m.cfg.lease_ttl.as_millis() as u64;
