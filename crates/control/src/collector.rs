@@ -4,13 +4,13 @@
 //! A chunk may be needed by a release that is not recorded yet: a worker asks which chunks
 //! a member lacks, sends the others, puts the manifest, and only then reports the build.
 //! Chunks it was told are here (or sent, or listed by a manifest it put) are remembered in
-//! [`RecentChunks`] for the grace period, so an old chunk that a new release reuses is not
+//! [`starling_core::retention::RecentChunks`] for the grace period, so an old chunk that a new release reuses is not
 //! deleted under it; and no pass runs within one grace period of the member's start, when
 //! that memory is empty. A manifest that cannot be read stops the pass: "unreadable" must
 //! never count as "references nothing".
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use starling_core::retention;
@@ -19,27 +19,6 @@ use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{OriginStore, ReleaseError};
 
 use crate::member::Member;
-
-/// Chunks confirmed to a worker lately, with when (soft state: lost on restart, which is
-/// why collection waits one grace period after a start).
-#[derive(Debug, Default)]
-pub struct RecentChunks(Mutex<HashMap<ChunkHash, Instant>>);
-
-impl RecentChunks {
-    pub fn mark(&self, hashes: &[ChunkHash], now: Instant) {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for h in hashes {
-            seen.insert(*h, now);
-        }
-    }
-
-    /// The chunks marked within `grace` of `now`; older marks are forgotten.
-    pub fn within(&self, now: Instant, grace: Duration) -> HashSet<ChunkHash> {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, at| now.saturating_duration_since(*at) < grace);
-        seen.keys().cloned().collect()
-    }
-}
 
 /// One collection pass over `origin`: delete the manifests of `collected` releases, then
 /// every chunk that neither a `kept` release's manifest nor `spared` names and that is
@@ -99,7 +78,11 @@ pub async fn collect_chunks(member: Arc<Member>) {
                 c.into_iter().map(|r| r.id).collect(),
             )
         };
-        let spared = member.recent_chunks.within(Instant::now(), grace);
+        let spared = member
+            .recent_chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .within(Instant::now(), grace);
         let origin = member.origin.clone();
         let res = tokio::task::spawn_blocking(move || {
             collect_pass(
@@ -127,21 +110,6 @@ pub async fn collect_chunks(member: Arc<Member>) {
 mod tests {
     use super::*;
     use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
-
-    #[test]
-    fn recent_chunks_are_forgotten_after_the_grace_period() {
-        let r = RecentChunks::default();
-        let t0 = Instant::now();
-        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
-        r.mark(&[a, b], t0);
-        r.mark(&[b], t0 + Duration::from_secs(5));
-        let at = t0 + Duration::from_secs(8);
-        let kept = r.within(at, Duration::from_secs(6));
-        assert_eq!(kept, HashSet::from([b]));
-        assert!(r
-            .within(at + Duration::from_secs(10), Duration::from_secs(6))
-            .is_empty());
-    }
 
     /// A store with one old release `id` in it, and an old stray chunk.
     fn store_with_release() -> (tempfile::TempDir, FsChunkStore, ReleaseId, ChunkHash) {

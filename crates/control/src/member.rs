@@ -70,7 +70,7 @@ pub struct Member {
     /// Turns at reading and encoding a page of events.
     pub event_pages: tokio::sync::Semaphore,
     /// Chunks a worker was lately told are here: the collector spares them.
-    pub recent_chunks: crate::collector::RecentChunks,
+    pub recent_chunks: std::sync::Mutex<starling_core::retention::RecentChunks>,
     pub metrics: Arc<crate::metrics::ControlMetrics>,
 }
 
@@ -116,6 +116,14 @@ impl Member {
             }
             None => self.propose(cmd).await,
         }
+    }
+
+    /// Remember that a worker was lately told of, or named, these chunks.
+    pub fn chunks_confirmed(&self, hashes: &[starling_proto::ChunkHash]) {
+        self.recent_chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark(hashes, std::time::Instant::now());
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, starling_core::state::ControlState> {

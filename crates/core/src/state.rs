@@ -298,7 +298,8 @@ impl ControlState {
 
     /// Releases retention lets go; see [`crate::retention::releases_to_collect`].
     pub fn releases_to_collect(&self, keep: usize) -> Vec<ReleaseId> {
-        crate::retention::releases_to_collect(&self.records, keep)
+        let goals: BTreeSet<ReleaseId> = self.records.goals.values().map(|g| g.release).collect();
+        crate::retention::releases_to_collect(self.records.releases.values(), &goals, keep)
     }
 
     fn collect_releases(&mut self, ids: &[ReleaseId], keep: usize, at: Millis) -> Outcome {

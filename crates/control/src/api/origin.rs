@@ -101,7 +101,7 @@ pub(super) async fn missing_chunks(
     })
     .await?;
     // The worker will not send these: they must outlive its publication.
-    m.recent_chunks.mark(&held, std::time::Instant::now());
+    m.chunks_confirmed(&held);
     Ok(Json(MissingChunks { chunks: missing }))
 }
 
@@ -139,7 +139,7 @@ pub(super) async fn put_manifest(
     // Its release is recorded only when the build completes; until then (and while it is
     // young) its chunks are spared by the collector.
     let named: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
-    m.recent_chunks.mark(&named, std::time::Instant::now());
+    m.chunks_confirmed(&named);
     let store = m.origin.clone();
     // A manifest is accepted only once every chunk it lists is here, so that a release id
     // this member knows is always complete.
