@@ -16,7 +16,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use starling_proto::{Outcome, Release};
@@ -463,6 +463,14 @@ fn load_records(db: &Database) -> io::Result<Records> {
     })
 }
 
+/// A record that does not decode, named so that an operator can find it.
+fn unreadable(table: &str, key: &dyn std::fmt::Display, e: io::Error) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("record {key} of table {table} is unreadable: {e}"),
+    )
+}
+
 fn read_named<T: DeserializeOwned>(
     txn: &redb::ReadTransaction,
     def: TableDefinition<&str, &[u8]>,
@@ -471,7 +479,9 @@ fn read_named<T: DeserializeOwned>(
     let mut out = Vec::new();
     for item in t.iter().map_err(io::Error::other)? {
         let (k, v) = item.map_err(io::Error::other)?;
-        out.push((k.value().to_string(), dec(v.value())?));
+        let key = k.value().to_string();
+        let record = dec(v.value()).map_err(|e| unreadable(def.name(), &key, e))?;
+        out.push((key, record));
     }
     Ok(out)
 }
@@ -484,7 +494,9 @@ fn read_numbered<T: DeserializeOwned>(
     let mut out = Vec::new();
     for item in t.iter().map_err(io::Error::other)? {
         let (k, v) = item.map_err(io::Error::other)?;
-        out.push((k.value(), dec(v.value())?));
+        let key = k.value();
+        let record = dec(v.value()).map_err(|e| unreadable(def.name(), &key, e))?;
+        out.push((key, record));
     }
     Ok(out)
 }
@@ -762,5 +774,27 @@ mod tests {
             .err()
             .expect("opened a file of another format");
         assert!(e.to_string().contains("state.redb is in format 2"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_record_is_named_not_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let files = Files::open(t.path()).unwrap();
+        let txn = files.state.begin_write().unwrap();
+        {
+            let mut releases = txn.open_table(RELEASES).unwrap();
+            let bad = br#"{"id":"rel-1","repo":"a/b","sha":"00","build":1,"created_at":0,"collected_at":null}"#;
+            releases.insert("rel-1", bad.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let metrics = Arc::new(ControlMetrics::new());
+        let e = StateMachineStore::open(files.state, files.snapshots, metrics)
+            .err()
+            .expect("loaded a state with an unreadable record");
+        let said = e.to_string();
+        assert!(
+            said.contains("record rel-1 of table releases") && said.contains("release id"),
+            "{said}"
+        );
     }
 }
