@@ -202,22 +202,16 @@ impl ControlClient {
             .map_err(|source| ClientError::Decode { url, source })
     }
 
-    /// Put `bytes` to `url`; `true` if the member did not have them (201).
-    async fn put_bytes(
-        &self,
-        rb: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
-        self.send_raw(rb, url).await
+    /// PUT `body` at `path`; `true` if the member did not have it (201).
+    async fn put_new(&self, path: &str, body: Vec<u8>) -> Result<bool, ClientError> {
+        let url = self.url(path);
+        let resp = self.send_raw(self.http.put(&url).body(body), &url).await?;
+        Ok(resp.status() == reqwest::StatusCode::CREATED)
     }
 
     /// Store a chunk in this member's origin store; `true` if it was new there.
     pub async fn put_chunk(&self, hash: &ChunkHash, bytes: Vec<u8>) -> Result<bool, ClientError> {
-        let url = self.url(&Endpoint::PutChunk.path(&[&hash]));
-        let resp = self
-            .put_bytes(self.http.put(&url).body(bytes), &url)
-            .await?;
-        Ok(resp.status() == reqwest::StatusCode::CREATED)
+        self.put_new(&Endpoint::PutChunk.path(&[hash]), bytes).await
     }
 
     /// Store an encoded manifest under its release id in this member's origin store.
@@ -226,11 +220,8 @@ impl ControlClient {
         id: &ReleaseId,
         encoded: Vec<u8>,
     ) -> Result<bool, ClientError> {
-        let url = self.url(&Endpoint::PutManifest.path(&[&id]));
-        let resp = self
-            .put_bytes(self.http.put(&url).body(encoded), &url)
-            .await?;
-        Ok(resp.status() == reqwest::StatusCode::CREATED)
+        self.put_new(&Endpoint::PutManifest.path(&[id]), encoded)
+            .await
     }
 
     /// Append build output that starts at byte `offset` to this member's copy of the log.
@@ -242,7 +233,7 @@ impl ControlClient {
     ) -> Result<(), ClientError> {
         let url = self.url(&Endpoint::AppendLog.path(&[&build]));
         let rb = self.http.put(&url).query(&[("offset", offset)]).body(bytes);
-        self.put_bytes(rb, &url).await.map(drop)
+        self.send_raw(rb, &url).await.map(drop)
     }
 
     /// Which of `chunks` this member's origin store lacks, asked in batches the member

@@ -1,7 +1,5 @@
 //! GitHub and GitLab push webhooks.
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -55,9 +53,9 @@ pub(super) async fn github_hook(
     body: Bytes,
 ) -> Result<Response, ApiErr> {
     counted(
-        &m.clone(),
+        &m,
         "github",
-        hook(m, Forge::GitHub, q, headers, body).await,
+        hook(&m, Forge::GitHub, q, headers, body).await,
     )
 }
 
@@ -68,9 +66,9 @@ pub(super) async fn gitlab_hook(
     body: Bytes,
 ) -> Result<Response, ApiErr> {
     counted(
-        &m.clone(),
+        &m,
         "gitlab",
-        hook(m, Forge::GitLab, q, headers, body).await,
+        hook(&m, Forge::GitLab, q, headers, body).await,
     )
 }
 
@@ -92,7 +90,7 @@ fn counted(
 /// limit), repository name (400), repository known (404), signature (401), payload (400).
 #[tracing::instrument(skip_all, fields(forge = forge.name(), repo))]
 pub(super) async fn hook(
-    m: Arc<Member>,
+    m: &Member,
     forge: Forge,
     q: HookQuery,
     headers: HeaderMap,
@@ -152,7 +150,7 @@ pub(super) async fn hook(
     }
     let delivery = delivery.map(|d| format!("{trigger}:{d}"));
     queue(
-        &m,
+        m,
         name,
         sha,
         trigger,

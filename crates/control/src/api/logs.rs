@@ -4,14 +4,13 @@
 
 use std::io::Write;
 
-use starling_core::build_log::{plan_append, LogAppend, CAP_NOTE};
-
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use starling_core::build_log::{plan_append, LogAppend, CAP_NOTE};
 
 use super::{err, ApiErr, Shared};
 use crate::member::Member;

@@ -2,15 +2,14 @@
 //! nodes when no peer has them. Every put is checked against its name — a chunk must hash
 //! to it, a manifest must decode and hash to its id — before anything is written.
 
-use starling_proto::release::Manifest;
-use starling_proto::{ChunkHash, MissingChunks, ReleaseId, MAX_MISSING_QUERY};
-use starling_release::ReleaseError;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, MissingChunks, ReleaseId, MAX_MISSING_QUERY};
+use starling_release::ReleaseError;
 
 use super::{err, ApiErr, Shared};
 

@@ -1,9 +1,5 @@
 //! Forwarding of writes and linearizable reads from a follower to the leader.
 
-use backon::Retryable;
-use starling_core::retry::backoff;
-use starling_proto::routes::{Endpoint, Method as RouteMethod};
-
 use std::time::Duration;
 
 use axum::body::Body;
@@ -11,6 +7,9 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use backon::Retryable;
+use starling_core::retry::backoff;
+use starling_proto::routes::{Endpoint, Method as RouteMethod};
 
 use super::{err, ApiErr, Shared, HOPS_HEADER, REQUEST_ID_HEADER};
 use crate::member::Member;
