@@ -1,0 +1,760 @@
+//! One node fetching one release: the piece picker and its request bookkeeping.
+//!
+//! Sources are tiered. A chunk is asked of a peer in the node's own region when one has
+//! it; of a peer in another region only by the chunk's ingress node for this region
+//! ([`crate::ingress_node`]) or after `cross_region_patience`; of the origin only when no
+//! peer anywhere has it, again by the ingress node or after `origin_patience`. So each
+//! chunk crosses into a region about once, and the origin serves each chunk about once
+//! per region. Among the chunks it may ask for, a node asks for the rarest first (fewest
+//! peers hold it), ties broken differently on every node; a peer gets at most
+//! `per_peer` requests at once and the node at most `total`. When every missing chunk is
+//! in flight, the endgame asks a second peer for each, and cancels the loser.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use starling_proto::ChunkHash;
+
+use crate::topology::{ingress_node, spread};
+
+/// A peer connection, numbered by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub u64);
+
+/// Where a peer is, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    SameRegion,
+    OtherRegion,
+    /// A control member serving the origin store: holds every chunk, asked last.
+    Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub id: PeerId,
+    /// The peer's node name (for spreading load; the origin's member name).
+    pub node: String,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Requests in flight to one peer.
+    pub per_peer: usize,
+    /// Requests in flight in all.
+    pub total: usize,
+    /// A request unanswered this long is cancelled and asked of someone else.
+    pub request_timeout: Duration,
+    /// How long a node that is not a chunk's ingress node waits for it to appear in its
+    /// region before fetching it across regions itself.
+    pub cross_region_patience: Duration,
+    /// The same, before going to the origin for a chunk no peer has.
+    pub origin_patience: Duration,
+    /// Timeouts a peer may cause before it is dropped.
+    pub max_strikes: u32,
+    /// The endgame starts when this few chunks are missing and all of them are asked for.
+    pub endgame_chunks: usize,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            per_peer: 4,
+            total: 32,
+            request_timeout: Duration::from_secs(20),
+            cross_region_patience: Duration::from_secs(3),
+            origin_patience: Duration::from_secs(6),
+            max_strikes: 3,
+            endgame_chunks: 4,
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Request {
+        peer: PeerId,
+        chunk: ChunkHash,
+    },
+    Cancel {
+        peer: PeerId,
+        chunk: ChunkHash,
+    },
+    /// Stop using this peer for this release (and close the connection if nothing else
+    /// uses it).
+    Disconnect {
+        peer: PeerId,
+        reason: String,
+    },
+    /// Every chunk is held and verified.
+    Done,
+}
+
+#[derive(Debug)]
+struct Peer {
+    info: PeerInfo,
+    /// Chunk indexes it holds.
+    has: BTreeSet<usize>,
+    /// Chunk index → when it was asked for.
+    in_flight: BTreeMap<usize, Instant>,
+    strikes: u32,
+}
+
+/// One release being fetched by one node.
+#[derive(Debug)]
+pub struct Fetch {
+    cfg: FetchConfig,
+    me: String,
+    /// Every node of this node's region, itself included: who is ingress for what.
+    region: Vec<String>,
+    started: Instant,
+    chunks: Vec<ChunkHash>,
+    index: HashMap<ChunkHash, usize>,
+    have: Vec<bool>,
+    missing: usize,
+    /// Non-origin peers holding each chunk.
+    availability: Vec<u32>,
+    /// Peers each chunk is asked of now.
+    asked: Vec<BTreeSet<PeerId>>,
+    peers: BTreeMap<PeerId, Peer>,
+    /// Peers dropped for this release: never used again.
+    dropped: BTreeSet<PeerId>,
+    actions: VecDeque<Action>,
+    done_said: bool,
+    /// The latest time this fetch was told of.
+    seen: Option<Instant>,
+    /// Chunks received, by where they came from.
+    received: BTreeMap<Source, u64>,
+}
+
+impl Fetch {
+    /// Fetch `chunks` (a release's chunk hashes; repeats are fetched once). `held` are
+    /// already in the node's store. `region` names the nodes of this node's region.
+    pub fn new(
+        cfg: FetchConfig,
+        me: &str,
+        region: Vec<String>,
+        chunks: &[ChunkHash],
+        held: impl Fn(&ChunkHash) -> bool,
+        now: Instant,
+    ) -> Fetch {
+        let mut distinct = Vec::new();
+        let mut index = HashMap::new();
+        for c in chunks {
+            index.entry(*c).or_insert_with(|| {
+                distinct.push(*c);
+                distinct.len() - 1
+            });
+        }
+        let have: Vec<bool> = distinct.iter().map(held).collect();
+        let missing = have.iter().filter(|h| !**h).count();
+        let n = distinct.len();
+        let mut f = Fetch {
+            cfg,
+            me: me.to_string(),
+            region,
+            started: now,
+            chunks: distinct,
+            index,
+            have,
+            missing,
+            availability: vec![0; n],
+            asked: vec![BTreeSet::new(); n],
+            peers: BTreeMap::new(),
+            dropped: BTreeSet::new(),
+            actions: VecDeque::new(),
+            done_said: false,
+            seen: None,
+            received: BTreeMap::new(),
+        };
+        f.schedule(now);
+        f
+    }
+
+    /// Chunks still missing.
+    pub fn missing(&self) -> usize {
+        self.missing
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Chunks received from each kind of source.
+    pub fn received(&self, from: Source) -> u64 {
+        self.received.get(&from).copied().unwrap_or(0)
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.peers.values().map(|p| p.in_flight.len()).sum()
+    }
+
+    pub fn handle_peer(&mut self, now: Instant, info: PeerInfo) {
+        if self.dropped.contains(&info.id) || self.peers.contains_key(&info.id) {
+            return;
+        }
+        let has = if info.source == Source::Origin {
+            (0..self.chunks.len()).collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.peers.insert(
+            info.id,
+            Peer {
+                info,
+                has,
+                in_flight: BTreeMap::new(),
+                strikes: 0,
+            },
+        );
+        self.schedule(now);
+    }
+
+    /// `peer` says it holds `chunks` (all it holds, or newly stored ones).
+    pub fn handle_have(&mut self, now: Instant, peer: PeerId, chunks: &[ChunkHash]) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        for c in chunks {
+            if let Some(&i) = self.index.get(c) {
+                if p.has.insert(i) && p.info.source != Source::Origin {
+                    self.availability[i] += 1;
+                }
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// `chunk` arrived from `peer`; `verified` says whether its bytes hash to its name
+    /// (the driver checked and, if so, stored it).
+    pub fn handle_chunk(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash, verified: bool) {
+        let Some(&i) = self.index.get(chunk) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight.remove(&i);
+        }
+        self.asked[i].remove(&peer);
+        if !verified {
+            self.drop_peer(peer, format!("sent chunk {chunk} with the wrong bytes"));
+            self.schedule(now);
+            return;
+        }
+        if !self.have[i] {
+            self.have[i] = true;
+            self.missing -= 1;
+            if let Some(p) = self.peers.get(&peer) {
+                *self.received.entry(p.info.source).or_default() += 1;
+            }
+            // The endgame's other copies are no longer wanted.
+            for other in std::mem::take(&mut self.asked[i]) {
+                if let Some(p) = self.peers.get_mut(&other) {
+                    p.in_flight.remove(&i);
+                }
+                self.actions.push_back(Action::Cancel {
+                    peer: other,
+                    chunk: *chunk,
+                });
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// `peer` will not send `chunk` (it does not hold it after all, or is too busy).
+    pub fn handle_refused(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
+        let Some(&i) = self.index.get(chunk) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight.remove(&i);
+            if p.info.source != Source::Origin && p.has.remove(&i) {
+                self.availability[i] -= 1;
+            }
+        }
+        self.asked[i].remove(&peer);
+        self.schedule(now);
+    }
+
+    /// The connection to `peer` ended: what it was asked is asked of others.
+    pub fn handle_peer_gone(&mut self, now: Instant, peer: PeerId) {
+        self.forget(peer);
+        self.schedule(now);
+    }
+
+    /// Time passed: requests that took too long go to someone else, and waits for a
+    /// chunk to appear in the region may have run out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.cfg.request_timeout;
+        let mut late = Vec::new();
+        for (id, p) in &self.peers {
+            for (&i, &at) in &p.in_flight {
+                if now.saturating_duration_since(at) >= timeout {
+                    late.push((*id, i));
+                }
+            }
+        }
+        for (peer, i) in late {
+            let chunk = self.chunks[i];
+            self.asked[i].remove(&peer);
+            let strikes = match self.peers.get_mut(&peer) {
+                Some(p) => {
+                    p.in_flight.remove(&i);
+                    p.strikes += 1;
+                    p.strikes
+                }
+                None => continue,
+            };
+            self.actions.push_back(Action::Cancel { peer, chunk });
+            if strikes >= self.cfg.max_strikes {
+                self.drop_peer(peer, format!("{strikes} requests timed out"));
+            }
+        }
+        self.schedule(now);
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`Fetch::handle_timeout`] next, if ever: when the oldest request
+    /// times out, or a wait for chunks to appear in the region runs out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_done() {
+            return None;
+        }
+        let oldest_request = self
+            .peers
+            .values()
+            .flat_map(|p| p.in_flight.values())
+            .min()
+            .map(|at| *at + self.cfg.request_timeout);
+        let waits = [
+            self.started + self.cfg.cross_region_patience,
+            self.started + self.cfg.origin_patience,
+        ];
+        let open_waits = waits.into_iter().filter(|t| Some(*t) > self.seen);
+        oldest_request.into_iter().chain(open_waits).min()
+    }
+
+    fn drop_peer(&mut self, peer: PeerId, reason: String) {
+        self.forget(peer);
+        self.dropped.insert(peer);
+        self.actions.push_back(Action::Disconnect { peer, reason });
+    }
+
+    fn forget(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        if p.info.source != Source::Origin {
+            for &i in &p.has {
+                self.availability[i] -= 1;
+            }
+        }
+        for &i in p.in_flight.keys() {
+            self.asked[i].remove(&peer);
+        }
+    }
+
+    /// Whether this node may ask a peer of `source` for chunk `i` now.
+    fn may_ask(&self, i: usize, source: Source, now: Instant) -> bool {
+        let waited = now.saturating_duration_since(self.started);
+        let ingress = || ingress_node(&self.chunks[i], &self.region) == Some(self.me.as_str());
+        match source {
+            Source::SameRegion => true,
+            Source::OtherRegion => ingress() || waited >= self.cfg.cross_region_patience,
+            // The origin only for what no peer anywhere has.
+            Source::Origin => {
+                self.availability[i] == 0 && (ingress() || waited >= self.cfg.origin_patience)
+            }
+        }
+    }
+
+    /// The peer to ask for chunk `i`: the nearest tier allowed, then the least loaded,
+    /// then a per-chunk spread; never one already asked for it.
+    fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
+        let chunk = &self.chunks[i];
+        let mut best: Option<(Source, usize, u64, PeerId)> = None;
+        for (id, p) in &self.peers {
+            if !p.has.contains(&i)
+                || p.in_flight.len() >= self.cfg.per_peer
+                || self.asked[i].contains(id)
+            {
+                continue;
+            }
+            let key = (
+                p.info.source,
+                p.in_flight.len(),
+                spread(chunk, &p.info.node),
+                *id,
+            );
+            if best.as_ref().is_none_or(|b| key < *b) {
+                best = Some(key);
+            }
+        }
+        let (source, _, _, id) = best?;
+        // A nearer peer that has it but is busy is worth waiting for.
+        let nearer_busy = self.peers.values().any(|p| {
+            p.info.source < source && p.has.contains(&i) && !self.asked[i].contains(&p.info.id)
+        });
+        if nearer_busy || !self.may_ask(i, source, now) {
+            return None;
+        }
+        Some(id)
+    }
+
+    fn ask(&mut self, i: usize, peer: PeerId, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight.insert(i, now);
+        }
+        self.asked[i].insert(peer);
+        self.actions.push_back(Action::Request {
+            peer,
+            chunk: self.chunks[i],
+        });
+    }
+
+    fn schedule(&mut self, now: Instant) {
+        self.seen = self.seen.max(Some(now));
+        if self.missing == 0 {
+            if !self.done_said {
+                self.done_said = true;
+                self.actions.push_back(Action::Done);
+            }
+            return;
+        }
+        let mut room = self.cfg.total.saturating_sub(self.in_flight());
+        if room == 0 {
+            return;
+        }
+        // Rarest first; the spread makes nodes with the same view choose differently.
+        let mut wanted: Vec<usize> = (0..self.chunks.len())
+            .filter(|&i| !self.have[i] && self.asked[i].is_empty())
+            .collect();
+        wanted.sort_by_key(|&i| (self.availability[i], spread(&self.chunks[i], &self.me)));
+        for i in wanted {
+            if room == 0 {
+                return;
+            }
+            if let Some(peer) = self.choose_peer(i, now) {
+                self.ask(i, peer, now);
+                room -= 1;
+            }
+        }
+        // Endgame: the last few chunks are all in flight; ask a second peer in the region
+        // for each (never a second copy across regions or from the origin).
+        let all_asked = (0..self.chunks.len()).all(|i| self.have[i] || !self.asked[i].is_empty());
+        if all_asked && self.missing <= self.cfg.endgame_chunks {
+            let pending: Vec<usize> = (0..self.chunks.len())
+                .filter(|&i| !self.have[i] && self.asked[i].len() == 1)
+                .collect();
+            for i in pending {
+                if room == 0 {
+                    return;
+                }
+                let second = self.choose_peer(i, now).filter(|p| {
+                    self.peers
+                        .get(p)
+                        .is_some_and(|p| p.info.source == Source::SameRegion)
+                });
+                if let Some(peer) = second {
+                    self.ask(i, peer, now);
+                    room -= 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: PeerId = PeerId(100);
+
+    fn chunks(n: u32) -> Vec<ChunkHash> {
+        (0..n).map(|i| ChunkHash::of(&i.to_le_bytes())).collect()
+    }
+
+    fn peer(id: u64, source: Source) -> PeerInfo {
+        PeerInfo {
+            id: PeerId(id),
+            node: format!("n{id}"),
+            source,
+        }
+    }
+
+    fn drain(f: &mut Fetch) -> Vec<Action> {
+        std::iter::from_fn(|| f.poll_action()).collect()
+    }
+
+    fn requests(actions: &[Action]) -> Vec<(PeerId, ChunkHash)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Request { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A node alone in its region: the ingress node for every chunk.
+    fn alone(cs: &[ChunkHash], cfg: FetchConfig, t0: Instant) -> Fetch {
+        Fetch::new(cfg, "me", vec!["me".into()], cs, |_| false, t0)
+    }
+
+    #[test]
+    fn from_the_origin_within_the_limits_then_done() {
+        let t0 = Instant::now();
+        let cs = chunks(10);
+        let cfg = FetchConfig {
+            per_peer: 3,
+            ..FetchConfig::default()
+        };
+        let mut f = alone(&cs, cfg, t0);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 3, "at most per_peer requests to one peer");
+        assert!(asked.iter().all(|(p, _)| *p == ORIGIN));
+        let mut served = 0;
+        let mut queue = asked;
+        while let Some((p, c)) = queue.pop() {
+            f.handle_chunk(t0, p, &c, true);
+            served += 1;
+            let next = drain(&mut f);
+            queue.extend(requests(&next));
+            if next.contains(&Action::Done) {
+                break;
+            }
+        }
+        assert_eq!(served, 10);
+        assert!(f.is_done());
+        assert_eq!(f.received(Source::Origin), 10);
+    }
+
+    #[test]
+    fn held_and_repeated_chunks_are_not_fetched() {
+        let t0 = Instant::now();
+        let mut cs = chunks(4);
+        cs.push(cs[0]);
+        let held = cs[1];
+        let mut f = Fetch::new(
+            FetchConfig::default(),
+            "me",
+            vec!["me".into()],
+            &cs,
+            |c| *c == held,
+            t0,
+        );
+        assert_eq!(f.missing(), 3);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 3);
+        assert!(!asked.iter().any(|(_, c)| *c == held));
+    }
+
+    #[test]
+    fn a_peer_in_the_region_comes_before_the_origin() {
+        let t0 = Instant::now();
+        let cs = chunks(2);
+        let mut f = alone(&cs, FetchConfig::default(), t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs[..1]);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        let asked = requests(&drain(&mut f));
+        assert!(asked.contains(&(PeerId(1), cs[0])), "{asked:?}");
+        assert!(!asked.contains(&(ORIGIN, cs[0])), "{asked:?}");
+        // The chunk no peer has comes from the origin.
+        assert!(asked.contains(&(ORIGIN, cs[1])), "{asked:?}");
+    }
+
+    #[test]
+    fn the_rarest_chunk_is_asked_for_first() {
+        let t0 = Instant::now();
+        let cs = chunks(3);
+        let (a, b, x) = (cs[0], cs[1], cs[2]);
+        let cfg = FetchConfig {
+            total: 1,
+            ..FetchConfig::default()
+        };
+        let mut f = alone(&cs, cfg, t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &[x]);
+        assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), x)]);
+        // While the one slot is taken: a is held by two peers, b by one.
+        f.handle_have(t0, PeerId(1), &[a, b]);
+        f.handle_have(t0, PeerId(2), &[a]);
+        assert!(drain(&mut f).is_empty());
+        f.handle_chunk(t0, PeerId(1), &x, true);
+        assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), b)]);
+    }
+
+    #[test]
+    fn only_the_ingress_node_crosses_regions_until_patience_runs_out() {
+        let t0 = Instant::now();
+        let cs = chunks(40);
+        let region: Vec<String> = vec!["me".into(), "other".into()];
+        let cfg = FetchConfig {
+            per_peer: 100,
+            total: 100,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::new(cfg.clone(), "me", region.clone(), &cs, |_| false, t0);
+        f.handle_peer(t0, peer(7, Source::OtherRegion));
+        f.handle_have(t0, PeerId(7), &cs);
+        let mine: BTreeSet<ChunkHash> = cs
+            .iter()
+            .filter(|c| ingress_node(c, &region) == Some("me"))
+            .copied()
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < cs.len());
+        let asked: BTreeSet<ChunkHash> = requests(&drain(&mut f))
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        assert!(
+            asked.is_subset(&mine),
+            "crossed regions for a chunk it is not ingress for"
+        );
+        // Later, with the region still lacking them, it fetches the rest itself.
+        let wake = f.poll_timeout().expect("a wake-up for the wait");
+        assert_eq!(wake, t0 + cfg.cross_region_patience);
+        for c in &asked {
+            f.handle_chunk(t0, PeerId(7), c, true);
+        }
+        drain(&mut f);
+        f.handle_timeout(wake);
+        let later: Vec<ChunkHash> = requests(&drain(&mut f))
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        assert!(later.iter().any(|c| !mine.contains(c)), "{later:?}");
+    }
+
+    #[test]
+    fn a_corrupting_peer_is_dropped_and_its_chunk_fetched_elsewhere() {
+        let t0 = Instant::now();
+        let cs = chunks(1);
+        let mut f = alone(&cs, FetchConfig::default(), t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        let mut asked = requests(&drain(&mut f));
+        assert_eq!(asked, vec![(PeerId(1), cs[0])]);
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_have(t0, PeerId(2), &cs);
+        f.handle_chunk(t0, PeerId(1), &cs[0], false);
+        let next = drain(&mut f);
+        assert!(next.contains(&Action::Disconnect {
+            peer: PeerId(1),
+            reason: format!("sent chunk {} with the wrong bytes", cs[0]),
+        }));
+        asked.extend(requests(&next));
+        assert!(asked.contains(&(PeerId(2), cs[0])), "{asked:?}");
+        // A dropped peer is not taken back for this release.
+        f.handle_peer_gone(t0, PeerId(2));
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        assert!(requests(&drain(&mut f)).is_empty());
+        assert_eq!(f.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_endgame_never_doubles_a_copy_across_regions() {
+        let t0 = Instant::now();
+        let cs = chunks(1);
+        let mut f = alone(&cs, FetchConfig::default(), t0);
+        f.handle_peer(t0, peer(1, Source::OtherRegion));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        f.handle_have(t0, PeerId(2), &cs);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        assert_eq!(requests(&drain(&mut f)).len(), 1);
+        // Many chunks missing: no endgame either.
+        let cs = chunks(10);
+        let cfg = FetchConfig {
+            total: 10,
+            ..FetchConfig::default()
+        };
+        let mut f = alone(&cs, cfg, t0);
+        for id in [1, 2, 3] {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+            f.handle_have(t0, PeerId(id), &cs);
+        }
+        assert_eq!(requests(&drain(&mut f)).len(), 10);
+    }
+
+    #[test]
+    fn a_vanished_peer_costs_only_its_requests() {
+        let t0 = Instant::now();
+        let cs = chunks(2);
+        let mut f = alone(&cs, FetchConfig::default(), t0);
+        for id in [1, 2] {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+            f.handle_have(t0, PeerId(id), &cs);
+        }
+        // Both chunks are asked of both peers (the endgame, with two chunks left).
+        assert_eq!(requests(&drain(&mut f)).len(), 4);
+        f.handle_peer_gone(t0, PeerId(1));
+        assert!(requests(&drain(&mut f)).is_empty());
+        assert_eq!(f.in_flight(), 2, "peer 2's requests stand");
+        f.handle_chunk(t0, PeerId(2), &cs[0], true);
+        f.handle_chunk(t0, PeerId(2), &cs[1], true);
+        assert!(drain(&mut f).contains(&Action::Done));
+    }
+
+    #[test]
+    fn late_requests_go_elsewhere_and_the_endgame_takes_the_first_copy() {
+        let t0 = Instant::now();
+        let cs = chunks(1);
+        let cfg = FetchConfig::default();
+        let mut f = alone(&cs, cfg.clone(), t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        f.handle_have(t0, PeerId(2), &cs);
+        // The endgame asks both at once for the last chunk.
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        f.handle_chunk(t0, PeerId(2), &cs[0], true);
+        let next = drain(&mut f);
+        assert!(next.contains(&Action::Cancel {
+            peer: PeerId(1),
+            chunk: cs[0]
+        }));
+        assert!(next.contains(&Action::Done));
+        assert_eq!(f.poll_timeout(), None);
+
+        // A request that times out is cancelled and asked of someone else.
+        let cs = chunks(2);
+        let mut f = alone(
+            &cs,
+            FetchConfig {
+                per_peer: 1,
+                ..cfg.clone()
+            },
+            t0,
+        );
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        let first = requests(&drain(&mut f));
+        assert_eq!(first.len(), 1);
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_have(t0, PeerId(2), &cs);
+        drain(&mut f);
+        let late = t0 + cfg.request_timeout;
+        assert!(f.poll_timeout().is_some_and(|t| t <= late));
+        f.handle_timeout(late);
+        let next = drain(&mut f);
+        assert!(next.contains(&Action::Cancel {
+            peer: first[0].0,
+            chunk: first[0].1
+        }));
+        assert!(requests(&next)
+            .iter()
+            .any(|(p, c)| *p != first[0].0 && *c == first[0].1));
+    }
+}

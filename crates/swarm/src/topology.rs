@@ -1,0 +1,81 @@
+//! Which node of a region brings a chunk into it across the WAN.
+//!
+//! Every node of a region computes the same answer from the same list, with no
+//! coordination: rendezvous (highest-random-weight) hashing of the chunk with each node's
+//! name. Each chunk gets one ingress node per region, spread evenly over the region's
+//! nodes; the others wait for it inside the region. When a node joins or leaves, only
+//! the chunks whose winner it is (or becomes) move.
+
+use starling_proto::ChunkHash;
+
+/// The weight of `node` for `chunk`: the first 8 bytes of BLAKE3(chunk ‖ node).
+fn weight(chunk: &ChunkHash, node: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(chunk.as_bytes());
+    h.update(node.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// The node among `region_nodes` that fetches `chunk` into the region; `None` for an
+/// empty list. Ties (equal weights) go to the smaller name, so the answer never depends
+/// on the order of the list.
+pub fn ingress_node<'a>(chunk: &ChunkHash, region_nodes: &'a [String]) -> Option<&'a str> {
+    region_nodes
+        .iter()
+        .map(|n| (weight(chunk, n), n.as_str()))
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)))
+        .map(|(_, n)| n)
+}
+
+/// A tie-break that differs from node to node and chunk to chunk, so that nodes holding
+/// the same set of candidates do not all choose the same one.
+pub(crate) fn spread(chunk: &ChunkHash, salt: &str) -> u64 {
+    weight(chunk, salt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("eu-{i}")).collect()
+    }
+
+    #[test]
+    fn every_node_agrees_and_the_order_does_not_matter() {
+        let list = nodes(7);
+        let mut reversed = list.clone();
+        reversed.reverse();
+        for i in 0..200u32 {
+            let c = ChunkHash::of(&i.to_le_bytes());
+            assert_eq!(ingress_node(&c, &list), ingress_node(&c, &reversed));
+        }
+        assert_eq!(ingress_node(&ChunkHash::of(b"x"), &[]), None);
+    }
+
+    #[test]
+    fn chunks_spread_evenly_and_few_move_when_a_node_leaves() {
+        let list = nodes(8);
+        let chunks: Vec<ChunkHash> = (0..8000u32)
+            .map(|i| ChunkHash::of(&i.to_le_bytes()))
+            .collect();
+        let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &chunks {
+            *per_node.entry(ingress_node(c, &list).unwrap()).or_default() += 1;
+        }
+        // 1,000 each on average; binomial spread is about ±30.
+        for (n, k) in &per_node {
+            assert!((850..=1150).contains(k), "{n} is ingress for {k} of 8000");
+        }
+        let fewer: Vec<String> = list[1..].to_vec();
+        let moved = chunks
+            .iter()
+            .filter(|c| ingress_node(c, &list) != ingress_node(c, &fewer))
+            .count();
+        // Only the chunks of the node that left move.
+        assert_eq!(moved, per_node[list[0].as_str()]);
+    }
+}
