@@ -1,11 +1,14 @@
 //! One node fetching one release: the piece picker and its request bookkeeping.
 //!
 //! Sources are tiered. A chunk is asked of a peer in the node's own region when one has
-//! it; of a peer in another region only by the chunk's ingress node for this region
-//! ([`crate::ingress_node`]) or after `cross_region_patience`; of the origin only when no
-//! peer anywhere has it, again by the ingress node or after `origin_patience`. So each
-//! chunk crosses into a region about once, and the origin serves each chunk about once
-//! per region. Among the chunks it may ask for, a node asks for the rarest first (fewest
+//! it. Of a peer in another region only by the chunk's *region ingress* — the node that
+//! [`crate::ingress_node`] picks among this node and its live peers in the region — or
+//! once the chunk has been held somewhere for `cross_region_patience` without reaching
+//! the region. Of the origin only when no peer anywhere has it, and only by the chunk's
+//! *swarm ingress* (the pick among every live node) or after `origin_patience`. So the
+//! origin sends each chunk about once, spread evenly over the regions' nodes, and each
+//! chunk crosses into each region about once. Ingress is computed over live peers: when
+//! a node goes, the chunks it brought in pass to others by themselves. Among the chunks it may ask for, a node asks for the rarest first (fewest
 //! peers hold it), ties broken differently on every node; a peer gets at most
 //! `per_peer` requests at once and the node at most `total`. When every missing chunk is
 //! in flight, the endgame asks a second peer for each, and cancels the loser.
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use starling_proto::ChunkHash;
 
-use crate::topology::{ingress_node, spread};
+use crate::topology::{ingress_node, salt, spread};
 
 /// A peer connection, numbered by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,10 +49,12 @@ pub struct FetchConfig {
     pub total: usize,
     /// A request unanswered this long is cancelled and asked of someone else.
     pub request_timeout: Duration,
-    /// How long a node that is not a chunk's ingress node waits for it to appear in its
-    /// region before fetching it across regions itself.
+    /// How long after a chunk is first held anywhere a node that is not its region
+    /// ingress waits for it to reach the region before fetching it across regions.
     pub cross_region_patience: Duration,
-    /// The same, before going to the origin for a chunk no peer has.
+    /// How long after the start a node that is not a chunk's swarm ingress waits for a
+    /// peer to hold it before asking the origin: a safety net for a stuck ingress node
+    /// (one that leaves hands its chunks on at once).
     pub origin_patience: Duration,
     /// Timeouts a peer may cause before it is dropped.
     pub max_strikes: u32,
@@ -63,8 +68,8 @@ impl Default for FetchConfig {
             per_peer: 4,
             total: 32,
             request_timeout: Duration::from_secs(20),
-            cross_region_patience: Duration::from_secs(3),
-            origin_patience: Duration::from_secs(6),
+            cross_region_patience: Duration::from_secs(30),
+            origin_patience: Duration::from_secs(300),
             max_strikes: 3,
             endgame_chunks: 4,
         }
@@ -100,6 +105,7 @@ struct Peer {
     /// Chunk index → when it was asked for.
     in_flight: BTreeMap<usize, Instant>,
     strikes: u32,
+    salt: u64,
 }
 
 /// One release being fetched by one node.
@@ -107,8 +113,6 @@ struct Peer {
 pub struct Fetch {
     cfg: FetchConfig,
     me: String,
-    /// Every node of this node's region, itself included: who is ingress for what.
-    region: Vec<String>,
     started: Instant,
     chunks: Vec<ChunkHash>,
     index: HashMap<ChunkHash, usize>,
@@ -116,8 +120,15 @@ pub struct Fetch {
     missing: usize,
     /// Non-origin peers holding each chunk.
     availability: Vec<u32>,
+    /// When each chunk was first known to be held by a peer.
+    first_held: Vec<Option<Instant>>,
+    /// Per chunk: is this node its region ingress, and its swarm ingress? Worked out
+    /// again after the set of peers changed (`None`).
+    ingress: Option<Vec<(bool, bool)>>,
     /// Peers each chunk is asked of now.
     asked: Vec<BTreeSet<PeerId>>,
+    /// Peers a request for each chunk timed out at: asked again only if nobody else can.
+    late: Vec<BTreeSet<PeerId>>,
     peers: BTreeMap<PeerId, Peer>,
     /// Peers dropped for this release: never used again.
     dropped: BTreeSet<PeerId>,
@@ -130,12 +141,11 @@ pub struct Fetch {
 }
 
 impl Fetch {
-    /// Fetch `chunks` (a release's chunk hashes; repeats are fetched once). `held` are
-    /// already in the node's store. `region` names the nodes of this node's region.
+    /// Node `me` fetches `chunks` (a release's chunk hashes; repeats are fetched once);
+    /// `held` says which are already in its store.
     pub fn new(
         cfg: FetchConfig,
         me: &str,
-        region: Vec<String>,
         chunks: &[ChunkHash],
         held: impl Fn(&ChunkHash) -> bool,
         now: Instant,
@@ -154,14 +164,16 @@ impl Fetch {
         let mut f = Fetch {
             cfg,
             me: me.to_string(),
-            region,
             started: now,
             chunks: distinct,
             index,
             have,
             missing,
             availability: vec![0; n],
+            first_held: vec![None; n],
+            ingress: None,
             asked: vec![BTreeSet::new(); n],
+            late: vec![BTreeSet::new(); n],
             peers: BTreeMap::new(),
             dropped: BTreeSet::new(),
             actions: VecDeque::new(),
@@ -201,6 +213,7 @@ impl Fetch {
         } else {
             BTreeSet::new()
         };
+        let peer_salt = salt(&info.node);
         self.peers.insert(
             info.id,
             Peer {
@@ -208,8 +221,10 @@ impl Fetch {
                 has,
                 in_flight: BTreeMap::new(),
                 strikes: 0,
+                salt: peer_salt,
             },
         );
+        self.ingress = None;
         self.schedule(now);
     }
 
@@ -222,6 +237,7 @@ impl Fetch {
             if let Some(&i) = self.index.get(c) {
                 if p.has.insert(i) && p.info.source != Source::Origin {
                     self.availability[i] += 1;
+                    self.first_held[i].get_or_insert(now);
                 }
             }
         }
@@ -299,6 +315,7 @@ impl Fetch {
         for (peer, i) in late {
             let chunk = self.chunks[i];
             self.asked[i].remove(&peer);
+            self.late[i].insert(peer);
             let strikes = match self.peers.get_mut(&peer) {
                 Some(p) => {
                     p.in_flight.remove(&i);
@@ -320,7 +337,7 @@ impl Fetch {
     }
 
     /// When to call [`Fetch::handle_timeout`] next, if ever: when the oldest request
-    /// times out, or a wait for chunks to appear in the region runs out.
+    /// times out, or a wait for a chunk to reach the region runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.is_done() {
             return None;
@@ -331,12 +348,14 @@ impl Fetch {
             .flat_map(|p| p.in_flight.values())
             .min()
             .map(|at| *at + self.cfg.request_timeout);
-        let waits = [
-            self.started + self.cfg.cross_region_patience,
-            self.started + self.cfg.origin_patience,
-        ];
-        let open_waits = waits.into_iter().filter(|t| Some(*t) > self.seen);
-        oldest_request.into_iter().chain(open_waits).min()
+        let cross = (0..self.chunks.len())
+            .filter(|&i| !self.have[i] && self.asked[i].is_empty())
+            .filter_map(|i| self.first_held[i])
+            .map(|t| t + self.cfg.cross_region_patience);
+        let waits = cross.chain([self.started + self.cfg.origin_patience]);
+        // Waits already over were acted on when they ended.
+        let open = waits.filter(|t| Some(*t) > self.seen);
+        oldest_request.into_iter().chain(open).min()
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: String) {
@@ -349,6 +368,7 @@ impl Fetch {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
+        self.ingress = None;
         if p.info.source != Source::Origin {
             for &i in &p.has {
                 self.availability[i] -= 1;
@@ -359,16 +379,52 @@ impl Fetch {
         }
     }
 
+    /// For every chunk, whether `ingress_node` picks this node among itself and its live
+    /// peers in the region, and among itself and every live peer.
+    fn work_out_ingress(&self) -> Vec<(bool, bool)> {
+        let names = |tiers: &[Source]| {
+            let mut v: Vec<String> = self
+                .peers
+                .values()
+                .filter(|p| tiers.contains(&p.info.source))
+                .map(|p| p.info.node.clone())
+                .collect();
+            v.push(self.me.clone());
+            v
+        };
+        let region = names(&[Source::SameRegion]);
+        let swarm = names(&[Source::SameRegion, Source::OtherRegion]);
+        let me = Some(self.me.as_str());
+        self.chunks
+            .iter()
+            .map(|c| {
+                (
+                    ingress_node(c, &region) == me,
+                    ingress_node(c, &swarm) == me,
+                )
+            })
+            .collect()
+    }
+
+    fn is_ingress(&self, i: usize) -> (bool, bool) {
+        self.ingress.as_ref().map_or((false, false), |v| v[i])
+    }
+
     /// Whether this node may ask a peer of `source` for chunk `i` now.
     fn may_ask(&self, i: usize, source: Source, now: Instant) -> bool {
-        let waited = now.saturating_duration_since(self.started);
-        let ingress = || ingress_node(&self.chunks[i], &self.region) == Some(self.me.as_str());
         match source {
             Source::SameRegion => true,
-            Source::OtherRegion => ingress() || waited >= self.cfg.cross_region_patience,
+            Source::OtherRegion => {
+                self.is_ingress(i).0
+                    || self.first_held[i].is_some_and(|t| {
+                        now.saturating_duration_since(t) >= self.cfg.cross_region_patience
+                    })
+            }
             // The origin only for what no peer anywhere has.
             Source::Origin => {
-                self.availability[i] == 0 && (ingress() || waited >= self.cfg.origin_patience)
+                self.availability[i] == 0
+                    && (self.is_ingress(i).1
+                        || now.saturating_duration_since(self.started) >= self.cfg.origin_patience)
             }
         }
     }
@@ -377,7 +433,7 @@ impl Fetch {
     /// then a per-chunk spread; never one already asked for it.
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
-        let mut best: Option<(Source, usize, u64, PeerId)> = None;
+        let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
         for (id, p) in &self.peers {
             if !p.has.contains(&i)
                 || p.in_flight.len() >= self.cfg.per_peer
@@ -387,15 +443,16 @@ impl Fetch {
             }
             let key = (
                 p.info.source,
+                self.late[i].contains(id),
                 p.in_flight.len(),
-                spread(chunk, &p.info.node),
+                spread(chunk, p.salt),
                 *id,
             );
             if best.as_ref().is_none_or(|b| key < *b) {
                 best = Some(key);
             }
         }
-        let (source, _, _, id) = best?;
+        let (source, _, _, _, id) = best?;
         // A nearer peer that has it but is busy is worth waiting for.
         let nearer_busy = self.peers.values().any(|p| {
             p.info.source < source && p.has.contains(&i) && !self.asked[i].contains(&p.info.id)
@@ -419,6 +476,9 @@ impl Fetch {
 
     fn schedule(&mut self, now: Instant) {
         self.seen = self.seen.max(Some(now));
+        if self.ingress.is_none() {
+            self.ingress = Some(self.work_out_ingress());
+        }
         if self.missing == 0 {
             if !self.done_said {
                 self.done_said = true;
@@ -434,7 +494,8 @@ impl Fetch {
         let mut wanted: Vec<usize> = (0..self.chunks.len())
             .filter(|&i| !self.have[i] && self.asked[i].is_empty())
             .collect();
-        wanted.sort_by_key(|&i| (self.availability[i], spread(&self.chunks[i], &self.me)));
+        let me = salt(&self.me);
+        wanted.sort_by_cached_key(|&i| (self.availability[i], spread(&self.chunks[i], me)));
         for i in wanted {
             if room == 0 {
                 return;
@@ -501,9 +562,9 @@ mod tests {
             .collect()
     }
 
-    /// A node alone in its region: the ingress node for every chunk.
+    /// A node that knows no other node yet: the ingress node for every chunk.
     fn alone(cs: &[ChunkHash], cfg: FetchConfig, t0: Instant) -> Fetch {
-        Fetch::new(cfg, "me", vec!["me".into()], cs, |_| false, t0)
+        Fetch::new(cfg, "me", cs, |_| false, t0)
     }
 
     #[test]
@@ -541,14 +602,7 @@ mod tests {
         let mut cs = chunks(4);
         cs.push(cs[0]);
         let held = cs[1];
-        let mut f = Fetch::new(
-            FetchConfig::default(),
-            "me",
-            vec!["me".into()],
-            &cs,
-            |c| *c == held,
-            t0,
-        );
+        let mut f = Fetch::new(FetchConfig::default(), "me", &cs, |c| *c == held, t0);
         assert_eq!(f.missing(), 3);
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
         let asked = requests(&drain(&mut f));
@@ -567,8 +621,10 @@ mod tests {
         let asked = requests(&drain(&mut f));
         assert!(asked.contains(&(PeerId(1), cs[0])), "{asked:?}");
         assert!(!asked.contains(&(ORIGIN, cs[0])), "{asked:?}");
-        // The chunk no peer has comes from the origin.
-        assert!(asked.contains(&(ORIGIN, cs[1])), "{asked:?}");
+        // The chunk no peer has comes from the origin, if this node is the one (of it and
+        // n1) to bring it in.
+        let mine = ingress_node(&cs[1], &["me".into(), "n1".into()]) == Some("me");
+        assert_eq!(asked.contains(&(ORIGIN, cs[1])), mine, "{asked:?}");
     }
 
     #[test]
@@ -597,15 +653,17 @@ mod tests {
     fn only_the_ingress_node_crosses_regions_until_patience_runs_out() {
         let t0 = Instant::now();
         let cs = chunks(40);
-        let region: Vec<String> = vec!["me".into(), "other".into()];
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
             ..FetchConfig::default()
         };
-        let mut f = Fetch::new(cfg.clone(), "me", region.clone(), &cs, |_| false, t0);
+        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
+        // A neighbour in the region ("n1") and a holder of everything elsewhere.
+        f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_peer(t0, peer(7, Source::OtherRegion));
         f.handle_have(t0, PeerId(7), &cs);
+        let region: Vec<String> = vec!["me".into(), "n1".into()];
         let mine: BTreeSet<ChunkHash> = cs
             .iter()
             .filter(|c| ingress_node(c, &region) == Some("me"))
@@ -616,23 +674,58 @@ mod tests {
             .into_iter()
             .map(|(_, c)| c)
             .collect();
-        assert!(
-            asked.is_subset(&mine),
-            "crossed regions for a chunk it is not ingress for"
+        assert_eq!(
+            asked, mine,
+            "crossed regions for exactly the chunks it brings in"
         );
-        // Later, with the region still lacking them, it fetches the rest itself.
-        let wake = f.poll_timeout().expect("a wake-up for the wait");
-        assert_eq!(wake, t0 + cfg.cross_region_patience);
+        // The rest arrive in the region from n1 — or, if n1 is slow, this node fetches them
+        // itself once they have been held elsewhere for the patience.
         for c in &asked {
             f.handle_chunk(t0, PeerId(7), c, true);
         }
         drain(&mut f);
+        let wake = f.poll_timeout().expect("a wake-up for the wait");
+        assert_eq!(wake, t0 + cfg.cross_region_patience);
         f.handle_timeout(wake);
-        let later: Vec<ChunkHash> = requests(&drain(&mut f))
+        let later: BTreeSet<ChunkHash> = requests(&drain(&mut f))
             .into_iter()
             .map(|(_, c)| c)
             .collect();
-        assert!(later.iter().any(|c| !mine.contains(c)), "{later:?}");
+        assert_eq!(later.len(), cs.len() - mine.len());
+        // When the neighbour leaves, its chunks are this node's to bring in at once.
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(7, Source::OtherRegion));
+        f.handle_have(t0, PeerId(7), &cs);
+        drain(&mut f);
+        f.handle_peer_gone(t0, PeerId(1));
+        assert_eq!(requests(&drain(&mut f)).len(), cs.len() - mine.len());
+    }
+
+    #[test]
+    fn the_origin_is_asked_once_per_chunk_across_the_swarm() {
+        let t0 = Instant::now();
+        let cs = chunks(30);
+        let cfg = FetchConfig {
+            per_peer: 100,
+            total: 100,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        let everyone: Vec<String> = vec!["me".into(), "n1".into(), "n2".into()];
+        let asked: BTreeSet<ChunkHash> = requests(&drain(&mut f))
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        let mine: BTreeSet<ChunkHash> = cs
+            .iter()
+            .filter(|c| ingress_node(c, &everyone) == Some("me"))
+            .copied()
+            .collect();
+        assert_eq!(asked, mine);
     }
 
     #[test]

@@ -29,10 +29,23 @@ pub fn ingress_node<'a>(chunk: &ChunkHash, region_nodes: &'a [String]) -> Option
         .map(|(_, n)| n)
 }
 
-/// A tie-break that differs from node to node and chunk to chunk, so that nodes holding
-/// the same set of candidates do not all choose the same one.
-pub(crate) fn spread(chunk: &ChunkHash, salt: &str) -> u64 {
-    weight(chunk, salt)
+/// A number per name, to mix with chunks in [`spread`].
+pub(crate) fn salt(name: &str) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&blake3::hash(name.as_bytes()).as_bytes()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// A tie-break that differs from name to name (by its [`salt`]) and chunk to chunk, so
+/// that nodes holding the same set of candidates do not all choose the same one. Cheap
+/// (a splitmix64 finalizer), since it runs for every candidate of every decision.
+pub(crate) fn spread(chunk: &ChunkHash, salt: u64) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&chunk.as_bytes()[..8]);
+    let mut z = u64::from_le_bytes(first) ^ salt;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -1,0 +1,283 @@
+//! Many [`Fetch`]es in one process against a model network with virtual time: every node
+//! of several regions fetches one release, chunks cost upload time at their sender and
+//! latency on the way, and every stored chunk is announced to every node. This is the
+//! swarm's decisions measured without sockets — the seed of the scale simulator.
+//!
+//! It checks what the design promises: everyone finishes with every chunk, each chunk
+//! crosses into each remote region about once, the origin serves each chunk about once
+//! per region, and a corrupting peer is cut off without stopping anyone.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::time::{Duration, Instant};
+
+use starling_proto::ChunkHash;
+use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
+
+const ORIGIN: usize = usize::MAX;
+
+struct Node {
+    name: String,
+    region: usize,
+    fetch: Fetch,
+    store: HashSet<ChunkHash>,
+    /// Serves chunks whose bytes are wrong (a test-only fault).
+    corrupt: bool,
+    upload_free_at: Instant,
+    done_at: Option<Instant>,
+}
+
+struct Model {
+    regions: usize,
+    per_region: usize,
+    chunks: usize,
+    chunk_bytes: u64,
+    /// Upload rate of every node and of the origin, bytes per second.
+    upload: u64,
+    same_region_latency: Duration,
+    cross_region_latency: Duration,
+    corrupt_nodes: Vec<usize>,
+}
+
+struct Outcome {
+    /// When the last node finished, and the median node.
+    last: Duration,
+    median: Duration,
+    /// Chunks received from another region, per region.
+    wan_in: Vec<u64>,
+    /// Chunks the origin sent.
+    origin_sent: u64,
+    chunks: usize,
+}
+
+fn run(m: &Model) -> Outcome {
+    let t0 = Instant::now();
+    let chunks: Vec<ChunkHash> = (0..m.chunks as u32)
+        .map(|i| ChunkHash::of(&i.to_le_bytes()))
+        .collect();
+    let n = m.regions * m.per_region;
+    let region_of = |k: usize| k / m.per_region;
+    let names: Vec<String> = (0..n)
+        .map(|k| format!("r{}-n{}", region_of(k), k))
+        .collect();
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|k| Node {
+            name: names[k].clone(),
+            region: region_of(k),
+            fetch: Fetch::new(FetchConfig::default(), &names[k], &chunks, |_| false, t0),
+            store: HashSet::new(),
+            corrupt: m.corrupt_nodes.contains(&k),
+            upload_free_at: t0,
+            done_at: None,
+        })
+        .collect();
+    let mut origin_free_at = t0;
+    // Everyone knows everyone (the tracker's answer) and the origin, in region 0.
+    for k in 0..n {
+        for j in 0..n {
+            if j != k {
+                let source = if region_of(j) == region_of(k) {
+                    Source::SameRegion
+                } else {
+                    Source::OtherRegion
+                };
+                let info = PeerInfo {
+                    id: PeerId(j as u64),
+                    node: names[j].clone(),
+                    source,
+                };
+                nodes[k].fetch.handle_peer(t0, info);
+            }
+        }
+        let origin = PeerInfo {
+            id: PeerId(ORIGIN as u64),
+            node: "origin".into(),
+            source: Source::Origin,
+        };
+        nodes[k].fetch.handle_peer(t0, origin);
+    }
+    // (arrival time, sequence, receiver, sender, chunk index)
+    let mut arrivals: BinaryHeap<Reverse<(Instant, u64, usize, usize, usize)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut wan_in = vec![0u64; m.regions];
+    let mut origin_sent = 0u64;
+    let index: BTreeMap<ChunkHash, usize> =
+        chunks.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+    let send_time = Duration::from_secs_f64(m.chunk_bytes as f64 / m.upload as f64);
+    let mut now = t0;
+    let deadline = t0 + Duration::from_secs(3600);
+    loop {
+        // Carry out every node's actions.
+        for k in 0..n {
+            while let Some(a) = nodes[k].fetch.poll_action() {
+                match a {
+                    Action::Request { peer, chunk } => {
+                        let from = peer.0 as usize;
+                        let (free_at, from_region) = if from == ORIGIN {
+                            (&mut origin_free_at, 0)
+                        } else {
+                            if !nodes[from].store.contains(&chunk) {
+                                nodes[k].fetch.handle_refused(now, peer, &chunk);
+                                continue;
+                            }
+                            let r = nodes[from].region;
+                            (&mut nodes[from].upload_free_at, r)
+                        };
+                        let start = (*free_at).max(now);
+                        *free_at = start + send_time;
+                        let latency = if from_region == nodes[k].region {
+                            m.same_region_latency
+                        } else {
+                            m.cross_region_latency
+                        };
+                        seq += 1;
+                        arrivals.push(Reverse((
+                            start + send_time + latency,
+                            seq,
+                            k,
+                            from,
+                            index[&chunk],
+                        )));
+                    }
+                    Action::Done => nodes[k].done_at = Some(now),
+                    Action::Cancel { .. } | Action::Disconnect { .. } => {}
+                }
+            }
+        }
+        if nodes.iter().all(|x| x.done_at.is_some()) {
+            break;
+        }
+        let next_arrival = arrivals.peek().map(|Reverse(a)| a.0);
+        let next_timer = nodes.iter().filter_map(|x| x.fetch.poll_timeout()).min();
+        let Some(next) = next_arrival.into_iter().chain(next_timer).min() else {
+            panic!("stalled with nodes unfinished and nothing pending");
+        };
+        assert!(next < deadline, "not finished within an hour of model time");
+        now = now.max(next);
+        if next_arrival == Some(next) {
+            let Some(Reverse((_, _, k, from, i))) = arrivals.pop() else {
+                unreachable!()
+            };
+            let chunk = chunks[i];
+            let sender_region = if from == ORIGIN {
+                0
+            } else {
+                nodes[from].region
+            };
+            if from == ORIGIN {
+                origin_sent += 1;
+            }
+            if sender_region != nodes[k].region {
+                wan_in[nodes[k].region] += 1;
+            }
+            let verified = from == ORIGIN || !nodes[from].corrupt;
+            if verified && nodes[k].store.insert(chunk) {
+                // Announced to everyone.
+                for j in 0..n {
+                    if j != k {
+                        nodes[j].fetch.handle_have(now, PeerId(k as u64), &[chunk]);
+                    }
+                }
+            }
+            nodes[k]
+                .fetch
+                .handle_chunk(now, PeerId(from as u64), &chunk, verified);
+        } else {
+            for x in nodes.iter_mut() {
+                if x.fetch.poll_timeout().is_some_and(|t| t <= now) {
+                    x.fetch.handle_timeout(now);
+                }
+            }
+        }
+    }
+    for x in &nodes {
+        assert_eq!(x.store.len(), m.chunks, "{} lacks chunks", x.name);
+    }
+    let mut times: Vec<Duration> = nodes
+        .iter()
+        .filter_map(|x| x.done_at.map(|t| t - t0))
+        .collect();
+    times.sort();
+    Outcome {
+        last: *times.last().unwrap_or(&Duration::ZERO),
+        median: times[times.len() / 2],
+        wan_in,
+        origin_sent,
+        chunks: m.chunks,
+    }
+}
+
+fn model(regions: usize, per_region: usize) -> Model {
+    Model {
+        regions,
+        per_region,
+        chunks: 64,
+        chunk_bytes: 1 << 20,
+        upload: 5_000_000,
+        same_region_latency: Duration::from_millis(1),
+        cross_region_latency: Duration::from_millis(40),
+        corrupt_nodes: Vec::new(),
+    }
+}
+
+/// The fluid lower bound: the origin must send the release once, and all nodes together
+/// must receive N copies with the origin's and every node's upload.
+fn bound(m: &Model) -> Duration {
+    let s = (m.chunks as u64 * m.chunk_bytes) as f64;
+    let n = (m.regions * m.per_region) as f64;
+    let u = m.upload as f64;
+    Duration::from_secs_f64((s / u).max(n * s / (u + n * u)))
+}
+
+fn report(what: &str, m: &Model, o: &Outcome) {
+    let b = bound(m);
+    let copies: Vec<String> = o
+        .wan_in
+        .iter()
+        .map(|w| format!("{:.2}", *w as f64 / o.chunks as f64))
+        .collect();
+    eprintln!(
+        "{what}: {}×{} nodes, {} × {} KiB: last {:.2} s, median {:.2} s, bound {:.2} s ({:.2}×); WAN copies per region [{}]; origin sent {:.2} releases",
+        m.regions,
+        m.per_region,
+        m.chunks,
+        m.chunk_bytes / 1024,
+        o.last.as_secs_f64(),
+        o.median.as_secs_f64(),
+        b.as_secs_f64(),
+        o.last.as_secs_f64() / b.as_secs_f64(),
+        copies.join(", "),
+        o.origin_sent as f64 / o.chunks as f64,
+    );
+}
+
+#[test]
+fn each_chunk_enters_each_region_about_once() {
+    for (regions, per_region) in [(3, 4), (3, 8)] {
+        let m = model(regions, per_region);
+        let o = run(&m);
+        report("clean", &m, &o);
+        for (r, w) in o.wan_in.iter().enumerate().skip(1) {
+            assert!(
+                *w as f64 <= 1.1 * o.chunks as f64,
+                "region {r} received {w} chunks from outside for a {}-chunk release",
+                o.chunks
+            );
+        }
+        assert!(
+            o.origin_sent as f64 <= 1.1 * (regions * o.chunks) as f64,
+            "the origin sent {} chunks",
+            o.origin_sent
+        );
+    }
+}
+
+#[test]
+fn a_corrupting_node_is_cut_off_and_everyone_finishes() {
+    let mut m = model(3, 4);
+    m.corrupt_nodes = vec![1, 5];
+    let o = run(&m);
+    report("two corrupting nodes", &m, &o);
+    // `run` asserts that every node holds every chunk, verified.
+    assert!(o.last > Duration::ZERO);
+}
