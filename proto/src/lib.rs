@@ -13,6 +13,7 @@ mod duration;
 pub mod ids;
 pub mod kinds;
 pub mod names;
+pub mod peer;
 pub mod redact;
 pub mod routes;
 
