@@ -1,0 +1,335 @@
+//! The peer protocol (`proto/PROTOCOL.md`) over QUIC: serving chunks from a
+//! [`ChunkStore`] and fetching them from other peers, every connection mutually
+//! authenticated by the cluster CA.
+//!
+//! It owns sockets, connections and streams, and the limits on what they carry. It never
+//! decides what to fetch from whom (that is `starling-swarm`), and it never hands on a
+//! byte of a chunk before that chunk has been hashed and found to match its name.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use starling_pki::{client_config, server_config, Identity, PkiError};
+use starling_proto::peer::{Frame, Refusal, WireError, ALPN, MAX_CHUNK_BYTES, PROTOCOL_VERSION};
+use starling_proto::ChunkHash;
+use starling_release::{ChunkStore, ReleaseError};
+use tokio::sync::Semaphore;
+
+/// How long a peer has to say hello, or to send a request's first frame.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("TLS: {0}")]
+    Pki(#[from] PkiError),
+    #[error("QUIC configuration: {0}")]
+    Config(String),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connecting: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    #[error("the peer spoke out of turn: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("the peer speaks protocol version {0}, this one {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// Why a chunk was not fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("the peer refused: {0:?}")]
+    Refused(Refusal),
+    #[error("the bytes hash to {actual}, not {expected}")]
+    Corrupt {
+        expected: ChunkHash,
+        actual: ChunkHash,
+    },
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+/// Who this peer is.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Its name (a DNS label, as in its certificate) and region.
+    pub name: String,
+    pub region: String,
+    pub ca_cert_pem: String,
+    pub identity: Identity,
+    /// Chunks served at once; a request beyond that is refused as `Busy`.
+    pub upload_slots: usize,
+}
+
+/// What the other side said in its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub node: String,
+    pub region: String,
+}
+
+/// Stream and connection windows sized for a bandwidth-delay product of about 1 Gbit/s
+/// × 100 ms, so that one connection across a continent is not window-bound.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
+        .receive_window(quinn::VarInt::from_u32(64 << 20))
+        .send_window(64 << 20)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
+        .keep_alive_interval(Some(Duration::from_secs(10)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(60)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// One QUIC endpoint: serves chunks to peers and connects to them.
+pub struct PeerEndpoint {
+    endpoint: Endpoint,
+    cfg: PeerConfig,
+}
+
+impl PeerEndpoint {
+    pub fn bind(addr: SocketAddr, cfg: PeerConfig) -> Result<PeerEndpoint, PeerError> {
+        let tls = server_config(&cfg.ca_cert_pem, &cfg.identity, ALPN)?;
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| PeerError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport());
+        let mut endpoint = Endpoint::server(server, addr)?;
+        let tls = client_config(&cfg.ca_cert_pem, &cfg.identity, ALPN)?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| PeerError::Config(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport());
+        endpoint.set_default_client_config(client);
+        Ok(PeerEndpoint { endpoint, cfg })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, PeerError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serve `store`'s chunks to every peer that connects, until the endpoint closes.
+    pub async fn serve(&self, store: Arc<dyn ChunkStore>) {
+        let slots = Arc::new(Semaphore::new(self.cfg.upload_slots.max(1)));
+        while let Some(incoming) = self.endpoint.accept().await {
+            let (store, slots, me) = (store.clone(), slots.clone(), self.hello());
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                // A handshake that fails (no certificate, another CA) ends here.
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "peer handshake refused");
+                        return;
+                    }
+                };
+                if let Err(e) = serve_connection(conn, store, slots, me).await {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                }
+            });
+        }
+    }
+
+    fn hello(&self) -> Frame {
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            node: self.cfg.name.clone(),
+            region: self.cfg.region.clone(),
+        }
+    }
+
+    /// Connect to the peer `name` (the name in its certificate) at `addr`, and exchange
+    /// hellos.
+    pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<PeerConn, PeerError> {
+        let conn = self.endpoint.connect(addr, name)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(stream)?;
+        write_frame(&mut send, &self.hello()).await?;
+        let remote = match timed(read_frame(&mut recv), "a hello").await? {
+            Frame::Hello {
+                version,
+                node,
+                region,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(PeerError::Version(version));
+                }
+                Remote { node, region }
+            }
+            other => return Err(unexpected("Hello", &other)),
+        };
+        Ok(PeerConn {
+            conn,
+            remote,
+            _control: (send, recv),
+        })
+    }
+
+    /// Close every connection and stop serving.
+    pub fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"closing");
+    }
+}
+
+/// A connection to one peer.
+pub struct PeerConn {
+    conn: Connection,
+    pub remote: Remote,
+    /// Kept open for `Want`/`Have` (the swarm driver's next step).
+    _control: (SendStream, RecvStream),
+}
+
+impl PeerConn {
+    /// Fetch `chunk` and check its bytes against its name.
+    pub async fn fetch(&self, chunk: &ChunkHash) -> Result<Vec<u8>, FetchError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
+        write_frame(&mut send, &Frame::Get { chunk: *chunk }).await?;
+        send.finish().map_err(stream)?;
+        match timed(read_frame(&mut recv), "an answer").await? {
+            Frame::Chunk { chunk: c, len } if c == *chunk && len <= MAX_CHUNK_BYTES => {
+                let mut bytes = vec![0u8; len as usize];
+                recv.read_exact(&mut bytes).await.map_err(stream)?;
+                let actual = ChunkHash::of(&bytes);
+                if actual != *chunk {
+                    return Err(FetchError::Corrupt {
+                        expected: *chunk,
+                        actual,
+                    });
+                }
+                Ok(bytes)
+            }
+            Frame::Refuse { chunk: c, why } if c == *chunk => Err(FetchError::Refused(why)),
+            other => Err(unexpected("Chunk or Refuse", &other).into()),
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        self.conn
+            .close(quinn::VarInt::from_u32(0), reason.as_bytes());
+    }
+}
+
+fn stream(e: impl std::fmt::Display) -> PeerError {
+    PeerError::Stream(e.to_string())
+}
+
+fn unexpected(expected: &'static str, got: &Frame) -> PeerError {
+    let mut got = format!("{got:?}");
+    got.truncate(120);
+    PeerError::Unexpected { expected, got }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, PeerError>>,
+    what: &'static str,
+) -> Result<T, PeerError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| PeerError::Timeout(what))?
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), PeerError> {
+    send.write_all(&frame.encode()?).await.map_err(stream)
+}
+
+/// Read one frame: its length is checked before its body is read.
+async fn read_frame(recv: &mut RecvStream) -> Result<Frame, PeerError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(stream)?;
+    let mut body = vec![0u8; Frame::body_len(prefix)?];
+    recv.read_exact(&mut body).await.map_err(stream)?;
+    Ok(Frame::decode_body(&body)?)
+}
+
+/// One peer's connection: its hello on the control stream, then a request per stream.
+/// Any error closes this connection only.
+async fn serve_connection(
+    conn: Connection,
+    store: Arc<dyn ChunkStore>,
+    slots: Arc<Semaphore>,
+    me: Frame,
+) -> Result<(), PeerError> {
+    let (mut send, mut recv) = timed(
+        async { conn.accept_bi().await.map_err(PeerError::from) },
+        "a control stream",
+    )
+    .await?;
+    match timed(read_frame(&mut recv), "a hello").await {
+        Ok(Frame::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+        Ok(Frame::Hello { version, .. }) => {
+            let bye = Frame::Goodbye {
+                reason: format!("protocol version {version} is not {PROTOCOL_VERSION}"),
+            };
+            let _ = write_frame(&mut send, &bye).await;
+            conn.close(quinn::VarInt::from_u32(1), b"version");
+            return Err(PeerError::Version(version));
+        }
+        Ok(other) => {
+            conn.close(quinn::VarInt::from_u32(1), b"protocol");
+            return Err(unexpected("Hello", &other));
+        }
+        Err(e) => {
+            conn.close(quinn::VarInt::from_u32(1), b"protocol");
+            return Err(e);
+        }
+    }
+    write_frame(&mut send, &me).await?;
+    loop {
+        let (send, recv) = conn.accept_bi().await?;
+        let (store, slots, conn) = (store.clone(), slots.clone(), conn.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_request(send, recv, store, slots).await {
+                // A malformed request ends the connection it came on, nothing else.
+                tracing::debug!(error = %e, "bad request; closing the connection");
+                conn.close(quinn::VarInt::from_u32(1), b"protocol");
+            }
+        });
+    }
+}
+
+async fn serve_request(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    store: Arc<dyn ChunkStore>,
+    slots: Arc<Semaphore>,
+) -> Result<(), PeerError> {
+    let chunk = match timed(read_frame(&mut recv), "a request").await? {
+        Frame::Get { chunk } => chunk,
+        other => return Err(unexpected("Get", &other)),
+    };
+    let refuse = |why| Frame::Refuse { chunk, why };
+    let Ok(_slot) = slots.try_acquire() else {
+        write_frame(&mut send, &refuse(Refusal::Busy)).await?;
+        return send.finish().map_err(stream);
+    };
+    let read = tokio::task::spawn_blocking(move || store.get_chunk(&chunk))
+        .await
+        .map_err(stream)?;
+    match read {
+        Ok(bytes) => {
+            let len = u32::try_from(bytes.len())
+                .ok()
+                .filter(|l| *l <= MAX_CHUNK_BYTES)
+                .ok_or_else(|| PeerError::Stream(format!("stored chunk {chunk} is too large")))?;
+            write_frame(&mut send, &Frame::Chunk { chunk, len }).await?;
+            send.write_all(&bytes).await.map_err(stream)?;
+        }
+        Err(ReleaseError::NotFound(_)) => write_frame(&mut send, &refuse(Refusal::NotHeld)).await?,
+        Err(e) => {
+            tracing::warn!(%chunk, error = %e, "reading a chunk to serve failed");
+            write_frame(&mut send, &refuse(Refusal::NotHeld)).await?;
+        }
+    }
+    send.finish().map_err(stream)
+}
