@@ -13,10 +13,13 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use starling_pki::{client_config, server_config, Identity, PkiError};
-use starling_proto::peer::{Frame, Refusal, WireError, ALPN, MAX_CHUNK_BYTES, PROTOCOL_VERSION};
-use starling_proto::ChunkHash;
+use starling_proto::peer::{
+    Frame, Refusal, WireError, ALPN, MAX_CHUNK_BYTES, MAX_HAVE, PROTOCOL_VERSION,
+};
+use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
-use tokio::sync::Semaphore;
+use tokio::sync::{broadcast, mpsc, Mutex, Semaphore};
 
 /// How long a peer has to say hello, or to send a request's first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,10 +124,17 @@ impl PeerEndpoint {
     }
 
     /// Serve `store`'s chunks to every peer that connects, until the endpoint closes.
-    pub async fn serve(&self, store: Arc<dyn ChunkStore>) {
+    /// A peer that says `Want` hears what `store` holds of that release, and then of
+    /// every chunk sent on `stored` (the chunks this node stores from now on).
+    pub async fn serve(
+        &self,
+        store: Arc<dyn ChunkStore>,
+        stored: Option<broadcast::Sender<ChunkHash>>,
+    ) {
         let slots = Arc::new(Semaphore::new(self.cfg.upload_slots.max(1)));
         while let Some(incoming) = self.endpoint.accept().await {
             let (store, slots, me) = (store.clone(), slots.clone(), self.hello());
+            let stored = stored.as_ref().map(broadcast::Sender::subscribe);
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 // A handshake that fails (no certificate, another CA) ends here.
@@ -135,7 +145,7 @@ impl PeerEndpoint {
                         return;
                     }
                 };
-                if let Err(e) = serve_connection(conn, store, slots, me).await {
+                if let Err(e) = serve_connection(conn, store, slots, me, stored).await {
                     tracing::debug!(%remote, error = %e, "peer connection ended");
                 }
             });
@@ -169,10 +179,31 @@ impl PeerEndpoint {
             }
             other => return Err(unexpected("Hello", &other)),
         };
+        let (tx, haves) = mpsc::unbounded_channel();
+        let reader = conn.clone();
+        tokio::spawn(async move {
+            // What the peer announces on the control stream, until it ends.
+            loop {
+                match read_frame(&mut recv).await {
+                    Ok(Frame::Have { release, chunks }) => {
+                        if tx.send((release, chunks)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Frame::Goodbye { .. }) | Err(_) => return,
+                    Ok(other) => {
+                        tracing::debug!(frame = ?other, "unexpected on the control stream");
+                        reader.close(quinn::VarInt::from_u32(1), b"protocol");
+                        return;
+                    }
+                }
+            }
+        });
         Ok(PeerConn {
             conn,
             remote,
-            _control: (send, recv),
+            control: Mutex::new(send),
+            haves: Mutex::new(haves),
         })
     }
 
@@ -186,11 +217,27 @@ impl PeerEndpoint {
 pub struct PeerConn {
     conn: Connection,
     pub remote: Remote,
-    /// Kept open for `Want`/`Have` (the swarm driver's next step).
-    _control: (SendStream, RecvStream),
+    control: Mutex<SendStream>,
+    haves: Mutex<mpsc::UnboundedReceiver<(ReleaseId, Vec<ChunkHash>)>>,
 }
 
 impl PeerConn {
+    /// Tell the peer this node is fetching `release`; it answers with `Have`s.
+    pub async fn want(&self, release: &ReleaseId) -> Result<(), PeerError> {
+        let mut send = self.control.lock().await;
+        write_frame(&mut send, &Frame::Want { release: *release }).await
+    }
+
+    /// The next chunks the peer says it holds; `None` once its control stream ended.
+    pub async fn next_have(&self) -> Option<(ReleaseId, Vec<ChunkHash>)> {
+        self.haves.lock().await.recv().await
+    }
+
+    /// Resolves when the connection closes, for whatever reason.
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
     /// Fetch `chunk` and check its bytes against its name.
     pub async fn fetch(&self, chunk: &ChunkHash) -> Result<Vec<u8>, FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
@@ -259,6 +306,7 @@ async fn serve_connection(
     store: Arc<dyn ChunkStore>,
     slots: Arc<Semaphore>,
     me: Frame,
+    stored: Option<broadcast::Receiver<ChunkHash>>,
 ) -> Result<(), PeerError> {
     let (mut send, mut recv) = timed(
         async { conn.accept_bi().await.map_err(PeerError::from) },
@@ -285,6 +333,13 @@ async fn serve_connection(
         }
     }
     write_frame(&mut send, &me).await?;
+    tokio::spawn(serve_control(
+        conn.clone(),
+        send,
+        recv,
+        store.clone(),
+        stored,
+    ));
     loop {
         let (send, recv) = conn.accept_bi().await?;
         let (store, slots, conn) = (store.clone(), slots.clone(), conn.clone());
@@ -295,6 +350,75 @@ async fn serve_connection(
                 conn.close(quinn::VarInt::from_u32(1), b"protocol");
             }
         });
+    }
+}
+
+/// What `store` holds of `release`: the chunks of its manifest that are there. Nothing
+/// when the manifest is not (a node that has not started on that release).
+fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
+    let Ok(bytes) = store.get_manifest(release) else {
+        return Vec::new();
+    };
+    let Ok(manifest) = Manifest::decode(&bytes) else {
+        return Vec::new();
+    };
+    let mut held: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+    held.sort_unstable();
+    held.dedup();
+    held.retain(|c| store.has_chunk(c).unwrap_or(false));
+    held
+}
+
+/// The control stream after the hellos: answer `Want` with `Have`, then announce each
+/// newly stored chunk to a peer that wants anything.
+async fn serve_control(
+    conn: Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    store: Arc<dyn ChunkStore>,
+    mut stored: Option<broadcast::Receiver<ChunkHash>>,
+) {
+    let mut wanted: Vec<ReleaseId> = Vec::new();
+    loop {
+        let announced = async {
+            match stored.as_mut() {
+                Some(rx) => rx.recv().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            frame = read_frame(&mut recv) => match frame {
+                Ok(Frame::Want { release }) => {
+                    if !wanted.contains(&release) {
+                        wanted.push(release);
+                    }
+                    let store = store.clone();
+                    let held = tokio::task::spawn_blocking(move || holdings(store.as_ref(), &release))
+                        .await
+                        .unwrap_or_default();
+                    for batch in held.chunks(MAX_HAVE) {
+                        let have = Frame::Have { release, chunks: batch.to_vec() };
+                        if write_frame(&mut send, &have).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Frame::Goodbye { .. }) | Err(_) => return,
+                Ok(other) => {
+                    tracing::debug!(frame = ?other, "unexpected on the control stream");
+                    conn.close(quinn::VarInt::from_u32(1), b"protocol");
+                    return;
+                }
+            },
+            Some(chunk) = announced => {
+                for release in &wanted {
+                    let have = Frame::Have { release: *release, chunks: vec![chunk] };
+                    if write_frame(&mut send, &have).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -69,7 +69,7 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
     );
     let addr = endpoint.local_addr().unwrap();
     let e = endpoint.clone();
-    tokio::spawn(async move { e.serve(store).await });
+    tokio::spawn(async move { e.serve(store, None).await });
     (
         Served {
             addr,

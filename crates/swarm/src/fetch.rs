@@ -39,6 +39,11 @@ pub struct PeerInfo {
     /// The peer's node name (for spreading load; the origin's member name).
     pub node: String,
     pub source: Source,
+    /// The peer is fetching this release too (the tracker says so). Only such peers
+    /// share the work of bringing chunks into the region and out of the origin; a peer
+    /// that merely holds some chunks (of an older release, say) is a source, not a
+    /// partner.
+    pub fetching: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -69,7 +74,7 @@ impl Default for FetchConfig {
             total: 32,
             request_timeout: Duration::from_secs(20),
             cross_region_patience: Duration::from_secs(30),
-            origin_patience: Duration::from_secs(300),
+            origin_patience: Duration::from_secs(60),
             max_strikes: 3,
             endgame_chunks: 4,
         }
@@ -255,7 +260,10 @@ impl Fetch {
         }
         self.asked[i].remove(&peer);
         if !verified {
-            self.drop_peer(peer, format!("sent chunk {chunk} with the wrong bytes"));
+            // Other requests to a dropped peer may still answer; it is dropped once.
+            if self.peers.contains_key(&peer) {
+                self.drop_peer(peer, format!("sent chunk {chunk} with the wrong bytes"));
+            }
             self.schedule(now);
             return;
         }
@@ -386,7 +394,7 @@ impl Fetch {
             let mut v: Vec<String> = self
                 .peers
                 .values()
-                .filter(|p| tiers.contains(&p.info.source))
+                .filter(|p| p.info.fetching && tiers.contains(&p.info.source))
                 .map(|p| p.info.node.clone())
                 .collect();
             v.push(self.me.clone());
@@ -545,6 +553,7 @@ mod tests {
             id: PeerId(id),
             node: format!("n{id}"),
             source,
+            fetching: true,
         }
     }
 
@@ -700,6 +709,29 @@ mod tests {
         drain(&mut f);
         f.handle_peer_gone(t0, PeerId(1));
         assert_eq!(requests(&drain(&mut f)).len(), cs.len() - mine.len());
+    }
+
+    #[test]
+    fn a_peer_that_is_not_fetching_takes_no_share_of_the_ingress() {
+        let t0 = Instant::now();
+        let cs = chunks(30);
+        let cfg = FetchConfig {
+            per_peer: 100,
+            total: 100,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        // A neighbour that holds an older release's chunks but fetches nothing.
+        f.handle_peer(
+            t0,
+            PeerInfo {
+                fetching: false,
+                ..peer(1, Source::SameRegion)
+            },
+        );
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), cs.len(), "this node brings in every chunk");
     }
 
     #[test]

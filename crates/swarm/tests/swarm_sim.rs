@@ -85,6 +85,7 @@ fn run(m: &Model) -> Outcome {
                     id: PeerId(j as u64),
                     node: names[j].clone(),
                     source,
+                    fetching: true,
                 };
                 nodes[k].fetch.handle_peer(t0, info);
             }
@@ -93,6 +94,7 @@ fn run(m: &Model) -> Outcome {
             id: PeerId(ORIGIN as u64),
             node: "origin".into(),
             source: Source::Origin,
+            fetching: false,
         };
         nodes[k].fetch.handle_peer(t0, origin);
     }

@@ -1,0 +1,238 @@
+//! One release fetched from the swarm: the driver that runs a [`Fetch`] over QUIC.
+//!
+//! It connects to the sources it is given, tells each that it wants the release and
+//! feeds their `Have`s, the chunks that arrive (verified by `starling-peer`) and the
+//! passing time to the `Fetch`; it carries out what the `Fetch` answers — requests,
+//! cancellations, disconnections — and stores each verified chunk, announcing it to the
+//! peers this node serves. It decides nothing itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_peer::{FetchError, PeerConn, PeerEndpoint};
+use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, ReleaseId};
+use starling_release::{ChunkStore, ReleaseError};
+use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// A peer to fetch from, as the tracker describes it.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// Its name: the name in its certificate.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub source: Source,
+    /// It is fetching this release too.
+    pub fetching: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetcherError {
+    #[error("no progress for {0:?}: every source is gone or silent")]
+    Stalled(Duration),
+    #[error("storing: {0}")]
+    Store(#[from] ReleaseError),
+    #[error("manifest: {0}")]
+    Manifest(#[from] starling_proto::release::ManifestError),
+}
+
+/// What a finished fetch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchReport {
+    /// Chunks received from each kind of source.
+    pub received: BTreeMap<Source, u64>,
+    /// Peers cut off, with why.
+    pub dropped: Vec<(String, String)>,
+}
+
+enum Event {
+    Connected(PeerId, Arc<PeerConn>),
+    Have(PeerId, Vec<ChunkHash>),
+    Gone(PeerId),
+    /// A request ended: stored (verified), corrupt, or refused.
+    Arrived(PeerId, ChunkHash),
+    Corrupt(PeerId, ChunkHash),
+    Refused(PeerId, ChunkHash),
+}
+
+/// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`. Each
+/// stored chunk is sent on `stored`, so that the node's server announces it at once.
+/// Fails if nothing happens for `stall`.
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_release(
+    endpoint: Arc<PeerEndpoint>,
+    me: &str,
+    release: ReleaseId,
+    manifest: &Manifest,
+    sources: Vec<SourceSpec>,
+    store: Arc<dyn ChunkStore>,
+    stored: Option<broadcast::Sender<ChunkHash>>,
+    cfg: FetchConfig,
+    stall: Duration,
+) -> Result<FetchReport, FetcherError> {
+    // The manifest first: from now on this node can tell others what it holds.
+    store.put_manifest(&release, &manifest.encode()?)?;
+    let chunks: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+    let started = Instant::now();
+    let mut fetch = {
+        let store = store.clone();
+        Fetch::new(
+            cfg,
+            me,
+            &chunks,
+            move |c| store.has_chunk(c).unwrap_or(false),
+            started.into_std(),
+        )
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let mut names: HashMap<PeerId, String> = HashMap::new();
+    let mut kinds: HashMap<PeerId, (Source, bool)> = HashMap::new();
+    for (n, s) in sources.into_iter().enumerate() {
+        let id = PeerId(n as u64);
+        names.insert(id, s.name.clone());
+        kinds.insert(id, (s.source, s.fetching));
+        let (endpoint, tx) = (endpoint.clone(), tx.clone());
+        tokio::spawn(async move {
+            match endpoint.connect(s.addr, &s.name).await {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    let _ = tx.send(Event::Connected(id, conn.clone()));
+                    if conn.want(&release).await.is_err() {
+                        let _ = tx.send(Event::Gone(id));
+                        return;
+                    }
+                    while let Some((r, have)) = conn.next_have().await {
+                        if r == release && tx.send(Event::Have(id, have)).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(Event::Gone(id));
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %s.name, error = %e, "cannot connect");
+                }
+            }
+        });
+    }
+    let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
+    let mut requests: HashMap<(PeerId, ChunkHash), AbortHandle> = HashMap::new();
+    let mut report = FetchReport::default();
+    loop {
+        while let Some(action) = fetch.poll_action() {
+            match action {
+                Action::Request { peer, chunk } => {
+                    let Some(conn) = conns.get(&peer).cloned() else {
+                        continue;
+                    };
+                    let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
+                    let task = tokio::spawn(async move {
+                        let event = match conn.fetch(&chunk).await {
+                            Ok(bytes) => {
+                                let put = tokio::task::spawn_blocking(move || {
+                                    store.put_chunk(&chunk, &bytes)
+                                })
+                                .await;
+                                match put {
+                                    Ok(Ok(())) => {
+                                        if let Some(s) = &stored {
+                                            let _ = s.send(chunk);
+                                        }
+                                        Event::Arrived(peer, chunk)
+                                    }
+                                    // Not stored: as if it never came (the node says so).
+                                    _ => {
+                                        tracing::warn!(%chunk, "storing a fetched chunk failed");
+                                        Event::Refused(peer, chunk)
+                                    }
+                                }
+                            }
+                            Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, chunk),
+                            Err(FetchError::Refused(_)) => Event::Refused(peer, chunk),
+                            Err(FetchError::Peer(_)) => Event::Gone(peer),
+                        };
+                        let _ = tx.send(event);
+                    });
+                    requests.insert((peer, chunk), task.abort_handle());
+                }
+                Action::Cancel { peer, chunk } => {
+                    if let Some(t) = requests.remove(&(peer, chunk)) {
+                        t.abort();
+                    }
+                }
+                Action::Disconnect { peer, reason } => {
+                    if let Some(c) = conns.remove(&peer) {
+                        c.close(&reason);
+                    }
+                    let name = names.get(&peer).cloned().unwrap_or_default();
+                    tracing::warn!(peer = %name, %reason, "peer dropped for this release");
+                    report.dropped.push((name, reason));
+                }
+                Action::Done => {
+                    for t in requests.values() {
+                        t.abort();
+                    }
+                    report.received = [Source::SameRegion, Source::OtherRegion, Source::Origin]
+                        .into_iter()
+                        .map(|s| (s, fetch.received(s)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect();
+                    return Ok(report);
+                }
+            }
+        }
+        let wake = fetch.poll_timeout().map(Instant::from_std);
+        let timer = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = timer => {
+                fetch.handle_timeout(Instant::now().into_std());
+                continue;
+            }
+            _ = tokio::time::sleep(stall) => return Err(FetcherError::Stalled(stall)),
+        };
+        let Some(event) = event else {
+            return Err(FetcherError::Stalled(stall));
+        };
+        let now = Instant::now().into_std();
+        match event {
+            Event::Connected(id, conn) => {
+                let (source, fetching) = kinds[&id];
+                let info = PeerInfo {
+                    id,
+                    node: conn.remote.node.clone(),
+                    source,
+                    fetching,
+                };
+                conns.insert(id, conn);
+                fetch.handle_peer(now, info);
+            }
+            Event::Have(id, have) => fetch.handle_have(now, id, &have),
+            Event::Gone(id) => {
+                conns.remove(&id);
+                fetch.handle_peer_gone(now, id);
+            }
+            Event::Arrived(id, chunk) => {
+                requests.remove(&(id, chunk));
+                fetch.handle_chunk(now, id, &chunk, true);
+            }
+            Event::Corrupt(id, chunk) => {
+                requests.remove(&(id, chunk));
+                fetch.handle_chunk(now, id, &chunk, false);
+            }
+            Event::Refused(id, chunk) => {
+                requests.remove(&(id, chunk));
+                fetch.handle_refused(now, id, &chunk);
+            }
+        }
+    }
+}

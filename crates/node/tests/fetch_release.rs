@@ -1,0 +1,195 @@
+//! A release fetched over real QUIC on loopback from several peers at once: an origin
+//! and two nodes that each hold part of it. The fetcher's store ends with every chunk,
+//! each verified; a peer in the region is preferred to the origin; a corrupting peer is
+//! cut off and the release still arrives whole.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::{Rng, SeedableRng};
+use starling_node::fetcher::{fetch_release, SourceSpec};
+use starling_peer::{PeerConfig, PeerEndpoint};
+use starling_pki::ClusterCa;
+use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, ReleaseId};
+use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore, ReleaseError};
+use starling_swarm::{FetchConfig, Source};
+use tokio::sync::broadcast;
+
+/// A store that serves every chunk with its first byte flipped (a test-only fault).
+struct Corrupting(FsChunkStore);
+
+impl ChunkStore for Corrupting {
+    fn has_chunk(&self, h: &ChunkHash) -> Result<bool, ReleaseError> {
+        self.0.has_chunk(h)
+    }
+    fn put_chunk(&self, h: &ChunkHash, b: &[u8]) -> Result<(), ReleaseError> {
+        self.0.put_chunk(h, b)
+    }
+    fn get_chunk(&self, h: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
+        let mut b = self.0.get_chunk(h)?;
+        b[0] ^= 0xff;
+        Ok(b)
+    }
+    fn put_manifest(&self, id: &ReleaseId, b: &[u8]) -> Result<(), ReleaseError> {
+        self.0.put_manifest(id, b)
+    }
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
+        self.0.get_manifest(id)
+    }
+}
+
+/// A release of a few MiB of random files in small chunks, in an origin store.
+fn make_release(dir: &Path) -> (FsChunkStore, ReleaseId, Manifest) {
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..4 {
+        let bytes: Vec<u8> = (0..800_000).map(|_| rng.random()).collect();
+        std::fs::write(out.join(format!("f{i}")), bytes).unwrap();
+    }
+    let origin = FsChunkStore::new(dir.join("origin")).unwrap();
+    let sizes = ChunkSizes {
+        min: 16 * 1024,
+        avg: 64 * 1024,
+        max: 256 * 1024,
+    };
+    let (id, manifest, _) = create_release(&out, &origin, sizes).unwrap();
+    assert!(
+        manifest.chunks.len() > 20,
+        "{} chunks",
+        manifest.chunks.len()
+    );
+    (origin, id, manifest)
+}
+
+fn endpoint(ca: &ClusterCa, name: &str) -> Arc<PeerEndpoint> {
+    let cfg = PeerConfig {
+        name: name.into(),
+        region: "eu-1".into(),
+        ca_cert_pem: ca.cert_pem.clone(),
+        identity: ca.issue(name, SystemTime::now()).unwrap(),
+        upload_slots: 8,
+    };
+    Arc::new(PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap())
+}
+
+fn serve(e: &Arc<PeerEndpoint>, store: Arc<dyn ChunkStore>) {
+    let e = e.clone();
+    tokio::spawn(async move { e.serve(store, None).await });
+}
+
+/// A node holding the manifest and every `keep`-th chunk (from `offset`).
+fn partial(
+    dir: &Path,
+    origin: &FsChunkStore,
+    id: &ReleaseId,
+    m: &Manifest,
+    offset: usize,
+) -> FsChunkStore {
+    let s = FsChunkStore::new(dir).unwrap();
+    s.put_manifest(id, &origin.get_manifest(id).unwrap())
+        .unwrap();
+    for c in m.chunks.iter().skip(offset).step_by(2) {
+        s.put_chunk(&c.hash, &origin.get_chunk(&c.hash).unwrap())
+            .unwrap();
+    }
+    s
+}
+
+async fn run(corrupt_neighbour: bool) {
+    let t = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
+    let (origin, id, manifest) = make_release(t.path());
+    let a = partial(&t.path().join("a"), &origin, &id, &manifest, 0);
+    let b = partial(&t.path().join("b"), &origin, &id, &manifest, 1);
+    let (eo, ea, eb) = (
+        endpoint(&ca, "origin-1"),
+        endpoint(&ca, "eu-1-a"),
+        endpoint(&ca, "us-1-b"),
+    );
+    let a: Arc<dyn ChunkStore> = if corrupt_neighbour {
+        Arc::new(Corrupting(a))
+    } else {
+        Arc::new(a)
+    };
+    serve(&eo, Arc::new(origin));
+    serve(&ea, a);
+    serve(&eb, Arc::new(b));
+    let sources = vec![
+        SourceSpec {
+            name: "origin-1".into(),
+            addr: eo.local_addr().unwrap(),
+            source: Source::Origin,
+            fetching: false,
+        },
+        SourceSpec {
+            name: "eu-1-a".into(),
+            addr: ea.local_addr().unwrap(),
+            source: Source::SameRegion,
+            fetching: false,
+        },
+        SourceSpec {
+            name: "us-1-b".into(),
+            addr: eb.local_addr().unwrap(),
+            source: Source::OtherRegion,
+            fetching: false,
+        },
+    ];
+    let mine = Arc::new(FsChunkStore::new(t.path().join("me")).unwrap());
+    let (stored, mut heard) = broadcast::channel(4096);
+    let me = endpoint(&ca, "eu-1-me");
+    let cfg = FetchConfig {
+        // Fetch what the neighbour lacks from the other region without waiting.
+        cross_region_patience: Duration::ZERO,
+        ..FetchConfig::default()
+    };
+    let report = fetch_release(
+        me,
+        "eu-1-me",
+        id,
+        &manifest,
+        sources,
+        mine.clone(),
+        Some(stored),
+        cfg,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    for c in &manifest.chunks {
+        let bytes = mine.get_chunk(&c.hash).unwrap();
+        assert_eq!(ChunkHash::of(&bytes), c.hash);
+    }
+    let mut announced = 0;
+    while heard.try_recv().is_ok() {
+        announced += 1;
+    }
+    assert!(announced > 0, "stored chunks were not announced");
+    eprintln!("corrupt={corrupt_neighbour}: {report:?}");
+    if corrupt_neighbour {
+        assert_eq!(report.dropped.len(), 1, "{report:?}");
+        assert_eq!(report.dropped[0].0, "eu-1-a");
+    } else {
+        assert!(report.dropped.is_empty(), "{report:?}");
+        let from = |s| report.received.get(&s).copied().unwrap_or(0);
+        assert!(from(Source::SameRegion) > 0, "{report:?}");
+        // The neighbours hold everything between them: the origin is asked only for what
+        // was asked before their first Have arrived.
+        assert!(
+            from(Source::Origin) * 4 < manifest.chunks.len() as u64,
+            "{report:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_arrives_whole_from_several_peers() {
+    run(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupting_peer_is_cut_off_and_the_release_still_arrives() {
+    run(true).await;
+}
