@@ -142,6 +142,15 @@ pub struct ArchivePlan {
     len: u64,
 }
 
+/// One part of a planned archive, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part<'a> {
+    /// Tar headers, long-name records and padding: exactly these bytes.
+    Header(&'a [u8]),
+    /// The `len` bytes of `entries[entry]`'s contents.
+    Contents { entry: usize, len: u64 },
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Piece {
     /// Where the piece starts in the archive.
@@ -228,6 +237,15 @@ impl ArchivePlan {
             meta,
             pieces,
             len: offset + len,
+        })
+    }
+
+    /// The archive's parts in order: header bytes as they must appear, and the places
+    /// where each file's contents go. What an unpacker checks a rebuilt archive against.
+    pub fn parts(&self) -> impl Iterator<Item = Part<'_>> + '_ {
+        self.pieces.iter().map(|p| match p.source {
+            Source::Meta { at } => Part::Header(&self.meta[at..at + p.len as usize]),
+            Source::File { entry } => Part::Contents { entry, len: p.len },
         })
     }
 

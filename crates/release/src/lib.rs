@@ -12,6 +12,7 @@ pub mod cuts;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod store;
+pub mod unpack;
 
 use std::collections::BTreeMap;
 use std::io;
