@@ -1,6 +1,8 @@
 //! Starling's decisions, as plain data in and data out: the replicated state machine and
 //! its `apply`, the lease reaper, what a webhook delivery means, what retention lets go,
-//! where build output goes in a log, and how a build's end is reported.
+//! where build output goes in a log, how a build's end is reported, and the tracker's
+//! soft state (which node serves which release). The swarm's own decisions live in
+//! `starling-swarm`, on the same terms.
 //!
 //! This crate owns no I/O: it never opens a file or a socket, never reads a clock (the
 //! time is an argument), never spawns or sleeps, and does not depend on tokio. That is
@@ -14,4 +16,5 @@ pub mod reaper;
 pub mod retention;
 pub mod retry;
 pub mod state;
+pub mod tracker;
 pub mod webhook;
