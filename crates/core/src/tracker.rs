@@ -118,7 +118,7 @@ impl Tracker {
                 })
             })
             .collect();
-        found.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+        found.sort_by_key(|x| (x.0, x.1));
         found
             .into_iter()
             .take(self.max_peers)
