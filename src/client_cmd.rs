@@ -33,6 +33,9 @@ pub enum ClientCmd {
     /// Control-plane membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Tokens new nodes exchange for their certificates.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCmd),
     /// Print the event log; --follow keeps waiting for new events.
     Events {
         #[arg(long, default_value_t = 0)]
@@ -96,6 +99,21 @@ pub enum BuildsCmd {
 #[derive(Subcommand)]
 pub enum ReleasesCmd {
     List { repo: Option<String> },
+}
+
+#[derive(Subcommand)]
+pub enum JoinTokenCmd {
+    /// Make a token; it is printed as the last word. Give it to nodes as
+    /// STARLING_JOIN_TOKEN.
+    Create {
+        /// How long it is valid (e.g. 24h, 30m; at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    starling_proto::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (try 24h, 30m)"))
 }
 
 #[derive(Subcommand)]
@@ -240,6 +258,20 @@ last lines of its output:"
                 return print_json(&rels);
             }
             println!("{}", tables::releases(&rels).trim_fmt());
+        }
+        ClientCmd::JoinToken(JoinTokenCmd::Create { ttl }) => {
+            let reply = c.create_join_token(ttl).await?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "token": reply.token,
+                    "expires_at": reply.expires_at,
+                }));
+            }
+            println!(
+                "join token, valid until {} (s since the epoch): {}",
+                tables::time(Some(reply.expires_at)),
+                reply.token
+            );
         }
         ClientCmd::Cluster(cmd) => {
             let st = match cmd {

@@ -281,3 +281,56 @@ pub struct JoinRequest {
 pub struct ApiError {
     pub error: String,
 }
+
+/// `POST /v1/join-tokens`: a token a new node exchanges for its certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRequest {
+    /// How long it is valid, in ms (default 24 h, at most 30 days).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenReply {
+    pub token: String,
+    pub expires_at: Millis,
+}
+
+impl std::fmt::Debug for JoinTokenReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTokenReply")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/enroll`: a node shows a join token and gets a certificate for `name`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub name: String,
+    pub region: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("name", &self.name)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node's certificate and key, and the CA to trust.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollReply {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_cert_pem: String,
+}
+
+impl std::fmt::Debug for EnrollReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollReply").finish_non_exhaustive()
+    }
+}

@@ -75,6 +75,39 @@ pub enum Command {
         request: String,
         command: Box<Command>,
     },
+    /// Record the cluster's certificate authority; proposed once, by the first leader.
+    /// Applying refuses a second one: certificates already issued must stay valid.
+    SetClusterCa { ca: CaRecord, at: Millis },
+    /// Record a join token (its secret only as a SHA-256); tokens past their
+    /// `expires_at` are forgotten when the next one is added.
+    AddJoinToken { token: JoinTokenRecord, at: Millis },
+}
+
+/// The cluster's certificate authority as the members keep it. Only members see it: it
+/// is in the log, the state and snapshots, never in an API answer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaRecord")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A join token as the members keep it: a node that shows the secret whose SHA-256 this
+/// is, before `expires_at`, gets a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    pub expires_at: Millis,
 }
 
 /// Request ids remembered by [`Command::Once`]; the oldest is forgotten beyond this.
@@ -95,6 +128,8 @@ impl Command {
             Command::CollectReleases { .. } => "collect_releases",
             Command::Noop => "noop",
             Command::Once { command, .. } => command.name(),
+            Command::SetClusterCa { .. } => "set_cluster_ca",
+            Command::AddJoinToken { .. } => "add_join_token",
         }
     }
 }

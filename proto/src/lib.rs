@@ -11,6 +11,7 @@ pub mod api;
 pub mod command;
 mod duration;
 pub mod ids;
+pub mod join_token;
 pub mod kinds;
 pub mod names;
 pub mod peer;

@@ -89,6 +89,8 @@ pub const MAX_CHUNK: usize = 8 * 1024 * 1024;
 pub const MAX_MISSING_BODY: usize = MAX_MISSING_QUERY * 80;
 /// Largest manifest accepted (a million files is ~100 MiB; far beyond a sane release).
 pub const MAX_MANIFEST: usize = 64 * 1024 * 1024;
+/// An enrolment: a join token, a name and a region.
+pub const MAX_ENROLL_BODY: usize = 4 * 1024;
 /// A vote is a few dozen bytes.
 pub const MAX_VOTE_BODY: usize = 64 * 1024;
 /// A batch of log entries: each is a command made from an API request of at most
@@ -131,10 +133,12 @@ pub enum Endpoint {
     RaftSnapshot,
     Join,
     Snapshot,
+    CreateJoinToken,
+    Enroll,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 31] = [
+    pub const ALL: [Endpoint; 33] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -166,6 +170,8 @@ impl Endpoint {
         Endpoint::RaftSnapshot,
         Endpoint::Join,
         Endpoint::Snapshot,
+        Endpoint::CreateJoinToken,
+        Endpoint::Enroll,
     ];
 
     /// The table.
@@ -217,6 +223,9 @@ impl Endpoint {
             Endpoint::RaftSnapshot => (Post, "/raft/snapshot", Here, Cluster, MAX_SNAPSHOT_BODY),
             Endpoint::Join => (Post, "/internal/join", ByLeader, Cluster, MAX_API_BODY),
             Endpoint::Snapshot => (Post, "/internal/snapshot", Here, Cluster, 0),
+            Endpoint::CreateJoinToken => (Post, "/v1/join-tokens", ByLeader, Write, MAX_API_BODY),
+            // Authenticated by the join token in the body, which is small.
+            Endpoint::Enroll => (Post, "/v1/enroll", ByLeader, Public, MAX_ENROLL_BODY),
         };
         Route {
             method,
@@ -351,7 +360,10 @@ mod tests {
             let r = e.route();
             if r.method != Method::Get && r.access == Access::Public {
                 assert!(
-                    matches!(e, Endpoint::GithubHook | Endpoint::GitlabHook),
+                    matches!(
+                        e,
+                        Endpoint::GithubHook | Endpoint::GitlabHook | Endpoint::Enroll
+                    ),
                     "{e:?}"
                 );
             }

@@ -7,7 +7,7 @@
 //! (`starling_control::store::FILE_FORMAT`). Regenerate the pinned file only for an
 //! addition: `STARLING_BLESS=1 cargo test -p starling-proto --test command_encoding`.
 
-use starling_proto::{BuildStatus, Command, ReleaseId, RepoSpec};
+use starling_proto::{BuildStatus, CaRecord, Command, JoinTokenRecord, ReleaseId, RepoSpec};
 
 fn every_command() -> Vec<Command> {
     let spec = RepoSpec {
@@ -75,6 +75,22 @@ fn every_command() -> Vec<Command> {
                 ttl_ms: 30_000,
                 at: 10,
             }),
+        },
+        Command::SetClusterCa {
+            ca: CaRecord {
+                name: "starling-1".into(),
+                cert_pem: "-----BEGIN CERTIFICATE-----".into(),
+                key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+            },
+            at: 11,
+        },
+        Command::AddJoinToken {
+            token: JoinTokenRecord {
+                id: "0a1b2c3d".into(),
+                secret_sha256: "ab".repeat(32),
+                expires_at: 86_400_012,
+            },
+            at: 12,
         },
     ]
 }

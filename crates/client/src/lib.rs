@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use starling_proto::routes::Endpoint;
 use starling_proto::{
-    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, Event, HeartbeatReply,
-    HeartbeatRequest, Lease, LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec,
-    TriggerRequest, MAX_MISSING_QUERY,
+    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, EnrollReply, EnrollRequest,
+    Event, HeartbeatReply, HeartbeatRequest, JoinTokenReply, JoinTokenRequest, Lease, LeaseRequest,
+    MissingChunks, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest, MAX_MISSING_QUERY,
 };
 use starling_proto::{ChunkHash, ReleaseId, WorkerId};
 
@@ -289,6 +289,19 @@ impl ControlClient {
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
         let url = self.url(&Endpoint::RemoveMember.path(&[&id]));
         self.send(self.http.delete(&url), url).await
+    }
+
+    /// A join token valid for `ttl`.
+    pub async fn create_join_token(&self, ttl: Duration) -> Result<JoinTokenReply, ClientError> {
+        let req = JoinTokenRequest {
+            ttl_ms: Some(ttl.as_millis() as u64),
+        };
+        self.post(&Endpoint::CreateJoinToken.path(&[]), &req).await
+    }
+
+    /// Exchange a join token for a certificate.
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollReply, ClientError> {
+        self.post(&Endpoint::Enroll.path(&[]), req).await
     }
 
     /// Events after `after`, waiting up to `wait` for one to appear.

@@ -156,6 +156,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         },
     ));
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
+    tokio::spawn(ensure_cluster_ca(member.clone()));
 
     tokio::select! {
         served = serve => match served {
@@ -241,6 +242,49 @@ async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
         .await;
     if joined.is_ok() {
         tracing::info!(id = member.cfg.id, via = %url, "joined the cluster as a voter");
+    }
+}
+
+/// Make the cluster CA once: the first leader that finds none proposes one. Applying
+/// refuses a second, so two leaders racing cannot replace it.
+async fn ensure_cluster_ca(member: Arc<Member>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if member.read().cluster_ca().is_some() {
+            return;
+        }
+        if !member.raft.is_leader() {
+            continue;
+        }
+        let name = format!("starling-{:08x}", rand::random::<u32>());
+        let made = tokio::task::spawn_blocking(move || {
+            starling_pki::ClusterCa::generate(&name, std::time::SystemTime::now())
+        })
+        .await;
+        let ca = match made {
+            Ok(Ok(ca)) => ca,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "making the cluster CA failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "making the cluster CA failed");
+                continue;
+            }
+        };
+        let cmd = Command::SetClusterCa {
+            ca: starling_proto::CaRecord {
+                name: ca.name,
+                cert_pem: ca.cert_pem,
+                key_pem: ca.key_pem,
+            },
+            at: now_ms(),
+        };
+        match member.propose(cmd).await {
+            Ok(_) => tracing::info!("cluster CA made"),
+            Err(e) => tracing::debug!(error = %e, "proposing the cluster CA failed; retrying"),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use starling_proto::{Outcome, Release};
+use starling_proto::{CaRecord, Outcome, Release};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::ControlMetrics;
@@ -34,6 +34,10 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
 const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
+/// Cluster-wide singletons: the CA under "ca".
+const CLUSTER: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster");
+const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const K_CA: &str = "ca";
 
 pub(crate) const K_VOTE: &str = "vote";
 pub(crate) const K_PURGED: &str = "last_purged";
@@ -69,7 +73,7 @@ impl Files {
             state: open_file(
                 &dir.join("state.redb"),
                 &[BUILDS, EVENTS, REQUESTS],
-                &[META, REPOS, RELEASES, GOALS],
+                &[META, REPOS, RELEASES, GOALS, CLUSTER, JOIN_TOKENS],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
         };
@@ -422,6 +426,8 @@ impl StateMachineStore {
         txn.delete_table(RELEASES).map_err(io::Error::other)?;
         txn.delete_table(GOALS).map_err(io::Error::other)?;
         txn.delete_table(REQUESTS).map_err(io::Error::other)?;
+        txn.delete_table(CLUSTER).map_err(io::Error::other)?;
+        txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
         let state = ControlState::from_records(records);
         Rows::encode(&state, &all_touched(state.records()))?.write(&txn)?;
         {
@@ -460,6 +466,10 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .map(|(_, g)| (GoalKey::of(&g), g))
             .collect(),
         requests: read_numbered(&txn, REQUESTS)?.into_iter().collect(),
+        ca: read_named::<CaRecord>(&txn, CLUSTER)?
+            .into_iter()
+            .find_map(|(k, v)| (k == K_CA).then_some(v)),
+        join_tokens: read_named(&txn, JOIN_TOKENS)?.into_iter().collect(),
     })
 }
 
@@ -535,6 +545,9 @@ fn all_touched(r: &Records) -> Touched {
         goals: r.goals.keys().cloned().collect(),
         requests: r.requests.keys().copied().collect(),
         requests_forgotten: Default::default(),
+        ca: r.ca.is_some(),
+        join_tokens: r.join_tokens.keys().cloned().collect(),
+        join_tokens_forgotten: Default::default(),
     }
 }
 
@@ -548,6 +561,9 @@ struct Rows {
     goals: Vec<(String, Vec<u8>)>,
     requests: Vec<(u64, Vec<u8>)>,
     requests_forgotten: Vec<u64>,
+    cluster: Vec<(String, Vec<u8>)>,
+    join_tokens: Vec<(String, Vec<u8>)>,
+    join_tokens_forgotten: Vec<String>,
 }
 
 impl Rows {
@@ -587,6 +603,15 @@ impl Rows {
             }
         }
         rows.requests_forgotten = touched.requests_forgotten.iter().copied().collect();
+        if let Some(ca) = r.ca.as_ref().filter(|_| touched.ca) {
+            rows.cluster.push((K_CA.to_string(), enc(ca)?));
+        }
+        for k in &touched.join_tokens {
+            if let Some(v) = r.join_tokens.get(k) {
+                rows.join_tokens.push((k.clone(), enc(v)?));
+            }
+        }
+        rows.join_tokens_forgotten = touched.join_tokens_forgotten.iter().cloned().collect();
         Ok(rows)
     }
 
@@ -600,6 +625,12 @@ impl Rows {
         let mut t = txn.open_table(REQUESTS).map_err(io::Error::other)?;
         for k in &self.requests_forgotten {
             t.remove(*k).map_err(io::Error::other)?;
+        }
+        write_named(txn, CLUSTER, &self.cluster)?;
+        write_named(txn, JOIN_TOKENS, &self.join_tokens)?;
+        let mut t = txn.open_table(JOIN_TOKENS).map_err(io::Error::other)?;
+        for k in &self.join_tokens_forgotten {
+            t.remove(k.as_str()).map_err(io::Error::other)?;
         }
         Ok(())
     }

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
-    Build, BuildStatus, Command, Event, EventKind, Millis, Outcome, Rejection, Release, ReleaseId,
-    Repo, RepoSpec, Transition, WorkerId,
+    Build, BuildStatus, CaRecord, Command, Event, EventKind, JoinTokenRecord, Millis, Outcome,
+    Rejection, Release, ReleaseId, Repo, RepoSpec, Transition, WorkerId,
 };
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
@@ -66,6 +66,12 @@ pub struct Records {
     /// request id ([`Command::Once`]), by the order they were applied.
     #[serde(default)]
     pub requests: OrdMap<u64, RequestRecord>,
+    /// The cluster's certificate authority, once the first leader made it.
+    #[serde(default)]
+    pub ca: Option<CaRecord>,
+    /// Join tokens not yet expired (as of the last one added), by id.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinTokenRecord>,
 }
 
 /// What a request with an id was answered.
@@ -87,6 +93,10 @@ pub struct Touched {
     /// Request records added, and those forgotten (to delete).
     pub requests: BTreeSet<u64>,
     pub requests_forgotten: BTreeSet<u64>,
+    pub ca: bool,
+    /// Join tokens added, and those forgotten (to delete).
+    pub join_tokens: BTreeSet<String>,
+    pub join_tokens_forgotten: BTreeSet<String>,
 }
 
 impl Touched {
@@ -293,6 +303,8 @@ impl ControlState {
                 self.collect_releases(releases, *keep, *at)
             }
             Command::Noop => Outcome::Done,
+            Command::SetClusterCa { ca, .. } => self.set_cluster_ca(ca),
+            Command::AddJoinToken { token, at } => self.add_join_token(token, *at),
         }
     }
 
@@ -322,6 +334,51 @@ impl ControlState {
             done.push(*id);
         }
         Outcome::Collected(done)
+    }
+
+    fn set_cluster_ca(&mut self, ca: &CaRecord) -> Outcome {
+        if self.records.ca.is_some() {
+            return Outcome::Rejected(Rejection::Invalid("the cluster CA is already set".into()));
+        }
+        self.records.ca = Some(ca.clone());
+        self.touched.ca = true;
+        Outcome::Done
+    }
+
+    fn add_join_token(&mut self, token: &JoinTokenRecord, at: Millis) -> Outcome {
+        let id_ok =
+            (1..=32).contains(&token.id.len()) && token.id.bytes().all(|c| c.is_ascii_hexdigit());
+        let hash_ok = token.secret_sha256.len() == 64
+            && token.secret_sha256.bytes().all(|c| c.is_ascii_hexdigit());
+        if !id_ok || !hash_ok || token.expires_at <= at {
+            return Outcome::Rejected(Rejection::Invalid("malformed or expired join token".into()));
+        }
+        let expired: Vec<String> = self
+            .records
+            .join_tokens
+            .iter()
+            .filter(|(_, t)| t.expires_at <= at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.records.join_tokens.remove(&id);
+            self.touched.join_tokens.remove(&id);
+            self.touched.join_tokens_forgotten.insert(id);
+        }
+        self.records
+            .join_tokens
+            .insert(token.id.clone(), token.clone());
+        self.touched.join_tokens_forgotten.remove(&token.id);
+        self.touched.join_tokens.insert(token.id.clone());
+        Outcome::Done
+    }
+
+    pub fn cluster_ca(&self) -> Option<&CaRecord> {
+        self.records.ca.as_ref()
+    }
+
+    pub fn join_token(&self, id: &str) -> Option<&JoinTokenRecord> {
+        self.records.join_tokens.get(id)
     }
 
     fn put_repo(&mut self, spec: &RepoSpec, at: Millis) -> Outcome {
@@ -1126,6 +1183,60 @@ mod tests {
             4,
             "the record stays, as history"
         );
+    }
+
+    #[test]
+    fn the_ca_is_set_once_and_join_tokens_expire() {
+        let mut s = ControlState::default();
+        let ca = CaRecord {
+            name: "c".into(),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+        };
+        assert_eq!(
+            s.apply(&Command::SetClusterCa {
+                ca: ca.clone(),
+                at: 1
+            }),
+            Outcome::Done
+        );
+        let again = s.apply(&Command::SetClusterCa {
+            ca: CaRecord {
+                name: "other".into(),
+                ..ca.clone()
+            },
+            at: 2,
+        });
+        assert!(matches!(again, Outcome::Rejected(_)));
+        assert_eq!(s.cluster_ca(), Some(&ca));
+        let token = |id: &str, expires_at| Command::AddJoinToken {
+            token: JoinTokenRecord {
+                id: id.into(),
+                secret_sha256: "ab".repeat(32),
+                expires_at,
+            },
+            at: 100,
+        };
+        assert_eq!(s.apply(&token("aa", 150)), Outcome::Done);
+        assert!(matches!(s.apply(&token("bb", 90)), Outcome::Rejected(_)));
+        assert!(matches!(
+            s.apply(&token("not hex", 200)),
+            Outcome::Rejected(_)
+        ));
+        s.take_touched();
+        let later = Command::AddJoinToken {
+            token: JoinTokenRecord {
+                id: "cc".into(),
+                secret_sha256: "cd".repeat(32),
+                expires_at: 500,
+            },
+            at: 200,
+        };
+        assert_eq!(s.apply(&later), Outcome::Done);
+        assert!(s.join_token("aa").is_none(), "expired tokens are forgotten");
+        assert!(s.join_token("cc").is_some());
+        let t = s.take_touched();
+        assert!(t.join_tokens_forgotten.contains("aa") && t.join_tokens.contains("cc"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::member::{Member, ProposeError};
 mod access;
 mod builds;
 mod cluster;
+mod enroll;
 mod events;
 mod hooks;
 mod leases;
@@ -185,6 +186,8 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::RaftSnapshot => on(m, raft_rpc::raft_snapshot),
         Endpoint::Join => on(m, raft_rpc::join),
         Endpoint::Snapshot => on(m, raft_rpc::force_snapshot),
+        Endpoint::CreateJoinToken => on(m, enroll::create_join_token),
+        Endpoint::Enroll => on(m, enroll::enroll),
     }
 }
 
