@@ -24,6 +24,10 @@ pub const MAX_HAVE: usize = 16 * 1024;
 pub const MAX_CHUNK_BYTES: u32 = 8 * 1024 * 1024;
 /// Longest node, region or reason string.
 pub const MAX_NAME: usize = 256;
+/// Largest manifest a peer sends or accepts, as the origin store accepts.
+pub const MAX_MANIFEST_BYTES: u32 = 64 * 1024 * 1024;
+/// Most releases one `Announce` names, and most peers one `Peers` carries.
+pub const MAX_LIST: usize = 256;
 
 /// Why a peer will not send a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +77,43 @@ pub enum Frame {
     Goodbye {
         reason: String,
     },
+    /// On a request stream: the manifest of `release`, answered by `Manifest` (and the
+    /// bytes) or `Refuse`.
+    GetManifest {
+        release: ReleaseId,
+    },
+    /// `len` bytes of `release`'s encoded manifest follow; they hash to the release id.
+    Manifest {
+        release: ReleaseId,
+        len: u32,
+    },
+    /// The answer to `GetManifest` when the sender does not hold it.
+    NoManifest {
+        release: ReleaseId,
+    },
+    /// On the control stream, to a control member: where this node serves chunks, and
+    /// which releases it holds or is fetching. The member answers `Peers` for each
+    /// release in `fetching`.
+    Announce {
+        addr: String,
+        holds: Vec<ReleaseId>,
+        fetching: Vec<ReleaseId>,
+    },
+    /// Peers to fetch `release` from: the asker's region first.
+    Peers {
+        release: ReleaseId,
+        peers: Vec<PeerAddr>,
+    },
+}
+
+/// A peer as the tracker hands it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddr {
+    pub node: String,
+    pub region: String,
+    pub addr: String,
+    /// It is fetching the release too, rather than holding it whole.
+    pub fetching: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,6 +142,24 @@ impl Frame {
             }
             Frame::Goodbye { reason } if long(reason) => {
                 Err(WireError::Limit("reason over 256 bytes"))
+            }
+            Frame::Manifest { len, .. } if *len > MAX_MANIFEST_BYTES => {
+                Err(WireError::Limit("manifest over 64 MiB"))
+            }
+            Frame::Announce {
+                addr,
+                holds,
+                fetching,
+            } if long(addr) || holds.len() > MAX_LIST || fetching.len() > MAX_LIST => {
+                Err(WireError::Limit("announce over its limits"))
+            }
+            Frame::Peers { peers, .. }
+                if peers.len() > MAX_LIST
+                    || peers
+                        .iter()
+                        .any(|p| long(&p.node) || long(&p.region) || long(&p.addr)) =>
+            {
+                Err(WireError::Limit("peer list over its limits"))
             }
             _ => Ok(()),
         }
@@ -194,6 +253,26 @@ mod tests {
             },
             Frame::Goodbye {
                 reason: "bye".into(),
+            },
+            Frame::GetManifest { release: r },
+            Frame::NoManifest { release: r },
+            Frame::Manifest {
+                release: r,
+                len: 1000,
+            },
+            Frame::Announce {
+                addr: "10.0.0.1:7000".into(),
+                holds: vec![r],
+                fetching: vec![],
+            },
+            Frame::Peers {
+                release: r,
+                peers: vec![PeerAddr {
+                    node: "n".into(),
+                    region: "eu".into(),
+                    addr: "10.0.0.2:7000".into(),
+                    fetching: true,
+                }],
             },
         ]
     }

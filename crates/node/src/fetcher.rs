@@ -152,7 +152,9 @@ pub async fn fetch_release(
                                 }
                             }
                             Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, chunk),
-                            Err(FetchError::Refused(_)) => Event::Refused(peer, chunk),
+                            Err(FetchError::Refused(_) | FetchError::NoManifest) => {
+                                Event::Refused(peer, chunk)
+                            }
                             Err(FetchError::Peer(_)) => Event::Gone(peer),
                         };
                         let _ = tx.send(event);

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use rand::{Rng, SeedableRng};
 use starling_node::fetcher::{fetch_release, SourceSpec};
-use starling_peer::{PeerConfig, PeerEndpoint};
+use starling_peer::{PeerConfig, PeerEndpoint, Serving};
 use starling_pki::ClusterCa;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
@@ -77,7 +77,14 @@ fn endpoint(ca: &ClusterCa, name: &str) -> Arc<PeerEndpoint> {
 
 fn serve(e: &Arc<PeerEndpoint>, store: Arc<dyn ChunkStore>) {
     let e = e.clone();
-    tokio::spawn(async move { e.serve(store, None).await });
+    tokio::spawn(async move {
+        e.serve(Serving {
+            store,
+            stored: None,
+            tracker: None,
+        })
+        .await
+    });
 }
 
 /// A node holding the manifest and every `keep`-th chunk (from `offset`).

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use starling_core::tracker::{Announce, Tracker};
 use starling_pki::{client_config, server_config, Identity, PkiError};
 use starling_proto::peer::{
-    Frame, Refusal, WireError, ALPN, MAX_CHUNK_BYTES, MAX_HAVE, PROTOCOL_VERSION,
+    Frame, PeerAddr, Refusal, WireError, ALPN, MAX_CHUNK_BYTES, MAX_HAVE, MAX_LIST,
+    MAX_MANIFEST_BYTES, PROTOCOL_VERSION,
 };
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
@@ -53,6 +55,8 @@ pub enum PeerError {
 pub enum FetchError {
     #[error("the peer refused: {0:?}")]
     Refused(Refusal),
+    #[error("the peer does not hold that manifest")]
+    NoManifest,
     #[error("the bytes hash to {actual}, not {expected}")]
     Corrupt {
         expected: ChunkHash,
@@ -96,6 +100,17 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// What an endpoint serves.
+#[derive(Clone)]
+pub struct Serving {
+    pub store: Arc<dyn ChunkStore>,
+    /// Chunks this node stores from now on, announced to peers that want their release.
+    pub stored: Option<broadcast::Sender<ChunkHash>>,
+    /// On a control member: the tracker that `Announce`s feed and `Peers` answers come
+    /// from.
+    pub tracker: Option<Arc<std::sync::Mutex<Tracker>>>,
+}
+
 /// One QUIC endpoint: serves chunks to peers and connects to them.
 pub struct PeerEndpoint {
     endpoint: Endpoint,
@@ -123,18 +138,13 @@ impl PeerEndpoint {
         Ok(self.endpoint.local_addr()?)
     }
 
-    /// Serve `store`'s chunks to every peer that connects, until the endpoint closes.
-    /// A peer that says `Want` hears what `store` holds of that release, and then of
-    /// every chunk sent on `stored` (the chunks this node stores from now on).
-    pub async fn serve(
-        &self,
-        store: Arc<dyn ChunkStore>,
-        stored: Option<broadcast::Sender<ChunkHash>>,
-    ) {
+    /// Serve every peer that connects, until the endpoint closes: chunks and manifests
+    /// from the store; to a `Want`, what the store holds of that release and then every
+    /// chunk sent on `stored`; to an `Announce`, the tracker's `Peers`.
+    pub async fn serve(&self, serving: Serving) {
         let slots = Arc::new(Semaphore::new(self.cfg.upload_slots.max(1)));
         while let Some(incoming) = self.endpoint.accept().await {
-            let (store, slots, me) = (store.clone(), slots.clone(), self.hello());
-            let stored = stored.as_ref().map(broadcast::Sender::subscribe);
+            let (serving, slots, me) = (serving.clone(), slots.clone(), self.hello());
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 // A handshake that fails (no certificate, another CA) ends here.
@@ -145,7 +155,7 @@ impl PeerEndpoint {
                         return;
                     }
                 };
-                if let Err(e) = serve_connection(conn, store, slots, me, stored).await {
+                if let Err(e) = serve_connection(conn, serving, slots, me).await {
                     tracing::debug!(%remote, error = %e, "peer connection ended");
                 }
             });
@@ -180,6 +190,7 @@ impl PeerEndpoint {
             other => return Err(unexpected("Hello", &other)),
         };
         let (tx, haves) = mpsc::unbounded_channel();
+        let (peers_tx, peers) = mpsc::unbounded_channel();
         let reader = conn.clone();
         tokio::spawn(async move {
             // What the peer announces on the control stream, until it ends.
@@ -189,6 +200,9 @@ impl PeerEndpoint {
                         if tx.send((release, chunks)).is_err() {
                             return;
                         }
+                    }
+                    Ok(Frame::Peers { release, peers }) => {
+                        let _ = peers_tx.send((release, peers));
                     }
                     Ok(Frame::Goodbye { .. }) | Err(_) => return,
                     Ok(other) => {
@@ -204,6 +218,7 @@ impl PeerEndpoint {
             remote,
             control: Mutex::new(send),
             haves: Mutex::new(haves),
+            peers: Mutex::new(peers),
         })
     }
 
@@ -219,6 +234,7 @@ pub struct PeerConn {
     pub remote: Remote,
     control: Mutex<SendStream>,
     haves: Mutex<mpsc::UnboundedReceiver<(ReleaseId, Vec<ChunkHash>)>>,
+    peers: Mutex<mpsc::UnboundedReceiver<(ReleaseId, Vec<PeerAddr>)>>,
 }
 
 impl PeerConn {
@@ -231,6 +247,50 @@ impl PeerConn {
     /// The next chunks the peer says it holds; `None` once its control stream ended.
     pub async fn next_have(&self) -> Option<(ReleaseId, Vec<ChunkHash>)> {
         self.haves.lock().await.recv().await
+    }
+
+    /// Tell a control member where this node serves and what it holds or fetches; it
+    /// answers with `Peers` for each release being fetched ([`PeerConn::next_peers`]).
+    pub async fn announce(
+        &self,
+        addr: &str,
+        holds: &[ReleaseId],
+        fetching: &[ReleaseId],
+    ) -> Result<(), PeerError> {
+        let frame = Frame::Announce {
+            addr: addr.to_string(),
+            holds: holds.iter().take(MAX_LIST).copied().collect(),
+            fetching: fetching.iter().take(MAX_LIST).copied().collect(),
+        };
+        let mut send = self.control.lock().await;
+        write_frame(&mut send, &frame).await
+    }
+
+    /// The next peer list a control member sent; `None` once its control stream ended.
+    pub async fn next_peers(&self) -> Option<(ReleaseId, Vec<PeerAddr>)> {
+        self.peers.lock().await.recv().await
+    }
+
+    /// Fetch the manifest of `release` and check that it hashes to the release id.
+    pub async fn fetch_manifest(&self, release: &ReleaseId) -> Result<Vec<u8>, FetchError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
+        write_frame(&mut send, &Frame::GetManifest { release: *release }).await?;
+        send.finish().map_err(stream)?;
+        match timed(read_frame(&mut recv), "an answer").await? {
+            Frame::Manifest { release: r, len } if r == *release && len <= MAX_MANIFEST_BYTES => {
+                let mut bytes = vec![0u8; len as usize];
+                recv.read_exact(&mut bytes).await.map_err(stream)?;
+                if ReleaseId::of(&bytes) != *release {
+                    return Err(FetchError::Corrupt {
+                        expected: ChunkHash::from_bytes(*release.as_bytes()),
+                        actual: ChunkHash::of(&bytes),
+                    });
+                }
+                Ok(bytes)
+            }
+            Frame::NoManifest { release: r } if r == *release => Err(FetchError::NoManifest),
+            other => Err(unexpected("Manifest or NoManifest", &other).into()),
+        }
     }
 
     /// Resolves when the connection closes, for whatever reason.
@@ -303,18 +363,21 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Frame, PeerError> {
 /// Any error closes this connection only.
 async fn serve_connection(
     conn: Connection,
-    store: Arc<dyn ChunkStore>,
+    serving: Serving,
     slots: Arc<Semaphore>,
     me: Frame,
-    stored: Option<broadcast::Receiver<ChunkHash>>,
 ) -> Result<(), PeerError> {
     let (mut send, mut recv) = timed(
         async { conn.accept_bi().await.map_err(PeerError::from) },
         "a control stream",
     )
     .await?;
-    match timed(read_frame(&mut recv), "a hello").await {
-        Ok(Frame::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+    let remote = match timed(read_frame(&mut recv), "a hello").await {
+        Ok(Frame::Hello {
+            version,
+            node,
+            region,
+        }) if version == PROTOCOL_VERSION => Remote { node, region },
         Ok(Frame::Hello { version, .. }) => {
             let bye = Frame::Goodbye {
                 reason: format!("protocol version {version} is not {PROTOCOL_VERSION}"),
@@ -331,18 +394,18 @@ async fn serve_connection(
             conn.close(quinn::VarInt::from_u32(1), b"protocol");
             return Err(e);
         }
-    }
+    };
     write_frame(&mut send, &me).await?;
     tokio::spawn(serve_control(
         conn.clone(),
         send,
         recv,
-        store.clone(),
-        stored,
+        serving.clone(),
+        remote,
     ));
     loop {
         let (send, recv) = conn.accept_bi().await?;
-        let (store, slots, conn) = (store.clone(), slots.clone(), conn.clone());
+        let (store, slots, conn) = (serving.store.clone(), slots.clone(), conn.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_request(send, recv, store, slots).await {
                 // A malformed request ends the connection it came on, nothing else.
@@ -351,6 +414,25 @@ async fn serve_connection(
             }
         });
     }
+}
+
+async fn serve_manifest(
+    mut send: SendStream,
+    store: Arc<dyn ChunkStore>,
+    release: ReleaseId,
+) -> Result<(), PeerError> {
+    let read = tokio::task::spawn_blocking(move || store.get_manifest(&release))
+        .await
+        .map_err(stream)?;
+    match read.ok().filter(|b| b.len() <= MAX_MANIFEST_BYTES as usize) {
+        Some(bytes) => {
+            let len = bytes.len() as u32;
+            write_frame(&mut send, &Frame::Manifest { release, len }).await?;
+            send.write_all(&bytes).await.map_err(stream)?;
+        }
+        None => write_frame(&mut send, &Frame::NoManifest { release }).await?,
+    }
+    send.finish().map_err(stream)
 }
 
 /// What `store` holds of `release`: the chunks of its manifest that are there. Nothing
@@ -375,9 +457,11 @@ async fn serve_control(
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
-    store: Arc<dyn ChunkStore>,
-    mut stored: Option<broadcast::Receiver<ChunkHash>>,
+    serving: Serving,
+    remote: Remote,
 ) {
+    let store = serving.store.clone();
+    let mut stored = serving.stored.as_ref().map(broadcast::Sender::subscribe);
     let mut wanted: Vec<ReleaseId> = Vec::new();
     loop {
         let announced = async {
@@ -399,6 +483,45 @@ async fn serve_control(
                     for batch in held.chunks(MAX_HAVE) {
                         let have = Frame::Have { release, chunks: batch.to_vec() };
                         if write_frame(&mut send, &have).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Frame::Announce { addr, holds, fetching }) if serving.tracker.is_some() => {
+                    let now = std::time::Instant::now();
+                    let answers: Vec<Frame> = {
+                        let Some(tracker) = serving.tracker.as_ref() else { return };
+                        let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                        t.announce(
+                            Announce {
+                                node: remote.node.clone(),
+                                region: remote.region.clone(),
+                                addr,
+                                holds,
+                                fetching: fetching.clone(),
+                            },
+                            now,
+                        );
+                        fetching
+                            .iter()
+                            .map(|release| Frame::Peers {
+                                release: *release,
+                                peers: t
+                                    .peers(&remote.node, &remote.region, release, now)
+                                    .into_iter()
+                                    .take(MAX_LIST)
+                                    .map(|p| PeerAddr {
+                                        node: p.node,
+                                        region: p.region,
+                                        addr: p.addr,
+                                        fetching: p.fetching,
+                                    })
+                                    .collect(),
+                            })
+                            .collect()
+                    };
+                    for frame in answers {
+                        if write_frame(&mut send, &frame).await.is_err() {
                             return;
                         }
                     }
@@ -430,7 +553,8 @@ async fn serve_request(
 ) -> Result<(), PeerError> {
     let chunk = match timed(read_frame(&mut recv), "a request").await? {
         Frame::Get { chunk } => chunk,
-        other => return Err(unexpected("Get", &other)),
+        Frame::GetManifest { release } => return serve_manifest(send, store, release).await,
+        other => return Err(unexpected("Get or GetManifest", &other)),
     };
     let refuse = |why| Frame::Refuse { chunk, why };
     let Ok(_slot) = slots.try_acquire() else {

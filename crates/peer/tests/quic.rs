@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use starling_peer::{FetchError, PeerConfig, PeerEndpoint};
+use starling_peer::{FetchError, PeerConfig, PeerEndpoint, Serving};
 use starling_pki::{client_config, ClusterCa, Identity};
 use starling_proto::peer::{Refusal, ALPN};
 use starling_proto::{ChunkHash, ReleaseId};
@@ -69,7 +69,14 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
     );
     let addr = endpoint.local_addr().unwrap();
     let e = endpoint.clone();
-    tokio::spawn(async move { e.serve(store, None).await });
+    tokio::spawn(async move {
+        e.serve(Serving {
+            store,
+            stored: None,
+            tracker: None,
+        })
+        .await
+    });
     (
         Served {
             addr,
@@ -213,4 +220,63 @@ async fn a_malformed_request_closes_only_its_connection() {
     let me = client(&ca, "eu-1-n1");
     let good = me.connect(served.addr, "origin-1").await.unwrap();
     assert_eq!(good.fetch(&hash).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn manifests_are_fetched_verified_and_the_tracker_answers_announcements() {
+    let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsChunkStore::new(dir.path()).unwrap();
+    let manifest = b"a manifest's bytes".to_vec();
+    let release = ReleaseId::of(&manifest);
+    store.put_manifest(&release, &manifest).unwrap();
+    let tracker = Arc::new(std::sync::Mutex::new(starling_core::tracker::Tracker::new(
+        std::time::Duration::from_secs(30),
+        50,
+    )));
+    let member = Arc::new(
+        PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), config(&ca, "member-1")).unwrap(),
+    );
+    let addr = member.local_addr().unwrap();
+    let m = member.clone();
+    tokio::spawn(async move {
+        m.serve(Serving {
+            store: Arc::new(store),
+            stored: None,
+            tracker: Some(tracker),
+        })
+        .await
+    });
+    let a = client(&ca, "eu-1-a");
+    let conn_a = a.connect(addr, "member-1").await.unwrap();
+    assert_eq!(conn_a.fetch_manifest(&release).await.unwrap(), manifest);
+    match conn_a.fetch_manifest(&ReleaseId::of(b"unknown")).await {
+        Err(FetchError::NoManifest) => {}
+        other => panic!("{other:?}"),
+    }
+    // A holds the release; B, fetching it, is told about A.
+    conn_a
+        .announce("10.0.0.1:7000", &[release], &[])
+        .await
+        .unwrap();
+    let b = client(&ca, "eu-1-b");
+    let conn_b = b.connect(addr, "member-1").await.unwrap();
+    conn_b
+        .announce("10.0.0.2:7000", &[], &[release])
+        .await
+        .unwrap();
+    let (r, peers) = tokio::time::timeout(std::time::Duration::from_secs(10), conn_b.next_peers())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r, release);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        (
+            peers[0].node.as_str(),
+            peers[0].addr.as_str(),
+            peers[0].fetching
+        ),
+        ("eu-1-a", "10.0.0.1:7000", false)
+    );
 }
