@@ -106,6 +106,10 @@ struct ControlArgs {
     /// A connection on which nothing moves this long is closed.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     idle_timeout: std::time::Duration,
+    /// UDP address the member serves the swarm on (the origin store and the tracker over
+    /// QUIC); default: the HTTP listener's address and port, over UDP.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
                 collect_grace: a.collect_grace,
                 origin: a.origin,
                 origin_quota: a.origin_quota,
+                peer_listen: a.peer_listen,
             };
             starling_control::server::run(cfg).await?;
             Ok(())

@@ -99,6 +99,43 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
     let conn = client.connect(addr, "eu-1-n1").await.expect("mutual TLS");
     assert_eq!(conn.remote.node, "eu-1-n1");
 
+    // The member serves the swarm on its HTTP port number over UDP: a node announces
+    // itself there and shows up in GET /v1/nodes.
+    let member_addr = c.members.addr(1);
+    let release = starling_proto::ReleaseId::of(b"some release");
+    let mut announced = false;
+    for _ in 0..100 {
+        if let Ok(m) = client.connect(member_addr, "member-1").await {
+            let a = starling_peer::Announcement {
+                addr: addr.to_string(),
+                holds: vec![release],
+                fetching: vec![],
+                current: Some(release),
+                activated_at: Some(1_700_000_000_000),
+            };
+            m.announce(&a).await.unwrap();
+            announced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(announced, "member 1 never served the swarm");
+    let nodes: Vec<starling_proto::NodeInfo> = c
+        .wait_for_json(1, "/v1/nodes", |n: &Vec<starling_proto::NodeInfo>| {
+            !n.is_empty()
+        })
+        .await;
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        (
+            nodes[0].id.as_str(),
+            nodes[0].region.as_str(),
+            nodes[0].state.as_str()
+        ),
+        ("eu-1-n2", "eu-1", "running")
+    );
+    assert_eq!(nodes[0].release, Some(release));
+
     // A wrong secret, another cluster's token, a malformed one, a bad name.
     let wrong = JoinToken {
         secret: "0".repeat(32),

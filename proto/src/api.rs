@@ -334,3 +334,21 @@ impl std::fmt::Debug for EnrollReply {
         f.debug_struct("EnrollReply").finish_non_exhaustive()
     }
 }
+
+/// `GET /v1/nodes`: a fleet machine as the member answering last heard of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its name (as in its certificate).
+    pub id: String,
+    pub region: String,
+    /// Where it serves chunks.
+    pub address: String,
+    /// The release it runs now.
+    pub release: Option<crate::ReleaseId>,
+    /// `running` (a release is active), `fetching`, or `idle`.
+    pub state: String,
+    /// When it last announced itself (ms since the epoch).
+    pub last_seen: Millis,
+    /// When it switched to `release` (ms since the epoch).
+    pub activated_at: Option<Millis>,
+}

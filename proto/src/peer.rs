@@ -98,6 +98,9 @@ pub enum Frame {
         addr: String,
         holds: Vec<ReleaseId>,
         fetching: Vec<ReleaseId>,
+        /// The release it runs, and since when (ms since the epoch).
+        current: Option<ReleaseId>,
+        activated_at: Option<u64>,
     },
     /// Peers to fetch `release` from: the asker's region first.
     Peers {
@@ -150,6 +153,7 @@ impl Frame {
                 addr,
                 holds,
                 fetching,
+                ..
             } if long(addr) || holds.len() > MAX_LIST || fetching.len() > MAX_LIST => {
                 Err(WireError::Limit("announce over its limits"))
             }
@@ -264,6 +268,8 @@ mod tests {
                 addr: "10.0.0.1:7000".into(),
                 holds: vec![r],
                 fetching: vec![],
+                current: Some(r),
+                activated_at: Some(1),
             },
             Frame::Peers {
                 release: r,

@@ -208,7 +208,8 @@ impl Endpoint {
             ),
             Endpoint::Lease => (Post, "/v1/leases", ByLeader, Write, MAX_API_BODY),
             Endpoint::ListReleases => (Get, "/v1/releases", ByLeader, Public, 0),
-            Endpoint::ListNodes => (Get, "/v1/nodes", ByLeader, Public, 0),
+            // Nodes announce to every member: each answers from its own tracker.
+            Endpoint::ListNodes => (Get, "/v1/nodes", Here, Public, 0),
             Endpoint::Events => (Get, "/v1/events", Here, Public, 0),
             Endpoint::EventsStream => (Get, "/v1/events/stream", Here, Public, 0),
             Endpoint::GithubHook => (Post, "/hooks/github", ByLeader, Public, MAX_WEBHOOK_BODY),

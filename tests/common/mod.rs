@@ -245,6 +245,29 @@ impl Cluster {
             .expect("GET")
     }
 
+    /// GET `path` on member `id` until its JSON satisfies `ok` (at most 20 s).
+    pub async fn wait_for_json<T: serde::de::DeserializeOwned>(
+        &self,
+        id: u64,
+        path: &str,
+        ok: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.get(&format!("{}{path}", self.url(id))).await;
+            if let Ok(v) = r.json::<T>().await {
+                if ok(&v) {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{path} on member {id} did not become what was waited for");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// GET without any token.
     pub async fn get_anon(&self, url: &str) -> reqwest::Response {
         self.http.get(url).send().await.expect("GET")

@@ -51,6 +51,8 @@ pub struct ControlConfig {
     pub origin: Option<String>,
     /// Chunk bytes this member's origin directory may hold (`None`: no limit).
     pub origin_quota: Option<u64>,
+    /// Where the member serves the swarm over QUIC (`None`: the HTTP address, over UDP).
+    pub peer_listen: Option<SocketAddr>,
 }
 
 /// What the HTTP handlers share.
@@ -72,6 +74,8 @@ pub struct Member {
     /// Chunks a worker was lately told are here: the collector spares them.
     pub recent_chunks: std::sync::Mutex<starling_core::retention::RecentChunks>,
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// Which node serves which release: soft state fed by nodes' announcements.
+    pub tracker: Arc<std::sync::Mutex<starling_core::tracker::Tracker>>,
 }
 
 pub fn now_ms() -> Millis {

@@ -106,6 +106,10 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         event_pages: tokio::sync::Semaphore::new(crate::api::PAGE_WORKERS),
         recent_chunks: Default::default(),
         metrics,
+        tracker: Arc::new(std::sync::Mutex::new(starling_core::tracker::Tracker::new(
+            TRACKER_TTL,
+            TRACKER_PEERS,
+        ))),
     });
 
     tracing::info!(id = cfg.id, addr = %bound, %advertise, "control member listening");
@@ -157,6 +161,10 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     ));
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
     tokio::spawn(ensure_cluster_ca(member.clone()));
+    tokio::spawn(serve_swarm(
+        member.clone(),
+        cfg.peer_listen.unwrap_or(bound),
+    ));
 
     tokio::select! {
         served = serve => match served {
@@ -243,6 +251,74 @@ async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
     if joined.is_ok() {
         tracing::info!(id = member.cfg.id, via = %url, "joined the cluster as a voter");
     }
+}
+
+/// Nodes announce every 10 s; one that missed six announcements is forgotten.
+const TRACKER_TTL: Duration = Duration::from_secs(60);
+/// Peers handed out per release and answer.
+const TRACKER_PEERS: usize = 50;
+
+/// Serve this member's origin store and tracker to the swarm over QUIC, once the cluster
+/// CA exists to give the member a certificate (`member-<id>`). A member that cannot bind
+/// the UDP address says so and serves HTTP on.
+async fn serve_swarm(member: Arc<Member>, addr: std::net::SocketAddr) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let ca = loop {
+        tick.tick().await;
+        if let Some(ca) = member.read().cluster_ca().cloned() {
+            break ca;
+        }
+    };
+    let name = format!("member-{}", member.cfg.id);
+    let ca = starling_pki::ClusterCa {
+        name: ca.name,
+        cert_pem: ca.cert_pem,
+        key_pem: ca.key_pem,
+    };
+    let identity = match ca.issue(&name, std::time::SystemTime::now()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "no certificate for the swarm endpoint");
+            return;
+        }
+    };
+    let cfg = starling_peer::PeerConfig {
+        name,
+        region: "origin".into(),
+        ca_cert_pem: ca.cert_pem,
+        identity,
+        upload_slots: 64,
+    };
+    let endpoint = match starling_peer::PeerEndpoint::bind(addr, cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot serve the swarm");
+            return;
+        }
+    };
+    tracing::info!(%addr, "serving the origin store and tracker over QUIC");
+    let tracker = member.tracker.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TRACKER_TTL / 2);
+        loop {
+            tick.tick().await;
+            let forgotten = tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expire(std::time::Instant::now());
+            if forgotten > 0 {
+                tracing::info!(nodes = forgotten, "nodes that stopped announcing forgotten");
+            }
+        }
+    });
+    let store: Arc<dyn starling_release::ChunkStore> = member.origin.clone();
+    endpoint
+        .serve(starling_peer::Serving {
+            store,
+            stored: None,
+            tracker: Some(member.tracker.clone()),
+        })
+        .await;
 }
 
 /// Make the cluster CA once: the first leader that finds none proposes one. Applying

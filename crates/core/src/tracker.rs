@@ -27,6 +27,9 @@ pub struct Announce {
     pub holds: Vec<ReleaseId>,
     /// Releases it is fetching now.
     pub fetching: Vec<ReleaseId>,
+    /// The release it runs, and since when (ms since the epoch).
+    pub current: Option<ReleaseId>,
+    pub activated_at: Option<u64>,
 }
 
 /// A peer handed out for a release.
@@ -149,6 +152,8 @@ mod tests {
             addr: format!("{node}:7000"),
             holds: holds.to_vec(),
             fetching: fetching.to_vec(),
+            current: None,
+            activated_at: None,
         }
     }
 

@@ -100,6 +100,17 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// What a node tells a control member about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announcement {
+    /// Where it serves chunks.
+    pub addr: String,
+    pub holds: Vec<ReleaseId>,
+    pub fetching: Vec<ReleaseId>,
+    pub current: Option<ReleaseId>,
+    pub activated_at: Option<u64>,
+}
+
 /// What an endpoint serves.
 #[derive(Clone)]
 pub struct Serving {
@@ -251,16 +262,13 @@ impl PeerConn {
 
     /// Tell a control member where this node serves and what it holds or fetches; it
     /// answers with `Peers` for each release being fetched ([`PeerConn::next_peers`]).
-    pub async fn announce(
-        &self,
-        addr: &str,
-        holds: &[ReleaseId],
-        fetching: &[ReleaseId],
-    ) -> Result<(), PeerError> {
+    pub async fn announce(&self, a: &Announcement) -> Result<(), PeerError> {
         let frame = Frame::Announce {
-            addr: addr.to_string(),
-            holds: holds.iter().take(MAX_LIST).copied().collect(),
-            fetching: fetching.iter().take(MAX_LIST).copied().collect(),
+            addr: a.addr.clone(),
+            holds: a.holds.iter().take(MAX_LIST).copied().collect(),
+            fetching: a.fetching.iter().take(MAX_LIST).copied().collect(),
+            current: a.current,
+            activated_at: a.activated_at,
         };
         let mut send = self.control.lock().await;
         write_frame(&mut send, &frame).await
@@ -487,7 +495,13 @@ async fn serve_control(
                         }
                     }
                 }
-                Ok(Frame::Announce { addr, holds, fetching }) if serving.tracker.is_some() => {
+                Ok(Frame::Announce {
+                    addr,
+                    holds,
+                    fetching,
+                    current,
+                    activated_at,
+                }) if serving.tracker.is_some() => {
                     let now = std::time::Instant::now();
                     let answers: Vec<Frame> = {
                         let Some(tracker) = serving.tracker.as_ref() else { return };
@@ -499,6 +513,8 @@ async fn serve_control(
                                 addr,
                                 holds,
                                 fetching: fetching.clone(),
+                                current,
+                                activated_at,
                             },
                             now,
                         );

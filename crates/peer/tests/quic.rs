@@ -255,14 +255,21 @@ async fn manifests_are_fetched_verified_and_the_tracker_answers_announcements() 
         other => panic!("{other:?}"),
     }
     // A holds the release; B, fetching it, is told about A.
+    let announce =
+        |addr: &str, holds: Vec<ReleaseId>, fetching: Vec<ReleaseId>| starling_peer::Announcement {
+            addr: addr.into(),
+            holds,
+            fetching,
+            ..Default::default()
+        };
     conn_a
-        .announce("10.0.0.1:7000", &[release], &[])
+        .announce(&announce("10.0.0.1:7000", vec![release], vec![]))
         .await
         .unwrap();
     let b = client(&ca, "eu-1-b");
     let conn_b = b.connect(addr, "member-1").await.unwrap();
     conn_b
-        .announce("10.0.0.2:7000", &[], &[release])
+        .announce(&announce("10.0.0.2:7000", vec![], vec![release]))
         .await
         .unwrap();
     let (r, peers) = tokio::time::timeout(std::time::Duration::from_secs(10), conn_b.next_peers())

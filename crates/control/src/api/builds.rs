@@ -9,8 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, Outcome, QueueOutcome, QueueResult, Repo, RepoSpec,
-    TriggerRequest,
+    commit_id, repo_name, BuildStatus, Command, NodeInfo, Outcome, QueueOutcome, QueueResult, Repo,
+    RepoSpec, TriggerRequest,
 };
 
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
@@ -129,8 +129,31 @@ pub(super) async fn list_releases(
 }
 
 /// Fleet nodes report in through the node-daemon issue; until then the list is empty.
-pub(super) async fn list_nodes() -> Json<Vec<serde_json::Value>> {
-    Json(Vec::new())
+/// The fleet as this member's tracker knows it (nodes announce to every member).
+pub(super) async fn list_nodes(State(m): Shared) -> Json<Vec<NodeInfo>> {
+    let now = std::time::Instant::now();
+    let now_ms = now_ms();
+    let tracker = m.tracker.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes = tracker
+        .nodes(now)
+        .map(|(a, at)| NodeInfo {
+            id: a.node.clone(),
+            region: a.region.clone(),
+            address: a.addr.clone(),
+            release: a.current,
+            state: if !a.fetching.is_empty() {
+                "fetching"
+            } else if a.current.is_some() {
+                "running"
+            } else {
+                "idle"
+            }
+            .to_string(),
+            last_seen: now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64),
+            activated_at: a.activated_at,
+        })
+        .collect();
+    Json(nodes)
 }
 
 /// Queue a build unless it is a known duplicate; 201 for a new build, 200 for a duplicate.
