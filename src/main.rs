@@ -45,6 +45,8 @@ enum Cmd {
     Control(ControlArgs),
     /// Run a build worker: lease builds, run them, publish their releases.
     Worker(WorkerArgs),
+    /// Run a fleet node: fetch the releases of its repositories from the swarm and run them.
+    Node(NodeArgs),
     /// Run the whole system on this machine with embedded defaults and show it working.
     Demo(demo::DemoArgs),
     #[command(flatten)]
@@ -126,6 +128,31 @@ struct WorkerArgs {
     /// UID:GID.
     #[arg(long, default_value = "nobody")]
     build_user: String,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The region this machine is in; peers in it are asked first.
+    #[arg(long)]
+    region: String,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A repository this machine runs (repeat for more).
+    #[arg(long = "repo", required = true)]
+    repos: Vec<String>,
+    /// UDP address it serves chunks to its peers on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// The address peers reach it at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Its name, as in its certificate: lower-case letters, digits and '-' (default: the
+    /// host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Exchanged once for this machine's certificate.
+    #[arg(long, env = "STARLING_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
 }
 
 /// A user name, or `UID:GID`, as the ids builds run under.
@@ -246,6 +273,35 @@ async fn run(cli: Cli) -> Result<()> {
                 peer_listen: a.peer_listen,
             };
             starling_control::server::run(cfg).await?;
+            Ok(())
+        }
+        Cmd::Node(a) => {
+            let client = starling_client::ControlClient::new(&cli.control, token)?;
+            let name = match a.name {
+                Some(n) => n,
+                None => {
+                    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                    host.trim()
+                        .to_ascii_lowercase()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                        .collect()
+                }
+            };
+            let cfg = starling_node::daemon::NodeConfig {
+                name,
+                region: a.region,
+                data_dir: a.data_dir,
+                repos: a
+                    .repos
+                    .iter()
+                    .map(|r| starling_proto::repo_name(r))
+                    .collect::<Result<_, _>>()?,
+                listen: a.listen,
+                advertise: a.advertise,
+                join_token: a.join_token,
+            };
+            starling_node::daemon::run(cfg, client).await?;
             Ok(())
         }
         Cmd::Worker(a) => {

@@ -352,3 +352,13 @@ pub struct NodeInfo {
     /// When it switched to `release` (ms since the epoch).
     pub activated_at: Option<Millis>,
 }
+
+/// `GET /v1/goals?repo=`: what each repository's environments should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoalInfo {
+    pub repo: String,
+    pub env: String,
+    pub release: crate::ReleaseId,
+    /// When it was set (ms since the epoch).
+    pub at: Millis,
+}

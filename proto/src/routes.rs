@@ -135,10 +135,11 @@ pub enum Endpoint {
     Snapshot,
     CreateJoinToken,
     Enroll,
+    ListGoals,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 33] = [
+    pub const ALL: [Endpoint; 34] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -172,6 +173,7 @@ impl Endpoint {
         Endpoint::Snapshot,
         Endpoint::CreateJoinToken,
         Endpoint::Enroll,
+        Endpoint::ListGoals,
     ];
 
     /// The table.
@@ -227,6 +229,7 @@ impl Endpoint {
             Endpoint::CreateJoinToken => (Post, "/v1/join-tokens", ByLeader, Write, MAX_API_BODY),
             // Authenticated by the join token in the body, which is small.
             Endpoint::Enroll => (Post, "/v1/enroll", ByLeader, Public, MAX_ENROLL_BODY),
+            Endpoint::ListGoals => (Get, "/v1/goals", ByLeader, Public, 0),
         };
         Route {
             method,

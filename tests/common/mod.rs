@@ -245,14 +245,14 @@ impl Cluster {
             .expect("GET")
     }
 
-    /// GET `path` on member `id` until its JSON satisfies `ok` (at most 20 s).
+    /// GET `path` on member `id` until its JSON satisfies `ok` (at most 90 s).
     pub async fn wait_for_json<T: serde::de::DeserializeOwned>(
         &self,
         id: u64,
         path: &str,
         ok: impl Fn(&T) -> bool,
     ) -> T {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let r = self.get(&format!("{}{path}", self.url(id))).await;
             if let Ok(v) = r.json::<T>().await {

@@ -13,8 +13,9 @@ use serde::Serialize;
 use starling_proto::routes::Endpoint;
 use starling_proto::{
     ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, EnrollReply, EnrollRequest,
-    Event, HeartbeatReply, HeartbeatRequest, JoinTokenReply, JoinTokenRequest, Lease, LeaseRequest,
-    MissingChunks, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest, MAX_MISSING_QUERY,
+    Event, GoalInfo, HeartbeatReply, HeartbeatRequest, JoinTokenReply, JoinTokenRequest, Lease,
+    LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest,
+    MAX_MISSING_QUERY,
 };
 use starling_proto::{ChunkHash, ReleaseId, WorkerId};
 
@@ -289,6 +290,12 @@ impl ControlClient {
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
         let url = self.url(&Endpoint::RemoveMember.path(&[&id]));
         self.send(self.http.delete(&url), url).await
+    }
+
+    /// What each environment of `repo` (or of every repository) should run.
+    pub async fn goals(&self, repo: Option<&str>) -> Result<Vec<GoalInfo>, ClientError> {
+        self.get(&Endpoint::ListGoals.path(&[]), &[("repo", repo)])
+            .await
     }
 
     /// A join token valid for `ttl`.

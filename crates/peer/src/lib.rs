@@ -301,6 +301,15 @@ impl PeerConn {
         }
     }
 
+    /// Whether the connection is still up.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
     /// Resolves when the connection closes, for whatever reason.
     pub async fn closed(&self) {
         self.conn.closed().await;

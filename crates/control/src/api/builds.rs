@@ -9,8 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, NodeInfo, Outcome, QueueOutcome, QueueResult, Repo,
-    RepoSpec, TriggerRequest,
+    commit_id, repo_name, BuildStatus, Command, GoalInfo, NodeInfo, Outcome, QueueOutcome,
+    QueueResult, Repo, RepoSpec, TriggerRequest,
 };
 
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
@@ -129,6 +129,34 @@ pub(super) async fn list_releases(
 }
 
 /// Fleet nodes report in through the node-daemon issue; until then the list is empty.
+#[derive(Deserialize, Default)]
+pub(super) struct GoalQuery {
+    repo: Option<String>,
+    #[serde(default)]
+    stale: Option<String>,
+}
+
+/// Every goal, or one repository's.
+pub(super) async fn list_goals(
+    State(m): Shared,
+    Query(q): Query<GoalQuery>,
+) -> Result<Json<Vec<GoalInfo>>, ApiErr> {
+    linearize(&m, &ReadOpts { stale: q.stale }).await?;
+    let repo = q.repo.as_deref().map(repo_name).transpose()?;
+    let goals = m
+        .read()
+        .goals()
+        .filter(|g| repo.as_ref().is_none_or(|r| &g.repo == r))
+        .map(|g| GoalInfo {
+            repo: g.repo.clone(),
+            env: g.env.clone(),
+            release: g.release,
+            at: g.at,
+        })
+        .collect();
+    Ok(Json(goals))
+}
+
 /// The fleet as this member's tracker knows it (nodes announce to every member).
 pub(super) async fn list_nodes(State(m): Shared) -> Json<Vec<NodeInfo>> {
     let now = std::time::Instant::now();

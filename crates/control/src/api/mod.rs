@@ -188,6 +188,7 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::Snapshot => on(m, raft_rpc::force_snapshot),
         Endpoint::CreateJoinToken => on(m, enroll::create_join_token),
         Endpoint::Enroll => on(m, enroll::enroll),
+        Endpoint::ListGoals => on(m, builds::list_goals),
     }
 }
 

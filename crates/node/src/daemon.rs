@@ -1,0 +1,340 @@
+//! `starling node`: one fleet machine. It enrols once (a join token for a certificate),
+//! serves the chunks it holds to its peers, announces itself to every control member,
+//! and for each of its repositories fetches the release the goal names — from peers in
+//! its region first, other regions next, the origin last — unpacks it, switches to it and
+//! says so in its next announcement.
+//!
+//! Not yet: running the repository's start and health commands, reporting failures as
+//! such, keeping only the last releases, and long-polling the goal instead of asking
+//! every two seconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use starling_client::ControlClient;
+use starling_peer::{Announcement, PeerConfig, PeerConn, PeerEndpoint, Serving};
+use starling_pki::Identity;
+use starling_proto::join_token::JoinToken;
+use starling_proto::release::Manifest;
+use starling_proto::{ChunkHash, EnrollRequest, ReleaseId};
+use starling_release::unpack::{activate, current, unpack};
+use starling_release::{ChunkStore, FsChunkStore};
+use starling_swarm::{FetchConfig, Source};
+use tokio::sync::broadcast;
+
+use crate::fetcher::{fetch_release, SourceSpec};
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Its name: a DNS label, the name in its certificate.
+    pub name: String,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub repos: Vec<String>,
+    /// UDP address it serves chunks on.
+    pub listen: SocketAddr,
+    /// The address peers reach it at (default: `listen`).
+    pub advertise: Option<String>,
+    pub join_token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("enrolment: {0}")]
+    Enrol(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("chunk store: {0}")]
+    Store(#[from] starling_release::ReleaseError),
+    #[error("swarm endpoint: {0}")]
+    Peer(#[from] starling_peer::PeerError),
+}
+
+/// Enrol (once) and keep the certificate under `<data-dir>/identity`.
+async fn identity(
+    cfg: &NodeConfig,
+    control: &ControlClient,
+) -> Result<(Identity, String), NodeError> {
+    let dir = cfg.data_dir.join("identity");
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    if let (Ok(c), Ok(k), Ok(a)) = (
+        std::fs::read_to_string(&cert),
+        std::fs::read_to_string(&key),
+        std::fs::read_to_string(&ca),
+    ) {
+        return Ok((
+            Identity {
+                cert_pem: c,
+                key_pem: k,
+            },
+            a,
+        ));
+    }
+    let text = cfg.join_token.as_deref().ok_or_else(|| {
+        NodeError::Enrol("no certificate yet and no join token (STARLING_JOIN_TOKEN)".into())
+    })?;
+    let token = JoinToken::parse(text)
+        .ok_or_else(|| NodeError::Enrol("the join token is malformed".into()))?;
+    let req = EnrollRequest {
+        token: text.to_string(),
+        name: cfg.name.clone(),
+        region: cfg.region.clone(),
+    };
+    let reply = control
+        .enroll(&req)
+        .await
+        .map_err(|e| NodeError::Enrol(e.to_string()))?;
+    let fp = starling_pki::fingerprint(&reply.ca_cert_pem)
+        .map_err(|e| NodeError::Enrol(e.to_string()))?;
+    if fp != token.ca_fingerprint {
+        return Err(NodeError::Enrol(
+            "the control plane's CA is not the one the join token names".into(),
+        ));
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::write(&key, &reply.key_pem)?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(&cert, &reply.cert_pem)?;
+    std::fs::write(&ca, &reply.ca_cert_pem)?;
+    tracing::info!(node = %cfg.name, "enrolled");
+    Ok((
+        Identity {
+            cert_pem: reply.cert_pem,
+            key_pem: reply.key_pem,
+        },
+        reply.ca_cert_pem,
+    ))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where a repository's releases live on this node.
+fn repo_root(data_dir: &Path, repo: &str) -> PathBuf {
+    data_dir.join("apps").join(repo.replace('/', "__"))
+}
+
+/// The control members' swarm endpoints: each member's HTTP address, over UDP, named
+/// `member-<id>`.
+async fn origins(control: &ControlClient) -> Vec<(String, SocketAddr)> {
+    let Ok(cluster) = control.cluster().await else {
+        return Vec::new();
+    };
+    cluster
+        .members
+        .iter()
+        .filter_map(|m| {
+            let addr = m.addr.parse().ok()?;
+            Some((format!("member-{}", m.id), addr))
+        })
+        .collect()
+}
+
+/// Run the node until the process ends.
+pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeError> {
+    let (identity, ca_cert_pem) = identity(&cfg, &control).await?;
+    let store = Arc::new(FsChunkStore::new(cfg.data_dir.join("chunks"))?);
+    let endpoint = Arc::new(PeerEndpoint::bind(
+        cfg.listen,
+        PeerConfig {
+            name: cfg.name.clone(),
+            region: cfg.region.clone(),
+            ca_cert_pem,
+            identity,
+            upload_slots: 16,
+        },
+    )?);
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| {
+        endpoint
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    });
+    let (stored, _) = broadcast::channel(4096);
+    {
+        let (endpoint, store, stored) = (endpoint.clone(), store.clone(), stored.clone());
+        tokio::spawn(async move {
+            endpoint
+                .serve(Serving {
+                    store,
+                    stored: Some(stored),
+                    tracker: None,
+                })
+                .await
+        });
+    }
+    tracing::info!(node = %cfg.name, region = %cfg.region, %advertise, "node serving");
+    let mut members: BTreeMap<String, Arc<PeerConn>> = BTreeMap::new();
+    let mut activated: BTreeMap<String, (ReleaseId, u64)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_announce = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        tick.tick().await;
+        // Reach every member's swarm endpoint (they come and go).
+        for (name, addr) in origins(&control).await {
+            if members.get(&name).is_some_and(|c| c.is_open()) {
+                continue;
+            }
+            match endpoint.connect(addr, &name).await {
+                Ok(c) => {
+                    members.insert(name, Arc::new(c));
+                }
+                Err(e) => {
+                    tracing::debug!(member = %name, error = %e, "cannot reach the member's swarm endpoint")
+                }
+            }
+        }
+        let goals = control.goals(None).await.unwrap_or_default();
+        for repo in &cfg.repos {
+            let Some(goal) = goals.iter().find(|g| &g.repo == repo && g.env == "default") else {
+                continue;
+            };
+            let root = repo_root(&cfg.data_dir, repo);
+            if current(&root) == Some(goal.release) {
+                continue;
+            }
+            match deploy(
+                &cfg,
+                &endpoint,
+                &members,
+                &store,
+                &stored,
+                &advertise,
+                &root,
+                goal.release,
+            )
+            .await
+            {
+                Ok(()) => {
+                    activated.insert(repo.clone(), (goal.release, now_ms()));
+                    tracing::info!(%repo, release = %goal.release, "release active");
+                    last_announce = std::time::Instant::now() - Duration::from_secs(60);
+                }
+                Err(e) => {
+                    tracing::warn!(%repo, release = %goal.release, error = %e, "deploying failed; retrying")
+                }
+            }
+        }
+        if last_announce.elapsed() >= Duration::from_secs(10) {
+            let held: Vec<ReleaseId> = activated.values().map(|(r, _)| *r).collect();
+            let a = Announcement {
+                addr: advertise.clone(),
+                holds: held.clone(),
+                fetching: Vec::new(),
+                current: held.first().copied(),
+                activated_at: activated.values().map(|(_, at)| *at).next(),
+            };
+            for c in members.values() {
+                let _ = c.announce(&a).await;
+            }
+            last_announce = std::time::Instant::now();
+        }
+    }
+}
+
+/// Fetch, unpack and switch to `release` under `root`.
+#[allow(clippy::too_many_arguments)]
+async fn deploy(
+    cfg: &NodeConfig,
+    endpoint: &Arc<PeerEndpoint>,
+    members: &BTreeMap<String, Arc<PeerConn>>,
+    store: &Arc<FsChunkStore>,
+    stored: &broadcast::Sender<ChunkHash>,
+    advertise: &str,
+    root: &Path,
+    release: ReleaseId,
+) -> Result<(), String> {
+    // Where to fetch from: what the tracker says, and the origins.
+    let fetching = Announcement {
+        addr: advertise.to_string(),
+        fetching: vec![release],
+        ..Default::default()
+    };
+    let mut sources: Vec<SourceSpec> = Vec::new();
+    for conn in members.values() {
+        if conn.announce(&fetching).await.is_ok() {
+            if let Ok(Some((r, peers))) =
+                tokio::time::timeout(Duration::from_secs(5), conn.next_peers()).await
+            {
+                if r == release {
+                    for p in peers {
+                        if sources.iter().any(|s| s.name == p.node) {
+                            continue;
+                        }
+                        let Ok(addr) = p.addr.parse() else { continue };
+                        let source = if p.region == cfg.region {
+                            Source::SameRegion
+                        } else {
+                            Source::OtherRegion
+                        };
+                        sources.push(SourceSpec {
+                            name: p.node,
+                            addr,
+                            source,
+                            fetching: p.fetching,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let mut manifest_bytes = None;
+    for (name, conn) in members {
+        match conn.fetch_manifest(&release).await {
+            Ok(b) => {
+                manifest_bytes = Some(b);
+                break;
+            }
+            Err(e) => tracing::debug!(member = %name, error = %e, "no manifest from this member"),
+        }
+    }
+    let bytes = manifest_bytes.ok_or("no member has the release's manifest")?;
+    let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+    for (name, conn) in members {
+        sources.push(SourceSpec {
+            name: name.clone(),
+            addr: conn.remote_addr(),
+            source: Source::Origin,
+            fetching: false,
+        });
+    }
+    let report = fetch_release(
+        endpoint.clone(),
+        &cfg.name,
+        release,
+        &manifest,
+        sources,
+        store.clone() as Arc<dyn ChunkStore>,
+        Some(stored.clone()),
+        FetchConfig::default(),
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(%release, received = ?report.received, dropped = report.dropped.len(), "release fetched");
+    let dest = root.join("releases").join(release.to_hex());
+    if !dest.exists() {
+        std::fs::create_dir_all(root.join("releases")).map_err(|e| e.to_string())?;
+        let store = store.clone();
+        let m = manifest.clone();
+        let d = dest.clone();
+        tokio::task::spawn_blocking(move || unpack(&m, store.as_ref(), &d))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    activate(root, &release).map_err(|e| e.to_string())
+}
