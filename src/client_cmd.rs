@@ -33,6 +33,19 @@ pub enum ClientCmd {
     /// Control-plane membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Make a release the goal of a repository's nodes.
+    Deploy {
+        repo: String,
+        #[arg(long)]
+        release: String,
+        /// How nodes switch: all-at-once (waves come with rollouts).
+        #[arg(long, default_value = "all-at-once")]
+        strategy: String,
+        #[arg(long, default_value = "default")]
+        env: String,
+    },
+    /// The fleet: how many nodes in each region run which release.
+    Status,
     /// Tokens new nodes exchange for their certificates.
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCmd),
@@ -258,6 +271,36 @@ last lines of its output:"
                 return print_json(&rels);
             }
             println!("{}", tables::releases(&rels).trim_fmt());
+        }
+        ClientCmd::Deploy {
+            repo,
+            release,
+            strategy,
+            env,
+        } => {
+            let release = starling_proto::ReleaseId::parse(&release)?;
+            let goal = c
+                .deploy(&starling_proto::DeployRequest {
+                    repo,
+                    release,
+                    env,
+                    strategy,
+                })
+                .await?;
+            if json {
+                return print_json(&goal);
+            }
+            println!(
+                "{} ({}) now goes to release {}",
+                goal.repo, goal.env, goal.release
+            );
+        }
+        ClientCmd::Status => {
+            let nodes = c.nodes().await?;
+            if json {
+                return print_json(&nodes);
+            }
+            println!("{}", tables::fleet(&nodes).trim_fmt());
         }
         ClientCmd::JoinToken(JoinTokenCmd::Create { ttl }) => {
             let reply = c.create_join_token(ttl).await?;

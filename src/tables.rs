@@ -2,7 +2,7 @@
 //! turns records into a [`Table`]; nothing here talks to the control plane.
 
 use comfy_table::{presets, CellAlignment, Table};
-use starling_proto::{Build, ClusterStatus, Release, Repo};
+use starling_proto::{Build, ClusterStatus, NodeInfo, Release, Repo};
 
 /// A borderless table with a header, like `kubectl get`.
 fn table(header: &[&str]) -> Table {
@@ -95,6 +95,26 @@ pub fn releases(rels: &[Release]) -> Table {
             r.build.to_string(),
             state.to_string(),
         ]);
+    }
+    numbers(&mut t, &[3]);
+    t
+}
+
+/// Per region and release, how many nodes run it (and how many are fetching or idle).
+pub fn fleet(nodes: &[NodeInfo]) -> Table {
+    let mut counts: std::collections::BTreeMap<(String, String, String), usize> =
+        std::collections::BTreeMap::new();
+    for n in nodes {
+        let release = n
+            .release
+            .map_or_else(|| "-".into(), |r| short(&r.to_hex()).to_string());
+        *counts
+            .entry((n.region.clone(), release, n.state.clone()))
+            .or_default() += 1;
+    }
+    let mut t = table(&["REGION", "RELEASE", "STATE", "NODES"]);
+    for ((region, release, state), n) in counts {
+        t.add_row(vec![region, release, state, n.to_string()]);
     }
     numbers(&mut t, &[3]);
     t

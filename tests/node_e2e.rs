@@ -34,9 +34,20 @@ async fn a_push_ends_up_running_on_every_node() {
     std::fs::create_dir_all(&work).unwrap();
     git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(work.join("index.html"), "<h1>hello fleet</h1>\n").unwrap();
+    // 3 MB that do not compress into one chunk, the same in every build.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let blob: Vec<u8> = (0..3_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(work.join("blob"), blob).unwrap();
     std::fs::write(
         work.join("starling.toml"),
-        "[build]\ncommand = \"mkdir -p dist && cp index.html dist/ && head -c 3000000 /dev/urandom > dist/blob\"\noutput = \"dist\"\n",
+        "[build]\ncommand = \"mkdir -p dist && cp index.html blob dist/\"\noutput = \"dist\"\n",
     )
     .unwrap();
     git(&work, &["add", "."]);
@@ -129,13 +140,82 @@ async fn a_push_ends_up_running_on_every_node() {
         )
         .unwrap();
         assert_eq!(page, "<h1>hello fleet</h1>\n", "{name}");
-        let log = std::fs::read_to_string(c.dir.path().join(format!("{name}.log"))).unwrap();
-        eprintln!(
-            "{name}: {}",
-            log.lines()
-                .filter(|l| l.contains("release fetched"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
     }
+    let held = |name: &str| count_files(&c.dir.path().join(name).join("chunks/chunks"));
+    let before: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
+
+    // A second commit changes one small file: each node fetches about one chunk.
+    std::fs::write(work.join("index.html"), "<h1>hello again</h1>\n").unwrap();
+    git(&work, &["commit", "-q", "-am", "second"]);
+    let sha2 = git(&work, &["rev-parse", "HEAD"]);
+    let (body, sig) = github_push("acme/web", "main", &sha2, SECRET);
+    let r = send_github(&c.http, &c.url(1), "push", "d-2", body, &sig)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let second: Build = c
+        .wait_for_json(1, "/v1/builds/2", |b: &Build| b.status.is_terminal())
+        .await;
+    let release2 = second.release.expect("a second release");
+    c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+        n.len() == 4 && n.iter().all(|x| x.release == Some(release2))
+    })
+    .await;
+    for (i, (name, _)) in nodes.iter().enumerate() {
+        let new = held(name) - before[i];
+        eprintln!(
+            "{name}: {} chunks for the first release, {new} more for the second",
+            before[i]
+        );
+        assert!(
+            new <= 2,
+            "{name} fetched {new} chunks for a one-file change"
+        );
+        assert!(before[i] >= 2, "{name} held {} chunks", before[i]);
+    }
+
+    // Back to the first release with starling deploy: the nodes hold it, nothing moves.
+    let after: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["--control", &c.url(2), "deploy", "acme/web", "--release"])
+        .arg(release.to_string())
+        .args(["--strategy", "all-at-once"])
+        .env("STARLING_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+        n.len() == 4 && n.iter().all(|x| x.release == Some(release))
+    })
+    .await;
+    let again: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
+    assert_eq!(after, again, "a rollback moved chunks");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["--control", &c.url(3), "status"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("eu") && text.contains("us") && text.contains("running"),
+        "{text}"
+    );
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        count_files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }

@@ -362,3 +362,24 @@ pub struct GoalInfo {
     /// When it was set (ms since the epoch).
     pub at: Millis,
 }
+
+/// `POST /v1/deploys`: make `release` the goal of `repo`'s environment `env`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub repo: String,
+    pub release: crate::ReleaseId,
+    #[serde(default = "default_env")]
+    pub env: String,
+    /// Only `all-at-once` so far: every node of the repository switches when it has
+    /// the release. Waves come with rollouts.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+}
+
+fn default_env() -> String {
+    "default".into()
+}
+
+fn default_strategy() -> String {
+    "all-at-once".into()
+}

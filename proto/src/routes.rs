@@ -136,10 +136,11 @@ pub enum Endpoint {
     CreateJoinToken,
     Enroll,
     ListGoals,
+    Deploy,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 34] = [
+    pub const ALL: [Endpoint; 35] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -174,6 +175,7 @@ impl Endpoint {
         Endpoint::CreateJoinToken,
         Endpoint::Enroll,
         Endpoint::ListGoals,
+        Endpoint::Deploy,
     ];
 
     /// The table.
@@ -230,6 +232,7 @@ impl Endpoint {
             // Authenticated by the join token in the body, which is small.
             Endpoint::Enroll => (Post, "/v1/enroll", ByLeader, Public, MAX_ENROLL_BODY),
             Endpoint::ListGoals => (Get, "/v1/goals", ByLeader, Public, 0),
+            Endpoint::Deploy => (Post, "/v1/deploys", ByLeader, Write, MAX_API_BODY),
         };
         Route {
             method,

@@ -12,10 +12,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use starling_proto::routes::Endpoint;
 use starling_proto::{
-    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, EnrollReply, EnrollRequest,
-    Event, GoalInfo, HeartbeatReply, HeartbeatRequest, JoinTokenReply, JoinTokenRequest, Lease,
-    LeaseRequest, MissingChunks, QueueOutcome, Release, Repo, RepoSpec, TriggerRequest,
-    MAX_MISSING_QUERY,
+    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, DeployRequest, EnrollReply,
+    EnrollRequest, Event, GoalInfo, HeartbeatReply, HeartbeatRequest, JoinTokenReply,
+    JoinTokenRequest, Lease, LeaseRequest, MissingChunks, NodeInfo, QueueOutcome, Release, Repo,
+    RepoSpec, TriggerRequest, MAX_MISSING_QUERY,
 };
 use starling_proto::{ChunkHash, ReleaseId, WorkerId};
 
@@ -296,6 +296,16 @@ impl ControlClient {
     pub async fn goals(&self, repo: Option<&str>) -> Result<Vec<GoalInfo>, ClientError> {
         self.get(&Endpoint::ListGoals.path(&[]), &[("repo", repo)])
             .await
+    }
+
+    /// Make `req.release` the goal of `req.repo`'s environment.
+    pub async fn deploy(&self, req: &DeployRequest) -> Result<GoalInfo, ClientError> {
+        self.post(&Endpoint::Deploy.path(&[]), req).await
+    }
+
+    /// The fleet as the member answering knows it.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.get(&Endpoint::ListNodes.path(&[]), &()).await
     }
 
     /// A join token valid for `ttl`.

@@ -9,8 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, GoalInfo, NodeInfo, Outcome, QueueOutcome,
-    QueueResult, Repo, RepoSpec, TriggerRequest,
+    commit_id, repo_name, BuildStatus, Command, DeployRequest, GoalInfo, NodeInfo, Outcome,
+    QueueOutcome, QueueResult, Repo, RepoSpec, TriggerRequest,
 };
 
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
@@ -155,6 +155,40 @@ pub(super) async fn list_goals(
         })
         .collect();
     Ok(Json(goals))
+}
+
+/// Set a goal: every node of the repository switches to the release once it holds it.
+pub(super) async fn deploy(
+    State(m): Shared,
+    headers: HeaderMap,
+    Json(req): Json<DeployRequest>,
+) -> Result<Response, ApiErr> {
+    if req.strategy != "all-at-once" {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("strategy {:?}: only all-at-once so far", req.strategy),
+        ));
+    }
+    let repo = repo_name(&req.repo)?;
+    let env = starling_proto::env_name(&req.env)?;
+    let at = now_ms();
+    let cmd = Command::SetGoal {
+        repo: repo.clone(),
+        env: env.clone(),
+        release: req.release,
+        at,
+    };
+    match m.propose_once(cmd, request_id(&headers)?).await? {
+        Outcome::Release(_) => Ok(Json(GoalInfo {
+            repo,
+            env,
+            release: req.release,
+            at,
+        })
+        .into_response()),
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// The fleet as this member's tracker knows it (nodes announce to every member).

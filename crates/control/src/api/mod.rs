@@ -189,6 +189,7 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::CreateJoinToken => on(m, enroll::create_join_token),
         Endpoint::Enroll => on(m, enroll::enroll),
         Endpoint::ListGoals => on(m, builds::list_goals),
+        Endpoint::Deploy => on(m, builds::deploy),
     }
 }
 
