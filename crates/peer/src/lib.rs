@@ -122,6 +122,27 @@ pub struct Serving {
     pub tracker: Option<Arc<std::sync::Mutex<Tracker>>>,
 }
 
+/// Socket buffers to ask for: a window of packets at 1 Gbit/s does not fit the kernel's
+/// usual 208 KiB. The kernel caps the request at `net.core.{r,w}mem_max`.
+const UDP_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with buffers as large as the kernel allows up to
+/// [`UDP_BUFFER`].
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, PeerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer is slower, not wrong.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
+}
+
 /// One QUIC endpoint: serves chunks to peers and connects to them.
 pub struct PeerEndpoint {
     endpoint: Endpoint,
@@ -135,7 +156,14 @@ impl PeerEndpoint {
             QuicServerConfig::try_from(tls).map_err(|e| PeerError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport());
-        let mut endpoint = Endpoint::server(server, addr)?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| PeerError::Config("no async runtime".into()))?;
+        let mut endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            udp_socket(addr)?,
+            runtime,
+        )?;
         let tls = client_config(&cfg.ca_cert_pem, &cfg.identity, ALPN)?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| PeerError::Config(e.to_string()))?;
