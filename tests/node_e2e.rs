@@ -186,13 +186,15 @@ async fn a_push_ends_up_running_on_every_node() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
-        n.len() == 4 && n.iter().all(|x| x.release == Some(release))
+        n.len() == 4
+            && n.iter()
+                .all(|x| x.release == Some(release) && x.state == "running")
     })
     .await;
     let again: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
     assert_eq!(after, again, "a rollback moved chunks");
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(3), "status"])
+        .args(["--control", &c.url(1), "status"])
         .output()
         .await
         .unwrap();

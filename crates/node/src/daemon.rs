@@ -206,13 +206,14 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             if current(&root) == Some(goal.release) {
                 continue;
             }
+            let me = announcement(&advertise, &activated);
             match deploy(
                 &cfg,
                 &endpoint,
                 &members,
                 &store,
                 &stored,
-                &advertise,
+                &me,
                 &root,
                 goal.release,
             )
@@ -229,20 +230,71 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             }
         }
         if last_announce.elapsed() >= Duration::from_secs(10) {
-            let held: Vec<ReleaseId> = activated.values().map(|(r, _)| *r).collect();
-            let a = Announcement {
-                addr: advertise.clone(),
-                holds: held.clone(),
-                fetching: Vec::new(),
-                current: held.first().copied(),
-                activated_at: activated.values().map(|(_, at)| *at).next(),
-            };
+            let a = announcement(&advertise, &activated);
             for c in members.values() {
                 let _ = c.announce(&a).await;
             }
             last_announce = std::time::Instant::now();
         }
     }
+}
+
+/// What this node says about itself: where it serves, what it runs and holds. (One
+/// repository's release is `current` in the tracker's view; a node of several
+/// repositories shows the first.)
+fn announcement(advertise: &str, activated: &BTreeMap<String, (ReleaseId, u64)>) -> Announcement {
+    let holds: Vec<ReleaseId> = activated.values().map(|(r, _)| *r).collect();
+    Announcement {
+        addr: advertise.to_string(),
+        current: holds.first().copied(),
+        activated_at: activated.values().map(|(_, at)| *at).next(),
+        holds,
+        fetching: Vec::new(),
+    }
+}
+
+/// Tell every member this node is fetching `release`; the peers their trackers name.
+async fn ask_trackers(
+    region: &str,
+    members: &BTreeMap<String, Arc<PeerConn>>,
+    me: &Announcement,
+    release: ReleaseId,
+) -> Vec<SourceSpec> {
+    let fetching = Announcement {
+        fetching: vec![release],
+        ..me.clone()
+    };
+    let mut sources: Vec<SourceSpec> = Vec::new();
+    for conn in members.values() {
+        if conn.announce(&fetching).await.is_err() {
+            continue;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(5), conn.next_peers()).await;
+        let Ok(Some((r, peers))) = answer else {
+            continue;
+        };
+        if r != release {
+            continue;
+        }
+        for p in peers {
+            let Ok(addr) = p.addr.parse() else { continue };
+            if sources.iter().any(|s| s.name == p.node) {
+                continue;
+            }
+            let source = if p.region == region {
+                Source::SameRegion
+            } else {
+                Source::OtherRegion
+            };
+            sources.push(SourceSpec {
+                name: p.node,
+                addr,
+                source,
+                fetching: p.fetching,
+            });
+        }
+    }
+    sources
 }
 
 /// Fetch, unpack and switch to `release` under `root`.
@@ -253,44 +305,28 @@ async fn deploy(
     members: &BTreeMap<String, Arc<PeerConn>>,
     store: &Arc<FsChunkStore>,
     stored: &broadcast::Sender<ChunkHash>,
-    advertise: &str,
+    me: &Announcement,
     root: &Path,
     release: ReleaseId,
 ) -> Result<(), String> {
-    // Where to fetch from: what the tracker says, and the origins.
-    let fetching = Announcement {
-        addr: advertise.to_string(),
-        fetching: vec![release],
-        ..Default::default()
-    };
-    let mut sources: Vec<SourceSpec> = Vec::new();
-    for conn in members.values() {
-        if conn.announce(&fetching).await.is_ok() {
-            if let Ok(Some((r, peers))) =
-                tokio::time::timeout(Duration::from_secs(5), conn.next_peers()).await
-            {
-                if r == release {
-                    for p in peers {
-                        if sources.iter().any(|s| s.name == p.node) {
-                            continue;
-                        }
-                        let Ok(addr) = p.addr.parse() else { continue };
-                        let source = if p.region == cfg.region {
-                            Source::SameRegion
-                        } else {
-                            Source::OtherRegion
-                        };
-                        sources.push(SourceSpec {
-                            name: p.node,
-                            addr,
-                            source,
-                            fetching: p.fetching,
-                        });
+    // Where to fetch from: what the trackers say now, and again every few seconds while
+    // the fetch runs (peers that start later join it), and the origins.
+    let mut sources = ask_trackers(&cfg.region, members, me, release).await;
+    let (more_tx, more) = tokio::sync::mpsc::unbounded_channel();
+    // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
+    let refresher = {
+        let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                for s in ask_trackers(&region, &members, &me, release).await {
+                    if more_tx.send(s).is_err() {
+                        return;
                     }
                 }
             }
-        }
-    }
+        })
+    };
     let mut manifest_bytes = None;
     for (name, conn) in members {
         match conn.fetch_manifest(&release).await {
@@ -317,13 +353,15 @@ async fn deploy(
         release,
         &manifest,
         sources,
+        more,
         store.clone() as Arc<dyn ChunkStore>,
         Some(stored.clone()),
         FetchConfig::default(),
         Duration::from_secs(60),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await;
+    refresher.abort();
+    let report = report.map_err(|e| e.to_string())?;
     tracing::info!(%release, received = ?report.received, dropped = report.dropped.len(), "release fetched");
     let dest = root.join("releases").join(release.to_hex());
     if !dest.exists() {

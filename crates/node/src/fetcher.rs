@@ -60,9 +60,10 @@ enum Event {
     Refused(PeerId, ChunkHash),
 }
 
-/// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`. Each
-/// stored chunk is sent on `stored`, so that the node's server announces it at once.
-/// Fails if nothing happens for `stall`.
+/// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
+/// the peers that arrive on `more` meanwhile (the tracker's later answers; one already
+/// known is ignored). Each stored chunk is sent on `stored`, so that the node's server
+/// announces it at once. Fails if nothing happens for `stall`.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_release(
     endpoint: Arc<PeerEndpoint>,
@@ -70,6 +71,7 @@ pub async fn fetch_release(
     release: ReleaseId,
     manifest: &Manifest,
     sources: Vec<SourceSpec>,
+    mut more: mpsc::UnboundedReceiver<SourceSpec>,
     store: Arc<dyn ChunkStore>,
     stored: Option<broadcast::Sender<ChunkHash>>,
     cfg: FetchConfig,
@@ -92,10 +94,7 @@ pub async fn fetch_release(
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut names: HashMap<PeerId, String> = HashMap::new();
     let mut kinds: HashMap<PeerId, (Source, bool)> = HashMap::new();
-    for (n, s) in sources.into_iter().enumerate() {
-        let id = PeerId(n as u64);
-        names.insert(id, s.name.clone());
-        kinds.insert(id, (s.source, s.fetching));
+    let connect = |id: PeerId, s: SourceSpec| {
         let (endpoint, tx) = (endpoint.clone(), tx.clone());
         tokio::spawn(async move {
             match endpoint.connect(s.addr, &s.name).await {
@@ -118,6 +117,15 @@ pub async fn fetch_release(
                 }
             }
         });
+    };
+    for s in sources {
+        if names.values().any(|n| *n == s.name) {
+            continue;
+        }
+        let id = PeerId(names.len() as u64);
+        names.insert(id, s.name.clone());
+        kinds.insert(id, (s.source, s.fetching));
+        connect(id, s);
     }
     let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
     let mut requests: HashMap<(PeerId, ChunkHash), AbortHandle> = HashMap::new();
@@ -196,6 +204,15 @@ pub async fn fetch_release(
         };
         let event = tokio::select! {
             e = rx.recv() => e,
+            Some(s) = more.recv() => {
+                if !names.values().any(|n| *n == s.name) {
+                    let id = PeerId(names.len() as u64);
+                    names.insert(id, s.name.clone());
+                    kinds.insert(id, (s.source, s.fetching));
+                    connect(id, s);
+                }
+                continue;
+            }
             _ = timer => {
                 fetch.handle_timeout(Instant::now().into_std());
                 continue;

@@ -158,6 +158,7 @@ async fn run(corrupt_neighbour: bool) {
         id,
         &manifest,
         sources,
+        tokio::sync::mpsc::unbounded_channel().1,
         mine.clone(),
         Some(stored),
         cfg,
