@@ -38,18 +38,8 @@ async fn enroll(c: &Cluster, via: u64, token: &str, name: &str) -> reqwest::Resp
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
     let c = Cluster::start(3, &[]).await;
-    // The CA is made by the first leader right after it starts.
-    c.wait_until(
-        "a join token can be made",
-        Duration::from_secs(30),
-        async |c| {
-            c.post(1, "/v1/join-tokens", &json!({}))
-                .await
-                .status()
-                .is_success()
-        },
-    )
-    .await;
+    // The first leader makes the CA right after it starts.
+    c.wait_for_cluster_ca().await;
     let t = token(&c, "1h").await;
     let parsed = JoinToken::parse(&t).expect("a well-formed token");
 

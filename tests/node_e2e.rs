@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -76,18 +75,8 @@ async fn a_push_ends_up_running_on_every_node() {
     assert_eq!(built.status, BuildStatus::Succeeded, "{built:?}");
     let release = built.release.expect("a release");
 
-    // A join token, once the CA exists (the first leader makes it at start).
-    c.wait_until(
-        "the cluster CA exists",
-        Duration::from_secs(30),
-        async |c| {
-            c.post(1, "/v1/join-tokens", &json!({}))
-                .await
-                .status()
-                .is_success()
-        },
-    )
-    .await;
+    // The first leader makes the CA right after it starts.
+    c.wait_for_cluster_ca().await;
     let v: serde_json::Value = c
         .post(1, "/v1/join-tokens", &json!({}))
         .await

@@ -245,6 +245,21 @@ impl Cluster {
             .expect("GET")
     }
 
+    /// Wait until the first leader has made the cluster CA (a join token can be made).
+    pub async fn wait_for_cluster_ca(&self) {
+        self.wait_until(
+            "the cluster CA exists",
+            Duration::from_secs(30),
+            async |c| {
+                c.post(1, "/v1/join-tokens", &serde_json::json!({}))
+                    .await
+                    .status()
+                    .is_success()
+            },
+        )
+        .await;
+    }
+
     /// GET `path` on member `id` until its JSON satisfies `ok` (at most 90 s).
     pub async fn wait_for_json<T: serde::de::DeserializeOwned>(
         &self,

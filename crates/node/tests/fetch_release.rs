@@ -17,29 +17,6 @@ use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore, Rel
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 
-/// A store that serves every chunk with its first byte flipped (a test-only fault).
-struct Corrupting(FsChunkStore);
-
-impl ChunkStore for Corrupting {
-    fn has_chunk(&self, h: &ChunkHash) -> Result<bool, ReleaseError> {
-        self.0.has_chunk(h)
-    }
-    fn put_chunk(&self, h: &ChunkHash, b: &[u8]) -> Result<(), ReleaseError> {
-        self.0.put_chunk(h, b)
-    }
-    fn get_chunk(&self, h: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
-        let mut b = self.0.get_chunk(h)?;
-        b[0] ^= 0xff;
-        Ok(b)
-    }
-    fn put_manifest(&self, id: &ReleaseId, b: &[u8]) -> Result<(), ReleaseError> {
-        self.0.put_manifest(id, b)
-    }
-    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
-        self.0.get_manifest(id)
-    }
-}
-
 /// A release of a few MiB of random files in small chunks, in an origin store.
 fn make_release(dir: &Path) -> (FsChunkStore, ReleaseId, Manifest) {
     let out = dir.join("out");
@@ -117,7 +94,7 @@ async fn run(corrupt_neighbour: bool) {
         endpoint(&ca, "us-1-b"),
     );
     let a: Arc<dyn ChunkStore> = if corrupt_neighbour {
-        Arc::new(Corrupting(a))
+        Arc::new(starling_release::store::Corrupting(a))
     } else {
         Arc::new(a)
     };

@@ -23,29 +23,6 @@ fn config(ca: &ClusterCa, name: &str) -> PeerConfig {
     }
 }
 
-/// A store that serves every chunk with its first byte flipped (a test-only fault).
-struct Corrupting(FsChunkStore);
-
-impl ChunkStore for Corrupting {
-    fn has_chunk(&self, h: &ChunkHash) -> Result<bool, ReleaseError> {
-        self.0.has_chunk(h)
-    }
-    fn put_chunk(&self, h: &ChunkHash, b: &[u8]) -> Result<(), ReleaseError> {
-        self.0.put_chunk(h, b)
-    }
-    fn get_chunk(&self, h: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
-        let mut b = self.0.get_chunk(h)?;
-        b[0] ^= 0xff;
-        Ok(b)
-    }
-    fn put_manifest(&self, id: &ReleaseId, b: &[u8]) -> Result<(), ReleaseError> {
-        self.0.put_manifest(id, b)
-    }
-    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
-        self.0.get_manifest(id)
-    }
-}
-
 struct Served {
     addr: SocketAddr,
     _endpoint: Arc<PeerEndpoint>,
@@ -60,7 +37,7 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
     let hash = ChunkHash::of(&bytes);
     store.put_chunk(&hash, &bytes).unwrap();
     let store: Arc<dyn ChunkStore> = if corrupt {
-        Arc::new(Corrupting(store))
+        Arc::new(starling_release::store::Corrupting(store))
     } else {
         Arc::new(store)
     };

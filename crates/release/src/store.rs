@@ -338,3 +338,31 @@ impl OriginStore for FsChunkStore {
         Some(self.used.load(Ordering::Relaxed))
     }
 }
+
+/// A store that hands out every chunk with its first byte flipped: the peer that serves
+/// corrupt data in the swarm's tests. Only in test builds (feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub struct Corrupting<S>(pub S);
+
+#[cfg(feature = "fault-injection")]
+impl<S: ChunkStore> ChunkStore for Corrupting<S> {
+    fn has_chunk(&self, h: &ChunkHash) -> Result<bool, ReleaseError> {
+        self.0.has_chunk(h)
+    }
+    fn put_chunk(&self, h: &ChunkHash, b: &[u8]) -> Result<(), ReleaseError> {
+        self.0.put_chunk(h, b)
+    }
+    fn get_chunk(&self, h: &ChunkHash) -> Result<Vec<u8>, ReleaseError> {
+        let mut b = self.0.get_chunk(h)?;
+        if let Some(first) = b.first_mut() {
+            *first ^= 0xff;
+        }
+        Ok(b)
+    }
+    fn put_manifest(&self, id: &ReleaseId, b: &[u8]) -> Result<(), ReleaseError> {
+        self.0.put_manifest(id, b)
+    }
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
+        self.0.get_manifest(id)
+    }
+}
