@@ -109,8 +109,8 @@ mod tests {
         ] {
             assert!(repo_name(bad).is_err(), "{bad:?} was accepted");
         }
-        assert!(repo_name(&"a/".repeat(8).trim_end_matches('/').to_string()).is_ok());
-        assert!(repo_name(&"a/".repeat(9).trim_end_matches('/').to_string()).is_err());
+        assert!(repo_name("a/".repeat(8).trim_end_matches('/')).is_ok());
+        assert!(repo_name("a/".repeat(9).trim_end_matches('/')).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use starling_peer::{PeerConfig, PeerEndpoint, Serving};
 use starling_pki::ClusterCa;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
-use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore, ReleaseError};
+use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 

@@ -11,7 +11,7 @@ use starling_peer::{FetchError, PeerConfig, PeerEndpoint, Serving};
 use starling_pki::{client_config, ClusterCa, Identity};
 use starling_proto::peer::{Refusal, ALPN};
 use starling_proto::{ChunkHash, ReleaseId};
-use starling_release::{ChunkStore, FsChunkStore, ReleaseError};
+use starling_release::{ChunkStore, FsChunkStore};
 
 fn config(ca: &ClusterCa, name: &str) -> PeerConfig {
     PeerConfig {

@@ -241,32 +241,6 @@ impl ChunkStore for PackStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pack_round_trips_and_removes_its_file() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("staging/b1.pack");
-        let pack = PackStore::create(&path).unwrap();
-        let (a, b) = (ChunkHash::of(b"first"), ChunkHash::of(b"second chunk"));
-        assert!(!pack.has_chunk(&a).unwrap());
-        pack.put_chunk(&a, b"first").unwrap();
-        pack.put_chunk(&b, b"second chunk").unwrap();
-        assert!(pack.has_chunk(&a).unwrap());
-        assert_eq!(pack.get_chunk(&b).unwrap(), b"second chunk");
-        assert_eq!(pack.get_chunk(&a).unwrap(), b"first");
-        assert!(pack.get_chunk(&ChunkHash::of(b"absent")).is_err());
-        let m = ReleaseId::of(b"m");
-        pack.put_manifest(&m, b"m").unwrap();
-        assert_eq!(pack.get_manifest(&m).unwrap(), b"m");
-        assert!(path.exists());
-        drop(pack);
-        assert!(!path.exists(), "a dropped pack leaves its file behind");
-    }
-}
-
 impl ChunkStore for FsChunkStore {
     fn has_chunk(&self, hash: &ChunkHash) -> Result<bool, ReleaseError> {
         let p = self.chunk_path(hash);
@@ -364,5 +338,31 @@ impl<S: ChunkStore> ChunkStore for Corrupting<S> {
     }
     fn get_manifest(&self, id: &ReleaseId) -> Result<Vec<u8>, ReleaseError> {
         self.0.get_manifest(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_round_trips_and_removes_its_file() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("staging/b1.pack");
+        let pack = PackStore::create(&path).unwrap();
+        let (a, b) = (ChunkHash::of(b"first"), ChunkHash::of(b"second chunk"));
+        assert!(!pack.has_chunk(&a).unwrap());
+        pack.put_chunk(&a, b"first").unwrap();
+        pack.put_chunk(&b, b"second chunk").unwrap();
+        assert!(pack.has_chunk(&a).unwrap());
+        assert_eq!(pack.get_chunk(&b).unwrap(), b"second chunk");
+        assert_eq!(pack.get_chunk(&a).unwrap(), b"first");
+        assert!(pack.get_chunk(&ChunkHash::of(b"absent")).is_err());
+        let m = ReleaseId::of(b"m");
+        pack.put_manifest(&m, b"m").unwrap();
+        assert_eq!(pack.get_manifest(&m).unwrap(), b"m");
+        assert!(path.exists());
+        drop(pack);
+        assert!(!path.exists(), "a dropped pack leaves its file behind");
     }
 }

@@ -7,6 +7,9 @@
 //! crosses into each remote region about once, the origin serves each chunk about once
 //! per region, and a corrupting peer is cut off without stopping anyone.
 
+// Nodes are addressed by index throughout (node k asks node j): index loops read best.
+#![allow(clippy::needless_range_loop)]
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::time::{Duration, Instant};
@@ -26,6 +29,9 @@ struct Node {
     upload_free_at: Instant,
     done_at: Option<Instant>,
 }
+
+/// A chunk on its way: (arrival time, sequence, receiver, sender, chunk index).
+type Arrival = (Instant, u64, usize, usize, usize);
 
 struct Model {
     regions: usize,
@@ -98,8 +104,7 @@ fn run(m: &Model) -> Outcome {
         };
         nodes[k].fetch.handle_peer(t0, origin);
     }
-    // (arrival time, sequence, receiver, sender, chunk index)
-    let mut arrivals: BinaryHeap<Reverse<(Instant, u64, usize, usize, usize)>> = BinaryHeap::new();
+    let mut arrivals: BinaryHeap<Reverse<Arrival>> = BinaryHeap::new();
     let mut seq = 0u64;
     let mut wan_in = vec![0u64; m.regions];
     let mut origin_sent = 0u64;
