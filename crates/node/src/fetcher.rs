@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use starling_peer::{FetchError, PeerConn, PeerEndpoint};
+use starling_proto::peer::Refusal;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
@@ -58,6 +59,7 @@ enum Event {
     Arrived(PeerId, ChunkHash),
     Corrupt(PeerId, ChunkHash),
     Refused(PeerId, ChunkHash),
+    Busy(PeerId, ChunkHash),
 }
 
 /// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
@@ -160,6 +162,7 @@ pub async fn fetch_release(
                                 }
                             }
                             Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, chunk),
+                            Err(FetchError::Refused(Refusal::Busy)) => Event::Busy(peer, chunk),
                             Err(FetchError::Refused(_) | FetchError::NoManifest) => {
                                 Event::Refused(peer, chunk)
                             }
@@ -251,6 +254,10 @@ pub async fn fetch_release(
             Event::Refused(id, chunk) => {
                 requests.remove(&(id, chunk));
                 fetch.handle_refused(now, id, &chunk);
+            }
+            Event::Busy(id, chunk) => {
+                requests.remove(&(id, chunk));
+                fetch.handle_busy(now, id, &chunk);
             }
         }
     }

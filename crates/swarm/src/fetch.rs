@@ -302,6 +302,20 @@ impl Fetch {
         self.schedule(now);
     }
 
+    /// `peer` holds `chunk` but has no upload slot free: ask someone else first, and this
+    /// peer again only if nobody else can.
+    pub fn handle_busy(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
+        let Some(&i) = self.index.get(chunk) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight.remove(&i);
+        }
+        self.asked[i].remove(&peer);
+        self.late[i].insert(peer);
+        self.schedule(now);
+    }
+
     /// The connection to `peer` ended: what it was asked is asked of others.
     pub fn handle_peer_gone(&mut self, now: Instant, peer: PeerId) {
         self.forget(peer);
@@ -810,6 +824,33 @@ mod tests {
             f.handle_have(t0, PeerId(id), &cs);
         }
         assert_eq!(requests(&drain(&mut f)).len(), 10);
+    }
+
+    #[test]
+    fn a_busy_peer_keeps_its_chunks_and_others_are_asked_first() {
+        let t0 = Instant::now();
+        let cs = chunks(1);
+        // No endgame: one request at a time shows who is asked.
+        let cfg = FetchConfig {
+            endgame_chunks: 0,
+            ..FetchConfig::default()
+        };
+        let mut f = alone(&cs, cfg, t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_have(t0, PeerId(1), &cs);
+        assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), cs[0])]);
+        // Busy: asked again (nobody else has it), not forgotten as a holder.
+        f.handle_busy(t0, PeerId(1), &cs[0]);
+        assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), cs[0])]);
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_have(t0, PeerId(2), &cs);
+        drain(&mut f);
+        f.handle_busy(t0, PeerId(1), &cs[0]);
+        let next = requests(&drain(&mut f));
+        assert!(
+            !next.is_empty() && next.iter().all(|(p, _)| *p == PeerId(2)),
+            "{next:?}"
+        );
     }
 
     #[test]
