@@ -4,9 +4,9 @@
 //! its region first, other regions next, the origin last — unpacks it, switches to it and
 //! says so in its next announcement.
 //!
-//! Not yet: running the repository's start and health commands, reporting failures as
-//! such, keeping only the last releases, and long-polling the goal instead of asking
-//! every two seconds.
+//! It keeps the last three releases unpacked. Not yet: running the repository's start
+//! and health commands, reporting failures as such, a disk budget for the chunk store,
+//! and long-polling the goal instead of asking every two seconds.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use starling_pki::Identity;
 use starling_proto::join_token::JoinToken;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, EnrollRequest, ReleaseId};
-use starling_release::unpack::{activate, current, unpack};
+use starling_release::unpack::{activate, current, prune, unpack};
 use starling_release::{ChunkStore, FsChunkStore};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
@@ -374,5 +374,17 @@ async fn deploy(
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    activate(root, &release).map_err(|e| e.to_string())
+    activate(root, &release).map_err(|e| e.to_string())?;
+    // The active release and the two before it stay, for instant rollbacks.
+    match prune(root, KEEP_RELEASES) {
+        Ok(gone) if !gone.is_empty() => {
+            tracing::info!(releases = gone.len(), "old releases removed")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing old releases failed"),
+    }
+    Ok(())
 }
+
+/// Unpacked releases a node keeps per repository.
+const KEEP_RELEASES: usize = 3;

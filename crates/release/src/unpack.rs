@@ -205,6 +205,40 @@ pub fn activate(root: &Path, id: &ReleaseId) -> Result<(), ReleaseError> {
         .map_err(|e| ReleaseError::io(root, e))
 }
 
+/// Remove unpacked releases under `<root>/releases` beyond the `keep` newest (by when they
+/// were unpacked), never the one `current` points to. The ids removed.
+pub fn prune(root: &Path, keep: usize) -> Result<Vec<ReleaseId>, ReleaseError> {
+    let dir = root.join("releases");
+    let active = current(root);
+    let mut all: Vec<(std::time::SystemTime, ReleaseId)> = Vec::new();
+    for e in fs::read_dir(&dir).map_err(|e| ReleaseError::io(&dir, e))? {
+        let e = e.map_err(|e| ReleaseError::io(&dir, e))?;
+        let Some(id) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| ReleaseId::parse(n).ok())
+        else {
+            continue;
+        };
+        let at = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(|err| ReleaseError::io(&e.path(), err))?;
+        all.push((at, id));
+    }
+    all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut removed = Vec::new();
+    for (_, id) in all.into_iter().skip(keep) {
+        if Some(id) == active {
+            continue;
+        }
+        let path = dir.join(id.to_hex());
+        fs::remove_dir_all(&path).map_err(|e| ReleaseError::io(&path, e))?;
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
 /// The release `<root>/current` points to, if any.
 pub fn current(root: &Path) -> Option<ReleaseId> {
     let link = fs::read_link(root.join("current")).ok()?;
@@ -270,6 +304,21 @@ mod tests {
         // Unpacking into an existing directory is refused, and leaves it alone.
         assert!(unpack(&manifest, &store, &dest).is_err());
         assert!(dest.join("index.html").exists());
+
+        // Pruning keeps the newest and the active one.
+        let others: Vec<ReleaseId> = (0..4u8).map(|i| ReleaseId::of(&[i])).collect();
+        for (n, id) in others.iter().enumerate() {
+            let d = root.join("releases").join(id.to_hex());
+            fs::create_dir_all(&d).unwrap();
+            let at =
+                std::time::SystemTime::now() + std::time::Duration::from_secs(10 * (n as u64 + 1));
+            fs::File::open(&d).unwrap().set_modified(at).unwrap();
+        }
+        let removed = prune(&root, 2).unwrap();
+        // Newest first: others[3], others[2] kept; the active release stays too.
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(removed.contains(&others[0]) && removed.contains(&others[1]));
+        assert!(dest.exists(), "the active release was pruned");
     }
 
     #[test]
