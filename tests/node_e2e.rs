@@ -192,6 +192,49 @@ async fn a_push_ends_up_running_on_every_node() {
         text.contains("eu") && text.contains("us") && text.contains("running"),
         "{text}"
     );
+
+    // A node killed and started again keeps its certificate and says at once what it runs
+    // (from its new address: the old one's announcement is still in the tracker).
+    let before: Vec<NodeInfo> = c.get_json(&format!("{}/v1/nodes", c.url(1))).await;
+    let old_address = before
+        .iter()
+        .find(|x| x.id == "eu-1")
+        .map(|x| x.address.clone())
+        .expect("eu-1 is known");
+    let mut eu1 = children.remove(0);
+    eu1.kill().await.unwrap();
+    let _eu1 = spawn(
+        &c,
+        &[
+            "node",
+            "--name",
+            "eu-1",
+            "--region",
+            "eu",
+            "--data-dir",
+            "eu-1",
+            "--repo",
+            "acme/web",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "eu-1.again.log",
+        &[],
+    );
+    c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+        n.iter().any(|x| {
+            x.id == "eu-1"
+                && x.address != old_address
+                && x.release == Some(release)
+                && x.state == "running"
+        }) && n.len() == 4
+    })
+    .await;
+    let log = std::fs::read_to_string(c.dir.path().join("eu-1.again.log")).unwrap();
+    assert!(
+        !log.contains("enrolled"),
+        "the restarted node enrolled again"
+    );
 }
 
 fn count_files(dir: &std::path::Path) -> usize {

@@ -47,6 +47,8 @@ pub struct NodeConfig {
 pub enum NodeError {
     #[error("enrolment: {0}")]
     Enrol(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("chunk store: {0}")]
@@ -122,6 +124,35 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The address peers reach this node at when none was given: the listener's, or, if it
+/// listens on every interface, the local address this machine uses to reach the control
+/// plane (asking the kernel's routing table; no packet is sent), with the listener's port.
+fn default_advertise(listen: SocketAddr, control_url: &str) -> Result<String, NodeError> {
+    if !listen.ip().is_unspecified() {
+        return Ok(listen.to_string());
+    }
+    let host = control_url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let target = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            NodeError::Enrol(format!(
+                "cannot tell this node's address from {control_url}; give --advertise"
+            ))
+        })?;
+    let probe = std::net::UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    probe.connect(target)?;
+    Ok(SocketAddr::new(probe.local_addr()?.ip(), listen.port()).to_string())
+}
+
 /// Where a repository's releases live on this node.
 fn repo_root(data_dir: &Path, repo: &str) -> PathBuf {
     data_dir.join("apps").join(repo.replace('/', "__"))
@@ -157,12 +188,10 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             upload_slots: 16,
         },
     )?);
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| {
-        endpoint
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
-    });
+    let advertise = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => default_advertise(endpoint.local_addr()?, control.base())?,
+    };
     let (stored, _) = broadcast::channel(4096);
     {
         let (endpoint, store, stored) = (endpoint.clone(), store.clone(), stored.clone());
@@ -178,7 +207,21 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     }
     tracing::info!(node = %cfg.name, region = %cfg.region, %advertise, "node serving");
     let mut members: BTreeMap<String, Arc<PeerConn>> = BTreeMap::new();
-    let mut activated: BTreeMap<String, (ReleaseId, u64)> = BTreeMap::new();
+    // What runs already (the node restarted): announced as such from the start.
+    let mut activated: BTreeMap<String, (ReleaseId, u64)> = cfg
+        .repos
+        .iter()
+        .filter_map(|repo| {
+            let root = repo_root(&cfg.data_dir, repo);
+            let id = current(&root)?;
+            let since = std::fs::symlink_metadata(root.join("current"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64);
+            Some((repo.clone(), (id, since)))
+        })
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_announce = std::time::Instant::now() - Duration::from_secs(60);
     loop {
@@ -197,7 +240,13 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 }
             }
         }
-        let goals = control.goals(None).await.unwrap_or_default();
+        let goals = match control.goals(None).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the goals failed; trying again");
+                continue;
+            }
+        };
         for repo in &cfg.repos {
             let Some(goal) = goals.iter().find(|g| &g.repo == repo && g.env == "default") else {
                 continue;
@@ -388,3 +437,23 @@ async fn deploy(
 
 /// Unpacked releases a node keeps per repository.
 const KEEP_RELEASES: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_advertises_the_address_that_reaches_the_control_plane() {
+        let specific: SocketAddr = "127.0.0.1:7401".parse().unwrap();
+        assert_eq!(
+            default_advertise(specific, "http://10.9.9.9:1").unwrap(),
+            "127.0.0.1:7401"
+        );
+        let any: SocketAddr = "0.0.0.0:7400".parse().unwrap();
+        assert_eq!(
+            default_advertise(any, "http://127.0.0.1:7001").unwrap(),
+            "127.0.0.1:7400"
+        );
+        assert!(default_advertise(any, "not a url").is_err());
+    }
+}
