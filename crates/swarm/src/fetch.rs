@@ -48,7 +48,10 @@ pub struct PeerInfo {
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Requests in flight to one peer.
+    /// Requests in flight to one peer. Two keep a peer busy across a round trip while
+    /// the rest go to other peers; in the swarm simulation, 2 instead of 4 brought the
+    /// 3×4 and 3×8 cases from 1.53× and 1.82× of the fluid bound to 1.38× and 1.61×
+    /// (a long queue at one uploader delays chunks others could be passing on).
     pub per_peer: usize,
     /// Requests in flight in all.
     pub total: usize,
@@ -70,7 +73,7 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
-            per_peer: 4,
+            per_peer: 2,
             total: 32,
             request_timeout: Duration::from_secs(20),
             cross_region_patience: Duration::from_secs(30),
@@ -625,7 +628,11 @@ mod tests {
         let mut cs = chunks(4);
         cs.push(cs[0]);
         let held = cs[1];
-        let mut f = Fetch::new(FetchConfig::default(), "me", &cs, |c| *c == held, t0);
+        let cfg = FetchConfig {
+            per_peer: 8,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::new(cfg, "me", &cs, |c| *c == held, t0);
         assert_eq!(f.missing(), 3);
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
         let asked = requests(&drain(&mut f));
@@ -816,6 +823,7 @@ mod tests {
         let cs = chunks(10);
         let cfg = FetchConfig {
             total: 10,
+            per_peer: 4,
             ..FetchConfig::default()
         };
         let mut f = alone(&cs, cfg, t0);
