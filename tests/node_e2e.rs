@@ -6,25 +6,9 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 use serde_json::json;
 use starling_proto::{Build, BuildStatus, NodeInfo};
-
-fn spawn(c: &Cluster, args: &[&str], log: &str, env: &[(&str, &str)]) -> tokio::process::Child {
-    let log = std::fs::File::create(c.dir.path().join(log)).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(1)])
-        .args(args)
-        .current_dir(c.dir.path())
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_ends_up_running_on_every_node() {
@@ -58,8 +42,7 @@ async fn a_push_ends_up_running_on_every_node() {
         }))
         .await;
     assert_eq!(r.status().as_u16(), 201);
-    let _worker = spawn(
-        &c,
+    let _worker = c.spawn_starling(
         &["worker", "--name", "w1", "--data-dir", "w1"],
         "w1.log",
         &[("STARLING_TOKEN", TOKEN)],
@@ -93,8 +76,7 @@ async fn a_push_ends_up_running_on_every_node() {
     ];
     let mut children = Vec::new();
     for (name, region) in nodes {
-        children.push(spawn(
-            &c,
+        children.push(c.spawn_starling(
             &[
                 "node",
                 "--name",
@@ -203,8 +185,7 @@ async fn a_push_ends_up_running_on_every_node() {
         .expect("eu-1 is known");
     let mut eu1 = children.remove(0);
     eu1.kill().await.unwrap();
-    let _eu1 = spawn(
-        &c,
+    let _eu1 = c.spawn_starling(
         &[
             "node",
             "--name",

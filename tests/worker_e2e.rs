@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -58,25 +57,16 @@ fn spawn_worker(c: &Cluster, name: &str) -> tokio::process::Child {
 /// A worker whose data directory is given relative to its working directory, as in the
 /// README.
 fn spawn_worker_with(c: &Cluster, name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
-    let log = std::fs::File::create(c.dir.path().join(format!("{name}.log"))).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args([
-            "--control",
-            &c.url(1),
-            "worker",
-            "--name",
-            name,
-            "--data-dir",
-            name,
-        ])
-        .current_dir(c.dir.path())
-        .env("STARLING_TOKEN", TOKEN)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    // The caller's environment comes last and wins.
+    let env: Vec<(&str, &str)> = [("STARLING_TOKEN", TOKEN)]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    c.spawn_starling(
+        &["worker", "--name", name, "--data-dir", name],
+        &format!("{name}.log"),
+        &env,
+    )
 }
 
 async fn add_repo(c: &Cluster, work: &Path) {

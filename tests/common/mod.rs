@@ -245,6 +245,22 @@ impl Cluster {
             .expect("GET")
     }
 
+    /// Run `starling --control <member 1> ARGS` in the cluster's directory, its standard
+    /// error in `log` there; killed when dropped.
+    pub fn spawn_starling(&self, args: &[&str], log: &str, env: &[(&str, &str)]) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(log)).expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["--control", &self.url(1)])
+            .args(args)
+            .current_dir(self.dir.path())
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn starling")
+    }
+
     /// Wait until the first leader has made the cluster CA (a join token can be made).
     pub async fn wait_for_cluster_ca(&self) {
         self.wait_until(

@@ -122,6 +122,15 @@ impl Member {
         }
     }
 
+    /// The cluster CA, once the first leader made it.
+    pub fn cluster_ca(&self) -> Option<starling_pki::ClusterCa> {
+        self.read().cluster_ca().map(|r| starling_pki::ClusterCa {
+            name: r.name.clone(),
+            cert_pem: r.cert_pem.clone(),
+            key_pem: r.key_pem.clone(),
+        })
+    }
+
     /// Remember that a worker was lately told of, or named, these chunks.
     pub fn chunks_confirmed(&self, hashes: &[starling_proto::ChunkHash]) {
         self.recent_chunks

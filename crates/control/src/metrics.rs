@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use starling_core::state::ControlState;
-use starling_proto::{BuildStatus, EventKind};
+use starling_proto::{BuildStatus, Event, EventKind};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
@@ -221,22 +221,23 @@ impl ControlMetrics {
         self.proposal_seconds.observe(took.as_secs_f64());
     }
 
-    /// A batch of `entries` was applied in `took`, expiring `leases_expired` leases; the
-    /// events from `events_from` on are new.
+    /// A batch of `entries` was applied in `took`, expiring `leases_expired` leases and
+    /// adding `new_events` to `state`.
     pub fn applied(
         &self,
         entries: usize,
         leases_expired: usize,
         state: &ControlState,
-        events_from: Option<u64>,
+        new_events: &[Event],
         took: Duration,
     ) {
         self.apply_seconds.observe(took.as_secs_f64());
         self.applied_entries.inc_by(entries as u64);
         self.lease_expiries.inc_by(leases_expired as u64);
-        let Some(from) = events_from else { return };
-        let new = state.events_after(from.saturating_sub(1), usize::MAX);
-        for e in new.iter().filter(|e| e.kind == EventKind::BuildCompleted) {
+        for e in new_events
+            .iter()
+            .filter(|e| e.kind == EventKind::BuildCompleted)
+        {
             let status = e.status.unwrap_or(BuildStatus::Failed);
             self.builds_finished
                 .get_or_create(&StatusLabels {

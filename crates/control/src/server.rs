@@ -265,16 +265,11 @@ async fn serve_swarm(member: Arc<Member>, addr: std::net::SocketAddr) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let ca = loop {
         tick.tick().await;
-        if let Some(ca) = member.read().cluster_ca().cloned() {
+        if let Some(ca) = member.cluster_ca() {
             break ca;
         }
     };
     let name = format!("member-{}", member.cfg.id);
-    let ca = starling_pki::ClusterCa {
-        name: ca.name,
-        cert_pem: ca.cert_pem,
-        key_pem: ca.key_pem,
-    };
     let identity = match ca.issue(&name, std::time::SystemTime::now()) {
         Ok(id) => id,
         Err(e) => {
@@ -338,12 +333,11 @@ async fn ensure_cluster_ca(member: Arc<Member>) {
             starling_pki::ClusterCa::generate(&name, std::time::SystemTime::now())
         })
         .await;
-        let ca = match made {
-            Ok(Ok(ca)) => ca,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "making the cluster CA failed");
-                continue;
-            }
+        let ca = match made
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok(ca) => ca,
             Err(e) => {
                 tracing::error!(error = %e, "making the cluster CA failed");
                 continue;

@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use starling_proto::{CaRecord, Outcome, Release};
+use starling_proto::{CaRecord, Event, Outcome, Release};
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::ControlMetrics;
@@ -429,7 +429,8 @@ impl StateMachineStore {
         txn.delete_table(CLUSTER).map_err(io::Error::other)?;
         txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
         let state = ControlState::from_records(records);
-        Rows::encode(&state, &all_touched(state.records()))?.write(&txn)?;
+        let events = state.events_after(0, usize::MAX);
+        Rows::encode(&state, &all_touched(state.records()), &events)?.write(&txn)?;
         {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
             m.insert(K_APPLIED, enc(&meta.last_log_id)?.as_slice())
@@ -569,7 +570,8 @@ struct Rows {
 impl Rows {
     /// Encode the records named in `touched`. Runs under the state lock, so it only
     /// serializes; the write happens later without the lock.
-    fn encode(state: &ControlState, touched: &Touched) -> io::Result<Rows> {
+    /// `new_events` are the events from `touched.events_from` on.
+    fn encode(state: &ControlState, touched: &Touched, new_events: &[Event]) -> io::Result<Rows> {
         let r = state.records();
         let mut rows = Rows::default();
         for k in &touched.repos {
@@ -582,10 +584,8 @@ impl Rows {
                 rows.builds.push((*k, enc(v)?));
             }
         }
-        if let Some(from) = touched.events_from {
-            for e in state.events_after(from - 1, usize::MAX) {
-                rows.events.push((e.index, enc(&e)?));
-            }
+        for e in new_events {
+            rows.events.push((e.index, enc(e)?));
         }
         for k in &touched.releases {
             if let Some(v) = r.releases.get(k) {
@@ -694,12 +694,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 responders.push((r, outcome));
             }
         }
-        let (rows, events_from) = {
+        let (rows, last_event) = {
             let mut st = self.write_state();
             let touched = st.take_touched();
-            (Rows::encode(&st, &touched)?, touched.events_from)
+            // Read once, for the rows and for the metrics.
+            let new_events = touched
+                .events_from
+                .map(|from| st.events_after(from - 1, usize::MAX))
+                .unwrap_or_default();
+            let rows = Rows::encode(&st, &touched, &new_events)?;
+            self.metrics.applied(
+                entries_applied,
+                leases_expired,
+                &st,
+                &new_events,
+                started.elapsed(),
+            );
+            (rows, new_events.last().map(|e| e.index))
         };
-        let new_events = events_from.is_some();
         let write = SmWrite::Rows {
             rows: Box::new(rows),
             applied: enc(&self.last_applied)?,
@@ -708,17 +720,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.writer
             .send(write)
             .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
-        if new_events {
-            let last = self.read_state().last_event_index();
+        if let Some(last) = last_event {
             self.events_tx.send_replace(last);
         }
-        self.metrics.applied(
-            entries_applied,
-            leases_expired,
-            &self.read_state(),
-            events_from,
-            started.elapsed(),
-        );
         for (r, outcome) in responders {
             r.send(outcome);
         }

@@ -62,6 +62,16 @@ enum Event {
     Busy(PeerId, ChunkHash),
 }
 
+/// Number `s` if no source of its name is known yet; the id it gets.
+fn add_source(known: &mut HashMap<PeerId, SourceSpec>, s: &SourceSpec) -> Option<PeerId> {
+    if known.values().any(|k| k.name == s.name) {
+        return None;
+    }
+    let id = PeerId(known.len() as u64);
+    known.insert(id, s.clone());
+    Some(id)
+}
+
 /// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
 /// the peers that arrive on `more` meanwhile (the tracker's later answers; one already
 /// known is ignored). Each stored chunk is sent on `stored`, so that the node's server
@@ -94,8 +104,8 @@ pub async fn fetch_release(
         )
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let mut names: HashMap<PeerId, String> = HashMap::new();
-    let mut kinds: HashMap<PeerId, (Source, bool)> = HashMap::new();
+    // Every source ever given, by the id the `Fetch` knows it by.
+    let mut known: HashMap<PeerId, SourceSpec> = HashMap::new();
     let connect = |id: PeerId, s: SourceSpec| {
         let (endpoint, tx) = (endpoint.clone(), tx.clone());
         tokio::spawn(async move {
@@ -121,13 +131,9 @@ pub async fn fetch_release(
         });
     };
     for s in sources {
-        if names.values().any(|n| *n == s.name) {
-            continue;
+        if let Some(id) = add_source(&mut known, &s) {
+            connect(id, s);
         }
-        let id = PeerId(names.len() as u64);
-        names.insert(id, s.name.clone());
-        kinds.insert(id, (s.source, s.fetching));
-        connect(id, s);
     }
     let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
     let mut requests: HashMap<(PeerId, ChunkHash), AbortHandle> = HashMap::new();
@@ -181,7 +187,7 @@ pub async fn fetch_release(
                     if let Some(c) = conns.remove(&peer) {
                         c.close(&reason);
                     }
-                    let name = names.get(&peer).cloned().unwrap_or_default();
+                    let name = known.get(&peer).map(|s| s.name.clone()).unwrap_or_default();
                     tracing::warn!(peer = %name, %reason, "peer dropped for this release");
                     report.dropped.push((name, reason));
                 }
@@ -208,10 +214,7 @@ pub async fn fetch_release(
         let event = tokio::select! {
             e = rx.recv() => e,
             Some(s) = more.recv() => {
-                if !names.values().any(|n| *n == s.name) {
-                    let id = PeerId(names.len() as u64);
-                    names.insert(id, s.name.clone());
-                    kinds.insert(id, (s.source, s.fetching));
+                if let Some(id) = add_source(&mut known, &s) {
                     connect(id, s);
                 }
                 continue;
@@ -228,12 +231,13 @@ pub async fn fetch_release(
         let now = Instant::now().into_std();
         match event {
             Event::Connected(id, conn) => {
-                let (source, fetching) = kinds[&id];
+                // Every connection is to a source numbered in `known`.
+                let Some(spec) = known.get(&id) else { continue };
                 let info = PeerInfo {
                     id,
                     node: conn.remote.node.clone(),
-                    source,
-                    fetching,
+                    source: spec.source,
+                    fetching: spec.fetching,
                 };
                 conns.insert(id, conn);
                 fetch.handle_peer(now, info);

@@ -255,13 +255,9 @@ impl Fetch {
     /// `chunk` arrived from `peer`; `verified` says whether its bytes hash to its name
     /// (the driver checked and, if so, stored it).
     pub fn handle_chunk(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash, verified: bool) {
-        let Some(&i) = self.index.get(chunk) else {
+        let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.in_flight.remove(&i);
-        }
-        self.asked[i].remove(&peer);
         if !verified {
             // Other requests to a dropped peer may still answer; it is dropped once.
             if self.peers.contains_key(&peer) {
@@ -277,10 +273,8 @@ impl Fetch {
                 *self.received.entry(p.info.source).or_default() += 1;
             }
             // The endgame's other copies are no longer wanted.
-            for other in std::mem::take(&mut self.asked[i]) {
-                if let Some(p) = self.peers.get_mut(&other) {
-                    p.in_flight.remove(&i);
-                }
+            for other in self.asked[i].clone() {
+                self.end_request(other, chunk);
                 self.actions.push_back(Action::Cancel {
                     peer: other,
                     chunk: *chunk,
@@ -292,31 +286,35 @@ impl Fetch {
 
     /// `peer` will not send `chunk` (it does not hold it after all, or is too busy).
     pub fn handle_refused(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
-        let Some(&i) = self.index.get(chunk) else {
+        let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.in_flight.remove(&i);
             if p.info.source != Source::Origin && p.has.remove(&i) {
                 self.availability[i] -= 1;
             }
         }
-        self.asked[i].remove(&peer);
         self.schedule(now);
     }
 
     /// `peer` holds `chunk` but has no upload slot free: ask someone else first, and this
     /// peer again only if nobody else can.
     pub fn handle_busy(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
-        let Some(&i) = self.index.get(chunk) else {
+        let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
+        self.late[i].insert(peer);
+        self.schedule(now);
+    }
+
+    /// The request for `chunk` to `peer` is over, however it ended; the chunk's index.
+    fn end_request(&mut self, peer: PeerId, chunk: &ChunkHash) -> Option<usize> {
+        let i = *self.index.get(chunk)?;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.in_flight.remove(&i);
         }
         self.asked[i].remove(&peer);
-        self.late[i].insert(peer);
-        self.schedule(now);
+        Some(i)
     }
 
     /// The connection to `peer` ended: what it was asked is asked of others.
@@ -339,16 +337,13 @@ impl Fetch {
         }
         for (peer, i) in late {
             let chunk = self.chunks[i];
-            self.asked[i].remove(&peer);
+            self.end_request(peer, &chunk);
             self.late[i].insert(peer);
-            let strikes = match self.peers.get_mut(&peer) {
-                Some(p) => {
-                    p.in_flight.remove(&i);
-                    p.strikes += 1;
-                    p.strikes
-                }
-                None => continue,
+            let Some(p) = self.peers.get_mut(&peer) else {
+                continue;
             };
+            p.strikes += 1;
+            let strikes = p.strikes;
             self.actions.push_back(Action::Cancel { peer, chunk });
             if strikes >= self.cfg.max_strikes {
                 self.drop_peer(peer, format!("{strikes} requests timed out"));

@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sha2::{Digest, Sha256};
-use starling_pki::ClusterCa;
 use starling_proto::join_token::JoinToken;
 use starling_proto::{
     Command, EnrollReply, EnrollRequest, JoinTokenRecord, JoinTokenReply, JoinTokenRequest, Outcome,
@@ -34,14 +33,6 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-fn ca_of(record: &starling_proto::CaRecord) -> ClusterCa {
-    ClusterCa {
-        name: record.name.clone(),
-        cert_pem: record.cert_pem.clone(),
-        key_pem: record.key_pem.clone(),
-    }
-}
-
 pub(super) async fn create_join_token(
     State(m): Shared,
     headers: HeaderMap,
@@ -51,16 +42,12 @@ pub(super) async fn create_join_token(
         .ttl_ms
         .map_or(DEFAULT_TTL, Duration::from_millis)
         .clamp(Duration::from_secs(1), MAX_TTL);
-    let ca_cert = m
-        .read()
-        .cluster_ca()
-        .map(|c| c.cert_pem.clone())
-        .ok_or_else(|| {
-            err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the cluster CA is not made yet; retry",
-            )
-        })?;
+    let ca_cert = m.cluster_ca().map(|c| c.cert_pem).ok_or_else(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cluster CA is not made yet; retry",
+        )
+    })?;
     let fingerprint = starling_pki::fingerprint(&ca_cert)
         .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let token = JoinToken {
@@ -102,11 +89,8 @@ pub(super) async fn enroll(
     }
     // A token made a moment ago on the leader must be found.
     linearize(&m, &ReadOpts::default()).await?;
-    let (record, ca) = {
-        let st = m.read();
-        (st.join_token(&token.id).cloned(), st.cluster_ca().cloned())
-    };
-    let (record, ca) = record.zip(ca).ok_or_else(refused)?;
+    let record = m.read().join_token(&token.id).cloned();
+    let (record, ca) = record.zip(m.cluster_ca()).ok_or_else(refused)?;
     let shown = hex::encode(Sha256::digest(token.secret.as_bytes()));
     let matches = bool::from(shown.as_bytes().ct_eq(record.secret_sha256.as_bytes()));
     let ours = starling_pki::fingerprint(&ca.cert_pem).is_ok_and(|f| f == token.ca_fingerprint);
@@ -114,14 +98,11 @@ pub(super) async fn enroll(
         return Err(refused());
     }
     let name = req.name.clone();
-    let issued = tokio::task::spawn_blocking(move || {
-        ca_of(&ca)
-            .issue(&name, SystemTime::now())
-            .map(|id| (id, ca))
-    })
-    .await
-    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let issued =
+        tokio::task::spawn_blocking(move || ca.issue(&name, SystemTime::now()).map(|id| (id, ca)))
+            .await
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (identity, ca) = issued;
     tracing::info!(node = %req.name, region = %req.region, token = %token.id, "node enrolled");
     Ok(Json(EnrollReply {
