@@ -205,6 +205,7 @@ mod tests {
             last_log_index: None,
             snapshot_index: None,
             purged_index: None,
+            cluster_ca: None,
             members: vec![
                 Member {
                     id: 1,

@@ -180,6 +180,9 @@ pub struct ClusterStatus {
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub members: Vec<Member>,
+    /// The cluster CA's fingerprint (what join tokens carry), once the first leader made it.
+    #[serde(default)]
+    pub cluster_ca: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

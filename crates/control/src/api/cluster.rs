@@ -32,6 +32,10 @@ pub(super) fn cluster_status(m: &Member) -> ClusterStatus {
                 voter: voters.contains(id),
             })
             .collect(),
+        cluster_ca: m
+            .read()
+            .cluster_ca()
+            .and_then(|ca| starling_pki::fingerprint(&ca.cert_pem).ok()),
     }
 }
 
