@@ -162,6 +162,7 @@ async fn start_starling(dir: &Path) -> (Members, System) {
             base_port: None,
             args: Vec::new(),
             env: vec![("STARLING_LOG".into(), "warn".into())],
+            host: None,
         },
         3,
     );

@@ -121,6 +121,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             base_port: Some(args.base_port),
             args: Vec::new(),
             env: Vec::new(),
+            host: None,
         },
         3,
     );

@@ -38,6 +38,16 @@ impl Cluster {
 
     /// [`Cluster::start`], with more environment for the members.
     pub async fn start_with(n: usize, extra_args: &[&str], env: &[(String, String)]) -> Cluster {
+        Self::start_on(n, extra_args, env, None).await
+    }
+
+    /// [`Cluster::start_with`], every member on `host` (a testbed's) instead of loopback.
+    pub async fn start_on(
+        n: usize,
+        extra_args: &[&str],
+        env: &[(String, String)],
+        host: Option<starling_harness::testbed::Host>,
+    ) -> Cluster {
         let dir = shared_tempdir();
         let cfg = MembersConfig {
             exe: env!("CARGO_BIN_EXE_starling").into(),
@@ -47,6 +57,7 @@ impl Cluster {
             base_port: None,
             args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: env.to_vec(),
+            host,
         };
         let mut c = Cluster {
             dir,
@@ -251,9 +262,24 @@ impl Cluster {
     /// Run `starling --control <member 1> ARGS` in the cluster's directory, its standard
     /// error in `log` there; killed when dropped.
     pub fn spawn_starling(&self, args: &[&str], log: &str, env: &[(&str, &str)]) -> Child {
+        self.spawn_starling_on(None, args, log, env)
+    }
+
+    /// [`Cluster::spawn_starling`] on a testbed's host.
+    pub fn spawn_starling_on(
+        &self,
+        host: Option<&starling_harness::testbed::Host>,
+        args: &[&str],
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> Child {
         let log = std::fs::File::create(self.dir.path().join(log)).expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_starling"))
-            .args(["--control", &self.url(1)])
+        let exe = env!("CARGO_BIN_EXE_starling");
+        match host {
+            Some(h) => h.command(exe),
+            None => Command::new(exe),
+        }
+        .args(["--control", &self.url(1)])
             .args(args)
             .current_dir(self.dir.path())
             .envs(env.iter().copied())

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+pub mod testbed;
+
 use starling_client::ControlClient;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -37,6 +39,8 @@ pub enum HarnessError {
     },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error("testbed: {0}")]
+    Testbed(String),
     #[error("client: {0}")]
     Client(#[from] starling_client::ClientError),
 }
@@ -60,6 +64,8 @@ pub struct MembersConfig {
     /// More arguments of `starling control`, and more environment, for every member.
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run every member on this testbed host (at its address) instead of on loopback.
+    pub host: Option<testbed::Host>,
 }
 
 /// A set of members, numbered from 1; member 1 bootstraps and the others join it.
@@ -149,10 +155,14 @@ impl Members {
         let i = id as usize - 1;
         let dir = self.data_dir(id);
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let ip = match &self.cfg.host {
+            Some(h) => h.ip.to_string(),
+            None => "127.0.0.1".to_string(),
+        };
         let listen = match (self.addrs[i], self.cfg.base_port) {
             (Some(a), _) => a.to_string(),
-            (None, Some(base)) => format!("127.0.0.1:{}", base + id as u16 - 1),
-            (None, None) => "127.0.0.1:0".to_string(),
+            (None, Some(base)) => format!("{ip}:{}", base + id as u16 - 1),
+            (None, None) => format!("{ip}:0"),
         };
         let addr_file = dir.join(LISTEN_ADDR_FILE);
         match std::fs::remove_file(&addr_file) {
@@ -167,7 +177,10 @@ impl Members {
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
-        let mut cmd = Command::new(&self.cfg.exe);
+        let mut cmd = match &self.cfg.host {
+            Some(h) => h.command(&self.cfg.exe),
+            None => Command::new(&self.cfg.exe),
+        };
         cmd.arg("control")
             .args(["--id", &id.to_string()])
             .args(["--listen", &listen])
