@@ -122,6 +122,15 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
         all.len(),
         took.duration_since(started).as_secs_f64()
     );
+    for name in &all {
+        let log = std::fs::read_to_string(c.dir.path().join(format!("{name}.log"))).unwrap();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("release fetched") || l.contains("dropped"))
+        {
+            eprintln!("{name}: {l}");
+        }
+    }
     for k in 1..bed.spec().regions {
         let copies = (wan_after[k] - wan_before[k]) as f64 / RELEASE as f64;
         eprintln!("region {k} received {copies:.3} copies over its WAN link");
@@ -129,17 +138,18 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
             copies <= 1.1,
             "region {k} received {copies:.3} copies of the release over its WAN link"
         );
-        assert!(copies >= 0.99, "region {k} received only {copies:.3} copies");
+        assert!(
+            copies >= 0.99,
+            "region {k} received only {copies:.3} copies"
+        );
     }
     for name in &all {
-        let blob = std::fs::read(
-            c.dir
-                .path()
-                .join(name)
-                .join("apps/acme__web/current/blob"),
-        )
-        .unwrap();
-        assert!(blob == noise(1, RELEASE as usize), "{name} runs other bytes");
+        let blob =
+            std::fs::read(c.dir.path().join(name).join("apps/acme__web/current/blob")).unwrap();
+        assert!(
+            blob == noise(1, RELEASE as usize),
+            "{name} runs other bytes"
+        );
     }
 
     // The second release; two nodes and a control member die a quarter of the way in.
@@ -175,14 +185,12 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
         eprintln!("with the kills, region {k} received {copies:.3} copies");
     }
     for name in &rest {
-        let blob = std::fs::read(
-            c.dir
-                .path()
-                .join(name)
-                .join("apps/acme__web/current/blob"),
-        )
-        .unwrap();
-        assert!(blob == noise(2, RELEASE as usize), "{name} runs other bytes");
+        let blob =
+            std::fs::read(c.dir.path().join(name).join("apps/acme__web/current/blob")).unwrap();
+        assert!(
+            blob == noise(2, RELEASE as usize),
+            "{name} runs other bytes"
+        );
     }
     drop(nodes);
     drop(c);

@@ -280,14 +280,14 @@ impl Cluster {
             None => Command::new(exe),
         }
         .args(["--control", &self.url(1)])
-            .args(args)
-            .current_dir(self.dir.path())
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn starling")
+        .args(args)
+        .current_dir(self.dir.path())
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn starling")
     }
 
     /// Wait until the first leader has made the cluster CA (member 1 shows its fingerprint).

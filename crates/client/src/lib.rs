@@ -298,6 +298,21 @@ impl ControlClient {
             .await
     }
 
+    /// Every goal, once one was set after `after` (ms) or `wait` passed (a long-poll).
+    pub async fn goals_after(
+        &self,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<GoalInfo>, ClientError> {
+        let after = after.to_string();
+        let timeout = format!("{}ms", wait.as_millis());
+        self.get(
+            &Endpoint::ListGoals.path(&[]),
+            &[("after", after.as_str()), ("timeout", timeout.as_str())],
+        )
+        .await
+    }
+
     /// Make `req.release` the goal of `req.repo`'s environment.
     pub async fn deploy(&self, req: &DeployRequest) -> Result<GoalInfo, ClientError> {
         self.post(&Endpoint::Deploy.path(&[]), req).await

@@ -222,10 +222,10 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             Some((repo.clone(), (id, since)))
         })
         .collect();
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_announce = std::time::Instant::now() - Duration::from_secs(60);
+    // The newest goal seen: the long-poll answers as soon as one newer is set.
+    let mut seen_goal: Option<u64> = None;
     loop {
-        tick.tick().await;
         // Reach every member's swarm endpoint (they come and go).
         for (name, addr) in origins(&control).await {
             if members.get(&name).is_some_and(|c| c.is_open()) {
@@ -240,13 +240,19 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 }
             }
         }
-        let goals = match control.goals(None).await {
+        let read = match seen_goal {
+            None => control.goals(None).await,
+            Some(after) => control.goals_after(after, GOAL_POLL).await,
+        };
+        let goals = match read {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the goals failed; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             }
         };
+        seen_goal = goals.iter().map(|g| g.at).max().max(seen_goal).or(Some(0));
         for repo in &cfg.repos {
             let Some(goal) = goals.iter().find(|g| &g.repo == repo && g.env == "default") else {
                 continue;
@@ -366,8 +372,10 @@ async fn deploy(
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+            // Half a second in (before the fetch's settling ends), then every 3 s: the peers
+            // that saw the goal at the same moment have announced by then.
+            for pause in std::iter::once(500).chain(std::iter::repeat(3000)) {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 for s in ask_trackers(&region, &members, &me, release).await {
                     if more_tx.send(s).is_err() {
                         return;
@@ -434,6 +442,10 @@ async fn deploy(
     }
     Ok(())
 }
+
+/// How long one read of the goals waits for a new one; also the longest time between
+/// two looks at the members and two announcements.
+const GOAL_POLL: Duration = Duration::from_secs(5);
 
 /// Unpacked releases a node keeps per repository.
 const KEEP_RELEASES: usize = 3;

@@ -55,6 +55,8 @@ enum Event {
     Connected(PeerId, Arc<PeerConn>),
     Have(PeerId, Vec<ChunkHash>),
     Gone(PeerId),
+    /// Could not connect: forgotten, so that the tracker's next answer tries it again.
+    Unreachable(PeerId),
     /// A request ended: stored (verified), corrupt, or refused.
     Arrived(PeerId, ChunkHash),
     Corrupt(PeerId, ChunkHash),
@@ -62,19 +64,29 @@ enum Event {
     Busy(PeerId, ChunkHash),
 }
 
-/// Number `s` if no source of its name is known yet; the id it gets.
-fn add_source(known: &mut HashMap<PeerId, SourceSpec>, s: &SourceSpec) -> Option<PeerId> {
-    if known.values().any(|k| k.name == s.name) {
-        return None;
+/// The sources given so far, numbered as the `Fetch` knows them.
+#[derive(Default)]
+struct Sources {
+    known: HashMap<PeerId, SourceSpec>,
+    next: u64,
+}
+
+impl Sources {
+    /// Number `s` if no source of its name is known; the id it gets.
+    fn add(&mut self, s: &SourceSpec) -> Option<PeerId> {
+        if self.known.values().any(|k| k.name == s.name) {
+            return None;
+        }
+        let id = PeerId(self.next);
+        self.next += 1;
+        self.known.insert(id, s.clone());
+        Some(id)
     }
-    let id = PeerId(known.len() as u64);
-    known.insert(id, s.clone());
-    Some(id)
 }
 
 /// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
-/// the peers that arrive on `more` meanwhile (the tracker's later answers; one already
-/// known is ignored). Each stored chunk is sent on `stored`, so that the node's server
+/// the peers that arrive on `more` meanwhile (the tracker's later answers: a peer
+/// already known can only turn from idle to fetching). Each stored chunk is sent on `stored`, so that the node's server
 /// announces it at once. Fails if nothing happens for `stall`.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_release(
@@ -104,8 +116,7 @@ pub async fn fetch_release(
         )
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    // Every source ever given, by the id the `Fetch` knows it by.
-    let mut known: HashMap<PeerId, SourceSpec> = HashMap::new();
+    let mut sources_known = Sources::default();
     let connect = |id: PeerId, s: SourceSpec| {
         let (endpoint, tx) = (endpoint.clone(), tx.clone());
         tokio::spawn(async move {
@@ -125,13 +136,14 @@ pub async fn fetch_release(
                     let _ = tx.send(Event::Gone(id));
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %s.name, error = %e, "cannot connect");
+                    tracing::info!(peer = %s.name, error = %e, "cannot connect");
+                    let _ = tx.send(Event::Unreachable(id));
                 }
             }
         });
     };
     for s in sources {
-        if let Some(id) = add_source(&mut known, &s) {
+        if let Some(id) = sources_known.add(&s) {
             connect(id, s);
         }
     }
@@ -187,7 +199,11 @@ pub async fn fetch_release(
                     if let Some(c) = conns.remove(&peer) {
                         c.close(&reason);
                     }
-                    let name = known.get(&peer).map(|s| s.name.clone()).unwrap_or_default();
+                    let name = sources_known
+                        .known
+                        .get(&peer)
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default();
                     tracing::warn!(peer = %name, %reason, "peer dropped for this release");
                     report.dropped.push((name, reason));
                 }
@@ -214,8 +230,16 @@ pub async fn fetch_release(
         let event = tokio::select! {
             e = rx.recv() => e,
             Some(s) = more.recv() => {
-                if let Some(id) = add_source(&mut known, &s) {
+                if let Some(id) = sources_known.add(&s) {
                     connect(id, s);
+                } else if let Some((&id, k)) =
+                    sources_known.known.iter_mut().find(|(_, k)| k.name == s.name)
+                {
+                    // Known as idle, and now fetching too (it saw the goal later).
+                    if s.fetching && !k.fetching {
+                        k.fetching = true;
+                        fetch.handle_fetching(Instant::now().into_std(), id);
+                    }
                 }
                 continue;
             }
@@ -232,7 +256,9 @@ pub async fn fetch_release(
         match event {
             Event::Connected(id, conn) => {
                 // Every connection is to a source numbered in `known`.
-                let Some(spec) = known.get(&id) else { continue };
+                let Some(spec) = sources_known.known.get(&id) else {
+                    continue;
+                };
                 let info = PeerInfo {
                     id,
                     node: conn.remote.node.clone(),
@@ -243,6 +269,9 @@ pub async fn fetch_release(
                 fetch.handle_peer(now, info);
             }
             Event::Have(id, have) => fetch.handle_have(now, id, &have),
+            Event::Unreachable(id) => {
+                sources_known.known.remove(&id);
+            }
             Event::Gone(id) => {
                 conns.remove(&id);
                 fetch.handle_peer_gone(now, id);

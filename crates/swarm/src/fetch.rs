@@ -64,6 +64,11 @@ pub struct FetchConfig {
     /// peer to hold it before asking the origin: a safety net for a stuck ingress node
     /// (one that leaves hands its chunks on at once).
     pub origin_patience: Duration,
+    /// How long after the start a node asks no one outside its region: the time for the
+    /// nodes that started with it to become known (tracker, connection), so that every
+    /// node's view of who brings which chunk in agrees. Without it, a node that looks
+    /// alone takes itself for every chunk's ingress and the early chunks cross twice.
+    pub settle: Duration,
     /// Timeouts a peer may cause before it is dropped.
     pub max_strikes: u32,
     /// The endgame starts when this few chunks are missing and all of them are asked for.
@@ -78,6 +83,7 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(20),
             cross_region_patience: Duration::from_secs(30),
             origin_patience: Duration::from_secs(60),
+            settle: Duration::from_secs(1),
             max_strikes: 3,
             endgame_chunks: 4,
         }
@@ -236,6 +242,20 @@ impl Fetch {
         self.schedule(now);
     }
 
+    /// `peer`, first known as not fetching this release, has started to: from now on it
+    /// takes its share of bringing chunks into the region. (Nodes see a new goal a few
+    /// seconds apart; until every node's view holds every fetching peer, views of who is
+    /// a chunk's ingress differ and chunks cross regions twice.)
+    pub fn handle_fetching(&mut self, now: Instant, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.info.fetching {
+                p.info.fetching = true;
+                self.ingress = None;
+                self.schedule(now);
+            }
+        }
+    }
+
     /// `peer` says it holds `chunks` (all it holds, or newly stored ones).
     pub fn handle_have(&mut self, now: Instant, peer: PeerId, chunks: &[ChunkHash]) {
         let Some(p) = self.peers.get_mut(&peer) else {
@@ -357,7 +377,8 @@ impl Fetch {
     }
 
     /// When to call [`Fetch::handle_timeout`] next, if ever: when the oldest request
-    /// times out, or a wait for a chunk to reach the region runs out.
+    /// times out, the start's settling ends, or a wait for a chunk to reach the region
+    /// runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.is_done() {
             return None;
@@ -372,7 +393,10 @@ impl Fetch {
             .filter(|&i| !self.have[i] && self.asked[i].is_empty())
             .filter_map(|i| self.first_held[i])
             .map(|t| t + self.cfg.cross_region_patience);
-        let waits = cross.chain([self.started + self.cfg.origin_patience]);
+        let waits = cross.chain([
+            self.started + self.cfg.settle,
+            self.started + self.cfg.origin_patience,
+        ]);
         // Waits already over were acted on when they ended.
         let open = waits.filter(|t| Some(*t) > self.seen);
         oldest_request.into_iter().chain(open).min()
@@ -432,6 +456,9 @@ impl Fetch {
 
     /// Whether this node may ask a peer of `source` for chunk `i` now.
     fn may_ask(&self, i: usize, source: Source, now: Instant) -> bool {
+        if source != Source::SameRegion && now < self.started + self.cfg.settle {
+            return false;
+        }
         match source {
             Source::SameRegion => true,
             Source::OtherRegion => {
@@ -554,6 +581,35 @@ impl Fetch {
 mod tests {
     use super::*;
 
+    /// The defaults, without the start's settling (its own test covers it).
+    fn immediate() -> FetchConfig {
+        FetchConfig {
+            settle: Duration::ZERO,
+            ..FetchConfig::default()
+        }
+    }
+
+    #[test]
+    fn nothing_crosses_regions_while_the_start_settles() {
+        let t0 = Instant::now();
+        let cs = chunks(40);
+        let cfg = FetchConfig::default();
+        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_have(t0, PeerId(2), &cs[..20]);
+        assert!(drain(&mut f).is_empty(), "asked before the start settled");
+        assert_eq!(f.poll_timeout(), Some(t0 + cfg.settle));
+        // A peer in the region may be asked at once.
+        f.handle_peer(t0, peer(3, Source::SameRegion));
+        f.handle_have(t0, PeerId(3), &cs[..1]);
+        assert_eq!(requests(&drain(&mut f)), vec![(PeerId(3), cs[0])]);
+        f.handle_timeout(t0 + cfg.settle);
+        let asked = requests(&drain(&mut f));
+        assert!(!asked.is_empty());
+        assert!(asked.iter().all(|(p, _)| *p == PeerId(2) || *p == ORIGIN));
+    }
+
     const ORIGIN: PeerId = PeerId(100);
 
     fn chunks(n: u32) -> Vec<ChunkHash> {
@@ -594,7 +650,7 @@ mod tests {
         let cs = chunks(10);
         let cfg = FetchConfig {
             per_peer: 3,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = alone(&cs, cfg, t0);
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
@@ -625,7 +681,7 @@ mod tests {
         let held = cs[1];
         let cfg = FetchConfig {
             per_peer: 8,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = Fetch::new(cfg, "me", &cs, |c| *c == held, t0);
         assert_eq!(f.missing(), 3);
@@ -639,7 +695,7 @@ mod tests {
     fn a_peer_in_the_region_comes_before_the_origin() {
         let t0 = Instant::now();
         let cs = chunks(2);
-        let mut f = alone(&cs, FetchConfig::default(), t0);
+        let mut f = alone(&cs, immediate(), t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_have(t0, PeerId(1), &cs[..1]);
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
@@ -659,7 +715,7 @@ mod tests {
         let (a, b, x) = (cs[0], cs[1], cs[2]);
         let cfg = FetchConfig {
             total: 1,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = alone(&cs, cfg, t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
@@ -681,7 +737,7 @@ mod tests {
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
         // A neighbour in the region ("n1") and a holder of everything elsewhere.
@@ -734,9 +790,9 @@ mod tests {
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
-            ..FetchConfig::default()
+            ..immediate()
         };
-        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
         // A neighbour that holds an older release's chunks but fetches nothing.
         f.handle_peer(
             t0,
@@ -748,6 +804,28 @@ mod tests {
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
         let asked = requests(&drain(&mut f));
         assert_eq!(asked.len(), cs.len(), "this node brings in every chunk");
+
+        // Once it fetches too, it brings in its share, and this node only the rest.
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        f.handle_peer(
+            t0,
+            PeerInfo {
+                fetching: false,
+                ..peer(1, Source::SameRegion)
+            },
+        );
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_fetching(t0, PeerId(1));
+        f.handle_have(t0, PeerId(2), &cs);
+        let region = ["me".to_string(), "n1".to_string()];
+        let mine: Vec<_> = cs
+            .iter()
+            .filter(|c| ingress_node(c, &region) == Some("me"))
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < cs.len());
+        let asked = requests(&drain(&mut f));
+        assert!(asked.iter().all(|(_, c)| mine.contains(&c)), "{asked:?}");
+        assert_eq!(asked.len(), mine.len());
     }
 
     #[test]
@@ -757,7 +835,7 @@ mod tests {
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
@@ -780,7 +858,7 @@ mod tests {
     fn a_corrupting_peer_is_dropped_and_its_chunk_fetched_elsewhere() {
         let t0 = Instant::now();
         let cs = chunks(1);
-        let mut f = alone(&cs, FetchConfig::default(), t0);
+        let mut f = alone(&cs, immediate(), t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_have(t0, PeerId(1), &cs);
         let mut asked = requests(&drain(&mut f));
@@ -807,7 +885,7 @@ mod tests {
     fn the_endgame_never_doubles_a_copy_across_regions() {
         let t0 = Instant::now();
         let cs = chunks(1);
-        let mut f = alone(&cs, FetchConfig::default(), t0);
+        let mut f = alone(&cs, immediate(), t0);
         f.handle_peer(t0, peer(1, Source::OtherRegion));
         f.handle_peer(t0, peer(2, Source::OtherRegion));
         f.handle_have(t0, PeerId(1), &cs);
@@ -819,7 +897,7 @@ mod tests {
         let cfg = FetchConfig {
             total: 10,
             per_peer: 4,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = alone(&cs, cfg, t0);
         for id in [1, 2, 3] {
@@ -836,7 +914,7 @@ mod tests {
         // No endgame: one request at a time shows who is asked.
         let cfg = FetchConfig {
             endgame_chunks: 0,
-            ..FetchConfig::default()
+            ..immediate()
         };
         let mut f = alone(&cs, cfg, t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
@@ -860,7 +938,7 @@ mod tests {
     fn a_vanished_peer_costs_only_its_requests() {
         let t0 = Instant::now();
         let cs = chunks(2);
-        let mut f = alone(&cs, FetchConfig::default(), t0);
+        let mut f = alone(&cs, immediate(), t0);
         for id in [1, 2] {
             f.handle_peer(t0, peer(id, Source::SameRegion));
             f.handle_have(t0, PeerId(id), &cs);
@@ -879,7 +957,7 @@ mod tests {
     fn late_requests_go_elsewhere_and_the_endgame_takes_the_first_copy() {
         let t0 = Instant::now();
         let cs = chunks(1);
-        let cfg = FetchConfig::default();
+        let cfg = immediate();
         let mut f = alone(&cs, cfg.clone(), t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_peer(t0, peer(2, Source::SameRegion));

@@ -29,13 +29,23 @@ pub(crate) const PAGE_WORKERS: usize = 4;
 /// Events per page of a stream's replay.
 const SSE_PAGE: usize = 100;
 
-fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr> {
+pub(super) fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr> {
     m.event_readers.clone().try_acquire_owned().map_err(|_| {
         err(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{MAX_EVENT_READERS} event-log readers are already served here; retry later or ask another member"),
         )
     })
+}
+
+/// How long a long-poll may wait: its `timeout` parameter, at most [`MAX_WAIT`].
+pub(super) fn long_poll_wait(timeout: Option<&str>) -> Result<Duration, ApiErr> {
+    let wait = match timeout {
+        Some(t) => parse_duration(t)
+            .ok_or_else(|| err(StatusCode::BAD_REQUEST, format!("bad timeout {t:?}")))?,
+        None => Duration::ZERO,
+    };
+    Ok(wait.min(MAX_WAIT))
 }
 
 /// Wait for a turn to read and encode a page; `None` if the member is shutting down.
@@ -58,12 +68,7 @@ pub(super) async fn events(
     State(m): Shared,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiErr> {
-    let wait = match q.timeout.as_deref() {
-        Some(t) => parse_duration(t)
-            .ok_or_else(|| err(StatusCode::BAD_REQUEST, format!("bad timeout {t:?}")))?,
-        None => Duration::ZERO,
-    }
-    .min(MAX_WAIT);
+    let wait = long_poll_wait(q.timeout.as_deref())?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let _permit = reader_permit(&m)?;
     let deadline = tokio::time::Instant::now() + wait;
