@@ -156,7 +156,7 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
     std::fs::write(work.join("blob"), noise(2, RELEASE as usize)).unwrap();
     git(&work, &["commit", "-q", "-am", "second"]);
     let wan_before = wan_counters(&bed);
-    let (release2, _) = push_and_build(&c, &work, 2).await;
+    let (release2, started) = push_and_build(&c, &work, 2).await;
     c.wait_until(
         "a quarter of the second release in region 1",
         Duration::from_secs(120),
@@ -178,8 +178,13 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
         .filter(|n| !victims.contains(&n.as_str()))
         .cloned()
         .collect();
-    wait_running(&c, &rest, release2).await;
+    let took = wait_running(&c, &rest, release2).await;
     let wan_after = wan_counters(&bed);
+    eprintln!(
+        "release 2 on the {} nodes left {:.1} s after its build succeeded",
+        rest.len(),
+        took.duration_since(started).as_secs_f64()
+    );
     for k in 1..bed.spec().regions {
         let copies = (wan_after[k] - wan_before[k]) as f64 / RELEASE as f64;
         eprintln!("with the kills, region {k} received {copies:.3} copies");
