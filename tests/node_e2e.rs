@@ -1,8 +1,8 @@
 //! From a push to running on the fleet, with every part real: three control members, a
 //! build worker, and four `starling node` processes in two regions that enrol with a join
 //! token, fetch the release over QUIC (mutual TLS from the cluster CA), verify, unpack
-//! and switch to it, and show up in `GET /v1/nodes` running it. On loopback; the
-//! multi-host test in network namespaces is still to come.
+//! and switch to it, and show up in `GET /v1/nodes` running it. On loopback; the same
+//! across shaped links between hosts is `swarm_netns.rs`.
 
 mod common;
 
