@@ -480,9 +480,16 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
         .expect("an info hash")
         .trim()
         .to_string();
-    // Debian's opentracker serves only the info hashes in its whitelist.
-    std::fs::write(dir.join("whitelist"), format!("{info_hash}\n")).expect("the whitelist");
-    let d = dir.to_string_lossy().to_string();
+    // Debian's opentracker serves only the info hashes in its whitelist. It refuses to run
+    // as root: it chroots into its directory and becomes `nobody`, who must read the list.
+    let jail = dir.join("tracker");
+    std::fs::create_dir_all(&jail).expect("the tracker's directory");
+    std::fs::write(jail.join("whitelist"), format!("{info_hash}\n")).expect("the whitelist");
+    for (path, mode) in [(&jail, 0o755), (&jail.join("whitelist"), 0o644)] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    }
+    let d = jail.to_string_lossy().to_string();
     let ip_s = ip.to_string();
     let _tracker = spawn(
         bed.origin(),
@@ -499,7 +506,7 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
             "-w",
             "whitelist",
             "-u",
-            "root",
+            "nobody",
         ],
         &dir.join("opentracker.log"),
     );
