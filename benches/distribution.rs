@@ -17,7 +17,8 @@
 //! Needs root, iproute2, nginx, curl, aria2, opentracker and mktorrent
 //! (`apt-get install iproute2 nginx-light curl aria2 opentracker mktorrent`).
 //! `cargo bench --bench distribution -- --regions 3 --nodes 4 --size-mib 48
-//! --node-mbit 40 --origin-mbit 40 --wan-mbit 100 [--systems starling,http,bittorrent]`.
+//! --node-mbit 40 --origin-mbit 40 --wan-mbit 100 [--systems starling,http,bittorrent]`;
+//! with `BENCH_KEEP=1` every process's log stays in a directory it names.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -120,6 +121,9 @@ async fn main() {
         });
     }
     report(&args, &outcomes);
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("logs kept in {}", work.keep().display());
+    }
 }
 
 fn report(args: &Args, outcomes: &[Outcome]) {

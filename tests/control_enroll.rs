@@ -68,6 +68,7 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
                     key_pem: r.key_pem.clone(),
                 },
                 upload_slots: 4,
+                upload_queue: 0,
             },
         )
         .unwrap()

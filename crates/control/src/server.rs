@@ -282,7 +282,8 @@ async fn serve_swarm(member: Arc<Member>, addr: std::net::SocketAddr) {
         region: "origin".into(),
         ca_cert_pem: ca.cert_pem,
         identity,
-        upload_slots: 64,
+        upload_slots: 2,
+        upload_queue: 32,
     };
     let endpoint = match starling_peer::PeerEndpoint::bind(addr, cfg) {
         Ok(e) => e,

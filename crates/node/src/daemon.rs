@@ -185,7 +185,8 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             region: cfg.region.clone(),
             ca_cert_pem,
             identity,
-            upload_slots: 16,
+            upload_slots: 2,
+            upload_queue: 0,
         },
     )?);
     let advertise = match &cfg.advertise {

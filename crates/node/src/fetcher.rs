@@ -157,6 +157,7 @@ pub async fn fetch_release(
                     let Some(conn) = conns.get(&peer).cloned() else {
                         continue;
                     };
+                    tracing::debug!(%chunk, to = conn.remote.node.as_str(), holders = fetch.holders(&chunk), after_ms = started.elapsed().as_millis() as u64, "asking");
                     let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
                     let task = tokio::spawn(async move {
                         let event = match conn.fetch(&chunk).await {
@@ -279,6 +280,13 @@ pub async fn fetch_release(
             Event::Arrived(id, chunk) => {
                 requests.remove(&(id, chunk));
                 fetch.handle_chunk(now, id, &chunk, true);
+                tracing::debug!(
+                    %chunk,
+                    from = sources_known.known.get(&id).map_or("", |s| s.name.as_str()),
+                    after_ms = started.elapsed().as_millis() as u64,
+                    missing = fetch.missing(),
+                    "chunk stored"
+                );
             }
             Event::Corrupt(id, chunk) => {
                 requests.remove(&(id, chunk));

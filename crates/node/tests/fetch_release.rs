@@ -48,6 +48,7 @@ fn endpoint(ca: &ClusterCa, name: &str) -> Arc<PeerEndpoint> {
         ca_cert_pem: ca.cert_pem.clone(),
         identity: ca.issue(name, SystemTime::now()).unwrap(),
         upload_slots: 8,
+        upload_queue: 0,
     };
     Arc::new(PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap())
 }

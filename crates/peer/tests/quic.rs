@@ -20,6 +20,7 @@ fn config(ca: &ClusterCa, name: &str) -> PeerConfig {
         ca_cert_pem: ca.cert_pem.clone(),
         identity: ca.issue(name, SystemTime::now()).unwrap(),
         upload_slots: 8,
+        upload_queue: 0,
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use starling_proto::ChunkHash;
 
-use crate::topology::{ingress_node, salt, spread};
+use crate::topology::{ingress_node, rank, salt, spread};
 
 /// A peer connection, numbered by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,6 +69,13 @@ pub struct FetchConfig {
     /// node's view of who brings which chunk in agrees. Without it, a node that looks
     /// alone takes itself for every chunk's ingress and the early chunks cross twice.
     pub settle: Duration,
+    /// How many more nodes of the region may fetch a new chunk per node that holds it
+    /// (see `Fetch::my_turn`).
+    pub fanout: usize,
+    /// How long after a chunk is first held a node waits for its turn at most.
+    pub turn_patience: Duration,
+    /// How long a peer that said it is busy is left alone.
+    pub busy_backoff: Duration,
     /// Timeouts a peer may cause before it is dropped.
     pub max_strikes: u32,
     /// The endgame starts when this few chunks are missing and all of them are asked for.
@@ -84,6 +91,9 @@ impl Default for FetchConfig {
             cross_region_patience: Duration::from_secs(30),
             origin_patience: Duration::from_secs(60),
             settle: Duration::from_secs(1),
+            fanout: 2,
+            turn_patience: Duration::from_secs(3),
+            busy_backoff: Duration::from_millis(200),
             max_strikes: 3,
             endgame_chunks: 4,
         }
@@ -120,6 +130,8 @@ struct Peer {
     in_flight: BTreeMap<usize, Instant>,
     strikes: u32,
     salt: u64,
+    /// It said it was busy (its upload queue is full): not asked again before then.
+    busy_until: Option<Instant>,
 }
 
 /// One release being fetched by one node.
@@ -134,11 +146,14 @@ pub struct Fetch {
     missing: usize,
     /// Non-origin peers holding each chunk.
     availability: Vec<u32>,
+    /// Peers in this node's region holding each chunk.
+    region_holders: Vec<u32>,
     /// When each chunk was first known to be held by a peer.
     first_held: Vec<Option<Instant>>,
-    /// Per chunk: is this node its region ingress, and its swarm ingress? Worked out
-    /// again after the set of peers changed (`None`).
-    ingress: Option<Vec<(bool, bool)>>,
+    /// Per chunk: this node's place in the region's order for it (0: the region
+    /// ingress), and whether it is the swarm ingress. Worked out again after the set of
+    /// peers changed (`None`).
+    ingress: Option<Vec<(usize, bool)>>,
     /// Peers each chunk is asked of now.
     asked: Vec<BTreeSet<PeerId>>,
     /// Peers a request for each chunk timed out at: asked again only if nobody else can.
@@ -184,6 +199,7 @@ impl Fetch {
             have,
             missing,
             availability: vec![0; n],
+            region_holders: vec![0; n],
             first_held: vec![None; n],
             ingress: None,
             asked: vec![BTreeSet::new(); n],
@@ -214,6 +230,11 @@ impl Fetch {
     }
 
     /// Requests in flight.
+    /// How many peers (not counting the origin) are known to hold `chunk`.
+    pub fn holders(&self, chunk: &ChunkHash) -> u32 {
+        self.index.get(chunk).map_or(0, |&i| self.availability[i])
+    }
+
     pub fn in_flight(&self) -> usize {
         self.peers.values().map(|p| p.in_flight.len()).sum()
     }
@@ -236,6 +257,7 @@ impl Fetch {
                 in_flight: BTreeMap::new(),
                 strikes: 0,
                 salt: peer_salt,
+                busy_until: None,
             },
         );
         self.ingress = None;
@@ -266,6 +288,9 @@ impl Fetch {
                 if p.has.insert(i) && p.info.source != Source::Origin {
                     self.availability[i] += 1;
                     self.first_held[i].get_or_insert(now);
+                    if p.info.source == Source::SameRegion {
+                        self.region_holders[i] += 1;
+                    }
                 }
             }
         }
@@ -312,6 +337,9 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             if p.info.source != Source::Origin && p.has.remove(&i) {
                 self.availability[i] -= 1;
+                if p.info.source == Source::SameRegion {
+                    self.region_holders[i] -= 1;
+                }
             }
         }
         self.schedule(now);
@@ -324,6 +352,9 @@ impl Fetch {
             return;
         };
         self.late[i].insert(peer);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.busy_until = Some(now + self.cfg.busy_backoff);
+        }
         self.schedule(now);
     }
 
@@ -377,8 +408,8 @@ impl Fetch {
     }
 
     /// When to call [`Fetch::handle_timeout`] next, if ever: when the oldest request
-    /// times out, the start's settling ends, or a wait for a chunk to reach the region
-    /// runs out.
+    /// times out, the start's settling ends, a busy peer may be asked again, or a wait
+    /// for a chunk to reach the region runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.is_done() {
             return None;
@@ -389,11 +420,20 @@ impl Fetch {
             .flat_map(|p| p.in_flight.values())
             .min()
             .map(|at| *at + self.cfg.request_timeout);
+        // A chunk held somewhere, not asked for yet: its wait for a turn in the region (if
+        // the region has it) or for the region to get it runs out.
         let cross = (0..self.chunks.len())
             .filter(|&i| !self.have[i] && self.asked[i].is_empty())
-            .filter_map(|i| self.first_held[i])
-            .map(|t| t + self.cfg.cross_region_patience);
-        let waits = cross.chain([
+            .filter_map(|i| {
+                let held = self.first_held[i]?;
+                Some(if self.region_holders[i] > 0 {
+                    held + self.cfg.turn_patience
+                } else {
+                    held + self.cfg.cross_region_patience
+                })
+            });
+        let busy = self.peers.values().filter_map(|p| p.busy_until);
+        let waits = cross.chain(busy).chain([
             self.started + self.cfg.settle,
             self.started + self.cfg.origin_patience,
         ]);
@@ -416,6 +456,9 @@ impl Fetch {
         if p.info.source != Source::Origin {
             for &i in &p.has {
                 self.availability[i] -= 1;
+                if p.info.source == Source::SameRegion {
+                    self.region_holders[i] -= 1;
+                }
             }
         }
         for &i in p.in_flight.keys() {
@@ -425,7 +468,7 @@ impl Fetch {
 
     /// For every chunk, whether `ingress_node` picks this node among itself and its live
     /// peers in the region, and among itself and every live peer.
-    fn work_out_ingress(&self) -> Vec<(bool, bool)> {
+    fn work_out_ingress(&self) -> Vec<(usize, bool)> {
         let names = |tiers: &[Source]| {
             let mut v: Vec<String> = self
                 .peers
@@ -441,17 +484,29 @@ impl Fetch {
         let me = Some(self.me.as_str());
         self.chunks
             .iter()
-            .map(|c| {
-                (
-                    ingress_node(c, &region) == me,
-                    ingress_node(c, &swarm) == me,
-                )
-            })
+            .map(|c| (rank(c, &self.me, &region), ingress_node(c, &swarm) == me))
             .collect()
     }
 
     fn is_ingress(&self, i: usize) -> (bool, bool) {
-        self.ingress.as_ref().map_or((false, false), |v| v[i])
+        let (rank, swarm) = self.place(i);
+        (rank == 0, swarm)
+    }
+
+    fn place(&self, i: usize) -> (usize, bool) {
+        self.ingress.as_ref().map_or((usize::MAX, false), |v| v[i])
+    }
+
+    /// Whether chunk `i` has reached enough of the region for this node to fetch it
+    /// there: the region takes a new chunk in its rendezvous order, `fanout` more nodes
+    /// per holder, so that each holder serves a few at full speed and the chunk spreads
+    /// as a tree, instead of every node queueing at its first holder. A node whose turn
+    /// has not come fetches other chunks meanwhile; after `turn_patience` anyone may.
+    fn my_turn(&self, i: usize, now: Instant) -> bool {
+        let holders = self.region_holders[i] as usize;
+        self.place(i).0 < holders.saturating_mul(self.cfg.fanout + 1)
+            || self.first_held[i]
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.turn_patience)
     }
 
     /// Whether this node may ask a peer of `source` for chunk `i` now.
@@ -460,7 +515,7 @@ impl Fetch {
             return false;
         }
         match source {
-            Source::SameRegion => true,
+            Source::SameRegion => self.my_turn(i, now),
             Source::OtherRegion => {
                 self.is_ingress(i).0
                     || self.first_held[i].is_some_and(|t| {
@@ -485,6 +540,7 @@ impl Fetch {
             if !p.has.contains(&i)
                 || p.in_flight.len() >= self.cfg.per_peer
                 || self.asked[i].contains(id)
+                || p.busy_until.is_some_and(|t| t > now)
             {
                 continue;
             }
@@ -587,6 +643,53 @@ mod tests {
             settle: Duration::ZERO,
             ..FetchConfig::default()
         }
+    }
+
+    #[test]
+    fn a_new_chunk_spreads_through_the_region_as_a_tree() {
+        let t0 = Instant::now();
+        // No endgame: one request shows that this node asks.
+        let cfg = FetchConfig {
+            endgame_chunks: 0,
+            ..immediate()
+        };
+        let mut region: Vec<String> = (1..=8).map(|i| format!("n{i}")).collect();
+        region.push("me".into());
+        // A chunk for which this node comes late in the region's order.
+        let c = *chunks(100)
+            .iter()
+            .find(|c| rank(c, "me", &region) >= 6)
+            .expect("some chunk ranks this node late");
+        let place = rank(&c, "me", &region);
+        let mut f = Fetch::new(cfg.clone(), "me", &[c], |_| false, t0);
+        for id in 1..=8 {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+        }
+        // Each holder lets `fanout` more nodes in: not yet this one.
+        let mut holders = 0;
+        while (holders + 1) * (cfg.fanout + 1) <= place {
+            holders += 1;
+            f.handle_have(t0, PeerId(holders as u64), &[c]);
+            assert!(drain(&mut f).is_empty(), "asked with {holders} holders");
+        }
+        holders += 1;
+        f.handle_have(t0, PeerId(holders as u64), &[c]);
+        assert_eq!(
+            requests(&drain(&mut f)).len(),
+            1,
+            "not asked with {holders}"
+        );
+
+        // Without enough holders, the turn comes after the patience.
+        let mut f = Fetch::new(cfg.clone(), "me", &[c], |_| false, t0);
+        for id in 1..=8 {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+        }
+        f.handle_have(t0, PeerId(1), &[c]);
+        assert!(drain(&mut f).is_empty());
+        assert_eq!(f.poll_timeout(), Some(t0 + cfg.turn_patience));
+        f.handle_timeout(t0 + cfg.turn_patience);
+        assert_eq!(requests(&drain(&mut f)).len(), 1);
     }
 
     #[test]
@@ -907,6 +1010,10 @@ mod tests {
         assert_eq!(requests(&drain(&mut f)).len(), 10);
     }
 
+    fn cfg_backoff() -> Duration {
+        FetchConfig::default().busy_backoff
+    }
+
     #[test]
     fn a_busy_peer_keeps_its_chunks_and_others_are_asked_first() {
         let t0 = Instant::now();
@@ -920,13 +1027,18 @@ mod tests {
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_have(t0, PeerId(1), &cs);
         assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), cs[0])]);
-        // Busy: asked again (nobody else has it), not forgotten as a holder.
+        // Busy: left alone for the backoff, then asked again (nobody else has it), not
+        // forgotten as a holder.
         f.handle_busy(t0, PeerId(1), &cs[0]);
+        assert!(drain(&mut f).is_empty());
+        let later = t0 + cfg_backoff();
+        assert_eq!(f.poll_timeout(), Some(later));
+        f.handle_timeout(later);
         assert_eq!(requests(&drain(&mut f)), vec![(PeerId(1), cs[0])]);
-        f.handle_peer(t0, peer(2, Source::SameRegion));
-        f.handle_have(t0, PeerId(2), &cs);
+        f.handle_peer(later, peer(2, Source::SameRegion));
+        f.handle_have(later, PeerId(2), &cs);
         drain(&mut f);
-        f.handle_busy(t0, PeerId(1), &cs[0]);
+        f.handle_busy(later, PeerId(1), &cs[0]);
         let next = requests(&drain(&mut f));
         assert!(
             !next.is_empty() && next.iter().all(|(p, _)| *p == PeerId(2)),

@@ -29,6 +29,16 @@ pub fn ingress_node<'a>(chunk: &ChunkHash, region_nodes: &'a [String]) -> Option
         .map(|(_, n)| n)
 }
 
+/// How many of `region_nodes` come before `node` in `chunk`'s rendezvous order (the
+/// [`ingress_node`] is 0): the order in which a new chunk spreads through the region.
+pub fn rank(chunk: &ChunkHash, node: &str, region_nodes: &[String]) -> usize {
+    let mine = (weight(chunk, node), std::cmp::Reverse(node));
+    region_nodes
+        .iter()
+        .filter(|n| (weight(chunk, n), std::cmp::Reverse(n.as_str())) > mine)
+        .count()
+}
+
 /// A number per name, to mix with chunks in [`spread`].
 pub(crate) fn salt(name: &str) -> u64 {
     let mut first = [0u8; 8];
@@ -67,6 +77,19 @@ mod tests {
             assert_eq!(ingress_node(&c, &list), ingress_node(&c, &reversed));
         }
         assert_eq!(ingress_node(&ChunkHash::of(b"x"), &[]), None);
+    }
+
+    #[test]
+    fn the_ingress_ranks_first_and_every_rank_is_taken_once() {
+        let list = nodes(9);
+        for i in 0..100u32 {
+            let c = ChunkHash::of(&i.to_le_bytes());
+            let mut ranks: Vec<usize> = list.iter().map(|n| rank(&c, n, &list)).collect();
+            let first = ingress_node(&c, &list).unwrap();
+            assert_eq!(rank(&c, first, &list), 0);
+            ranks.sort();
+            assert_eq!(ranks, (0..9).collect::<Vec<_>>());
+        }
     }
 
     #[test]
