@@ -186,7 +186,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             ca_cert_pem,
             identity,
             upload_slots: 2,
-            upload_queue: 0,
+            upload_queue: 4,
         },
     )?);
     let advertise = match &cfg.advertise {

@@ -21,7 +21,7 @@ use starling_proto::peer::{
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
-use tokio::sync::{broadcast, mpsc, Mutex, Semaphore};
+use tokio::sync::{broadcast, mpsc, Mutex};
 
 /// How long a peer has to say hello, or to send a request's first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,45 +82,88 @@ pub struct PeerConfig {
     pub upload_queue: usize,
 }
 
-/// The upload slots and the queue before them.
+/// The upload slots and the queue before them. A freed slot goes to the waiting request
+/// whose chunk this peer has sent the fewest times (then the oldest): a chunk it alone
+/// holds, just fetched, goes out before one it has already given to many, so that new
+/// chunks start spreading at once instead of waiting behind common ones.
 struct UploadSlots {
-    slots: Semaphore,
-    waiting: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<SlotState>,
     max_waiting: usize,
 }
 
-/// One place in the queue, given up when its request ends (or its connection does).
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+#[derive(Default)]
+struct SlotState {
+    free: usize,
+    /// (times sent, arrival, chunk) → who waits.
+    waiting: std::collections::BTreeMap<(u64, u64, ChunkHash), tokio::sync::oneshot::Sender<Slot>>,
+    arrivals: u64,
+    sent: std::collections::HashMap<ChunkHash, u64>,
+}
 
-impl Drop for Waiting<'_> {
+/// A slot; handed to the next waiter (or freed) when dropped. It travels to the waiter
+/// inside the channel, so a waiter that gives up after being chosen passes it on too.
+struct Slot(Option<Arc<UploadSlots>>);
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let Some(slots) = self.0.take() else { return };
+        let mut s = slots.lock();
+        while let Some((_, tx)) = s.waiting.pop_first() {
+            match tx.send(Slot(Some(slots.clone()))) {
+                Ok(()) => return,
+                // That waiter gave up, and the slot came back: emptied, so that dropping
+                // it does nothing, and offered to the next.
+                Err(mut back) => drop(back.0.take()),
+            }
+        }
+        s.free += 1;
     }
 }
+
+/// Chunks whose sends are counted; the count starts over beyond that (a node serves a
+/// few releases at a time, far fewer chunks).
+const MAX_COUNTED: usize = 1 << 16;
 
 impl UploadSlots {
     fn new(cfg: &PeerConfig) -> UploadSlots {
         UploadSlots {
-            slots: Semaphore::new(cfg.upload_slots.max(1)),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
+            state: std::sync::Mutex::new(SlotState {
+                free: cfg.upload_slots.max(1),
+                ..SlotState::default()
+            }),
             max_waiting: cfg.upload_queue,
         }
     }
 
-    /// A slot, after the requests queued before this one; `None` if the queue is full.
-    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        if let Ok(p) = self.slots.try_acquire() {
-            return Some(p);
-        }
-        let before = self
-            .waiting
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let _place = Waiting(&self.waiting);
-        if before >= self.max_waiting {
-            return None;
-        }
-        // Tokio's semaphore is fair: the first to wait is the first served.
-        self.slots.acquire().await.ok()
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot to send `chunk`; `None` if every slot is taken and the queue is full.
+    async fn acquire(self: &Arc<Self>, chunk: &ChunkHash) -> Option<Slot> {
+        let rx = {
+            let mut s = self.lock();
+            if s.sent.len() >= MAX_COUNTED {
+                s.sent.clear();
+            }
+            let sent = *s.sent.get(chunk).unwrap_or(&0);
+            s.sent.insert(*chunk, sent + 1);
+            if s.free > 0 {
+                s.free -= 1;
+                return Some(Slot(Some(self.clone())));
+            }
+            // Waiters that gave up still hold a place until a slot passes them by.
+            s.waiting.retain(|_, tx| !tx.is_closed());
+            if s.waiting.len() >= self.max_waiting {
+                return None;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.arrivals += 1;
+            let key = (sent, s.arrivals, *chunk);
+            s.waiting.insert(key, tx);
+            rx
+        };
+        rx.await.ok()
     }
 }
 
@@ -662,7 +705,7 @@ async fn serve_request(
         other => return Err(unexpected("Get or GetManifest", &other)),
     };
     let refuse = |why| Frame::Refuse { chunk, why };
-    let Some(_slot) = slots.acquire().await else {
+    let Some(_slot) = slots.acquire(&chunk).await else {
         write_frame(&mut send, &refuse(Refusal::Busy)).await?;
         return send.finish().map_err(stream);
     };
@@ -685,4 +728,65 @@ async fn serve_request(
         }
     }
     send.finish().map_err(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(n: usize, queue: usize) -> Arc<UploadSlots> {
+        Arc::new(UploadSlots {
+            state: std::sync::Mutex::new(SlotState {
+                free: n,
+                ..SlotState::default()
+            }),
+            max_waiting: queue,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_chunk_sent_least() {
+        let s = slots(1, 2);
+        let (common, fresh, other) = (
+            ChunkHash::of(b"a"),
+            ChunkHash::of(b"b"),
+            ChunkHash::of(b"c"),
+        );
+        // `common` has been sent once already and holds the one slot.
+        drop(s.acquire(&common).await);
+        let held = s.acquire(&common).await.expect("a free slot");
+        let mut first = Box::pin(s.acquire(&common));
+        let mut second = Box::pin(s.acquire(&fresh));
+        // Both wait; the queue is full now.
+        assert!(futures_poll(&mut first).is_none() && futures_poll(&mut second).is_none());
+        assert!(
+            s.acquire(&other).await.is_none(),
+            "a third waiter is refused"
+        );
+        drop(held);
+        // The chunk never sent goes first, though it came later.
+        assert!(futures_poll(&mut first).is_none());
+        let fresh_slot = second.await.expect("the slot");
+        drop(fresh_slot);
+        assert!(first.await.is_some());
+        // A waiter that gave up passes its turn on.
+        let held = s.acquire(&other).await.expect("a free slot");
+        let gave_up = Box::pin(s.acquire(&fresh));
+        let mut next = Box::pin(s.acquire(&other));
+        let mut gave_up = gave_up;
+        assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
+        drop(gave_up);
+        drop(held);
+        assert!(next.await.is_some());
+    }
+
+    /// Poll once: the output if it is ready.
+    fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
 }
