@@ -226,9 +226,19 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     let mut last_announce = std::time::Instant::now() - Duration::from_secs(60);
     // The newest goal seen: the long-poll answers as soon as one newer is set.
     let mut seen_goal: Option<u64> = None;
+    let mut membership_read: Option<std::time::Instant> = None;
     loop {
-        // Reach every member's swarm endpoint (they come and go).
-        for (name, addr) in origins(&control).await {
+        // Reach every member's swarm endpoint (they come and go): the membership is read
+        // when a connection is missing, or once a minute.
+        let all_open = !members.is_empty() && members.values().all(|c| c.is_open());
+        let fresh = membership_read.is_some_and(|t| t.elapsed() < MEMBERSHIP_READ);
+        let members_now = if all_open && fresh {
+            Vec::new()
+        } else {
+            membership_read = Some(std::time::Instant::now());
+            origins(&control).await
+        };
+        for (name, addr) in members_now {
             if members.get(&name).is_some_and(|c| c.is_open()) {
                 continue;
             }
@@ -447,6 +457,9 @@ async fn deploy(
 /// How long one read of the goals waits for a new one; also the longest time between
 /// two looks at the members and two announcements.
 const GOAL_POLL: Duration = Duration::from_secs(5);
+
+/// How often a node with every member connected reads the membership again.
+const MEMBERSHIP_READ: Duration = Duration::from_secs(60);
 
 /// Unpacked releases a node keeps per repository.
 const KEEP_RELEASES: usize = 3;
