@@ -25,7 +25,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use starling_harness::testbed::{Host, Testbed, TestbedSpec};
-use starling_harness::{wait_for, Members, MembersConfig};
+use starling_harness::{noise, wait_for, Members, MembersConfig};
 use starling_proto::{BuildStatus, DeployRequest, RepoSpec, TriggerRequest};
 use tokio::process::{Child, Command};
 
@@ -584,18 +584,4 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
     done.iter()
         .map(|at| Duration::from_millis(at.saturating_sub(start_ms)))
         .collect()
-}
-
-/// `len` bytes that do not compress, different for every `seed`.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1D ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }

@@ -18,15 +18,7 @@ async fn a_push_ends_up_running_on_every_node() {
     git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(work.join("index.html"), "<h1>hello fleet</h1>\n").unwrap();
     // 3 MB that do not compress into one chunk, the same in every build.
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let blob: Vec<u8> = (0..3_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let blob = starling_harness::noise(0, 3_000_000);
     std::fs::write(work.join("blob"), blob).unwrap();
     std::fs::write(
         work.join("starling.toml"),
@@ -36,12 +28,8 @@ async fn a_push_ends_up_running_on_every_node() {
     git(&work, &["add", "."]);
     git(&work, &["commit", "-q", "-m", "first"]);
     let sha = git(&work, &["rev-parse", "HEAD"]);
-    let r = c
-        .post(1, "/v1/repos", &json!({
-            "name": "acme/web", "url": format!("file://{}", work.display()), "branch": "main", "webhook_secret": SECRET
-        }))
+    c.add_repo_from(1, "acme/web", &format!("file://{}", work.display()))
         .await;
-    assert_eq!(r.status().as_u16(), 201);
     let _worker = c.spawn_starling(
         &["worker", "--name", "w1", "--data-dir", "w1"],
         "w1.log",

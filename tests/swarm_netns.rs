@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
+use starling_harness::noise;
 use starling_harness::testbed::{Testbed, TestbedSpec};
 use starling_proto::{Build, BuildStatus, NodeInfo, ReleaseId};
 
@@ -60,12 +61,8 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
     std::fs::write(work.join("blob"), noise(1, RELEASE as usize)).unwrap();
     git(&work, &["add", "."]);
     git(&work, &["commit", "-q", "-m", "first"]);
-    let r = c
-        .post(1, "/v1/repos", &json!({
-            "name": "acme/web", "url": format!("file://{}", work.display()), "branch": "main", "webhook_secret": SECRET
-        }))
+    c.add_repo_from(1, "acme/web", &format!("file://{}", work.display()))
         .await;
-    assert_eq!(r.status().as_u16(), 201);
     let _worker = c.spawn_starling_on(
         Some(bed.builder()),
         &["worker", "--name", "w1", "--data-dir", "w1"],
@@ -236,18 +233,4 @@ fn wan_counters(bed: &Testbed) -> Vec<u64> {
     (0..bed.spec().regions)
         .map(|k| bed.wan_received(k).expect("reading a WAN counter"))
         .collect()
-}
-
-/// `len` bytes that do not compress, different for every `seed`.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1D ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }

@@ -343,10 +343,19 @@ impl Cluster {
     }
 
     pub async fn add_repo(&self, id: u64, name: &str) {
+        self.add_repo_from(id, name, "file:///nonexistent").await;
+    }
+
+    /// Add repository `name` (branch `main`) cloned from `url`, by member `id`.
+    pub async fn add_repo_from(&self, id: u64, name: &str, url: &str) {
         let r = self
-            .post(id, "/v1/repos", &serde_json::json!({
-                "name": name, "url": "file:///nonexistent", "branch": "main", "webhook_secret": SECRET
-            }))
+            .post(
+                id,
+                "/v1/repos",
+                &serde_json::json!({
+                    "name": name, "url": url, "branch": "main", "webhook_secret": SECRET
+                }),
+            )
             .await;
         assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
     }
