@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use serde_json::json;
 use starling_proto::{Build, BuildStatus, NodeInfo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -46,15 +45,7 @@ async fn a_push_ends_up_running_on_every_node() {
     assert_eq!(built.status, BuildStatus::Succeeded, "{built:?}");
     let release = built.release.expect("a release");
 
-    // The first leader makes the CA right after it starts.
-    c.wait_for_cluster_ca().await;
-    let v: serde_json::Value = c
-        .post(1, "/v1/join-tokens", &json!({}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token = v["token"].as_str().expect("a token").to_string();
+    let token = c.join_token().await;
 
     let nodes = [
         ("eu-1", "eu"),

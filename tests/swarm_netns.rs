@@ -18,7 +18,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 use starling_harness::noise;
 use starling_harness::testbed::{Testbed, TestbedSpec};
 use starling_proto::{Build, BuildStatus, NodeInfo, ReleaseId};
@@ -69,13 +68,7 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
         "w1.log",
         &[("STARLING_TOKEN", TOKEN)],
     );
-    let v: serde_json::Value = c
-        .post(1, "/v1/join-tokens", &json!({}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token = v["token"].as_str().expect("a token").to_string();
+    let token = c.join_token().await;
     let mut nodes = Vec::new();
     for h in bed.nodes() {
         let name = format!(
@@ -140,14 +133,7 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
             "region {k} received only {copies:.3} copies"
         );
     }
-    for name in &all {
-        let blob =
-            std::fs::read(c.dir.path().join(name).join("apps/acme__web/current/blob")).unwrap();
-        assert!(
-            blob == noise(1, RELEASE as usize),
-            "{name} runs other bytes"
-        );
-    }
+    assert_run(&c, &all, 1);
 
     // The second release; two nodes and a control member die a quarter of the way in.
     std::fs::write(work.join("blob"), noise(2, RELEASE as usize)).unwrap();
@@ -186,14 +172,7 @@ async fn a_release_crosses_each_wan_link_about_once_and_survives_kills() {
         let copies = (wan_after[k] - wan_before[k]) as f64 / RELEASE as f64;
         eprintln!("with the kills, region {k} received {copies:.3} copies");
     }
-    for name in &rest {
-        let blob =
-            std::fs::read(c.dir.path().join(name).join("apps/acme__web/current/blob")).unwrap();
-        assert!(
-            blob == noise(2, RELEASE as usize),
-            "{name} runs other bytes"
-        );
-    }
+    assert_run(&c, &rest, 2);
     drop(nodes);
     drop(c);
     drop(bed);
@@ -227,6 +206,16 @@ async fn wait_running(c: &Cluster, names: &BTreeSet<String>, release: ReleaseId)
     })
     .await;
     Instant::now()
+}
+
+/// Every node in `names` runs the release whose blob is `noise(seed)`.
+fn assert_run(c: &Cluster, names: &BTreeSet<String>, seed: u64) {
+    let want = noise(seed, RELEASE as usize);
+    for name in names {
+        let blob = std::fs::read(c.dir.path().join(name).join("apps/acme__web/current/blob"))
+            .expect("the running release's blob");
+        assert!(blob == want, "{name} runs other bytes");
+    }
 }
 
 fn wan_counters(bed: &Testbed) -> Vec<u64> {

@@ -290,6 +290,17 @@ impl Cluster {
         .expect("spawn starling")
     }
 
+    /// A new join token (default lifetime), made through member 1.
+    pub async fn join_token(&self) -> String {
+        let v: serde_json::Value = self
+            .post(1, "/v1/join-tokens", &serde_json::json!({}))
+            .await
+            .json()
+            .await
+            .expect("a join token's JSON");
+        v["token"].as_str().expect("a token").to_string()
+    }
+
     /// Wait until the first leader has made the cluster CA (member 1 shows its fingerprint).
     pub async fn wait_for_cluster_ca(&self) {
         self.wait_until(
