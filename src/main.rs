@@ -153,6 +153,10 @@ struct NodeArgs {
     /// Exchanged once for this machine's certificate.
     #[arg(long, env = "STARLING_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Disk the chunk store may use (`20G`, `512M`): over it, releases older than the
+    /// current and previous one are let go. Chunks no kept release needs are always deleted.
+    #[arg(long, value_parser = parse_size)]
+    chunk_budget: Option<u64>,
 }
 
 /// A user name, or `UID:GID`, as the ids builds run under.
@@ -300,6 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                 listen: a.listen,
                 advertise: a.advertise,
                 join_token: a.join_token,
+                chunk_budget: a.chunk_budget,
             };
             starling_node::daemon::run(cfg, client).await?;
             Ok(())

@@ -22,7 +22,7 @@ use starling_proto::join_token::JoinToken;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack};
-use starling_release::{ChunkStore, FsChunkStore};
+use starling_release::{ChunkStore, FsChunkStore, OriginStore};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 
@@ -41,6 +41,10 @@ pub struct NodeConfig {
     /// The address peers reach it at (default: `listen`).
     pub advertise: Option<String>,
     pub join_token: Option<String>,
+    /// Bytes the chunk store may hold. Chunks no kept release refers to are always
+    /// deleted; over the budget, kept releases go too, down to the current and the one
+    /// before it, which stay whatever they cost.
+    pub chunk_budget: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -451,6 +455,75 @@ async fn deploy(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "removing old releases failed"),
     }
+    let (store, cfg) = (store.clone(), cfg.clone());
+    let collected = tokio::task::spawn_blocking(move || keep_within_budget(&cfg, &store)).await;
+    match collected {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "collecting chunks failed"),
+        Err(e) => tracing::warn!(error = %e, "collecting chunks failed"),
+    }
+    Ok(())
+}
+
+/// Delete the chunks no release kept on this node refers to; if the store is still over
+/// the budget, keep only the current release and the one before it, and collect again.
+fn keep_within_budget(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), String> {
+    collect_unreferenced(cfg, store)?;
+    let (Some(budget), Some(used)) = (cfg.chunk_budget, store.used_bytes()) else {
+        return Ok(());
+    };
+    if used <= budget {
+        return Ok(());
+    }
+    for repo in &cfg.repos {
+        prune(&repo_root(&cfg.data_dir, repo), 2).map_err(|e| e.to_string())?;
+    }
+    collect_unreferenced(cfg, store)?;
+    let used = store.used_bytes().unwrap_or(0);
+    if used > budget {
+        tracing::warn!(
+            used,
+            budget,
+            "the chunk store is over its budget with only the current and previous releases"
+        );
+    }
+    Ok(())
+}
+
+/// Delete every chunk that no release unpacked under this node's repositories refers to.
+/// A kept release whose manifest cannot be read stops the collection: its chunks are not
+/// known, so nothing is deleted.
+fn collect_unreferenced(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), String> {
+    let mut referenced = std::collections::HashSet::new();
+    for repo in &cfg.repos {
+        let dir = repo_root(&cfg.data_dir, repo).join("releases");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ReleaseId::parse(n).ok())
+            else {
+                continue;
+            };
+            let bytes = store
+                .get_manifest(&id)
+                .map_err(|e| format!("release {id} is kept but its manifest: {e}"))?;
+            let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+            referenced.extend(m.chunks.iter().map(|c| c.hash));
+        }
+    }
+    let held = store.list_chunks().map_err(|e| e.to_string())?;
+    let gone =
+        starling_core::retention::garbage(&held, &referenced, SystemTime::now(), Duration::ZERO);
+    for h in &gone {
+        store.delete_chunk(h).map_err(|e| e.to_string())?;
+    }
+    if !gone.is_empty() {
+        tracing::info!(chunks = gone.len(), "chunks no kept release needs deleted");
+    }
     Ok(())
 }
 
@@ -467,6 +540,77 @@ const KEEP_RELEASES: usize = 3;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node of `acme/web` with releases 1, 2, 3 unpacked (3 current, 2 the newest
+    /// other) and a stray chunk; each release is one file of its own noise.
+    fn node_with_three_releases(
+        dir: &Path,
+        budget: Option<u64>,
+    ) -> (NodeConfig, FsChunkStore, Vec<ReleaseId>) {
+        let cfg = NodeConfig {
+            name: "n1".into(),
+            region: "r".into(),
+            data_dir: dir.to_path_buf(),
+            repos: vec!["acme/web".into()],
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            join_token: None,
+            chunk_budget: budget,
+        };
+        let store = FsChunkStore::new(dir.join("chunks")).unwrap();
+        let root = repo_root(dir, "acme/web");
+        let mut ids = Vec::new();
+        for seed in 1..=3u64 {
+            let src = dir.join(format!("src{seed}"));
+            std::fs::create_dir_all(&src).unwrap();
+            let bytes: Vec<u8> = (0..200_000u64).map(|i| (i * seed % 251) as u8).collect();
+            std::fs::write(src.join("f"), bytes).unwrap();
+            let (id, _, _) =
+                starling_release::create_release(&src, &store, Default::default()).unwrap();
+            std::fs::create_dir_all(root.join("releases").join(id.to_hex())).unwrap();
+            activate(&root, &id).unwrap();
+            ids.push(id);
+            // Distinct modification times, oldest first.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        store.put_chunk(&ChunkHash::of(b"stray"), b"stray").unwrap();
+        (cfg, store, ids)
+    }
+
+    fn chunks_of(store: &FsChunkStore, id: &ReleaseId) -> Vec<ChunkHash> {
+        let m = Manifest::decode(&store.get_manifest(id).unwrap()).unwrap();
+        m.chunks.iter().map(|c| c.hash).collect()
+    }
+
+    #[test]
+    fn chunks_no_kept_release_needs_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, store, ids) = node_with_three_releases(dir.path(), None);
+        keep_within_budget(&cfg, &store).unwrap();
+        assert!(!store.has_chunk(&ChunkHash::of(b"stray")).unwrap());
+        for id in &ids {
+            for c in chunks_of(&store, id) {
+                assert!(store.has_chunk(&c).unwrap(), "a chunk of kept {id} went");
+            }
+        }
+    }
+
+    #[test]
+    fn over_budget_only_the_current_and_previous_releases_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, store, ids) = node_with_three_releases(dir.path(), Some(1));
+        let oldest = chunks_of(&store, &ids[0]);
+        keep_within_budget(&cfg, &store).unwrap();
+        let root = repo_root(dir.path(), "acme/web");
+        assert!(!root.join("releases").join(ids[0].to_hex()).exists());
+        assert!(oldest.iter().all(|c| !store.has_chunk(c).unwrap()));
+        for id in &ids[1..] {
+            assert!(root.join("releases").join(id.to_hex()).exists());
+            for c in chunks_of(&store, id) {
+                assert!(store.has_chunk(&c).unwrap(), "a chunk of pinned {id} went");
+            }
+        }
+    }
 
     #[test]
     fn a_wildcard_listener_advertises_the_address_that_reaches_the_control_plane() {
