@@ -456,11 +456,12 @@ async fn deploy(
         Err(e) => tracing::warn!(error = %e, "removing old releases failed"),
     }
     let (store, cfg) = (store.clone(), cfg.clone());
-    let collected = tokio::task::spawn_blocking(move || keep_within_budget(&cfg, &store)).await;
-    match collected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "collecting chunks failed"),
-        Err(e) => tracing::warn!(error = %e, "collecting chunks failed"),
+    let collected = tokio::task::spawn_blocking(move || keep_within_budget(&cfg, &store))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    if let Err(e) = collected {
+        tracing::warn!(error = %e, "collecting chunks failed");
     }
     Ok(())
 }
@@ -476,7 +477,11 @@ fn keep_within_budget(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), Stri
         return Ok(());
     }
     for repo in &cfg.repos {
-        prune(&repo_root(&cfg.data_dir, repo), 2).map_err(|e| e.to_string())?;
+        let root = repo_root(&cfg.data_dir, repo);
+        // A repository this node has never run has nothing to let go.
+        if root.join("releases").is_dir() {
+            prune(&root, 2).map_err(|e| e.to_string())?;
+        }
     }
     collect_unreferenced(cfg, store)?;
     let used = store.used_bytes().unwrap_or(0);
@@ -542,7 +547,7 @@ mod tests {
     use super::*;
 
     /// A node of `acme/web` with releases 1, 2, 3 unpacked (3 current, 2 the newest
-    /// other) and a stray chunk; each release is one file of its own noise.
+    /// other) and a stray chunk; each release is one file of bytes of its own.
     fn node_with_three_releases(
         dir: &Path,
         budget: Option<u64>,
@@ -551,7 +556,8 @@ mod tests {
             name: "n1".into(),
             region: "r".into(),
             data_dir: dir.to_path_buf(),
-            repos: vec!["acme/web".into()],
+            // acme/api has never run here: nothing of it to keep or let go.
+            repos: vec!["acme/web".into(), "acme/api".into()],
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             join_token: None,
