@@ -67,27 +67,32 @@ enum Event {
 /// The sources given so far, numbered as the `Fetch` knows them.
 #[derive(Default)]
 struct Sources {
-    known: HashMap<PeerId, SourceSpec>,
+    by_id: HashMap<PeerId, SourceSpec>,
     next: u64,
 }
 
 impl Sources {
     /// Number `s` if no source of its name is known; the id it gets.
     fn add(&mut self, s: &SourceSpec) -> Option<PeerId> {
-        if self.known.values().any(|k| k.name == s.name) {
+        if self.by_id.values().any(|k| k.name == s.name) {
             return None;
         }
         let id = PeerId(self.next);
         self.next += 1;
-        self.known.insert(id, s.clone());
+        self.by_id.insert(id, s.clone());
         Some(id)
+    }
+
+    fn name(&self, id: PeerId) -> &str {
+        self.by_id.get(&id).map_or("", |s| s.name.as_str())
     }
 }
 
 /// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
 /// the peers that arrive on `more` meanwhile (the tracker's later answers: a peer
-/// already known can only turn from idle to fetching). Each stored chunk is sent on `stored`, so that the node's server
-/// announces it at once. Fails if nothing happens for `stall`.
+/// already known can only turn from idle to fetching). Each stored chunk is sent on
+/// `stored`, so that the node's server announces it at once. Fails if nothing happens
+/// for `stall`.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_release(
     endpoint: Arc<PeerEndpoint>,
@@ -116,7 +121,7 @@ pub async fn fetch_release(
         )
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let mut sources_known = Sources::default();
+    let mut known = Sources::default();
     let connect = |id: PeerId, s: SourceSpec| {
         let (endpoint, tx) = (endpoint.clone(), tx.clone());
         tokio::spawn(async move {
@@ -143,7 +148,7 @@ pub async fn fetch_release(
         });
     };
     for s in sources {
-        if let Some(id) = sources_known.add(&s) {
+        if let Some(id) = known.add(&s) {
             connect(id, s);
         }
     }
@@ -157,7 +162,13 @@ pub async fn fetch_release(
                     let Some(conn) = conns.get(&peer).cloned() else {
                         continue;
                     };
-                    tracing::debug!(%chunk, to = conn.remote.node.as_str(), holders = fetch.holders(&chunk), after_ms = started.elapsed().as_millis() as u64, "asking");
+                    tracing::debug!(
+                        %chunk,
+                        to = conn.remote.node.as_str(),
+                        holders = fetch.holders(&chunk),
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "asking"
+                    );
                     let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
                     let task = tokio::spawn(async move {
                         let event = match conn.fetch(&chunk).await {
@@ -200,11 +211,7 @@ pub async fn fetch_release(
                     if let Some(c) = conns.remove(&peer) {
                         c.close(&reason);
                     }
-                    let name = sources_known
-                        .known
-                        .get(&peer)
-                        .map(|s| s.name.clone())
-                        .unwrap_or_default();
+                    let name = known.name(peer).to_string();
                     tracing::warn!(peer = %name, %reason, "peer dropped for this release");
                     report.dropped.push((name, reason));
                 }
@@ -231,10 +238,10 @@ pub async fn fetch_release(
         let event = tokio::select! {
             e = rx.recv() => e,
             Some(s) = more.recv() => {
-                if let Some(id) = sources_known.add(&s) {
+                if let Some(id) = known.add(&s) {
                     connect(id, s);
                 } else if let Some((&id, k)) =
-                    sources_known.known.iter_mut().find(|(_, k)| k.name == s.name)
+                    known.by_id.iter_mut().find(|(_, k)| k.name == s.name)
                 {
                     // Known as idle, and now fetching too (it saw the goal later).
                     if s.fetching && !k.fetching {
@@ -257,7 +264,7 @@ pub async fn fetch_release(
         match event {
             Event::Connected(id, conn) => {
                 // Every connection is to a source numbered in `known`.
-                let Some(spec) = sources_known.known.get(&id) else {
+                let Some(spec) = known.by_id.get(&id) else {
                     continue;
                 };
                 let info = PeerInfo {
@@ -271,7 +278,7 @@ pub async fn fetch_release(
             }
             Event::Have(id, have) => fetch.handle_have(now, id, &have),
             Event::Unreachable(id) => {
-                sources_known.known.remove(&id);
+                known.by_id.remove(&id);
             }
             Event::Gone(id) => {
                 conns.remove(&id);
@@ -282,7 +289,7 @@ pub async fn fetch_release(
                 fetch.handle_chunk(now, id, &chunk, true);
                 tracing::debug!(
                     %chunk,
-                    from = sources_known.known.get(&id).map_or("", |s| s.name.as_str()),
+                    from = known.name(id),
                     after_ms = started.elapsed().as_millis() as u64,
                     missing = fetch.missing(),
                     "chunk stored"
