@@ -8,10 +8,17 @@
 //! *swarm ingress* (the pick among every live node) or after `origin_patience`. So the
 //! origin sends each chunk about once, spread evenly over the regions' nodes, and each
 //! chunk crosses into each region about once. Ingress is computed over live peers: when
-//! a node goes, the chunks it brought in pass to others by themselves. Among the chunks it may ask for, a node asks for the rarest first (fewest
-//! peers hold it), ties broken differently on every node; a peer gets at most
-//! `per_peer` requests at once and the node at most `total`. When every missing chunk is
-//! in flight, the endgame asks a second peer for each, and cancels the loser.
+//! a node goes, the chunks it brought in pass to others by themselves. Those views agree
+//! only once every node knows the others: a fetch asks no one outside its region for its
+//! first `settle`.
+//!
+//! Inside the region a new chunk spreads in its rendezvous order: `fanout` more nodes may
+//! fetch it per node holding it, so that it travels as a tree and no holder is asked by
+//! everyone at once. Among the chunks it may ask for, a node asks for the rarest first
+//! (fewest peers hold it), ties broken differently on every node; a peer gets at most
+//! `per_peer` requests at once and the node at most `total`, and a peer that said it is
+//! busy is left alone for `busy_backoff`. When every missing chunk is in flight, the
+//! endgame asks a second peer for each, and cancels the loser.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
