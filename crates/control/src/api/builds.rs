@@ -13,7 +13,7 @@ use starling_proto::{
     QueueOutcome, QueueResult, Repo, RepoSpec, TriggerRequest,
 };
 
-use super::events::{long_poll_wait, reader_permit};
+use super::events::long_poll_wait;
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
 use crate::member::{now_ms, Member};
 
@@ -165,7 +165,9 @@ pub(super) async fn list_goals(
     let Some(after) = q.after.filter(|_| !wait.is_zero()) else {
         return Ok(Json(goals()));
     };
-    let _permit = reader_permit(&m)?;
+    // No reader permit, unlike the event log's long-polls: a goal poll reads a few rows
+    // and encodes no pages, and every waiting node holds a connection, which the
+    // connection limit (`--max-connections`) already bounds.
     let deadline = tokio::time::Instant::now() + wait;
     // Goals are set by commands that also append an event: the event watch wakes us.
     let mut rx = m.events.clone();

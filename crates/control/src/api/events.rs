@@ -29,7 +29,7 @@ pub(crate) const PAGE_WORKERS: usize = 4;
 /// Events per page of a stream's replay.
 const SSE_PAGE: usize = 100;
 
-pub(super) fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr> {
+fn reader_permit(m: &Member) -> Result<tokio::sync::OwnedSemaphorePermit, ApiErr> {
     m.event_readers.clone().try_acquire_owned().map_err(|_| {
         err(
             StatusCode::SERVICE_UNAVAILABLE,
