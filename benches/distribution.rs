@@ -197,11 +197,13 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Start `program args…` on `host`, its output to `log`; killed when dropped.
-fn spawn(host: &Host, program: &str, args: &[&str], log: &Path) -> Child {
+/// Start `program args…` on `host` with `env` added, its output to `log`; killed when
+/// dropped.
+fn spawn(host: &Host, program: &str, args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("a log file");
     host.command(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("a log file"))
         .stderr(log)
         .kill_on_drop(true)
@@ -286,18 +288,22 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
         .expect("adding the repository");
     let exe_s = exe.to_string_lossy().to_string();
     let url = members.url(1);
-    let worker_dir = dir.join("worker");
-    let _worker = bed
-        .builder()
-        .command(&exe)
-        .args(["--control", &url, "worker", "--name", "w1", "--data-dir"])
-        .arg(&worker_dir)
-        .env("STARLING_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("worker.log")).expect("a log"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting the worker");
+    let worker_dir = dir.join("worker").to_string_lossy().to_string();
+    let _worker = spawn(
+        bed.builder(),
+        &exe_s,
+        &[
+            "--control",
+            &url,
+            "worker",
+            "--name",
+            "w1",
+            "--data-dir",
+            &worker_dir,
+        ],
+        &[("STARLING_TOKEN", TOKEN)],
+        &dir.join("worker.log"),
+    );
     let queued = control
         .trigger(&TriggerRequest {
             repo: "bench/app".into(),
@@ -325,30 +331,30 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
     let mut nodes = Vec::new();
     for h in bed.nodes() {
         let name = node_name(h);
-        let data = dir.join(&name);
+        let data = dir.join(&name).to_string_lossy().to_string();
         let listen = format!("{}:7400", h.ip);
         let region = format!("r{}", h.region);
-        nodes.push(
-            h.command(&exe_s)
-                .args([
-                    "--control",
-                    &url,
-                    "node",
-                    "--name",
-                    &name,
-                    "--region",
-                    &region,
-                ])
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--repo", "bench/app", "--listen", &listen])
-                .env("STARLING_JOIN_TOKEN", &token)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("a log"))
-                .kill_on_drop(true)
-                .spawn()
-                .expect("starting a node"),
-        );
+        nodes.push(spawn(
+            h,
+            &exe_s,
+            &[
+                "--control",
+                &url,
+                "node",
+                "--name",
+                &name,
+                "--region",
+                &region,
+                "--data-dir",
+                &data,
+                "--repo",
+                "bench/app",
+                "--listen",
+                &listen,
+            ],
+            &[("STARLING_JOIN_TOKEN", &token)],
+            &dir.join(format!("{name}.log")),
+        ));
     }
     let n = nodes.len();
     wait_for(
@@ -413,6 +419,7 @@ async fn http(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
         bed.origin(),
         "nginx",
         &["-c", &conf_s],
+        &[],
         &dir.join("nginx.log"),
     );
     let url = format!("http://{ip}:8080/release.bin");
@@ -512,6 +519,7 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
             "-u",
             "nobody",
         ],
+        &[],
         &dir.join("opentracker.log"),
     );
     let torrent_s = torrent.to_string_lossy().to_string();
@@ -530,7 +538,13 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
     let mut seeder_args = vec!["--bt-seed-unverified=true", "-d", &seed_s];
     seeder_args.extend(common);
     seeder_args.push(&torrent_s);
-    let _seeder = spawn(bed.origin(), "aria2c", &seeder_args, &dir.join("seed.log"));
+    let _seeder = spawn(
+        bed.origin(),
+        "aria2c",
+        &seeder_args,
+        &[],
+        &dir.join("seed.log"),
+    );
     // The seed must be known to the tracker before the leechers ask it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let start_ms = now_ms();
@@ -557,7 +571,13 @@ async fn bittorrent(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> 
         let mut a = vec!["-d", &into_s, &on_done];
         a.extend(common);
         a.push(&torrent_s);
-        leechers.push(spawn(h, "aria2c", &a, &dir.join(format!("{name}.log"))));
+        leechers.push(spawn(
+            h,
+            "aria2c",
+            &a,
+            &[],
+            &dir.join(format!("{name}.log")),
+        ));
         marks.push((into.join("release.bin"), mark));
     }
     let done = wait_for(

@@ -79,14 +79,7 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
     let store_dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(starling_release::FsChunkStore::new(store_dir.path()).unwrap());
     let s = server.clone();
-    tokio::spawn(async move {
-        s.serve(starling_peer::Serving {
-            store,
-            stored: None,
-            tracker: None,
-        })
-        .await
-    });
+    tokio::spawn(async move { s.serve(starling_peer::Serving::store(store)).await });
     let conn = client.connect(addr, "eu-1-n1").await.expect("mutual TLS");
     assert_eq!(conn.remote.node, "eu-1-n1");
 

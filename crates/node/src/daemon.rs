@@ -21,7 +21,7 @@ use starling_pki::Identity;
 use starling_proto::join_token::JoinToken;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, EnrollRequest, ReleaseId};
-use starling_release::unpack::{activate, current, prune, unpack};
+use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
@@ -379,6 +379,7 @@ async fn deploy(
     root: &Path,
     release: ReleaseId,
 ) -> Result<(), String> {
+    let fetch_cfg = FetchConfig::default();
     // Where to fetch from: what the trackers say now, and again every few seconds while
     // the fetch runs (peers that start later join it), and the origins.
     let mut sources = ask_trackers(&cfg.region, members, me, release).await;
@@ -386,11 +387,13 @@ async fn deploy(
     // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
+        // Halfway through the fetch's settling, then every 3 s: by then the peers that saw
+        // the goal at the same moment have announced, and the answer arrives in time.
+        let first = fetch_cfg.settle / 2;
         tokio::spawn(async move {
-            // Half a second in (before the fetch's settling ends), then every 3 s: the peers
-            // that saw the goal at the same moment have announced by then.
-            for pause in std::iter::once(500).chain(std::iter::repeat(3000)) {
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+            let pauses = std::iter::once(first).chain(std::iter::repeat(Duration::from_secs(3)));
+            for pause in pauses {
+                tokio::time::sleep(pause).await;
                 for s in ask_trackers(&region, &members, &me, release).await {
                     if more_tx.send(s).is_err() {
                         return;
@@ -428,7 +431,7 @@ async fn deploy(
         more,
         store.clone() as Arc<dyn ChunkStore>,
         Some(stored.clone()),
-        FetchConfig::default(),
+        fetch_cfg,
         Duration::from_secs(60),
     )
     .await;
@@ -477,11 +480,7 @@ fn keep_within_budget(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), Stri
         return Ok(());
     }
     for repo in &cfg.repos {
-        let root = repo_root(&cfg.data_dir, repo);
-        // A repository this node has never run has nothing to let go.
-        if root.join("releases").is_dir() {
-            prune(&root, 2).map_err(|e| e.to_string())?;
-        }
+        prune(&repo_root(&cfg.data_dir, repo), 2).map_err(|e| e.to_string())?;
     }
     collect_unreferenced(cfg, store)?;
     let used = store.used_bytes().unwrap_or(0);
@@ -501,18 +500,8 @@ fn keep_within_budget(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), Stri
 fn collect_unreferenced(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), String> {
     let mut referenced = std::collections::HashSet::new();
     for repo in &cfg.repos {
-        let dir = repo_root(&cfg.data_dir, repo).join("releases");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Some(id) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| ReleaseId::parse(n).ok())
-            else {
-                continue;
-            };
+        let kept = unpacked(&repo_root(&cfg.data_dir, repo)).map_err(|e| e.to_string())?;
+        for (_, id) in kept {
             let bytes = store
                 .get_manifest(&id)
                 .map_err(|e| format!("release {id} is kept but its manifest: {e}"))?;

@@ -55,14 +55,7 @@ fn endpoint(ca: &ClusterCa, name: &str) -> Arc<PeerEndpoint> {
 
 fn serve(e: &Arc<PeerEndpoint>, store: Arc<dyn ChunkStore>) {
     let e = e.clone();
-    tokio::spawn(async move {
-        e.serve(Serving {
-            store,
-            stored: None,
-            tracker: None,
-        })
-        .await
-    });
+    tokio::spawn(async move { e.serve(Serving::store(store)).await });
 }
 
 /// A node holding the manifest and every `keep`-th chunk (from `offset`).

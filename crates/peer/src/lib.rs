@@ -83,9 +83,9 @@ pub struct PeerConfig {
 }
 
 /// The upload slots and the queue before them. A freed slot goes to the waiting request
-/// whose chunk this peer has sent the fewest times (then the oldest): a chunk it alone
-/// holds, just fetched, goes out before one it has already given to many, so that new
-/// chunks start spreading at once instead of waiting behind common ones.
+/// whose chunk has been asked of this peer the fewest times (then the oldest): a chunk
+/// it alone holds, just fetched, goes out before one it has already given to many, so
+/// that new chunks start spreading at once instead of waiting behind common ones.
 struct UploadSlots {
     state: std::sync::Mutex<SlotState>,
     max_waiting: usize,
@@ -94,10 +94,10 @@ struct UploadSlots {
 #[derive(Default)]
 struct SlotState {
     free: usize,
-    /// (times sent, arrival, chunk) → who waits.
+    /// (times asked, arrival, chunk) → who waits.
     waiting: std::collections::BTreeMap<(u64, u64, ChunkHash), tokio::sync::oneshot::Sender<Slot>>,
     arrivals: u64,
-    sent: std::collections::HashMap<ChunkHash, u64>,
+    asked: std::collections::HashMap<ChunkHash, u64>,
 }
 
 /// A slot; handed to the next waiter (or freed) when dropped. It travels to the waiter
@@ -120,7 +120,7 @@ impl Drop for Slot {
     }
 }
 
-/// Chunks whose sends are counted; the count starts over beyond that (a node serves a
+/// Chunks whose requests are counted; the count starts over beyond that (a node serves a
 /// few releases at a time, far fewer chunks).
 const MAX_COUNTED: usize = 1 << 16;
 
@@ -143,11 +143,11 @@ impl UploadSlots {
     async fn acquire(self: &Arc<Self>, chunk: &ChunkHash) -> Option<Slot> {
         let rx = {
             let mut s = self.lock();
-            if s.sent.len() >= MAX_COUNTED {
-                s.sent.clear();
+            if s.asked.len() >= MAX_COUNTED {
+                s.asked.clear();
             }
-            let sent = *s.sent.get(chunk).unwrap_or(&0);
-            s.sent.insert(*chunk, sent + 1);
+            let asked = *s.asked.get(chunk).unwrap_or(&0);
+            s.asked.insert(*chunk, asked + 1);
             if s.free > 0 {
                 s.free -= 1;
                 return Some(Slot(Some(self.clone())));
@@ -159,7 +159,7 @@ impl UploadSlots {
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             s.arrivals += 1;
-            let key = (sent, s.arrivals, *chunk);
+            let key = (asked, s.arrivals, *chunk);
             s.waiting.insert(key, tx);
             rx
         };
@@ -215,6 +215,17 @@ pub struct Serving {
     /// On a control member: the tracker that `Announce`s feed and `Peers` answers come
     /// from.
     pub tracker: Option<Arc<std::sync::Mutex<Tracker>>>,
+}
+
+impl Serving {
+    /// Only `store`'s chunks and manifests: no announcements, no tracker.
+    pub fn store(store: Arc<dyn ChunkStore>) -> Serving {
+        Serving {
+            store,
+            stored: None,
+            tracker: None,
+        }
+    }
 }
 
 /// Socket buffers to ask for: a window of packets at 1 Gbit/s does not fit the kernel's
@@ -745,14 +756,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_freed_slot_goes_to_the_chunk_sent_least() {
+    async fn a_freed_slot_goes_to_the_chunk_asked_for_least() {
         let s = slots(1, 2);
         let (common, fresh, other) = (
             ChunkHash::of(b"a"),
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
-        // `common` has been sent once already and holds the one slot.
+        // `common` has been asked for once already and holds the one slot.
         drop(s.acquire(&common).await);
         let held = s.acquire(&common).await.expect("a free slot");
         let mut first = Box::pin(s.acquire(&common));
@@ -764,7 +775,7 @@ mod tests {
             "a third waiter is refused"
         );
         drop(held);
-        // The chunk never sent goes first, though it came later.
+        // The chunk never asked for before goes first, though it came later.
         assert!(futures_poll(&mut first).is_none());
         let fresh_slot = second.await.expect("the slot");
         drop(fresh_slot);

@@ -47,14 +47,7 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
     );
     let addr = endpoint.local_addr().unwrap();
     let e = endpoint.clone();
-    tokio::spawn(async move {
-        e.serve(Serving {
-            store,
-            stored: None,
-            tracker: None,
-        })
-        .await
-    });
+    tokio::spawn(async move { e.serve(Serving::store(store)).await });
     (
         Served {
             addr,

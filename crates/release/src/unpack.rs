@@ -210,8 +210,31 @@ pub fn activate(root: &Path, id: &ReleaseId) -> Result<(), ReleaseError> {
 pub fn prune(root: &Path, keep: usize) -> Result<Vec<ReleaseId>, ReleaseError> {
     let dir = root.join("releases");
     let active = current(root);
-    let mut all: Vec<(std::time::SystemTime, ReleaseId)> = Vec::new();
-    for e in fs::read_dir(&dir).map_err(|e| ReleaseError::io(&dir, e))? {
+    let mut all = unpacked(root)?;
+    all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut removed = Vec::new();
+    for (_, id) in all.into_iter().skip(keep) {
+        if Some(id) == active {
+            continue;
+        }
+        let path = dir.join(id.to_hex());
+        fs::remove_dir_all(&path).map_err(|e| ReleaseError::io(&path, e))?;
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
+/// The releases unpacked under `root` (`releases/<id>`), with when each was unpacked;
+/// none if nothing ever was.
+pub fn unpacked(root: &Path) -> Result<Vec<(std::time::SystemTime, ReleaseId)>, ReleaseError> {
+    let dir = root.join("releases");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ReleaseError::io(&dir, e)),
+    };
+    let mut all = Vec::new();
+    for e in entries {
         let e = e.map_err(|e| ReleaseError::io(&dir, e))?;
         let Some(id) = e
             .file_name()
@@ -226,17 +249,7 @@ pub fn prune(root: &Path, keep: usize) -> Result<Vec<ReleaseId>, ReleaseError> {
             .map_err(|err| ReleaseError::io(&e.path(), err))?;
         all.push((at, id));
     }
-    all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut removed = Vec::new();
-    for (_, id) in all.into_iter().skip(keep) {
-        if Some(id) == active {
-            continue;
-        }
-        let path = dir.join(id.to_hex());
-        fs::remove_dir_all(&path).map_err(|e| ReleaseError::io(&path, e))?;
-        removed.push(id);
-    }
-    Ok(removed)
+    Ok(all)
 }
 
 /// The release `<root>/current` points to, if any.
