@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ChunkHash, ReleaseId};
 
-/// Version of the manifest layout; a reader refuses any other.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version of the manifest layout written now. A reader takes this one and version 1
+/// (the same layout without [`Manifest::run`]) and refuses any other.
+pub const MANIFEST_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileKind {
@@ -46,6 +47,38 @@ pub struct Manifest {
     pub archive_size: u64,
     pub files: Vec<FileEntry>,
     pub chunks: Vec<ChunkRef>,
+    /// How a node runs the release (`starling.toml`'s `[deploy]`), if it says. It is part
+    /// of the manifest, so the release id vouches for the commands a node runs.
+    pub run: Option<RunSpec>,
+}
+
+/// The commands a node runs for a release, each by `/bin/sh -c` in the release's
+/// directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Started after the switch, after the previous release's process is stopped; it
+    /// keeps running as the release's process.
+    pub start: Option<String>,
+    /// Run until it exits 0 (or the node gives up): the release is healthy.
+    pub health: Option<String>,
+}
+
+/// Version 1: a manifest without `run`.
+#[derive(Deserialize)]
+struct ManifestV1 {
+    version: u32,
+    archive_size: u64,
+    files: Vec<FileEntry>,
+    chunks: Vec<ChunkRef>,
+}
+
+#[derive(Serialize)]
+struct ManifestV1Ref<'a> {
+    version: u32,
+    archive_size: u64,
+    files: &'a [FileEntry],
+    chunks: &'a [ChunkRef],
 }
 
 /// Why a manifest could not be read or written.
@@ -60,19 +93,45 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// The canonical encoding (postcard: deterministic, positional).
+    /// The canonical encoding (postcard: deterministic, positional), in the layout of its
+    /// version, so that a version 1 manifest read back still hashes to its id.
     pub fn encode(&self) -> Result<Vec<u8>, ManifestError> {
-        postcard::to_allocvec(self).map_err(|e| ManifestError::Encode(e.to_string()))
+        let encoded = match (self.version, &self.run) {
+            (1, None) => postcard::to_allocvec(&ManifestV1Ref {
+                version: 1,
+                archive_size: self.archive_size,
+                files: &self.files,
+                chunks: &self.chunks,
+            }),
+            (1, Some(_)) => {
+                return Err(ManifestError::Encode(
+                    "a version 1 manifest has no run section".into(),
+                ))
+            }
+            _ => postcard::to_allocvec(self),
+        };
+        encoded.map_err(|e| ManifestError::Encode(e.to_string()))
     }
 
     /// Decode and check the version; bad input is an error, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let m: Manifest =
-            postcard::from_bytes(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-        if m.version != MANIFEST_VERSION {
-            return Err(ManifestError::Version(m.version));
+        let malformed = |e: postcard::Error| ManifestError::Malformed(e.to_string());
+        // The version leads every layout.
+        let (version, _) = postcard::take_from_bytes::<u32>(bytes).map_err(malformed)?;
+        match version {
+            1 => {
+                let m: ManifestV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+                Ok(Manifest {
+                    version: m.version,
+                    archive_size: m.archive_size,
+                    files: m.files,
+                    chunks: m.chunks,
+                    run: None,
+                })
+            }
+            MANIFEST_VERSION => postcard::from_bytes(bytes).map_err(malformed),
+            v => Err(ManifestError::Version(v)),
         }
-        Ok(m)
     }
 
     /// The release id: BLAKE3 of the canonical encoding.
@@ -107,18 +166,51 @@ mod tests {
                 hash: ChunkHash::of(b"abc"),
                 size: 3,
             }],
+            run: Some(RunSpec {
+                start: Some("bin/server".into()),
+                health: None,
+            }),
         };
         assert_eq!(m.id(), m.clone().id());
+        let mut no_start = m.clone();
+        no_start.run = None;
+        assert_ne!(m.id(), no_start.id(), "the id vouches for the commands");
         assert_eq!(Manifest::decode(&m.encode().unwrap()), Ok(m.clone()));
         let mut other = m.clone();
         other.files[0].mode = 0o755;
         assert_ne!(m.id(), other.id());
         let mut future = m;
-        future.version = 2;
+        future.version = 3;
         assert_eq!(
             Manifest::decode(&future.encode().unwrap()),
             Err(ManifestError::Version(future.version))
         );
         assert!(Manifest::decode(b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn version_1_manifests_still_read() {
+        // Version 1's layout, written out independently of the reader's types.
+        #[derive(Serialize)]
+        struct V1 {
+            version: u32,
+            archive_size: u64,
+            files: Vec<FileEntry>,
+            chunks: Vec<ChunkRef>,
+        }
+        let chunks = vec![ChunkRef {
+            hash: ChunkHash::of(b"abc"),
+            size: 3,
+        }];
+        let old = postcard::to_allocvec(&V1 {
+            version: 1,
+            archive_size: 3,
+            files: Vec::new(),
+            chunks: chunks.clone(),
+        })
+        .unwrap();
+        let m = Manifest::decode(&old).unwrap();
+        assert_eq!(m.encode().unwrap(), old, "read back, it hashes to its id");
+        assert_eq!((m.version, m.chunks, m.run), (1, chunks, None));
     }
 }

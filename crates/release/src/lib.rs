@@ -23,7 +23,7 @@ use std::sync::{Condvar, Mutex};
 use archive::ArchivePlan;
 use cuts::CutPlanner;
 
-use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
+use starling_proto::release::{ChunkRef, Manifest, RunSpec, MANIFEST_VERSION};
 use starling_proto::{ChunkHash, ReleaseId};
 
 #[cfg(feature = "s3")]
@@ -120,17 +120,48 @@ pub fn create_release(
     store: &dyn ChunkStore,
     sizes: ChunkSizes,
 ) -> Result<(ReleaseId, Manifest, ReleaseStats), ReleaseError> {
-    create_release_within(dir, store, sizes, u64::MAX)
+    create_release_with(
+        dir,
+        store,
+        ReleaseOptions {
+            sizes,
+            ..ReleaseOptions::default()
+        },
+    )
 }
 
-/// [`create_release`], refused with [`ReleaseError::TooLarge`] before anything is stored
-/// when the archive would exceed `max_bytes` (known from the listing, before any read).
-pub fn create_release_within(
+/// How [`create_release_with`] makes a release.
+#[derive(Debug, Clone)]
+pub struct ReleaseOptions {
+    pub sizes: ChunkSizes,
+    /// Refused with [`ReleaseError::TooLarge`] before anything is stored when the
+    /// archive would be larger (known from the listing, before any read).
+    pub max_bytes: u64,
+    /// How nodes run it, written into the manifest.
+    pub run: Option<RunSpec>,
+}
+
+impl Default for ReleaseOptions {
+    fn default() -> Self {
+        ReleaseOptions {
+            sizes: ChunkSizes::default(),
+            max_bytes: u64::MAX,
+            run: None,
+        }
+    }
+}
+
+/// [`create_release`] with a size limit and run commands.
+pub fn create_release_with(
     dir: &Path,
     store: &dyn ChunkStore,
-    sizes: ChunkSizes,
-    max_bytes: u64,
+    opts: ReleaseOptions,
 ) -> Result<(ReleaseId, Manifest, ReleaseStats), ReleaseError> {
+    let ReleaseOptions {
+        sizes,
+        max_bytes,
+        run,
+    } = opts;
     let files = archive::list(dir)?;
     let plan = ArchivePlan::new(&files)?;
     if plan.len() > max_bytes {
@@ -189,6 +220,7 @@ pub fn create_release_within(
         archive_size: stats.archive_bytes,
         files,
         chunks,
+        run,
     };
     let (id, encoded) = manifest.encode_with_id()?;
     store.put_manifest(&id, &encoded)?;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use starling_proto::parse_duration;
+use starling_proto::release::RunSpec;
 
 pub const SPEC_FILE: &str = "starling.toml";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -33,14 +34,8 @@ pub struct BuildSpec {
     pub output: String,
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
-    pub deploy: Option<DeploySpec>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeploySpec {
-    pub start: Option<String>,
-    pub health: Option<String>,
+    /// `[deploy]`: carried in the release's manifest for the nodes to run.
+    pub deploy: Option<RunSpec>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,7 +50,7 @@ pub enum SpecError {
 #[serde(deny_unknown_fields)]
 struct File {
     build: RawBuild,
-    deploy: Option<DeploySpec>,
+    deploy: Option<RunSpec>,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +168,9 @@ health = "curl -fsS http://127.0.0.1:8080/healthz"
             "[build]\ncommand = \"x\"\noutput = \"d\"\nenv = { STARLING_SHA = \"1\" }\n"
         ));
         assert!(bad("[deploy]\nstart = \"x\"\n"));
+        assert!(bad(
+            "[build]\ncommand = \"x\"\noutput = \"d\"\n[deploy]\nstrat = \"x\"\n"
+        ));
         assert!(bad("not toml at all ["));
     }
 }

@@ -13,7 +13,7 @@ use starling_client::{ClientError, ControlClient};
 use starling_core::build_result::{release_stored, Finish};
 use starling_core::retry::backoff;
 use starling_proto::{ChunkHash, CompleteRequest, HeartbeatRequest, Lease, ReleaseId, WorkerId};
-use starling_release::{create_release_within, ChunkSizes, ChunkStore, PackStore, ReleaseError};
+use starling_release::{create_release_with, ChunkStore, PackStore, ReleaseError, ReleaseOptions};
 use tokio::sync::watch;
 
 use crate::runner::{run, Isolation, RunRequest};
@@ -380,13 +380,14 @@ async fn execute(
     };
     // The size limit is checked before anything is stored: an oversized release leaves
     // no trace.
-    let limit = lease.max_release_bytes;
+    let opts = ReleaseOptions {
+        max_bytes: lease.max_release_bytes,
+        run: spec.deploy.clone(),
+        ..ReleaseOptions::default()
+    };
     let made = {
         let pack = pack.clone();
-        tokio::task::spawn_blocking(move || {
-            create_release_within(&output, pack.as_ref(), ChunkSizes::default(), limit)
-        })
-        .await
+        tokio::task::spawn_blocking(move || create_release_with(&output, pack.as_ref(), opts)).await
     };
     let (id, manifest, _) = match made {
         Ok(Ok(m)) => m,
