@@ -301,6 +301,9 @@ last lines of its output:"
                 return print_json(&nodes);
             }
             println!("{}", tables::fleet(&nodes).trim_fmt());
+            if let Some(failed) = tables::failures(&nodes) {
+                println!("\n{}", failed.trim_fmt());
+            }
         }
         ClientCmd::JoinToken(JoinTokenCmd::Create { ttl }) => {
             let reply = c.create_join_token(ttl).await?;

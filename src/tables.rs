@@ -2,7 +2,7 @@
 //! turns records into a [`Table`]; nothing here talks to the control plane.
 
 use comfy_table::{presets, CellAlignment, Table};
-use starling_proto::{Build, ClusterStatus, NodeInfo, Release, Repo};
+use starling_proto::{AppState, Build, ClusterStatus, NodeInfo, Release, Repo};
 
 /// A borderless table with a header, like `kubectl get`.
 fn table(header: &[&str]) -> Table {
@@ -100,24 +100,47 @@ pub fn releases(rels: &[Release]) -> Table {
     t
 }
 
-/// Per region and release, how many nodes run it (and how many are fetching or idle).
+/// Per region, repository, release and state, how many nodes are there; then each
+/// failed node with its reason.
 pub fn fleet(nodes: &[NodeInfo]) -> Table {
-    let mut counts: std::collections::BTreeMap<(String, String, String), usize> =
-        std::collections::BTreeMap::new();
+    type Row = (String, String, String, AppState);
+    let mut counts: std::collections::BTreeMap<Row, usize> = std::collections::BTreeMap::new();
     for n in nodes {
-        let release = n
-            .release
-            .map_or_else(|| "-".into(), |r| short(&r.to_hex()).to_string());
-        *counts
-            .entry((n.region.clone(), release, n.state.clone()))
-            .or_default() += 1;
+        for a in &n.apps {
+            let release = a
+                .release
+                .map_or_else(|| "-".into(), |r| short(&r.to_hex()).to_string());
+            *counts
+                .entry((n.region.clone(), a.repo.clone(), release, a.state))
+                .or_default() += 1;
+        }
     }
-    let mut t = table(&["REGION", "RELEASE", "STATE", "NODES"]);
-    for ((region, release, state), n) in counts {
-        t.add_row(vec![region, release, state, n.to_string()]);
+    let mut t = table(&["REGION", "REPO", "RELEASE", "STATE", "NODES"]);
+    for ((region, repo, release, state), n) in counts {
+        t.add_row(vec![
+            region,
+            repo,
+            release,
+            state.to_string(),
+            n.to_string(),
+        ]);
     }
-    numbers(&mut t, &[3]);
+    numbers(&mut t, &[4]);
     t
+}
+
+/// The nodes whose repositories failed, and why.
+pub fn failures(nodes: &[NodeInfo]) -> Option<Table> {
+    let mut t = table(&["NODE", "REGION", "REPO", "ERROR"]);
+    let mut any = false;
+    for n in nodes {
+        for a in n.apps.iter().filter(|a| a.state == AppState::Failed) {
+            let error = a.error.clone().unwrap_or_default();
+            t.add_row(vec![n.id.clone(), n.region.clone(), a.repo.clone(), error]);
+            any = true;
+        }
+    }
+    any.then_some(t)
 }
 
 pub fn members(st: &ClusterStatus) -> Table {
@@ -222,5 +245,70 @@ mod tests {
         let text = members(&st).trim_fmt();
         assert!(text.contains("127.0.0.1:7001  voter"), "{text}");
         assert!(text.contains("127.0.0.1:7002  leader"), "{text}");
+    }
+
+    #[test]
+    fn the_fleet_is_counted_per_repository_and_failures_say_why() {
+        use starling_proto::{AppReport, ReleaseId};
+        let r = ReleaseId::of(b"r");
+        let node = |id: &str, state: AppState, error: Option<&str>| {
+            let apps = vec![
+                AppReport {
+                    repo: "acme/web".into(),
+                    release: Some(r),
+                    activated_at: Some(1),
+                    state,
+                    error: error.map(str::to_string),
+                },
+                AppReport {
+                    repo: "acme/api".into(),
+                    release: None,
+                    activated_at: None,
+                    state: AppState::Idle,
+                    error: None,
+                },
+            ];
+            let (release, activated_at, state, error) = NodeInfo::summary(&apps);
+            NodeInfo {
+                id: id.into(),
+                region: "eu".into(),
+                address: "10.0.0.1:7400".into(),
+                release,
+                state,
+                last_seen: 1,
+                activated_at,
+                error,
+                apps,
+            }
+        };
+        let nodes = [
+            node("n1", AppState::Running, None),
+            node("n2", AppState::Running, None),
+            node("n3", AppState::Failed, Some("health: exit status 1")),
+        ];
+        assert_eq!(nodes[2].state, AppState::Failed);
+        assert_eq!(nodes[0].release, None, "acme/api comes first by name");
+        let text = fleet(&nodes).trim_fmt();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let hex = r.to_hex();
+        let short = short(&hex);
+        assert_eq!(
+            rows,
+            [
+                vec!["REGION", "REPO", "RELEASE", "STATE", "NODES"],
+                vec!["eu", "acme/api", "-", "idle", "3"],
+                vec!["eu", "acme/web", short, "running", "2"],
+                vec!["eu", "acme/web", short, "failed", "1"],
+            ]
+        );
+        let failed = failures(&nodes).unwrap().trim_fmt();
+        assert!(
+            failed.contains("n3    eu      acme/web  health: exit status 1"),
+            "{failed}"
+        );
+        assert!(failures(&nodes[..2]).is_none());
     }
 }

@@ -94,8 +94,13 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
                 addr: addr.to_string(),
                 holds: vec![release],
                 fetching: vec![],
-                current: Some(release),
-                activated_at: Some(1_700_000_000_000),
+                apps: vec![starling_proto::AppReport {
+                    repo: "acme/web".into(),
+                    release: Some(release),
+                    activated_at: Some(1_700_000_000_000),
+                    state: starling_proto::AppState::Running,
+                    error: None,
+                }],
             };
             m.announce(&a).await.unwrap();
             announced = true;

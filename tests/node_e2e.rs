@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use starling_proto::{Build, BuildStatus, NodeInfo};
+use starling_proto::{AppState, Build, BuildStatus, NodeInfo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_ends_up_running_on_every_node() {
@@ -77,7 +77,7 @@ async fn a_push_ends_up_running_on_every_node() {
         .wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
             n.len() == 4
                 && n.iter()
-                    .all(|x| x.release == Some(release) && x.state == "running")
+                    .all(|x| x.release == Some(release) && x.state == AppState::Running)
         })
         .await;
     assert!(seen.iter().all(|n| n.activated_at.is_some()));
@@ -138,7 +138,7 @@ async fn a_push_ends_up_running_on_every_node() {
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
         n.len() == 4
             && n.iter()
-                .all(|x| x.release == Some(release) && x.state == "running")
+                .all(|x| x.release == Some(release) && x.state == AppState::Running)
     })
     .await;
     let again: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
@@ -186,7 +186,7 @@ async fn a_push_ends_up_running_on_every_node() {
             x.id == "eu-1"
                 && x.address != old_address
                 && x.release == Some(release)
-                && x.state == "running"
+                && x.state == AppState::Running
         }) && n.len() == 4
     })
     .await;
@@ -212,4 +212,230 @@ fn count_files(dir: &std::path::Path) -> usize {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Kills the process groups the nodes started (they outlive the nodes, as services do)
+/// when the test ends, passed or not.
+struct Services(Vec<std::path::PathBuf>);
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for record in &self.0 {
+            for pid in pids_under(record) {
+                // SAFETY: getpgid(2) and kill(2) on the process group of a process this
+                // test's nodes started; no memory-safety preconditions.
+                unsafe {
+                    let group = libc::getpgid(pid);
+                    if group > 1 {
+                        libc::kill(-group, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The pids every release under a node's `apps/acme__web/releases` wrote.
+fn pids_under(releases: &std::path::Path) -> Vec<i32> {
+    std::fs::read_dir(releases)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())
+                .filter_map(|p| p.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+}
+
+/// Commit `files` to `work`, push, and wait for build `n`'s release.
+async fn push(
+    c: &Cluster,
+    work: &std::path::Path,
+    n: u64,
+    files: &[(&str, &str)],
+) -> starling_proto::ReleaseId {
+    for (name, text) in files {
+        std::fs::write(work.join(name), text).unwrap();
+    }
+    git(work, &["add", "."]);
+    git(work, &["commit", "-q", "-m", &format!("change {n}")]);
+    let sha = git(work, &["rev-parse", "HEAD"]);
+    if n == 1 {
+        c.add_repo_from(1, "acme/app", &format!("file://{}", work.display()))
+            .await;
+    }
+    let (body, sig) = github_push("acme/app", "main", &sha, SECRET);
+    let r = send_github(&c.http, &c.url(1), "push", &format!("d-{n}"), body, &sig)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let b: Build = c
+        .wait_for_json(1, &format!("/v1/builds/{n}"), |b: &Build| {
+            b.status.is_terminal()
+        })
+        .await;
+    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
+    b.release.expect("a release")
+}
+
+/// `[deploy]`: each node stops the previous release's process and starts the new one,
+/// waits for its health command, reports a release that does not come up as failed with
+/// the reason, and finds its running process again after it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn releases_run_their_start_and_health_commands() {
+    let c = Cluster::start(1, &[]).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    let spec = |start: &str| {
+        format!(
+            "[build]\ncommand = \"mkdir -p dist && cp app.sh dist/\"\noutput = \"dist\"\n\
+             [deploy]\nstart = \"{start}\"\nhealth = \"test -f ready\"\n"
+        )
+    };
+    let _worker = c.spawn_starling(
+        &["worker", "--name", "w1", "--data-dir", "w1"],
+        "w1.log",
+        &[("STARLING_TOKEN", TOKEN)],
+    );
+    // The service: says who it is, becomes ready, and runs until stopped.
+    let app = |v: &str| format!("echo $$ > pid; echo {v} > version; touch ready; exec sleep 600\n");
+    let first = push(
+        &c,
+        &work,
+        1,
+        &[
+            ("starling.toml", &spec("sh app.sh")),
+            ("app.sh", &app("one")),
+        ],
+    )
+    .await;
+    let token = c.join_token().await;
+    let names = ["n1", "n2"];
+    let node_args = |name: &'static str| {
+        vec![
+            "node",
+            "--name",
+            name,
+            "--region",
+            "eu",
+            "--data-dir",
+            name,
+            "--repo",
+            "acme/app",
+            "--listen",
+            "127.0.0.1:0",
+        ]
+    };
+    let releases = |name: &str| c.dir.path().join(name).join("apps/acme__app/releases");
+    let _services = Services(names.iter().map(|n| releases(n)).collect());
+    let mut nodes: Vec<_> = names
+        .iter()
+        .map(|n| {
+            c.spawn_starling(
+                &node_args(n),
+                &format!("{n}.log"),
+                &[("STARLING_JOIN_TOKEN", token.as_str())],
+            )
+        })
+        .collect();
+    let running = |release| {
+        move |n: &Vec<NodeInfo>| {
+            n.len() == 2
+                && n.iter()
+                    .all(|x| x.release == Some(release) && x.state == AppState::Running)
+        }
+    };
+    c.wait_for_json(1, "/v1/nodes", running(first)).await;
+    let pid_of = |name: &str, release: starling_proto::ReleaseId| -> i32 {
+        let f = releases(name).join(release.to_hex()).join("pid");
+        std::fs::read_to_string(&f).unwrap().trim().parse().unwrap()
+    };
+    let first_pids: Vec<i32> = names.iter().map(|n| pid_of(n, first)).collect();
+    assert!(first_pids.iter().all(|p| alive(*p)), "{first_pids:?}");
+
+    // A new release: the old process is stopped before the new one starts.
+    let second = push(&c, &work, 2, &[("app.sh", &app("two"))]).await;
+    c.wait_for_json(1, "/v1/nodes", running(second)).await;
+    for (i, n) in names.iter().enumerate() {
+        assert!(
+            !alive(first_pids[i]),
+            "{n}: the first release's process still runs"
+        );
+        assert!(
+            alive(pid_of(n, second)),
+            "{n}: the second release's process is not running"
+        );
+    }
+
+    // A release whose process dies at once is reported failed, with the reason.
+    let third = push(
+        &c,
+        &work,
+        3,
+        &[("starling.toml", &spec("echo broken >&2; exit 3"))],
+    )
+    .await;
+    let failed: Vec<NodeInfo> = c
+        .wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+            n.len() == 2
+                && n.iter()
+                    .all(|x| x.state == AppState::Failed && x.release == Some(third))
+        })
+        .await;
+    for n in &failed {
+        let error = n.error.as_deref().unwrap_or_default();
+        assert!(error.contains("exit status: 3"), "{}: {error}", n.id);
+        assert_eq!(n.apps[0].error.as_deref(), Some(error));
+    }
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["--control", &c.url(1), "status"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("failed") && text.contains("exit status: 3"),
+        "{text}"
+    );
+
+    // Back to the second release.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["--control", &c.url(1), "deploy", "acme/app", "--release"])
+        .arg(second.to_string())
+        .env("STARLING_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    c.wait_for_json(1, "/v1/nodes", running(second)).await;
+    let pid = pid_of("n1", second);
+    assert!(alive(pid));
+
+    // n1 is killed and started again: it finds the running process, starts no second one.
+    // (Its new announcement comes from a new address.)
+    let old: Vec<NodeInfo> = c.get_json(&format!("{}/v1/nodes", c.url(1))).await;
+    let old_address = old.iter().find(|x| x.id == "n1").map(|x| x.address.clone());
+    nodes[0].kill().await.unwrap();
+    nodes[0] = c.spawn_starling(&node_args("n1"), "n1.again.log", &[]);
+    c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+        n.iter().any(|x| {
+            x.id == "n1"
+                && Some(&x.address) != old_address.as_ref()
+                && x.release == Some(second)
+                && x.state == AppState::Running
+        })
+    })
+    .await;
+    assert_eq!(pid_of("n1", second), pid, "a second process was started");
+    assert!(alive(pid));
 }

@@ -200,8 +200,11 @@ async fn push_and_build(c: &Cluster, work: &Path, n: u64) -> (ReleaseId, Instant
 async fn wait_running(c: &Cluster, names: &BTreeSet<String>, release: ReleaseId) -> Instant {
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
         names.iter().all(|name| {
-            n.iter()
-                .any(|x| &x.id == name && x.release == Some(release) && x.state == "running")
+            n.iter().any(|x| {
+                &x.id == name
+                    && x.release == Some(release)
+                    && x.state == starling_proto::AppState::Running
+            })
         })
     })
     .await;

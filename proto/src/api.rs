@@ -346,14 +346,102 @@ pub struct NodeInfo {
     pub region: String,
     /// Where it serves chunks.
     pub address: String,
-    /// The release it runs now.
+    /// The release it runs now (of its first repository, by name; `apps` has each).
     pub release: Option<crate::ReleaseId>,
-    /// `running` (a release is active), `fetching`, or `idle`.
-    pub state: String,
+    /// The most pressing of its repositories' states: `failed`, then `fetching`,
+    /// `starting`, `running`, `idle`.
+    pub state: AppState,
     /// When it last announced itself (ms since the epoch).
     pub last_seen: Millis,
     /// When it switched to `release` (ms since the epoch).
     pub activated_at: Option<Millis>,
+    /// Why it failed, when `state` is `failed`.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Each repository it runs.
+    #[serde(default)]
+    pub apps: Vec<AppReport>,
+}
+
+impl NodeInfo {
+    /// The node-wide fields from its repositories' reports (the first by name gives
+    /// `release` and `activated_at`).
+    pub fn summary(
+        apps: &[AppReport],
+    ) -> (
+        Option<crate::ReleaseId>,
+        Option<Millis>,
+        AppState,
+        Option<String>,
+    ) {
+        let first = apps.iter().min_by(|a, b| a.repo.cmp(&b.repo));
+        let worst = apps.iter().max_by_key(|a| a.state.urgency());
+        (
+            first.and_then(|a| a.release),
+            first.and_then(|a| a.activated_at),
+            worst.map_or(AppState::Idle, |a| a.state),
+            worst.and_then(|a| a.error.clone()),
+        )
+    }
+}
+
+/// What a node is doing with one repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    /// No release yet.
+    Idle,
+    /// Fetching, unpacking or switching to the goal's release.
+    Fetching,
+    /// Its start command runs; the health command has not passed yet.
+    Starting,
+    /// Switched to the release; its process runs and passed its health command (either
+    /// may be absent).
+    Running,
+    /// The last step failed; `error` says why.
+    Failed,
+}
+
+impl AppState {
+    /// How much a node in this state needs attention, for the node-wide state.
+    fn urgency(self) -> u8 {
+        match self {
+            AppState::Idle => 0,
+            AppState::Running => 1,
+            AppState::Starting => 2,
+            AppState::Fetching => 3,
+            AppState::Failed => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Idle => "idle",
+            AppState::Fetching => "fetching",
+            AppState::Starting => "starting",
+            AppState::Running => "running",
+            AppState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One repository on a node, as the node reports it (on the wire in its `Announce`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppReport {
+    pub repo: String,
+    /// The release it runs (or last ran, when failed or fetching the next).
+    pub release: Option<crate::ReleaseId>,
+    /// When it switched to `release` (ms since the epoch).
+    pub activated_at: Option<Millis>,
+    pub state: AppState,
+    /// Why, when `state` is `failed`; at most [`crate::peer::MAX_REASON`] bytes.
+    pub error: Option<String>,
 }
 
 /// `GET /v1/goals?repo=`: what each repository's environments should run.

@@ -9,12 +9,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChunkHash, ReleaseId};
+use crate::{AppReport, ChunkHash, ReleaseId};
 
-/// The TLS application protocol (ALPN) of version 1.
-pub const ALPN: &[u8] = b"starling-peer/1";
+/// The TLS application protocol (ALPN) of version 2.
+pub const ALPN: &[u8] = b"starling-peer/2";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -28,6 +29,8 @@ pub const MAX_NAME: usize = 256;
 pub const MAX_MANIFEST_BYTES: u32 = 64 * 1024 * 1024;
 /// Most releases one `Announce` names, and most peers one `Peers` carries.
 pub const MAX_LIST: usize = 256;
+/// Longest error a node reports for one repository.
+pub const MAX_REASON: usize = 1024;
 
 /// Why a peer will not send a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,9 +101,8 @@ pub enum Frame {
         addr: String,
         holds: Vec<ReleaseId>,
         fetching: Vec<ReleaseId>,
-        /// The release it runs, and since when (ms since the epoch).
-        current: Option<ReleaseId>,
-        activated_at: Option<u64>,
+        /// What it does with each of its repositories.
+        apps: Vec<AppReport>,
     },
     /// Peers to fetch `release` from: the asker's region first.
     Peers {
@@ -153,8 +155,15 @@ impl Frame {
                 addr,
                 holds,
                 fetching,
-                ..
-            } if long(addr) || holds.len() > MAX_LIST || fetching.len() > MAX_LIST => {
+                apps,
+            } if long(addr)
+                || holds.len() > MAX_LIST
+                || fetching.len() > MAX_LIST
+                || apps.len() > MAX_LIST
+                || apps.iter().any(|a| {
+                    long(&a.repo) || a.error.as_ref().is_some_and(|e| e.len() > MAX_REASON)
+                }) =>
+            {
                 Err(WireError::Limit("announce over its limits"))
             }
             Frame::Peers { peers, .. }
@@ -268,8 +277,13 @@ mod tests {
                 addr: "10.0.0.1:7000".into(),
                 holds: vec![r],
                 fetching: vec![],
-                current: Some(r),
-                activated_at: Some(1),
+                apps: vec![AppReport {
+                    repo: "acme/web".into(),
+                    release: Some(r),
+                    activated_at: Some(1),
+                    state: crate::AppState::Failed,
+                    error: Some("health: exit status 1".into()),
+                }],
             },
             Frame::Peers {
                 release: r,
@@ -327,6 +341,19 @@ mod tests {
             Frame::decode_body(&body),
             Err(WireError::Limit(_))
         ));
+        let long_error = Frame::Announce {
+            addr: "a".into(),
+            holds: vec![],
+            fetching: vec![],
+            apps: vec![AppReport {
+                repo: "r".into(),
+                release: None,
+                activated_at: None,
+                state: crate::AppState::Failed,
+                error: Some("e".repeat(MAX_REASON + 1)),
+            }],
+        };
+        assert!(long_error.encode().is_err());
     }
 
     #[test]

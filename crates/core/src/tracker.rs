@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use starling_proto::ReleaseId;
+use starling_proto::{AppReport, ReleaseId};
 
 /// One node's announcement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,9 +27,8 @@ pub struct Announce {
     pub holds: Vec<ReleaseId>,
     /// Releases it is fetching now.
     pub fetching: Vec<ReleaseId>,
-    /// The release it runs, and since when (ms since the epoch).
-    pub current: Option<ReleaseId>,
-    pub activated_at: Option<u64>,
+    /// What it does with each of its repositories.
+    pub apps: Vec<AppReport>,
 }
 
 /// A peer handed out for a release.
@@ -152,8 +151,7 @@ mod tests {
             addr: format!("{node}:7000"),
             holds: holds.to_vec(),
             fetching: fetching.to_vec(),
-            current: None,
-            activated_at: None,
+            apps: Vec::new(),
         }
     }
 

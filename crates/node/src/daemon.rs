@@ -4,9 +4,11 @@
 //! its region first, other regions next, the origin last — unpacks it, switches to it and
 //! says so in its next announcement.
 //!
-//! It keeps the last three releases unpacked. Not yet: running the repository's start
-//! and health commands, reporting failures as such, a disk budget for the chunk store,
-//! and long-polling the goal instead of asking every two seconds.
+//! Once switched, it stops the previous release's process and runs the new release's
+//! `[deploy]` commands ([`crate::app`]), and reports each repository's state — fetching,
+//! starting, running or failed, with the reason — in its announcements, which are what
+//! `GET /v1/nodes` shows. It long-polls the goals, keeps the last three releases
+//! unpacked, and keeps its chunk store within its budget.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,13 +21,16 @@ use starling_client::ControlClient;
 use starling_peer::{Announcement, PeerConfig, PeerConn, PeerEndpoint, Serving};
 use starling_pki::Identity;
 use starling_proto::join_token::JoinToken;
-use starling_proto::release::Manifest;
-use starling_proto::{ChunkHash, EnrollRequest, ReleaseId};
+use starling_proto::peer::MAX_REASON;
+use starling_proto::release::{Manifest, RunSpec};
+use starling_proto::{AppReport, AppState, ChunkHash, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
+use crate::app::{wait_healthy, AppProcess, HEALTH_DEADLINE, STOP_GRACE};
 use crate::fetcher::{fetch_release, SourceSpec};
 
 /// How a node runs.
@@ -212,21 +217,18 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     }
     tracing::info!(node = %cfg.name, region = %cfg.region, %advertise, "node serving");
     let mut members: BTreeMap<String, Arc<PeerConn>> = BTreeMap::new();
-    // What runs already (the node restarted): announced as such from the start.
-    let mut activated: BTreeMap<String, (ReleaseId, u64)> = cfg
+    let mut apps: Vec<App> = cfg
         .repos
         .iter()
-        .filter_map(|repo| {
-            let root = repo_root(&cfg.data_dir, repo);
-            let id = current(&root)?;
-            let since = std::fs::symlink_metadata(root.join("current"))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
-            Some((repo.clone(), (id, since)))
-        })
+        .map(|repo| App::resume(repo, &cfg.data_dir))
         .collect();
+    // What ran before the node restarted runs again, unless its process still runs.
+    for app in &mut apps {
+        if let (Some(release), None) = (app.report.release, &app.process) {
+            let run = run_spec(store.as_ref(), &release);
+            app.launch(release, run, |_| async {}).await;
+        }
+    }
     let mut last_announce = std::time::Instant::now() - Duration::from_secs(60);
     // The newest goal seen: the long-poll answers as soon as one newer is set.
     let mut seen_goal: Option<u64> = None;
@@ -255,6 +257,11 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 }
             }
         }
+        for app in &mut apps {
+            if app.watch() {
+                last_announce = std::time::Instant::now() - Duration::from_secs(60);
+            }
+        }
         let read = match seen_goal {
             None => control.goals(None).await,
             Some(after) => control.goals_after(after, GOAL_POLL).await,
@@ -268,39 +275,57 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             }
         };
         seen_goal = goals.iter().map(|g| g.at).max().max(seen_goal).or(Some(0));
-        for repo in &cfg.repos {
-            let Some(goal) = goals.iter().find(|g| &g.repo == repo && g.env == "default") else {
+        for i in 0..apps.len() {
+            let Some(goal) = goals
+                .iter()
+                .find(|g| g.repo == apps[i].report.repo && g.env == "default")
+            else {
                 continue;
             };
-            let root = repo_root(&cfg.data_dir, repo);
-            if current(&root) == Some(goal.release) {
+            if !apps[i].wants(goal.release) {
                 continue;
             }
-            let me = announcement(&advertise, &activated);
-            match deploy(
-                &cfg,
-                &endpoint,
-                &members,
-                &store,
-                &stored,
-                &me,
-                &root,
-                goal.release,
+            let release = goal.release;
+            let span = tracing::info_span!("deployment", repo = %apps[i].report.repo, %release);
+            apps[i].report.state = AppState::Fetching;
+            apps[i].report.error = None;
+            let me = announcement(&advertise, &apps);
+            let root = apps[i].root.clone();
+            let fetched = deploy(
+                &cfg, &endpoint, &members, &store, &stored, &me, &root, release,
             )
-            .await
-            {
-                Ok(()) => {
-                    activated.insert(repo.clone(), (goal.release, now_ms()));
-                    tracing::info!(%repo, release = %goal.release, "release active");
-                    last_announce = std::time::Instant::now() - Duration::from_secs(60);
+            .instrument(span.clone())
+            .await;
+            let app = &mut apps[i];
+            match fetched {
+                Ok(run) => {
+                    app.report.release = Some(release);
+                    app.report.activated_at = Some(now_ms());
+                    let me = announcement(&advertise, std::slice::from_ref(app));
+                    let members = &members;
+                    app.launch(release, run, |starting: AppReport| async move {
+                        let a = Announcement {
+                            apps: vec![starting],
+                            ..me
+                        };
+                        for c in members.values() {
+                            let _ = c.announce(&a).await;
+                        }
+                    })
+                    .instrument(span)
+                    .await;
                 }
                 Err(e) => {
-                    tracing::warn!(%repo, release = %goal.release, error = %e, "deploying failed; retrying")
+                    let _g = span.enter();
+                    tracing::warn!(error = %e, "deploying failed; trying again");
+                    app.report.state = AppState::Failed;
+                    app.report.error = Some(reason(&e));
                 }
             }
+            last_announce = std::time::Instant::now() - Duration::from_secs(60);
         }
         if last_announce.elapsed() >= Duration::from_secs(10) {
-            let a = announcement(&advertise, &activated);
+            let a = announcement(&advertise, &apps);
             for c in members.values() {
                 let _ = c.announce(&a).await;
             }
@@ -309,17 +334,134 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     }
 }
 
-/// What this node says about itself: where it serves, what it runs and holds. (One
-/// repository's release is `current` in the tracker's view; a node of several
-/// repositories shows the first.)
-fn announcement(advertise: &str, activated: &BTreeMap<String, (ReleaseId, u64)>) -> Announcement {
-    let holds: Vec<ReleaseId> = activated.values().map(|(r, _)| *r).collect();
+/// One repository on this node: what it reports, the process its release runs as.
+struct App {
+    root: PathBuf,
+    report: AppReport,
+    process: Option<AppProcess>,
+    /// A release whose start or health command failed, or whose process ended: not
+    /// started again until the goal names another (a deploy system that restarts a
+    /// crashing release forever hides the crash; the report shows it instead).
+    given_up: Option<ReleaseId>,
+}
+
+impl App {
+    /// The repository as a previous run of this node left it.
+    fn resume(repo: &str, data_dir: &Path) -> App {
+        let root = repo_root(data_dir, repo);
+        let release = current(&root);
+        let activated_at = std::fs::symlink_metadata(root.join("current"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64);
+        let process = AppProcess::adopt(&root);
+        App {
+            report: AppReport {
+                repo: repo.to_string(),
+                release,
+                activated_at,
+                state: if release.is_some() {
+                    AppState::Running
+                } else {
+                    AppState::Idle
+                },
+                error: None,
+            },
+            root,
+            process,
+            given_up: None,
+        }
+    }
+
+    /// Whether the goal's `release` is still to be deployed here.
+    fn wants(&self, release: ReleaseId) -> bool {
+        self.given_up != Some(release)
+            && (self.report.release != Some(release) || self.report.state != AppState::Running)
+    }
+
+    /// Notice a process that ended by itself; whether the report changed.
+    fn watch(&mut self) -> bool {
+        let Some(why) = self.process.as_mut().and_then(|p| p.ended()) else {
+            return false;
+        };
+        tracing::warn!(repo = %self.report.repo, %why, "the release's process ended");
+        self.process = None;
+        self.fail(why);
+        true
+    }
+
+    fn fail(&mut self, why: String) {
+        self.report.state = AppState::Failed;
+        self.report.error = Some(reason(&why));
+        self.given_up = self.report.release;
+    }
+
+    /// Stop the previous release's process, start `release`'s, and wait for its health
+    /// command; `starting` is told the report while the health command runs.
+    async fn launch<F, Fut>(&mut self, release: ReleaseId, run: Option<RunSpec>, starting: F)
+    where
+        F: FnOnce(AppReport) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        if let Some(p) = self.process.take() {
+            p.stop(&self.root, STOP_GRACE).await;
+        }
+        let run = run.unwrap_or_default();
+        let dir = self.root.join("releases").join(release.to_hex());
+        let repo = self.report.repo.clone();
+        if let Some(cmd) = &run.start {
+            match AppProcess::start(&self.root, &dir, &repo, &release, cmd) {
+                Ok(p) => self.process = Some(p),
+                Err(e) => return self.fail(format!("cannot run the start command: {e}")),
+            }
+        }
+        if let Some(health) = &run.health {
+            self.report.state = AppState::Starting;
+            starting(self.report.clone()).await;
+            let healthy = wait_healthy(
+                &dir,
+                &repo,
+                &release,
+                health,
+                self.process.as_mut(),
+                HEALTH_DEADLINE,
+            )
+            .await;
+            if let Err(why) = healthy {
+                tracing::warn!(%repo, %release, %why, "the release is not healthy");
+                return self.fail(why);
+            }
+        }
+        tracing::info!(%repo, %release, "release running");
+        self.report.state = AppState::Running;
+        self.report.error = None;
+        self.given_up = None;
+    }
+}
+
+/// An error as a report carries it: at most [`MAX_REASON`] bytes.
+fn reason(e: &str) -> String {
+    let mut end = e.len().min(MAX_REASON);
+    while !e.is_char_boundary(end) {
+        end -= 1;
+    }
+    e[..end].to_string()
+}
+
+/// The run commands of a release this node holds the manifest of.
+fn run_spec(store: &FsChunkStore, release: &ReleaseId) -> Option<RunSpec> {
+    let bytes = store.get_manifest(release).ok()?;
+    Manifest::decode(&bytes).ok()?.run
+}
+
+/// What this node says about itself: where it serves, what it runs and holds.
+fn announcement(advertise: &str, apps: &[App]) -> Announcement {
     Announcement {
         addr: advertise.to_string(),
-        current: holds.first().copied(),
-        activated_at: activated.values().map(|(_, at)| *at).next(),
-        holds,
+        holds: apps.iter().filter_map(|a| a.report.release).collect(),
         fetching: Vec::new(),
+        apps: apps.iter().map(|a| a.report.clone()).collect(),
     }
 }
 
@@ -367,7 +509,7 @@ async fn ask_trackers(
     sources
 }
 
-/// Fetch, unpack and switch to `release` under `root`.
+/// Fetch, unpack and switch to `release` under `root`; its run commands.
 #[allow(clippy::too_many_arguments)]
 async fn deploy(
     cfg: &NodeConfig,
@@ -378,7 +520,7 @@ async fn deploy(
     me: &Announcement,
     root: &Path,
     release: ReleaseId,
-) -> Result<(), String> {
+) -> Result<Option<RunSpec>, String> {
     let fetch_cfg = FetchConfig::default();
     // Where to fetch from: what the trackers say now, and again every few seconds while
     // the fetch runs (peers that start later join it), and the origins.
@@ -466,7 +608,7 @@ async fn deploy(
     if let Err(e) = collected {
         tracing::warn!(error = %e, "collecting chunks failed");
     }
-    Ok(())
+    Ok(manifest.run)
 }
 
 /// Delete the chunks no release kept on this node refers to; if the store is still over

@@ -62,6 +62,8 @@ enum Event {
     Corrupt(PeerId, ChunkHash),
     Refused(PeerId, ChunkHash),
     Busy(PeerId, ChunkHash),
+    /// A verified chunk could not be stored.
+    StoreFailed(ReleaseError),
 }
 
 /// The sources given so far, numbered as the `Fetch` knows them.
@@ -184,11 +186,12 @@ pub async fn fetch_release(
                                         }
                                         Event::Arrived(peer, chunk)
                                     }
-                                    // Not stored: as if it never came (the node says so).
-                                    _ => {
-                                        tracing::warn!(%chunk, "storing a fetched chunk failed");
-                                        Event::Refused(peer, chunk)
-                                    }
+                                    // Another peer would not help a full or failing disk:
+                                    // the fetch ends, and the node reports why.
+                                    Ok(Err(e)) => Event::StoreFailed(e),
+                                    Err(e) => Event::StoreFailed(ReleaseError::Store(format!(
+                                        "the storing task failed: {e}"
+                                    ))),
                                 }
                             }
                             Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, chunk),
@@ -306,6 +309,12 @@ pub async fn fetch_release(
             Event::Busy(id, chunk) => {
                 requests.remove(&(id, chunk));
                 fetch.handle_busy(now, id, &chunk);
+            }
+            Event::StoreFailed(e) => {
+                for t in requests.values() {
+                    t.abort();
+                }
+                return Err(FetcherError::Store(e));
             }
         }
     }

@@ -6,5 +6,6 @@
 //! It owns the node's side effects (connections, its chunk store, its processes); the
 //! decisions stay in `starling-swarm`.
 
+pub mod app;
 pub mod daemon;
 pub mod fetcher;

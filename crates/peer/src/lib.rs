@@ -19,7 +19,7 @@ use starling_proto::peer::{
     MAX_MANIFEST_BYTES, PROTOCOL_VERSION,
 };
 use starling_proto::release::Manifest;
-use starling_proto::{ChunkHash, ReleaseId};
+use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
 use tokio::sync::{broadcast, mpsc, Mutex};
 
@@ -202,8 +202,8 @@ pub struct Announcement {
     pub addr: String,
     pub holds: Vec<ReleaseId>,
     pub fetching: Vec<ReleaseId>,
-    pub current: Option<ReleaseId>,
-    pub activated_at: Option<u64>,
+    /// What it does with each of its repositories.
+    pub apps: Vec<AppReport>,
 }
 
 /// What an endpoint serves.
@@ -401,8 +401,7 @@ impl PeerConn {
             addr: a.addr.clone(),
             holds: a.holds.iter().take(MAX_LIST).copied().collect(),
             fetching: a.fetching.iter().take(MAX_LIST).copied().collect(),
-            current: a.current,
-            activated_at: a.activated_at,
+            apps: a.apps.iter().take(MAX_LIST).cloned().collect(),
         };
         let mut send = self.control.lock().await;
         write_frame(&mut send, &frame).await
@@ -642,8 +641,7 @@ async fn serve_control(
                     addr,
                     holds,
                     fetching,
-                    current,
-                    activated_at,
+                    apps,
                 }) if serving.tracker.is_some() => {
                     let now = std::time::Instant::now();
                     let answers: Vec<Frame> = {
@@ -656,8 +654,7 @@ async fn serve_control(
                                 addr,
                                 holds,
                                 fetching: fetching.clone(),
-                                current,
-                                activated_at,
+                                apps,
                             },
                             now,
                         );

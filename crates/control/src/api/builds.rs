@@ -228,21 +228,20 @@ pub(super) async fn list_nodes(State(m): Shared) -> Json<Vec<NodeInfo>> {
     let tracker = m.tracker.lock().unwrap_or_else(|p| p.into_inner());
     let nodes = tracker
         .nodes(now)
-        .map(|(a, at)| NodeInfo {
-            id: a.node.clone(),
-            region: a.region.clone(),
-            address: a.addr.clone(),
-            release: a.current,
-            state: if !a.fetching.is_empty() {
-                "fetching"
-            } else if a.current.is_some() {
-                "running"
-            } else {
-                "idle"
+        .map(|(a, at)| {
+            let (release, activated_at, state, error) = NodeInfo::summary(&a.apps);
+            NodeInfo {
+                id: a.node.clone(),
+                region: a.region.clone(),
+                address: a.addr.clone(),
+                release,
+                state,
+                last_seen: now_ms
+                    .saturating_sub(now.saturating_duration_since(at).as_millis() as u64),
+                activated_at,
+                error,
+                apps: a.apps.clone(),
             }
-            .to_string(),
-            last_seen: now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64),
-            activated_at: a.activated_at,
         })
         .collect();
     Json(nodes)
