@@ -1,4 +1,5 @@
-//! The cluster's certificate authority and the mutual-TLS configurations built from it.
+//! The cluster's certificate authority and the TLS configurations built from it: mutual
+//! TLS between peers, and HTTPS to the members, trusted by the CA's fingerprint.
 //!
 //! The control plane makes one [`ClusterCa`] when the cluster is bootstrapped; members,
 //! workers and nodes each get an [`Identity`] (a certificate for their name, and its key)
@@ -125,11 +126,27 @@ impl ClusterCa {
     /// A certificate for peer `name` (its TLS server name too), usable as a client and as
     /// a server, valid from `now` for [`LEAF_VALIDITY`].
     pub fn issue(&self, name: &str, now: SystemTime) -> Result<Identity, PkiError> {
+        self.issue_for_hosts(name, &[], now)
+    }
+
+    /// [`ClusterCa::issue`], valid also for `hosts` (IP addresses or DNS names): what a
+    /// member's HTTPS listener presents, named by the address clients reach it at. The
+    /// PEM holds the CA's certificate after the member's, so that a client that knows
+    /// only the CA's fingerprint ([`CaTrust`]) can check the chain.
+    pub fn issue_for_hosts(
+        &self,
+        name: &str,
+        hosts: &[String],
+        now: SystemTime,
+    ) -> Result<Identity, PkiError> {
         check_name(name)?;
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let issuer = Issuer::new(ca_params(&self.name), ca_key);
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![name.to_string()])?;
+        let names: Vec<String> = std::iter::once(name.to_string())
+            .chain(hosts.iter().cloned())
+            .collect();
+        let mut params = CertificateParams::new(names)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
@@ -141,8 +158,13 @@ impl ClusterCa {
         params.not_before = offset(now - Duration::from_secs(3600))?;
         params.not_after = offset(now + LEAF_VALIDITY)?;
         let cert = params.signed_by(&key, &issuer)?;
+        let cert_pem = if hosts.is_empty() {
+            cert.pem()
+        } else {
+            format!("{}{}", cert.pem(), self.cert_pem)
+        };
         Ok(Identity {
-            cert_pem: cert.pem(),
+            cert_pem,
             key_pem: key.serialize_pem(),
         })
     }
@@ -207,6 +229,122 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// HTTPS server side (a member's API and Raft RPC): presents `id` and asks for no client
+/// certificate — callers prove themselves with tokens and the cluster key.
+pub fn https_server_config(id: &Identity) -> Result<ServerConfig, PkiError> {
+    let (certs, key) = chain(id)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// HTTPS client side: trusts a server whose chain ends in the CA `trust` names, and whose
+/// certificate names the host it was reached at.
+pub fn https_client_config(trust: Arc<CaTrust>) -> Result<ClientConfig, PkiError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(trust)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Trust in the cluster CA by its fingerprint (what a join token carries): a server must
+/// send the CA's certificate after its own, the CA's must hash to the fingerprint, and
+/// its own must be signed by it and name the host — checked by rustls's WebPKI verifier
+/// with that CA as the only root. Until a fingerprint is set (a member that has not yet
+/// learnt its cluster's CA), every server is refused.
+#[derive(Debug, Default)]
+pub struct CaTrust {
+    fingerprint: std::sync::RwLock<Option<String>>,
+}
+
+impl CaTrust {
+    pub fn new(fingerprint: Option<String>) -> Arc<CaTrust> {
+        Arc::new(CaTrust {
+            fingerprint: std::sync::RwLock::new(fingerprint.map(|f| f.to_ascii_lowercase())),
+        })
+    }
+
+    /// Trust the CA of this fingerprint from now on.
+    pub fn set(&self, fingerprint: &str) {
+        let mut f = self.fingerprint.write().unwrap_or_else(|p| p.into_inner());
+        *f = Some(fingerprint.to_ascii_lowercase());
+    }
+
+    fn pinned(&self) -> Option<String> {
+        self.fingerprint
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for CaTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let pin = self.pinned().ok_or_else(unknown)?;
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == pin)
+            .ok_or_else(unknown)?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        webpki.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +365,74 @@ mod tests {
         client_config(&ca.cert_pem, &id, b"x").unwrap();
         // The key does not show in debug output.
         assert!(!format!("{ca:?} {id:?}").contains("PRIVATE"));
+    }
+
+    /// Run a TLS handshake in memory between the two configurations.
+    fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+        host: &str,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn https_is_trusted_by_the_ca_fingerprint_and_the_host() {
+        let now = SystemTime::now();
+        let ca = ClusterCa::generate("starling-test", now).unwrap();
+        let id = ca
+            .issue_for_hosts("member-1", &["127.0.0.1".into()], now)
+            .unwrap();
+        let server = || https_server_config(&id).unwrap();
+        let fp = fingerprint(&ca.cert_pem).unwrap();
+        let client = |pin: Option<String>| https_client_config(CaTrust::new(pin)).unwrap();
+        handshake(client(Some(fp.clone())), server(), "127.0.0.1").unwrap();
+        handshake(client(Some(fp.to_uppercase())), server(), "member-1").unwrap();
+        // Another host, no pin, another CA's pin: refused.
+        assert!(handshake(client(Some(fp.clone())), server(), "127.0.0.2").is_err());
+        assert!(handshake(client(None), server(), "127.0.0.1").is_err());
+        let other = ClusterCa::generate("starling-test", now).unwrap();
+        let other_fp = fingerprint(&other.cert_pem).unwrap();
+        assert!(handshake(client(Some(other_fp.clone())), server(), "127.0.0.1").is_err());
+        // A server of another CA that sends the pinned CA's certificate along: refused.
+        let mut forged = other
+            .issue_for_hosts("member-1", &["127.0.0.1".into()], now)
+            .unwrap();
+        forged.cert_pem = format!(
+            "{}{}",
+            forged
+                .cert_pem
+                .split_inclusive("-----END CERTIFICATE-----\n")
+                .next()
+                .unwrap(),
+            ca.cert_pem
+        );
+        let forged_server = https_server_config(&forged).unwrap();
+        assert!(handshake(client(Some(fp.clone())), forged_server, "127.0.0.1").is_err());
+        // A pin set later is used from then on.
+        let late = CaTrust::new(None);
+        late.set(&fp);
+        handshake(https_client_config(late).unwrap(), server(), "127.0.0.1").unwrap();
     }
 
     #[test]
