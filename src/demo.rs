@@ -85,7 +85,8 @@ async fn send_webhook(url: &str, secret: &str, delivery: &str, sha: &str) -> Res
     })
     .to_string();
     let sig = starling_core::webhook::github_signature(secret, body.as_bytes());
-    let resp = reqwest::Client::new()
+    let resp = starling_client::http_builder(None)?
+        .build()?
         .post(format!("{url}{}", Endpoint::GithubHook.path(&[])))
         .header("X-GitHub-Event", "push")
         .header("X-GitHub-Delivery", delivery)

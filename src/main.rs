@@ -35,6 +35,10 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// For an `https://` control plane: the cluster CA's fingerprint (SHA-256 of its
+    /// certificate, as `GET /v1/cluster` shows it and join tokens carry it).
+    #[arg(long, global = true, env = "STARLING_CA_FINGERPRINT")]
+    ca_fingerprint: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -112,6 +116,11 @@ struct ControlArgs {
     /// QUIC); default: the HTTP listener's address and port, over UDP.
     #[arg(long)]
     peer_listen: Option<SocketAddr>,
+    /// Serve HTTPS (API and Raft RPC) with a certificate from the cluster CA, and reach
+    /// the other members over HTTPS; start every member with it. A joining member needs
+    /// --ca-fingerprint.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(clap::Args)]
@@ -275,12 +284,31 @@ async fn run(cli: Cli) -> Result<()> {
                 origin: a.origin,
                 origin_quota: a.origin_quota,
                 peer_listen: a.peer_listen,
+                tls: a.tls,
+                ca_fingerprint: cli.ca_fingerprint.clone(),
             };
             starling_control::server::run(cfg).await?;
             Ok(())
         }
         Cmd::Node(a) => {
-            let client = starling_client::ControlClient::new(&cli.control, token)?;
+            // Trust in an https:// control plane: the fingerprint given, else the one in
+            // the join token, else that of the CA the node enrolled with.
+            let fingerprint = cli
+                .ca_fingerprint
+                .clone()
+                .or_else(|| {
+                    let t = a.join_token.as_deref()?;
+                    Some(starling_proto::join_token::JoinToken::parse(t)?.ca_fingerprint)
+                })
+                .or_else(|| {
+                    let pem = std::fs::read_to_string(a.data_dir.join("identity/ca.pem")).ok()?;
+                    starling_pki::fingerprint(&pem).ok()
+                });
+            let client = starling_client::ControlClient::with_trust(
+                &cli.control,
+                token,
+                Some(starling_pki::CaTrust::new(fingerprint)),
+            )?;
             let name = match a.name {
                 Some(n) => n,
                 None => {
@@ -310,7 +338,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Worker(a) => {
-            let client = starling_client::ControlClient::new(&cli.control, token)?;
+            let client = starling_client::ControlClient::with_trust(
+                &cli.control,
+                token,
+                Some(starling_pki::CaTrust::new(cli.ca_fingerprint.clone())),
+            )?;
             let name = a.name.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
@@ -338,7 +370,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Client(c) => {
-            let client = starling_client::ControlClient::new(&cli.control, token)?;
+            let client = starling_client::ControlClient::with_trust(
+                &cli.control,
+                token,
+                Some(starling_pki::CaTrust::new(cli.ca_fingerprint.clone())),
+            )?;
             client_cmd::run(&client, c, cli.json).await
         }
     }

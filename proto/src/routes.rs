@@ -132,6 +132,9 @@ pub enum Endpoint {
     RaftVote,
     RaftSnapshot,
     Join,
+    /// The cluster CA, for a member joining an HTTPS cluster: it needs a certificate to
+    /// serve before Raft can bring it the CA.
+    ClusterCa,
     Snapshot,
     CreateJoinToken,
     Enroll,
@@ -140,7 +143,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 35] = [
+    pub const ALL: [Endpoint; 36] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -171,6 +174,7 @@ impl Endpoint {
         Endpoint::RaftVote,
         Endpoint::RaftSnapshot,
         Endpoint::Join,
+        Endpoint::ClusterCa,
         Endpoint::Snapshot,
         Endpoint::CreateJoinToken,
         Endpoint::Enroll,
@@ -227,6 +231,7 @@ impl Endpoint {
             Endpoint::RaftVote => (Post, "/raft/vote", Here, Cluster, MAX_VOTE_BODY),
             Endpoint::RaftSnapshot => (Post, "/raft/snapshot", Here, Cluster, MAX_SNAPSHOT_BODY),
             Endpoint::Join => (Post, "/internal/join", ByLeader, Cluster, MAX_API_BODY),
+            Endpoint::ClusterCa => (Get, "/internal/ca", Here, Cluster, 0),
             Endpoint::Snapshot => (Post, "/internal/snapshot", Here, Cluster, 0),
             Endpoint::CreateJoinToken => (Post, "/v1/join-tokens", ByLeader, Write, MAX_API_BODY),
             // Authenticated by the join token in the body, which is small.

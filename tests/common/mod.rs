@@ -62,7 +62,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             members: Members::new(cfg, n),
-            http: reqwest::Client::builder()
+            http: starling_client::http_builder(None).expect("an HTTP client")
                 .no_proxy()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -527,7 +527,7 @@ impl S3Server {
             .await
             .expect("moto_server to say where it listens within 30 s")
             .expect("moto_server to say where it listens before it ends");
-        let http = reqwest::Client::builder()
+        let http = starling_client::http_builder(None).expect("an HTTP client")
             .no_proxy()
             .build()
             .expect("client");

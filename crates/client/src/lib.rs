@@ -6,10 +6,12 @@
 //! [`ClientError`]; it never retries a write by itself (a caller that retries must know the
 //! write is idempotent, as webhook deliveries and heartbeats are).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use starling_pki::{https_client_config, CaTrust};
 use starling_proto::routes::Endpoint;
 use starling_proto::{
     ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, DeployRequest, EnrollReply,
@@ -31,6 +33,8 @@ pub enum ClientError {
     Api { status: u16, message: String },
     #[error("setting up the HTTP client: {0}")]
     Setup(#[source] reqwest::Error),
+    #[error("setting up TLS: {0}")]
+    Tls(String),
     #[error("unexpected answer from {url}: {source}")]
     Decode {
         url: String,
@@ -61,10 +65,30 @@ pub struct BuildFilter {
     pub stale: bool,
 }
 
+/// An HTTP client builder for the control plane: `http://`, or `https://` to members
+/// whose certificates come from the CA `trust` names (none: every `https://` server is
+/// refused). Every Starling process builds its HTTP clients here: it is what gives
+/// reqwest its TLS configuration and crypto provider (ring, as everywhere in Starling).
+pub fn http_builder(trust: Option<Arc<CaTrust>>) -> Result<reqwest::ClientBuilder, ClientError> {
+    let tls = https_client_config(trust.unwrap_or_default())
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tls_backend_preconfigured(tls))
+}
+
 impl ControlClient {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        Self::with_trust(base, token, None)
+    }
+
+    /// A client that reaches `https://` members whose CA `trust` names.
+    pub fn with_trust(
+        base: &str,
+        token: Option<String>,
+        trust: Option<Arc<CaTrust>>,
+    ) -> Result<Self, ClientError> {
+        let http = http_builder(trust)?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(90))
             .build()
@@ -83,6 +107,13 @@ impl ControlClient {
             token: self.token.clone(),
             http: self.http.clone(),
         }
+    }
+
+    /// The same client pointed at the member whose address (`host:port`) the cluster
+    /// lists, over this client's scheme.
+    pub fn member(&self, addr: &str) -> ControlClient {
+        let scheme = self.base.split("://").next().unwrap_or("http");
+        self.with_base(&format!("{scheme}://{addr}"))
     }
 
     pub fn base(&self) -> &str {

@@ -53,6 +53,12 @@ pub struct ControlConfig {
     pub origin_quota: Option<u64>,
     /// Where the member serves the swarm over QUIC (`None`: the HTTP address, over UDP).
     pub peer_listen: Option<SocketAddr>,
+    /// Serve HTTPS (API and Raft RPC) with a certificate from the cluster CA, and reach
+    /// the other members over HTTPS. Every member of a cluster is started alike.
+    pub tls: bool,
+    /// The cluster CA's fingerprint, for a member joining an HTTPS cluster: it trusts the
+    /// member it joins through by it.
+    pub ca_fingerprint: Option<String>,
 }
 
 /// What the HTTP handlers share.
@@ -76,6 +82,10 @@ pub struct Member {
     pub metrics: Arc<crate::metrics::ControlMetrics>,
     /// Which node serves which release: soft state fed by nodes' announcements.
     pub tracker: Arc<std::sync::Mutex<starling_core::tracker::Tracker>>,
+    /// Which CA this member's HTTPS clients trust (set once the CA is known).
+    pub trust: Arc<starling_pki::CaTrust>,
+    /// The certificate its HTTPS listener presents (`--tls` only).
+    pub https: Option<crate::serve::HttpsConfig>,
 }
 
 pub fn now_ms() -> Millis {
@@ -120,6 +130,12 @@ impl Member {
             }
             None => self.propose(cmd).await,
         }
+    }
+
+    /// The URL of `path` on the member at `addr` (`host:port`).
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        let scheme = if self.cfg.tls { "https" } else { "http" };
+        format!("{scheme}://{addr}{path}")
     }
 
     /// The cluster CA, once the first leader made it.

@@ -8,6 +8,7 @@
 //! clear over HTTP, which is acceptable on loopback and inside a private network; mutual
 //! TLS for this hop is left to the QUIC/TLS work of the distribution issue.
 
+use std::sync::Arc;
 use std::future::Future;
 use std::time::Duration;
 
@@ -88,16 +89,27 @@ pub fn decode_snapshot_body(body: &[u8]) -> Result<(&[u8], &[u8]), SnapshotBodyE
 pub struct PeerNetwork {
     http: reqwest::Client,
     cluster_key: String,
+    scheme: &'static str,
 }
 
 impl PeerNetwork {
-    pub fn new(cluster_key: String) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
+    /// Raft RPC over `http`, or over `https` to members whose CA `trust` names.
+    pub fn new(
+        cluster_key: String,
+        tls: bool,
+        trust: Arc<starling_pki::CaTrust>,
+    ) -> Result<Self, starling_client::ClientError> {
+        let http = starling_client::http_builder(Some(trust))?
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(16)
-            .build()?;
-        Ok(PeerNetwork { http, cluster_key })
+            .build()
+            .map_err(starling_client::ClientError::Setup)?;
+        let scheme = if tls { "https" } else { "http" };
+        Ok(PeerNetwork {
+            http,
+            cluster_key,
+            scheme,
+        })
     }
 }
 
@@ -107,7 +119,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            base: format!("http://{}", node.addr),
+            base: format!("{}://{}", self.scheme, node.addr),
             http: self.http.clone(),
             cluster_key: self.cluster_key.clone(),
         }

@@ -49,12 +49,18 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serve `app` on `listener` until the listener fails for good.
+/// The certificate a member's HTTPS listener presents: empty until the member knows the
+/// cluster CA and has issued itself one; connections until then are closed.
+pub type HttpsConfig = Arc<std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>>;
+
+/// Serve `app` on `listener` until the listener fails for good; over TLS when `https` is
+/// given.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
     cluster_key: String,
+    https: Option<HttpsConfig>,
 ) -> io::Result<()> {
     // Room for the log files, peers' and origin-store descriptors beside the connections.
     let fds = raise_fd_limit(limits.max_clients + limits.peer_reserve + 1024);
@@ -88,27 +94,54 @@ pub async fn serve(
         }
         let app = app.clone();
         let key = cluster_key.clone();
+        let tls = match &https {
+            None => None,
+            Some(slot) => match slot.read().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg)),
+                None => {
+                    tracing::debug!("no certificate yet; connection closed");
+                    continue;
+                }
+            },
+        };
         tokio::spawn(async move {
-            serve_connection(tcp, app, probation, key, limits).await;
+            let watched = Watched {
+                inner: tcp,
+                activity: Arc::new(AtomicU64::new(0)),
+                started: Instant::now(),
+            };
+            let activity = (watched.activity.clone(), watched.started);
+            match tls {
+                None => serve_connection(watched, activity, app, probation, key, limits).await,
+                // The handshake is bounded like the headers that follow it.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(watched))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, activity, app, probation, key, limits).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
             drop(slot);
         });
     }
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
+    (activity, started): (Arc<AtomicU64>, Instant),
     app: Router,
     probation: bool,
     cluster_key: Arc<str>,
     limits: ConnectionLimits,
-) {
-    let activity = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let io = TokioIo::new(Watched {
-        inner: tcp,
-        activity: activity.clone(),
-        started,
-    });
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
         let refused = probation && !carries_cluster_key(req.headers(), &cluster_key);

@@ -81,7 +81,8 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     // (event replays, long-polls, chunk reads) can never delay a heartbeat or a vote.
     let raft_rt = raft_runtime()?;
     let id = cfg.id;
-    let network = PeerNetwork::new(cfg.cluster_key.clone())
+    let trust = starling_pki::CaTrust::new(cfg.ca_fingerprint.clone());
+    let network = PeerNetwork::new(cfg.cluster_key.clone(), cfg.tls, trust.clone())
         .map_err(|e| ControlError::Config(format!("Raft HTTP client: {e}")))?;
     let raft = raft_rt
         .spawn(async move { Raft::new(id, raft_cfg, network, log, sm).await })
@@ -89,11 +90,12 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         .map_err(|e| ControlError::Raft(e.to_string()))?
         .map_err(|e| ControlError::Raft(e.to_string()))?;
 
-    let http = reqwest::Client::builder()
-        .no_proxy()
+    let http = starling_client::http_builder(Some(trust.clone()))
+        .map_err(|e| ControlError::Config(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .build()
         .map_err(|e| ControlError::Config(e.to_string()))?;
+    let https = cfg.tls.then(crate::serve::HttpsConfig::default);
     let member = Arc::new(Member {
         cfg: cfg.clone(),
         raft: raft.clone(),
@@ -110,6 +112,8 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
             TRACKER_TTL,
             TRACKER_PEERS,
         ))),
+        trust,
+        https: https.clone(),
     });
 
     tracing::info!(id = cfg.id, addr = %bound, %advertise, "control member listening");
@@ -119,6 +123,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         app,
         cfg.connections,
         cfg.cluster_key.clone(),
+        https,
     ));
 
     if cfg.bootstrap {
@@ -161,6 +166,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     ));
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
     tokio::spawn(ensure_cluster_ca(member.clone()));
+    tokio::spawn(keep_https_identity(member.clone()));
     tokio::spawn(serve_swarm(
         member.clone(),
         cfg.peer_listen.unwrap_or(bound),
@@ -216,13 +222,42 @@ fn raft_runtime() -> Result<tokio::runtime::Handle, ControlError> {
     Ok(handle)
 }
 
-/// Ask the cluster at `url` to add this member, until it says yes.
+/// Ask the cluster at `url` to add this member, until it says yes. Over HTTPS, the
+/// member first fetches the cluster CA (trusted by `--ca-fingerprint`), so that it can
+/// serve the leader's Raft RPC before Raft brings it the CA.
 async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
+    let base = url.trim_end_matches('/').to_string();
+    if member.cfg.tls && member.cluster_ca().is_none() {
+        let fetch = || async {
+            let r = member
+                .http
+                .get(format!("{base}/internal/ca"))
+                .header(CLUSTER_KEY_HEADER, &member.cfg.cluster_key)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("{}", r.status()));
+            }
+            r.json::<starling_proto::CaRecord>()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let ca = fetch
+            .retry(backoff())
+            .notify(|e, after| tracing::warn!(error = %e, ?after, "fetching the cluster CA failed; retrying"))
+            .await;
+        match ca {
+            Ok(ca) => install_https_identity(&member, &ca),
+            Err(e) => tracing::error!(error = %e, "no cluster CA; cannot join"),
+        }
+    }
     let req = JoinRequest {
         id: member.cfg.id,
         addr: advertise,
     };
-    let endpoint = format!("{}/internal/join", url.trim_end_matches('/'));
+    let endpoint = format!("{base}/internal/join");
     let ask = || async {
         let r = member
             .http
@@ -250,6 +285,60 @@ async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
         .await;
     if joined.is_ok() {
         tracing::info!(id = member.cfg.id, via = %url, "joined the cluster as a voter");
+    }
+}
+
+/// Once the cluster CA is known (from the state, or fetched to join): trust it, write its
+/// certificate to `<data-dir>/cluster-ca.pem` (what clients pin by fingerprint), and with
+/// `--tls` issue this member's HTTPS certificate for its advertised host.
+async fn keep_https_identity(member: Arc<Member>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let ca = member.read().cluster_ca().cloned();
+        if let Some(ca) = ca {
+            install_https_identity(&member, &ca);
+            return;
+        }
+    }
+}
+
+fn install_https_identity(member: &Member, ca: &starling_proto::CaRecord) {
+    let fingerprint = match starling_pki::fingerprint(&ca.cert_pem) {
+        Ok(f) => f,
+        Err(e) => return tracing::error!(error = %e, "the cluster CA is unreadable"),
+    };
+    member.trust.set(&fingerprint);
+    let pem = member.cfg.data_dir.join("cluster-ca.pem");
+    if let Err(e) = std::fs::write(&pem, &ca.cert_pem) {
+        tracing::warn!(error = %e, path = %pem.display(), "cannot write the CA certificate");
+    }
+    let Some(slot) = &member.https else {
+        return;
+    };
+    let advertise = member.cfg.advertise.clone().unwrap_or_default();
+    // `host:port` or `[v6]:port`: the certificate names the host.
+    let host = advertise
+        .rsplit_once(':')
+        .map_or(advertise.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let pki_ca = starling_pki::ClusterCa {
+        name: ca.name.clone(),
+        cert_pem: ca.cert_pem.clone(),
+        key_pem: ca.key_pem.clone(),
+    };
+    let name = format!("member-{}", member.cfg.id);
+    let config = pki_ca
+        .issue_for_hosts(&name, &[host], std::time::SystemTime::now())
+        .and_then(|id| starling_pki::https_server_config(&id));
+    match config {
+        Ok(c) => {
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+            tracing::info!(%fingerprint, "serving HTTPS with a certificate from the cluster CA");
+        }
+        Err(e) => tracing::error!(error = %e, "cannot issue this member's HTTPS certificate"),
     }
 }
 

@@ -222,7 +222,7 @@ fn transient(e: &ClientError) -> bool {
     match e {
         ClientError::Unreachable { .. } | ClientError::Decode { .. } => true,
         ClientError::Api { status, .. } => *status >= 500 && *status != 507,
-        ClientError::Setup(_) => false,
+        ClientError::Setup(_) | ClientError::Tls(_) => false,
     }
 }
 
@@ -509,7 +509,7 @@ async fn publish(
     let mut ok = 0;
     let mut last: Option<(u64, PublishError)> = None;
     for m in &cluster.members {
-        let client = shared.control.with_base(&format!("http://{}", m.addr));
+        let client = shared.control.member(&m.addr);
         match push_to(pack, &client, id, manifest).await {
             Ok(()) => ok += 1,
             Err(e) => last = Some((m.id, e)),
@@ -609,7 +609,7 @@ async fn ship_log(
             if from >= log.len() {
                 continue;
             }
-            let client = control.with_base(&format!("http://{addr}"));
+            let client = control.member(addr);
             match client
                 .append_log(build, from as u64, log[from..].to_vec())
                 .await

@@ -185,6 +185,7 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::RaftVote => on(m, raft_rpc::raft_vote),
         Endpoint::RaftSnapshot => on(m, raft_rpc::raft_snapshot),
         Endpoint::Join => on(m, raft_rpc::join),
+        Endpoint::ClusterCa => on(m, raft_rpc::cluster_ca),
         Endpoint::Snapshot => on(m, raft_rpc::force_snapshot),
         Endpoint::CreateJoinToken => on(m, enroll::create_join_token),
         Endpoint::Enroll => on(m, enroll::enroll),

@@ -90,6 +90,18 @@ pub(super) async fn join(
     Ok(StatusCode::OK.into_response())
 }
 
+/// The cluster CA with its key, to another member (the access layer checked the cluster
+/// key); 503 until the first leader made it.
+pub(super) async fn cluster_ca(State(m): Shared) -> Result<Response, ApiErr> {
+    let ca = m.read().cluster_ca().cloned().ok_or_else(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cluster has no CA yet; try again",
+        )
+    })?;
+    Ok(Json(ca).into_response())
+}
+
 /// Build a snapshot now and purge the log behind it (operators and tests).
 pub(super) async fn force_snapshot(State(m): Shared) -> Result<Response, ApiErr> {
     let applied = m

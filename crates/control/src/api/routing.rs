@@ -80,7 +80,7 @@ async fn forward(m: &Member, body_limit: usize, req: Request) -> Result<Response
         };
         let mut rb = m
             .http
-            .request(parts.method.clone(), format!("http://{addr}{path_q}"))
+            .request(parts.method.clone(), m.url(&addr, &path_q))
             .timeout(Duration::from_secs(120))
             .body(body.clone());
         for (k, v) in parts.headers.iter() {
