@@ -76,7 +76,8 @@ struct Cell {
 }
 
 async fn measure(sys: &System, clients: usize, secs: f64) -> Cell {
-    let http = starling_client::http_builder(None).expect("an HTTP client")
+    let http = starling_client::http_builder(None)
+        .expect("an HTTP client")
         .no_proxy()
         .pool_max_idle_per_host(128)
         .build()
@@ -133,7 +134,8 @@ async fn measure(sys: &System, clients: usize, secs: f64) -> Cell {
 }
 
 async fn wait_http(url: &str, what: &str) {
-    let http = starling_client::http_builder(None).expect("an HTTP client")
+    let http = starling_client::http_builder(None)
+        .expect("an HTTP client")
         .no_proxy()
         .build()
         .unwrap_or_default();
@@ -163,6 +165,7 @@ async fn start_starling(dir: &Path) -> (Members, System) {
             args: Vec::new(),
             env: vec![("STARLING_LOG".into(), "warn".into())],
             host: None,
+            tls: false,
         },
         3,
     );
@@ -171,7 +174,8 @@ async fn start_starling(dir: &Path) -> (Members, System) {
         .await
         .unwrap_or_else(|e| panic!("starting starling: {e}"));
     let url = members.url(1);
-    let http = starling_client::http_builder(None).expect("an HTTP client")
+    let http = starling_client::http_builder(None)
+        .expect("an HTTP client")
         .no_proxy()
         .build()
         .unwrap_or_default();
@@ -238,7 +242,8 @@ async fn start_etcd(dir: &Path) -> Option<(Vec<Child>, System)> {
             .ok()?;
         children.push(child);
     }
-    let http = starling_client::http_builder(None).expect("an HTTP client")
+    let http = starling_client::http_builder(None)
+        .expect("an HTTP client")
         .no_proxy()
         .build()
         .unwrap_or_default();

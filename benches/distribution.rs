@@ -231,6 +231,7 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
             args: Vec::new(),
             env: Vec::new(),
             host: Some(bed.origin().clone()),
+            tls: false,
         },
         3,
     );

@@ -123,6 +123,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             args: Vec::new(),
             env: Vec::new(),
             host: None,
+            tls: false,
         },
         3,
     );

@@ -55,16 +55,22 @@ impl Cluster {
             token: TOKEN.into(),
             cluster_key: CLUSTER_KEY.into(),
             base_port: None,
-            args: extra_args.iter().map(|s| s.to_string()).collect(),
+            // `--tls` is the harness's to pass: it also makes the clients trust the CA.
+            args: extra_args
+                .iter()
+                .filter(|a| **a != "--tls")
+                .map(|s| s.to_string())
+                .collect(),
             env: env.to_vec(),
             host,
+            tls: extra_args.contains(&"--tls"),
         };
         let mut c = Cluster {
             dir,
             members: Members::new(cfg, n),
-            http: starling_client::http_builder(None).expect("an HTTP client")
-                .no_proxy()
-                .timeout(Duration::from_secs(60))
+            // Replaced once the members run (an HTTPS cluster's CA is known then).
+            http: starling_client::http_builder(None)
+                .expect("an HTTP client")
                 .build()
                 .expect("http client"),
         };
@@ -72,6 +78,12 @@ impl Cluster {
             c.dump_logs();
             panic!("starting {n} members: {e}");
         }
+        let trust = starling_pki::CaTrust::new(c.members.fingerprint().map(str::to_string));
+        c.http = starling_client::http_builder(Some(trust))
+            .expect("an HTTP client")
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
         // The first leader writes the cluster CA soon after it is elected; waiting for it
         // keeps that write out of what tests count.
         c.wait_for_cluster_ca().await;
@@ -527,7 +539,8 @@ impl S3Server {
             .await
             .expect("moto_server to say where it listens within 30 s")
             .expect("moto_server to say where it listens before it ends");
-        let http = starling_client::http_builder(None).expect("an HTTP client")
+        let http = starling_client::http_builder(None)
+            .expect("an HTTP client")
             .no_proxy()
             .build()
             .expect("client");

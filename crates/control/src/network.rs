@@ -8,8 +8,8 @@
 //! clear over HTTP, which is acceptable on loopback and inside a private network; mutual
 //! TLS for this hop is left to the QUIC/TLS work of the distribution issue.
 
-use std::sync::Arc;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{

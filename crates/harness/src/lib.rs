@@ -66,6 +66,9 @@ pub struct MembersConfig {
     pub env: Vec<(String, String)>,
     /// Run every member on this testbed host (at its address) instead of on loopback.
     pub host: Option<testbed::Host>,
+    /// Start every member with `--tls`: HTTPS, trusted by the CA fingerprint member 1
+    /// writes once it made the CA.
+    pub tls: bool,
 }
 
 /// A set of members, numbered from 1; member 1 bootstraps and the others join it.
@@ -74,6 +77,8 @@ pub struct Members {
     cfg: MembersConfig,
     addrs: Vec<Option<SocketAddr>>,
     children: Vec<Option<Child>>,
+    /// The cluster CA's fingerprint, once known (`tls` only).
+    fingerprint: Option<String>,
 }
 
 impl Members {
@@ -82,6 +87,7 @@ impl Members {
             cfg,
             addrs: vec![None; n],
             children: (0..n).map(|_| None).collect(),
+            fingerprint: None,
         }
     }
 
@@ -112,19 +118,35 @@ impl Members {
     }
 
     pub fn url(&self, id: u64) -> String {
-        format!("http://{}", self.addr(id))
+        let scheme = if self.cfg.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr(id))
+    }
+
+    /// The cluster CA's fingerprint (`tls` only, once member 1 made the CA).
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
     }
 
     pub fn client(&self, id: u64) -> Result<ControlClient, HarnessError> {
-        Ok(ControlClient::new(
+        Ok(ControlClient::with_trust(
             &self.url(id),
             Some(self.cfg.token.clone()),
+            Some(starling_pki::CaTrust::new(self.fingerprint.clone())),
         )?)
     }
 
     /// Start `n` members: member 1 bootstraps and leads, the others join as voters.
     pub async fn start(&mut self, within: Duration) -> Result<(), HarnessError> {
         self.spawn(1, &[]).await?;
+        if self.cfg.tls {
+            let pem = self.data_dir(1).join("cluster-ca.pem");
+            let fingerprint = wait_for("member 1 to make the cluster CA", within, || async {
+                let text = std::fs::read_to_string(&pem).ok()?;
+                starling_pki::fingerprint(&text).ok()
+            })
+            .await?;
+            self.fingerprint = Some(fingerprint);
+        }
         let first = self.client(1)?;
         wait_for("member 1 to lead", within, || async {
             first.cluster().await.ok().filter(|s| s.leader == Some(1))
@@ -194,6 +216,12 @@ impl Members {
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
+        if self.cfg.tls {
+            cmd.arg("--tls");
+        }
+        if let Some(f) = &self.fingerprint {
+            cmd.args(["--ca-fingerprint", f]);
+        }
         if id == 1 {
             cmd.arg("--bootstrap");
         } else {
