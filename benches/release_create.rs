@@ -1,11 +1,14 @@
-//! Release creation throughput (list + pack + chunk + hash + store) on an output of
-//! realistic content — a mix of compressible text and random binary — printed beside the
-//! raw single-threaded BLAKE3 hashing throughput of the same bytes, measured in the same
-//! run. Target (issue 3): release creation at least half as fast as raw hashing.
+//! Release creation throughput (list + plan + chunk + hash, then store the chunks or leave
+//! them in place) on an output of realistic content — a mix of compressible text and
+//! random binary — printed beside the raw single-threaded BLAKE3 hashing throughput of
+//! the same bytes, measured in the same run. Target (issue 3): release creation at least
+//! half as fast as raw hashing.
 //!
 //! It also prints what each step costs on one thread, so that a miss can be traced to
-//! the step that causes it, and creation into a worker's pack on disk, on tmpfs and as one
-//! file per chunk, since writing the chunks is the step that depends most on the machine.
+//! the step that causes it; creation into a pack on disk, on tmpfs and as one file per
+//! chunk, since writing the chunks is the step that depends most on the machine; and
+//! what a worker does now: chunks left in the output directory, read back (and checked)
+//! only when a member lacks them.
 //!
 //! `cargo bench --bench release_create` (env `BENCH_RELEASE_MIB`, default 1024).
 
@@ -15,7 +18,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use starling_release::cuts::CutPlanner;
-use starling_release::{archive, create_release, ChunkSizes, ChunkStore, FsChunkStore, PackStore};
+use starling_release::{
+    archive, create_release, create_release_with, ChunkSizes, ChunkStore, DirectoryChunks,
+    FsChunkStore, ManifestsOnly, PackStore, ReleaseOptions,
+};
 
 /// Deterministic pseudo-random bytes (xorshift64*), so every run packs the same content.
 struct Rng(u64);
@@ -152,7 +158,7 @@ fn main() {
     );
     let mbs = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
     let row = |name: &str, secs: f64, b: u64| {
-        println!("{name:<40} {secs:>8.2} {:>10.0}", mbs(b, secs));
+        println!("{name:<46} {secs:>8.2} {:>10.0}", mbs(b, secs));
     };
 
     // What each step costs on one thread, on the same archive bytes.
@@ -197,7 +203,7 @@ fn main() {
     let n = archive.len() as u64;
     println!();
     println!(
-        "{:<40} {:>8} {:>10}",
+        "{:<46} {:>8} {:>10}",
         "one step, one thread", "seconds", "MiB/s"
     );
     row("read the archive from the files", read, n);
@@ -207,7 +213,7 @@ fn main() {
     row("write the chunks as one file each", write_files, n);
     let sum = read + cut + hash + write_pack;
     println!(
-        "{:<40} {:>8} {:>10.0}",
+        "{:<46} {:>8} {:>10.0}",
         format!("bound: {cpus} CPUs, steps overlapped, pack"),
         "",
         mbs(n, sum / cpus.max(1) as f64)
@@ -241,19 +247,47 @@ fn main() {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(made, id);
     });
+    // What a worker does now: the chunks stay in the output directory.
+    let mut manifest = None;
+    let in_place = median3(|_| {
+        let opts = ReleaseOptions {
+            sizes,
+            ..ReleaseOptions::default()
+        };
+        let (made, m, _) = create_release_with(&out, &ManifestsOnly::default(), opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(made, id);
+        manifest = Some(m);
+    });
+    // ... and what it reads back when it sends every chunk (none held by the members).
+    let Some(manifest) = manifest else {
+        panic!("no release was made")
+    };
+    let chunks = DirectoryChunks::new(&out, &manifest).unwrap_or_else(|e| panic!("{e}"));
+    let read_back = median3(|_| {
+        for c in &manifest.chunks {
+            std::hint::black_box(chunks.get_chunk(&c.hash).unwrap_or_else(|e| panic!("{e}")));
+        }
+    });
     let held = files_store("f2".into());
     let recreate = median3(|_| {
         let (again, _, s) = create_release(&out, &held, sizes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((again, s.new_chunks), (id, 0));
     });
     println!();
-    println!("{:<40} {:>8} {:>10}", "whole", "seconds", "MiB/s");
+    println!("{:<46} {:>8} {:>10}", "whole", "seconds", "MiB/s");
     row("raw BLAKE3 of the same bytes (1 thread)", raw, bytes);
     row("create release into a pack (worker)", create, bytes);
     if let Some(secs) = create_shm {
         row("create release into a pack on tmpfs", secs, bytes);
     }
     row("create release, one file per chunk", create_files, bytes);
+    row(
+        "create release, chunks left in place (worker)",
+        in_place,
+        bytes,
+    );
+    row("read every chunk back in place, checked", read_back, bytes);
     row("create again (all chunks stored)", recreate, bytes);
     println!();
     println!(
@@ -262,8 +296,10 @@ fn main() {
         stats.archive_bytes >> 20,
     );
     println!(
-        "ratio create/raw-hash: {:.2} (target >= 0.50); on tmpfs: {}; all chunks already stored: {:.2}",
+        "ratio create/raw-hash: into a pack {:.2}, chunks left in place {:.2} (target >= 0.50); \
+         pack on tmpfs: {}; all chunks already stored: {:.2}",
         raw / create,
+        raw / in_place,
         create_shm.map_or("-".into(), |s| format!("{:.2}", raw / s)),
         raw / recreate
     );

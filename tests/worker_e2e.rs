@@ -152,11 +152,13 @@ async fn webhook_to_release() {
         .get_json(&format!("{}/v1/releases?repo=acme/web", c.url(1)))
         .await;
     assert_eq!(releases.len(), 1);
-    // The worker's staging copy is gone once the release is published.
-    let staged: Vec<_> = std::fs::read_dir(c.dir.path().join("w1/staging"))
+    // The worker published from the output directory, with no copy of its own, and the
+    // build directory is gone.
+    assert!(!c.dir.path().join("w1/staging").exists());
+    let left: Vec<_> = std::fs::read_dir(c.dir.path().join("w1/builds"))
         .unwrap()
         .collect();
-    assert!(staged.is_empty(), "left behind: {staged:?}");
+    assert!(left.is_empty(), "left behind: {left:?}");
 
     // A failing command and a bad spec: failed, with the reason, and no release.
     let failing = commit(

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod cuts;
+pub mod in_place;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod store;
@@ -26,6 +27,7 @@ use cuts::CutPlanner;
 use starling_proto::release::{ChunkRef, Manifest, RunSpec, MANIFEST_VERSION};
 use starling_proto::{ChunkHash, ReleaseId};
 
+pub use in_place::{DirectoryChunks, ManifestsOnly};
 #[cfg(feature = "s3")]
 pub use s3::S3ChunkStore;
 pub use store::{ChunkStore, FsChunkStore, OriginStore, PackStore};

@@ -13,7 +13,9 @@ use starling_client::{ClientError, ControlClient};
 use starling_core::build_result::{release_stored, Finish};
 use starling_core::retry::backoff;
 use starling_proto::{ChunkHash, CompleteRequest, HeartbeatRequest, Lease, ReleaseId, WorkerId};
-use starling_release::{create_release_with, ChunkStore, PackStore, ReleaseError, ReleaseOptions};
+use starling_release::{
+    create_release_with, DirectoryChunks, ManifestsOnly, ReleaseError, ReleaseOptions,
+};
 use tokio::sync::watch;
 
 use crate::runner::{run, Isolation, RunRequest};
@@ -33,8 +35,6 @@ struct Shared {
     cfg: WorkerConfig,
     control: ControlClient,
     mirrors: MirrorCache,
-    /// Where each build's chunks wait in a [`PackStore`] until they are published.
-    staging: PathBuf,
     isolation: Isolation,
 }
 
@@ -97,10 +97,8 @@ pub async fn run_worker(
         ),
         _ => tracing::info!(%isolation, "builds are isolated"),
     }
-    let staging = cfg.data_dir.join("staging");
     let shared = Arc::new(Shared {
         mirrors: MirrorCache::new(cfg.data_dir.join("mirrors")),
-        staging,
         control,
         cfg,
         isolation,
@@ -127,10 +125,11 @@ pub async fn run_worker(
 
 /// The data directory's layout and modes. Builds may run as another user: they can pass
 /// through the data directory to their own build directory but list nothing, and the
-/// mirrors (other repositories' sources) and staging stay the worker's alone.
+/// mirrors (other repositories' sources) stay the worker's alone.
 fn prepare_data_dir(dir: &Path, isolation: Isolation) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    // Packs and build directories a killed worker left behind: their leases have lapsed.
+    // Build directories a killed worker left behind (their leases have lapsed), and the
+    // staging packs of versions that copied chunks before publishing them.
     for leftover in ["staging", "builds"] {
         match std::fs::remove_dir_all(dir.join(leftover)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -154,12 +153,7 @@ fn prepare_data_dir(dir: &Path, isolation: Isolation) -> std::io::Result<()> {
     } else {
         0o700
     };
-    for (sub, mode) in [
-        ("", traverse),
-        ("builds", traverse),
-        ("mirrors", 0o700),
-        ("staging", 0o700),
-    ] {
+    for (sub, mode) in [("", traverse), ("builds", traverse), ("mirrors", 0o700)] {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d)?;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
@@ -262,8 +256,7 @@ async fn build_one(shared: &Shared, worker: &WorkerId, lease: Lease) {
     };
     let name = format!("{}-{}", build.id, lease.attempt);
     let dir = shared.cfg.data_dir.join("builds").join(&name);
-    let pack = shared.staging.join(format!("{name}.pack"));
-    let finish = execute(shared, &lease, &dir, &pack, cancel_rx, &lost).await;
+    let finish = execute(shared, &lease, &dir, cancel_rx, &lost).await;
     let _ = std::fs::remove_dir_all(&dir);
     match finish {
         Ok(finish) => {
@@ -305,7 +298,6 @@ async fn execute(
     shared: &Shared,
     lease: &Lease,
     dir: &Path,
-    pack: &Path,
     cancel: watch::Receiver<bool>,
     lost: &AtomicBool,
 ) -> Result<Finish, Abandon> {
@@ -373,21 +365,21 @@ async fn execute(
         Ok(o) => o,
         Err(e) => return Ok(Finish::failed(e.to_string())),
     };
-    // Dropped (and its file removed) when this build is done, published or not.
-    let pack = match PackStore::create(pack) {
-        Ok(p) => Arc::new(p),
-        Err(e) => return Ok(Finish::failed(format!("staging the release: {e}"))),
-    };
-    // The size limit is checked before anything is stored: an oversized release leaves
-    // no trace.
+    // The chunks stay in the output directory: the release is planned and hashed there,
+    // and each chunk a member lacks is read back from it (and checked) as it is sent.
+    // The size limit is checked before anything is read: an oversized release leaves no
+    // trace.
     let opts = ReleaseOptions {
         max_bytes: lease.max_release_bytes,
         run: spec.deploy.clone(),
         ..ReleaseOptions::default()
     };
     let made = {
-        let pack = pack.clone();
-        tokio::task::spawn_blocking(move || create_release_with(&output, pack.as_ref(), opts)).await
+        let output = output.clone();
+        tokio::task::spawn_blocking(move || {
+            create_release_with(&output, &ManifestsOnly::default(), opts)
+        })
+        .await
     };
     let (id, manifest, _) = match made {
         Ok(Ok(m)) => m,
@@ -399,9 +391,13 @@ async fn execute(
         Ok(Err(e)) => return Ok(Finish::failed(format!("making the release: {e}"))),
         Err(e) => return Ok(Finish::failed(format!("making the release: {e}"))),
     };
+    let chunks = match DirectoryChunks::new(&output, &manifest) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return Ok(Finish::failed(format!("reading the release back: {e}"))),
+    };
     // Publishing is retried while the lease holds: a control-plane election or a member
     // restart is not the build's fault.
-    let published = (|| publish(shared, &pack, &id, &manifest))
+    let published = (|| publish(shared, &chunks, &id, &manifest))
         .retry(backoff())
         .when(|e| e.transient && !lost.load(Ordering::SeqCst))
         .notify(
@@ -500,7 +496,7 @@ impl From<ClientError> for PublishError {
 /// Push the chunks each control member lacks, then the manifest; a majority must take it.
 async fn publish(
     shared: &Shared,
-    pack: &PackStore,
+    chunks: &Arc<DirectoryChunks>,
     id: &ReleaseId,
     manifest: &starling_proto::release::Manifest,
 ) -> Result<(), PublishError> {
@@ -510,7 +506,7 @@ async fn publish(
     let mut last: Option<(u64, PublishError)> = None;
     for m in &cluster.members {
         let client = shared.control.member(&m.addr);
-        match push_to(pack, &client, id, manifest).await {
+        match push_to(chunks, &client, id, manifest).await {
             Ok(()) => ok += 1,
             Err(e) => last = Some((m.id, e)),
         }
@@ -535,7 +531,7 @@ async fn publish(
 }
 
 async fn push_to(
-    pack: &PackStore,
+    chunks: &Arc<DirectoryChunks>,
     client: &ControlClient,
     id: &ReleaseId,
     manifest: &starling_proto::release::Manifest,
@@ -546,10 +542,7 @@ async fn push_to(
     names.dedup();
     let missing = client.missing_chunks(&names).await?;
     for hash in &missing {
-        let bytes = pack.get_chunk(hash).map_err(|e| PublishError {
-            message: format!("reading staged chunk {hash}: {e}"),
-            transient: false,
-        })?;
+        let bytes = read_chunk(chunks, hash).await?;
         client.put_chunk(hash, bytes).await?;
     }
     tracing::info!(
@@ -565,6 +558,22 @@ async fn push_to(
     })?;
     client.put_manifest(id, encoded).await?;
     Ok(())
+}
+
+/// A chunk from the output directory, read off the async threads.
+async fn read_chunk(
+    chunks: &Arc<DirectoryChunks>,
+    hash: &ChunkHash,
+) -> Result<Vec<u8>, PublishError> {
+    let (chunks, h) = (chunks.clone(), *hash);
+    let read = tokio::task::spawn_blocking(move || chunks.get_chunk(&h))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    read.map_err(|e| PublishError {
+        message: format!("reading chunk {hash} from the output: {e}"),
+        transient: false,
+    })
 }
 
 /// Log bytes a worker keeps to ship: one more than the members keep, so that they see the
