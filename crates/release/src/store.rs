@@ -1,7 +1,7 @@
 //! Where chunks and manifests live: the origin store ("blob storage" in the problem
 //! statement). [`FsChunkStore`] is the embedded default, a directory on a control member's
-//! disk; other stores (S3-compatible) implement the same trait. [`PackStore`] is a worker's
-//! short-lived staging copy of one build's chunks before they are published.
+//! disk; other stores (S3-compatible) implement the same trait. [`PackStore`] holds a
+//! build's chunks in one file.
 
 use std::fs;
 use std::io::{self, Write};
@@ -144,12 +144,13 @@ fn remove_if_present(p: &Path) -> Result<(), ReleaseError> {
     }
 }
 
-/// A build's chunks in one file until they are published, with the index in memory.
+/// A build's chunks in one file, with the index in memory.
 ///
-/// A worker used to stage chunks as one file each, and creating a thousand files cost more
-/// than chunking and hashing a gigabyte; one pre-opened file written at reserved offsets
-/// costs a copy into the page cache. The pack lives as long as the value: dropping it
-/// removes the file, so a worker's disk holds only the builds in flight.
+/// Workers staged builds here before they learnt to publish from the output directory
+/// (`crate::in_place`); the creation benchmark keeps it as the baseline that change is
+/// measured against. One pre-opened file written at reserved offsets costs a copy into
+/// the page cache, where a file per chunk costs more than chunking and hashing. Dropping
+/// the value removes the file.
 pub struct PackStore {
     path: PathBuf,
     file: fs::File,
