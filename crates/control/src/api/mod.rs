@@ -143,7 +143,20 @@ pub fn router(member: Arc<Member>) -> Router {
             member.clone(),
             access::authorize,
         ))
+        .layer(middleware::map_response(close_after_unread_body))
         .with_state(member)
+}
+
+/// A body refused as too large is left unread: the connection cannot carry another
+/// request, and a client that reused it would find it closed under its next one.
+async fn close_after_unread_body(mut resp: axum::response::Response) -> axum::response::Response {
+    if resp.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// The handler of `e`, on the method the table gives it.
