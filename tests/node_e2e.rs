@@ -408,7 +408,25 @@ async fn releases_run_their_start_and_health_commands() {
         "{text}"
     );
 
-    // Back to the second release.
+    // Back to the second release. A goal long-poll waiting meanwhile answers with it
+    // (had it waited out its 60 s instead, it would answer with the third release).
+    let goals: Vec<starling_proto::GoalInfo> = c
+        .get_json(&format!("{}/v1/goals?repo=acme/app", c.url(1)))
+        .await;
+    let set_at = goals[0].at;
+    let poll = {
+        let (http, url) = (c.http.clone(), c.url(1));
+        tokio::spawn(async move {
+            let r = http
+                .get(format!(
+                    "{url}/v1/goals?repo=acme/app&after={set_at}&timeout=60s"
+                ))
+                .send()
+                .await
+                .unwrap();
+            r.json::<Vec<starling_proto::GoalInfo>>().await.unwrap()
+        })
+    };
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
         .args(["--control", &c.url(1), "deploy", "acme/app", "--release"])
         .arg(second.to_string())
@@ -417,6 +435,18 @@ async fn releases_run_their_start_and_health_commands() {
         .await
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    let woken = poll.await.unwrap();
+    assert_eq!(woken[0].release, second);
+    assert!(woken[0].at > set_at);
+    // With nothing newer, a long-poll answers what is when its time is up.
+    let same: Vec<starling_proto::GoalInfo> = c
+        .get_json(&format!(
+            "{}/v1/goals?repo=acme/app&after={}&timeout=1s",
+            c.url(1),
+            woken[0].at
+        ))
+        .await;
+    assert_eq!(same, woken);
     c.wait_for_json(1, "/v1/nodes", running(second)).await;
     let pid = pid_of("n1", second);
     assert!(alive(pid));
