@@ -33,23 +33,9 @@ async fn failed_state_write_stops_the_member_and_loses_nothing() {
     c.assert_same_history(leader, f).await;
 }
 
-/// Unmounts on drop, even when the test fails.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_disk_stops_the_member_until_restarted() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+    if !Tmpfs::possible() {
         return;
     }
     let mut c = Cluster::start(3, &[]).await;
@@ -64,17 +50,9 @@ async fn full_disk_stops_the_member_until_restarted() {
     let dir = c.data_dir(f);
     let aside = dir.with_extension("aside");
     std::fs::rename(&dir, &aside).unwrap();
-    std::fs::create_dir_all(&dir).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: this machine does not let tests mount a tmpfs");
+    let Some(_mount) = Tmpfs::mount(&dir, "64m") else {
         return;
-    }
-    let _mount = Mount(dir.clone());
+    };
     for e in std::fs::read_dir(&aside).unwrap() {
         let e = e.unwrap();
         if e.file_type().unwrap().is_file() {

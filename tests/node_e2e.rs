@@ -469,3 +469,54 @@ async fn releases_run_their_start_and_health_commands() {
     assert_eq!(pid_of("n1", second), pid, "a second process was started");
     assert!(alive(pid));
 }
+
+/// A node whose disk fills up says so: `GET /v1/nodes` shows it failed, with the reason,
+/// instead of a fetch that never ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_full_disk_reports_it() {
+    if !Tmpfs::possible() {
+        return;
+    }
+    let c = Cluster::start(1, &[]).await;
+    let work = c.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("blob"), starling_harness::noise(1, 3_000_000)).unwrap();
+    let _worker = c.spawn_starling(
+        &["worker", "--name", "w1", "--data-dir", "w1"],
+        "w1.log",
+        &[("STARLING_TOKEN", TOKEN)],
+    );
+    let spec = "[build]\ncommand = \"mkdir -p dist && cp blob dist/\"\noutput = \"dist\"\n";
+    let release = push(&c, &work, 1, &[("starling.toml", spec)]).await;
+    // 1 MiB of disk for a 3 MB release.
+    let Some(_disk) = Tmpfs::mount(&c.dir.path().join("small"), "1m") else {
+        return;
+    };
+    let token = c.join_token().await;
+    let _node = c.spawn_starling(
+        &[
+            "node",
+            "--name",
+            "n1",
+            "--region",
+            "eu",
+            "--data-dir",
+            "small",
+            "--repo",
+            "acme/app",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "n1.log",
+        &[("STARLING_JOIN_TOKEN", token.as_str())],
+    );
+    let seen: Vec<NodeInfo> = c
+        .wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
+            n.iter().any(|x| x.state == AppState::Failed)
+        })
+        .await;
+    let error = seen[0].error.clone().unwrap_or_default();
+    assert!(error.contains("No space left on device"), "{error}");
+    assert_ne!(seen[0].release, Some(release));
+}

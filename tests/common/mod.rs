@@ -603,3 +603,44 @@ impl S3Server {
             .collect()
     }
 }
+
+/// A small tmpfs mounted for a test (a disk that fills up), unmounted on drop even when
+/// the test fails.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Whether this process may mount one (root); says why not when it may not.
+    pub fn possible() -> bool {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+        }
+        root
+    }
+
+    /// Mount a tmpfs of `size` (`mount -o size=`) at `dir`, made if missing; `None` (and
+    /// a note) where this machine does not allow it.
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: this machine does not let tests mount a tmpfs");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
