@@ -240,16 +240,23 @@ impl Testbed {
 
     /// Bytes that entered region `k` over its WAN link since it was made.
     pub fn wan_received(&self, k: usize) -> Result<u64, HarnessError> {
-        let router = format!("{}r{k}", self.prefix);
-        let out = output(&format!("ip -n {router} -s -j link show dev wan"))?;
-        let v: serde_json::Value = serde_json::from_str(&out)
-            .map_err(|e| HarnessError::Testbed(format!("`ip -j` printed what is not JSON: {e}")))?;
-        v[0]["stats64"]["rx"]["bytes"].as_u64().ok_or_else(|| {
-            HarnessError::Testbed(format!(
-                "no received bytes for {router}'s WAN link in {out}"
-            ))
-        })
+        link_bytes(&format!("{}r{k}", self.prefix), "wan", "rx")
     }
+
+    /// Bytes `host` sent since it was made.
+    pub fn sent_by(&self, host: &Host) -> Result<u64, HarnessError> {
+        link_bytes(&host.netns, "eth0", "tx")
+    }
+}
+
+/// The kernel's byte counter `rx` or `tx` of link `dev` in namespace `ns`.
+fn link_bytes(ns: &str, dev: &str, way: &str) -> Result<u64, HarnessError> {
+    let out = output(&format!("ip -n {ns} -s -j link show dev {dev}"))?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| HarnessError::Testbed(format!("`ip -j` printed what is not JSON: {e}")))?;
+    v[0]["stats64"][way]["bytes"]
+        .as_u64()
+        .ok_or_else(|| HarnessError::Testbed(format!("no {way} bytes for {ns}'s {dev} in {out}")))
 }
 
 impl Drop for Testbed {
