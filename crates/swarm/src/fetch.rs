@@ -76,10 +76,10 @@ pub struct FetchConfig {
     /// nodes that started with it to become known (tracker, connection), so that every
     /// node's view of who brings which chunk in agrees. Without it, a node that looks
     /// alone takes itself for every chunk's ingress and the early chunks cross twice.
-    /// Nodes long-poll their goals and start within milliseconds of each other; the
-    /// origin idles for as long as this lasts, so it is short: on the namespace testbed
-    /// (3×4, 48 MiB) 1 s → 0.3 s took 13.9–14.2 s to 13.5–13.6 s, the WAN copies
-    /// unchanged at 1.08.
+    /// The origin idles for as long as this lasts. On the namespace testbed (48 MiB)
+    /// 0.3 s instead of 1 s took 3×4 from 13.9–14.2 s to 13.5–13.6 s, but at 3×8 the
+    /// origin then sent 1.18–1.29 copies instead of 1.11 (24 nodes' views had not agreed
+    /// yet) and the run was no faster (17.4–18.1 s against 16.8 s); so 1 s.
     pub settle: Duration,
     /// How many more nodes of the region may fetch a new chunk per node that holds it
     /// (see `Fetch::my_turn`).
@@ -102,7 +102,7 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(20),
             cross_region_patience: Duration::from_secs(30),
             origin_patience: Duration::from_secs(60),
-            settle: Duration::from_millis(300),
+            settle: Duration::from_secs(1),
             fanout: 2,
             turn_patience: Duration::from_secs(3),
             busy_backoff: Duration::from_millis(200),
