@@ -67,20 +67,10 @@ async fn members_nodes_and_the_cli_speak_https() {
 
     // A node enrols over HTTPS, trusting the CA its join token names.
     let token = c.join_token().await;
-    let _node = c.spawn_starling(
-        &[
-            "node",
-            "--name",
-            "eu-1",
-            "--region",
-            "eu",
-            "--data-dir",
-            "eu-1",
-            "--repo",
-            "acme/web",
-            "--listen",
-            "127.0.0.1:0",
-        ],
+    let _node = c.spawn_node(
+        "eu-1",
+        "eu",
+        "acme/web",
         "eu-1.log",
         &[("STARLING_JOIN_TOKEN", token.as_str())],
     );

@@ -29,11 +29,7 @@ async fn a_push_ends_up_running_on_every_node() {
     let sha = git(&work, &["rev-parse", "HEAD"]);
     c.add_repo_from(1, "acme/web", &format!("file://{}", work.display()))
         .await;
-    let _worker = c.spawn_starling(
-        &["worker", "--name", "w1", "--data-dir", "w1"],
-        "w1.log",
-        &[("STARLING_TOKEN", TOKEN)],
-    );
+    let _worker = c.spawn_worker("w1");
     let (body, sig) = github_push("acme/web", "main", &sha, SECRET);
     let r = send_github(&c.http, &c.url(1), "push", "d-1", body, &sig)
         .await
@@ -55,20 +51,10 @@ async fn a_push_ends_up_running_on_every_node() {
     ];
     let mut children = Vec::new();
     for (name, region) in nodes {
-        children.push(c.spawn_starling(
-            &[
-                "node",
-                "--name",
-                name,
-                "--region",
-                region,
-                "--data-dir",
-                name,
-                "--repo",
-                "acme/web",
-                "--listen",
-                "127.0.0.1:0",
-            ],
+        children.push(c.spawn_node(
+            name,
+            region,
+            "acme/web",
             &format!("{name}.log"),
             &[("STARLING_JOIN_TOKEN", token.as_str())],
         ));
@@ -126,14 +112,16 @@ async fn a_push_ends_up_running_on_every_node() {
 
     // Back to the first release with starling deploy: the nodes hold it, nothing moves.
     let after: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(2), "deploy", "acme/web", "--release"])
-        .arg(release.to_string())
-        .args(["--strategy", "all-at-once"])
-        .env("STARLING_TOKEN", TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let hex = release.to_string();
+    let deploy = [
+        "deploy",
+        "acme/web",
+        "--release",
+        &hex,
+        "--strategy",
+        "all-at-once",
+    ];
+    let out = c.cli(2, &deploy).await;
     assert!(out.status.success(), "{out:?}");
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
         n.len() == 4
@@ -143,11 +131,7 @@ async fn a_push_ends_up_running_on_every_node() {
     .await;
     let again: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
     assert_eq!(after, again, "a rollback moved chunks");
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(1), "status"])
-        .output()
-        .await
-        .unwrap();
+    let status = c.cli(1, &["status"]).await;
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.contains("eu") && text.contains("us") && text.contains("running"),
@@ -164,23 +148,7 @@ async fn a_push_ends_up_running_on_every_node() {
         .expect("eu-1 is known");
     let mut eu1 = children.remove(0);
     eu1.kill().await.unwrap();
-    let _eu1 = c.spawn_starling(
-        &[
-            "node",
-            "--name",
-            "eu-1",
-            "--region",
-            "eu",
-            "--data-dir",
-            "eu-1",
-            "--repo",
-            "acme/web",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "eu-1.again.log",
-        &[],
-    );
+    let _eu1 = c.spawn_node("eu-1", "eu", "acme/web", "eu-1.again.log", &[]);
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
         n.iter().any(|x| {
             x.id == "eu-1"
@@ -302,11 +270,7 @@ async fn releases_run_their_start_and_health_commands() {
              [deploy]\nstart = \"{start}\"\nhealth = \"test -f ready\"\n"
         )
     };
-    let _worker = c.spawn_starling(
-        &["worker", "--name", "w1", "--data-dir", "w1"],
-        "w1.log",
-        &[("STARLING_TOKEN", TOKEN)],
-    );
+    let _worker = c.spawn_worker("w1");
     // The service: says who it is, becomes ready, and runs until stopped.
     let app = |v: &str| format!("echo $$ > pid; echo {v} > version; touch ready; exec sleep 600\n");
     let first = push(
@@ -321,28 +285,15 @@ async fn releases_run_their_start_and_health_commands() {
     .await;
     let token = c.join_token().await;
     let names = ["n1", "n2"];
-    let node_args = |name: &'static str| {
-        vec![
-            "node",
-            "--name",
-            name,
-            "--region",
-            "eu",
-            "--data-dir",
-            name,
-            "--repo",
-            "acme/app",
-            "--listen",
-            "127.0.0.1:0",
-        ]
-    };
     let releases = |name: &str| c.dir.path().join(name).join("apps/acme__app/releases");
     let _services = Services(names.iter().map(|n| releases(n)).collect());
     let mut nodes: Vec<_> = names
         .iter()
         .map(|n| {
-            c.spawn_starling(
-                &node_args(n),
+            c.spawn_node(
+                n,
+                "eu",
+                "acme/app",
                 &format!("{n}.log"),
                 &[("STARLING_JOIN_TOKEN", token.as_str())],
             )
@@ -397,11 +348,7 @@ async fn releases_run_their_start_and_health_commands() {
         assert!(error.contains("exit status: 3"), "{}: {error}", n.id);
         assert_eq!(n.apps[0].error.as_deref(), Some(error));
     }
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(1), "status"])
-        .output()
-        .await
-        .unwrap();
+    let status = c.cli(1, &["status"]).await;
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.contains("failed") && text.contains("exit status: 3"),
@@ -427,13 +374,8 @@ async fn releases_run_their_start_and_health_commands() {
             r.json::<Vec<starling_proto::GoalInfo>>().await.unwrap()
         })
     };
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["--control", &c.url(1), "deploy", "acme/app", "--release"])
-        .arg(second.to_string())
-        .env("STARLING_TOKEN", TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let hex = second.to_string();
+    let out = c.cli(1, &["deploy", "acme/app", "--release", &hex]).await;
     assert!(out.status.success(), "{out:?}");
     let woken = poll.await.unwrap();
     assert_eq!(woken[0].release, second);
@@ -456,7 +398,7 @@ async fn releases_run_their_start_and_health_commands() {
     let old: Vec<NodeInfo> = c.get_json(&format!("{}/v1/nodes", c.url(1))).await;
     let old_address = old.iter().find(|x| x.id == "n1").map(|x| x.address.clone());
     nodes[0].kill().await.unwrap();
-    nodes[0] = c.spawn_starling(&node_args("n1"), "n1.again.log", &[]);
+    nodes[0] = c.spawn_node("n1", "eu", "acme/app", "n1.again.log", &[]);
     c.wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
         n.iter().any(|x| {
             x.id == "n1"
@@ -482,32 +424,18 @@ async fn a_node_with_a_full_disk_reports_it() {
     std::fs::create_dir_all(&work).unwrap();
     git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(work.join("blob"), starling_harness::noise(1, 3_000_000)).unwrap();
-    let _worker = c.spawn_starling(
-        &["worker", "--name", "w1", "--data-dir", "w1"],
-        "w1.log",
-        &[("STARLING_TOKEN", TOKEN)],
-    );
+    let _worker = c.spawn_worker("w1");
     let spec = "[build]\ncommand = \"mkdir -p dist && cp blob dist/\"\noutput = \"dist\"\n";
     let release = push(&c, &work, 1, &[("starling.toml", spec)]).await;
     // 1 MiB of disk for a 3 MB release.
-    let Some(_disk) = Tmpfs::mount(&c.dir.path().join("small"), "1m") else {
+    let Some(_disk) = Tmpfs::mount(&c.dir.path().join("n1"), "1m") else {
         return;
     };
     let token = c.join_token().await;
-    let _node = c.spawn_starling(
-        &[
-            "node",
-            "--name",
-            "n1",
-            "--region",
-            "eu",
-            "--data-dir",
-            "small",
-            "--repo",
-            "acme/app",
-            "--listen",
-            "127.0.0.1:0",
-        ],
+    let _node = c.spawn_node(
+        "n1",
+        "eu",
+        "acme/app",
         "n1.log",
         &[("STARLING_JOIN_TOKEN", token.as_str())],
     );

@@ -50,25 +50,6 @@ async fn wait_done(c: &Cluster, id: u64) -> Build {
     panic!("build {id} did not finish in 60 s");
 }
 
-fn spawn_worker(c: &Cluster, name: &str) -> tokio::process::Child {
-    spawn_worker_with(c, name, &[])
-}
-
-/// A worker whose data directory is given relative to its working directory, as in the
-/// README.
-fn spawn_worker_with(c: &Cluster, name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
-    // The caller's environment comes last and wins.
-    let env: Vec<(&str, &str)> = [("STARLING_TOKEN", TOKEN)]
-        .into_iter()
-        .chain(env.iter().copied())
-        .collect();
-    c.spawn_starling(
-        &["worker", "--name", name, "--data-dir", name],
-        &format!("{name}.log"),
-        &env,
-    )
-}
-
 async fn add_repo(c: &Cluster, work: &Path) {
     let r = c
         .post(1, "/v1/repos", &serde_json::json!({
@@ -96,12 +77,12 @@ async fn killed_worker_build_is_finished_by_another() {
         "slow",
     );
     add_repo(&c, &work).await;
-    let mut first = spawn_worker(&c, "wa");
+    let mut first = c.spawn_worker("wa");
     let id = push(&c, &sha, "d-slow").await;
     // Wait until the first worker runs it, then SIGKILL the worker mid-build.
     wait_running(&c, id).await;
     first.kill().await.unwrap();
-    let _second = spawn_worker(&c, "wb");
+    let _second = c.spawn_worker("wb");
     let b = wait_done(&c, id).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
     use BuildStatus::*;
@@ -127,7 +108,7 @@ async fn webhook_to_release() {
         "good",
     );
     add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "w1");
+    let _worker = c.spawn_worker("w1");
 
     let id = push(&c, &good, "d-good").await;
     let b = wait_done(&c, id).await;
@@ -271,7 +252,7 @@ async fn cancel_and_timeout_stop_running_builds() {
         "slow",
     );
     add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "wc");
+    let _worker = c.spawn_worker("wc");
     let id = push(&c, &slow, "d-cancel").await;
     wait_running(&c, id).await;
     let asked = std::time::Instant::now();
@@ -357,7 +338,7 @@ async fn two_releases_then_collect(
 ) -> (Manifest, Vec<starling_proto::release::ChunkRef>) {
     let work = new_repo(c);
     add_repo(c, &work).await;
-    let _worker = spawn_worker(c, "wr");
+    let _worker = c.spawn_worker("wr");
     let spec = "[build]\ncommand = \"mkdir -p dist && cp unique.bin dist/\"\noutput = \"dist\"\n";
     let mut releases = Vec::new();
     for (i, seed) in [b'A', b'B'].into_iter().enumerate() {
@@ -423,7 +404,7 @@ async fn logs_stream_while_running_and_are_capped() {
         "chatty",
     );
     add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "wl");
+    let _worker = c.spawn_worker("wl");
     let id = push(&c, &sha, "d-logs").await;
     let log_url = format!("{}/v1/builds/{id}/logs", c.url(1));
 
@@ -516,7 +497,7 @@ async fn builds_find_no_secret_and_a_real_working_tree() {
     )
     .unwrap();
     // One runtime thread: release creation must not need a multi-thread runtime.
-    let _worker = spawn_worker_with(&c, "wp", &[("STARLING_RUNTIME_THREADS", "1")]);
+    let _worker = c.spawn_worker_with("wp", &[("STARLING_RUNTIME_THREADS", "1")]);
     let id = push(&c, &sha, "d-probe").await;
     let b = wait_done(&c, id).await;
     assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
@@ -567,7 +548,7 @@ async fn multibyte_output_does_not_kill_a_slot() {
     );
     add_repo(&c, &work).await;
     // One runtime thread (STARLING_RUNTIME_THREADS=1): nothing may need a multi-thread runtime.
-    let _worker = spawn_worker_with(&c, "wm", &[("STARLING_RUNTIME_THREADS", "1")]);
+    let _worker = c.spawn_worker_with("wm", &[("STARLING_RUNTIME_THREADS", "1")]);
     let b = wait_done(&c, push(&c, &euro, "d-euro").await).await;
     assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
     assert!(b.reason.unwrap_or_default().contains("exit code 3"));
@@ -602,7 +583,7 @@ async fn oversized_release_fails_and_stores_nothing() {
         )
         .await;
     assert_eq!(r.status().as_u16(), 201);
-    let _worker = spawn_worker(&c, "wo");
+    let _worker = c.spawn_worker("wo");
     let b = wait_done(&c, push(&c, &big, "d-big").await).await;
     assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
     let reason = b.reason.unwrap_or_default();
@@ -636,7 +617,7 @@ async fn an_unreachable_control_plane_does_not_fail_the_build() {
         "patient",
     );
     add_repo(&c, &work).await;
-    let _worker = spawn_worker(&c, "wr");
+    let _worker = c.spawn_worker("wr");
     let id = push(&c, &sha, "d-patient").await;
     wait_running(&c, id).await;
     c.kill(1).await;
@@ -686,7 +667,7 @@ async fn a_panicking_build_fails_and_the_slot_goes_on() {
         )
         .await;
     assert_eq!(r.status().as_u16(), 201);
-    let _worker = spawn_worker_with(&c, "wx", &[("STARLING_FAULT_PANIC_IN_BUILD", "acme/web")]);
+    let _worker = c.spawn_worker_with("wx", &[("STARLING_FAULT_PANIC_IN_BUILD", "acme/web")]);
     let b = wait_done(&c, push(&c, &sha, "d-panic").await).await;
     assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
     assert!(b

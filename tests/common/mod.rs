@@ -277,6 +277,65 @@ impl Cluster {
         self.spawn_starling_on(None, args, log, env)
     }
 
+    /// A build worker named `name`, its data directory given relative to its working
+    /// directory (as in the README).
+    pub fn spawn_worker(&self, name: &str) -> Child {
+        self.spawn_worker_with(name, &[])
+    }
+
+    /// [`Cluster::spawn_worker`] with more environment (the caller's wins).
+    pub fn spawn_worker_with(&self, name: &str, env: &[(&str, &str)]) -> Child {
+        let env: Vec<(&str, &str)> = [("STARLING_TOKEN", TOKEN)]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        self.spawn_starling(
+            &["worker", "--name", name, "--data-dir", name],
+            &format!("{name}.log"),
+            &env,
+        )
+    }
+
+    /// A `starling node` on loopback named `name` in `region`, keeping its data in
+    /// `name` (in the cluster's directory) and its log in `log`, running `repo`.
+    pub fn spawn_node(
+        &self,
+        name: &str,
+        region: &str,
+        repo: &str,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> Child {
+        self.spawn_starling(
+            &[
+                "node",
+                "--name",
+                name,
+                "--region",
+                region,
+                "--data-dir",
+                name,
+                "--repo",
+                repo,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            log,
+            env,
+        )
+    }
+
+    /// Run `starling --control <member> ARGS` with the API token, to its end.
+    pub async fn cli(&self, member: u64, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["--control", &self.url(member)])
+            .args(args)
+            .env("STARLING_TOKEN", TOKEN)
+            .output()
+            .await
+            .expect("run starling")
+    }
+
     /// [`Cluster::spawn_starling`] on a testbed's host.
     pub fn spawn_starling_on(
         &self,

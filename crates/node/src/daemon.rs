@@ -296,20 +296,21 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             )
             .instrument(span.clone())
             .await;
+            // The node's announcement as it stands, for this repository's "starting".
+            let mut me = announcement(&advertise, &apps);
             let app = &mut apps[i];
             match fetched {
                 Ok(run) => {
                     app.report.release = Some(release);
                     app.report.activated_at = Some(now_ms());
-                    let me = announcement(&advertise, std::slice::from_ref(app));
                     let members = &members;
                     app.launch(release, run, |starting: AppReport| async move {
-                        let a = Announcement {
-                            apps: vec![starting],
-                            ..me
-                        };
+                        me.holds.push(release);
+                        for r in me.apps.iter_mut().filter(|r| r.repo == starting.repo) {
+                            *r = starting.clone();
+                        }
                         for c in members.values() {
-                            let _ = c.announce(&a).await;
+                            let _ = c.announce(&me).await;
                         }
                     })
                     .instrument(span)
