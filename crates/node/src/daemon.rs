@@ -580,7 +580,14 @@ async fn deploy(
     .await;
     refresher.abort();
     let report = report.map_err(|e| e.to_string())?;
-    tracing::info!(%release, received = ?report.received, dropped = report.dropped.len(), "release fetched");
+    tracing::info!(
+        %release,
+        received = ?report.received,
+        udp_bytes = ?report.udp_received,
+        lost_packets = report.lost_packets,
+        dropped = report.dropped.len(),
+        "release fetched"
+    );
     let dest = root.join("releases").join(release.to_hex());
     if !dest.exists() {
         std::fs::create_dir_all(root.join("releases")).map_err(|e| e.to_string())?;

@@ -47,6 +47,10 @@ pub enum FetcherError {
 pub struct FetchReport {
     /// Chunks received from each kind of source.
     pub received: BTreeMap<Source, u64>,
+    /// UDP bytes received from each kind of source over its connections (chunks, their
+    /// framing, and everything else those connections carried), and packets they lost.
+    pub udp_received: BTreeMap<Source, u64>,
+    pub lost_packets: u64,
     /// Peers cut off, with why.
     pub dropped: Vec<(String, String)>,
 }
@@ -227,6 +231,15 @@ pub async fn fetch_release(
                         .map(|s| (s, fetch.received(s)))
                         .filter(|(_, n)| *n > 0)
                         .collect();
+                    for (id, conn) in &conns {
+                        let Some(spec) = known.by_id.get(id) else {
+                            continue;
+                        };
+                        let st = conn.stats();
+                        tracing::debug!(peer = %spec.name, stats = ?st, "connection carried");
+                        *report.udp_received.entry(spec.source).or_default() += st.udp_rx.bytes;
+                        report.lost_packets += st.path.lost_packets;
+                    }
                     return Ok(report);
                 }
             }

@@ -443,6 +443,11 @@ impl PeerConn {
         self.conn.remote_address()
     }
 
+    /// What the connection carried so far: UDP bytes and packets, losses, frames.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Resolves when the connection closes, for whatever reason.
     pub async fn closed(&self) {
         self.conn.closed().await;
