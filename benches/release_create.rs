@@ -151,7 +151,7 @@ fn main() {
         t.path().display()
     );
     println!(
-        "chunks:     FastCDC min {} KiB, avg {} KiB, max {} KiB; stores: a worker's build pack, or a directory of chunk files (neither fsyncs; the origin store does, on publish)",
+        "chunks:     FastCDC min {} KiB, avg {} KiB, max {} KiB; stores: one pack file (what workers used to stage in), or a directory of chunk files (neither fsyncs; the origin store does, on publish)",
         sizes.min >> 10,
         sizes.avg >> 10,
         sizes.max >> 10
@@ -277,7 +277,7 @@ fn main() {
     println!();
     println!("{:<46} {:>8} {:>10}", "whole", "seconds", "MiB/s");
     row("raw BLAKE3 of the same bytes (1 thread)", raw, bytes);
-    row("create release into a pack (worker)", create, bytes);
+    row("create release into a pack (workers before)", create, bytes);
     if let Some(secs) = create_shm {
         row("create release into a pack on tmpfs", secs, bytes);
     }
