@@ -156,6 +156,19 @@ impl AppProcess {
     }
 }
 
+/// Remove the process logs of releases no longer kept under `root`.
+pub fn forget_logs(root: &Path, gone: &[ReleaseId]) {
+    for id in gone {
+        let log = root.join("logs").join(format!("{}.log", id.to_hex()));
+        match std::fs::remove_file(&log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %log.display(), error = %e, "cannot remove a release's log")
+            }
+            _ => {}
+        }
+    }
+}
+
 /// A command's environment: nothing of the node's but `PATH`.
 fn environment(mut cmd: Command, dir: &Path, repo: &str, release: &ReleaseId) -> Command {
     cmd.env_clear()
@@ -257,6 +270,11 @@ mod tests {
         assert!(start_time(child).is_none(), "the TERM-proof child survived");
         assert!(start_time(leader).is_none());
         assert!(AppProcess::adopt(root).is_none());
+        // Its log goes with its release.
+        let log = root.join("logs").join(format!("{}.log", id.to_hex()));
+        assert!(log.exists());
+        forget_logs(root, &[ReleaseId::of(b"other"), id]);
+        assert!(!log.exists());
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 use tracing::Instrument;
 
-use crate::app::{wait_healthy, AppProcess, HEALTH_DEADLINE, STOP_GRACE};
+use crate::app::{forget_logs, wait_healthy, AppProcess, HEALTH_DEADLINE, STOP_GRACE};
 use crate::fetcher::{fetch_release, SourceSpec};
 
 /// How a node runs.
@@ -603,6 +603,7 @@ async fn deploy(
     // The active release and the two before it stay, for instant rollbacks.
     match prune(root, KEEP_RELEASES) {
         Ok(gone) if !gone.is_empty() => {
+            forget_logs(root, &gone);
             tracing::info!(releases = gone.len(), "old releases removed")
         }
         Ok(_) => {}
@@ -630,7 +631,9 @@ fn keep_within_budget(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), Stri
         return Ok(());
     }
     for repo in &cfg.repos {
-        prune(&repo_root(&cfg.data_dir, repo), 2).map_err(|e| e.to_string())?;
+        let root = repo_root(&cfg.data_dir, repo);
+        let gone = prune(&root, 2).map_err(|e| e.to_string())?;
+        forget_logs(&root, &gone);
     }
     collect_unreferenced(cfg, store)?;
     let used = store.used_bytes().unwrap_or(0);
