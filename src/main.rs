@@ -304,11 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let pem = std::fs::read_to_string(a.data_dir.join("identity/ca.pem")).ok()?;
                     starling_pki::fingerprint(&pem).ok()
                 });
-            let client = starling_client::ControlClient::with_trust(
-                &cli.control,
-                token,
-                Some(starling_pki::CaTrust::new(fingerprint)),
-            )?;
+            let client = control_client(&cli.control, token, fingerprint)?;
             let name = match a.name {
                 Some(n) => n,
                 None => {
@@ -338,11 +334,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Worker(a) => {
-            let client = starling_client::ControlClient::with_trust(
-                &cli.control,
-                token,
-                Some(starling_pki::CaTrust::new(cli.ca_fingerprint.clone())),
-            )?;
+            let client = control_client(&cli.control, token, cli.ca_fingerprint.clone())?;
             let name = a.name.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
@@ -370,12 +362,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Client(c) => {
-            let client = starling_client::ControlClient::with_trust(
-                &cli.control,
-                token,
-                Some(starling_pki::CaTrust::new(cli.ca_fingerprint.clone())),
-            )?;
+            let client = control_client(&cli.control, token, cli.ca_fingerprint.clone())?;
             client_cmd::run(&client, c, cli.json).await
         }
     }
+}
+
+/// A client of the control plane at `url` that trusts an `https://` one by the CA
+/// `fingerprint`.
+fn control_client(
+    url: &str,
+    token: Option<String>,
+    fingerprint: Option<String>,
+) -> Result<starling_client::ControlClient> {
+    let trust = starling_pki::CaTrust::new(fingerprint);
+    Ok(starling_client::ControlClient::with_trust(
+        url,
+        token,
+        Some(trust),
+    )?)
 }

@@ -88,6 +88,15 @@ pub struct Member {
     pub https: Option<crate::serve::HttpsConfig>,
 }
 
+/// The CA as the log records it, as `starling-pki` uses it.
+pub fn pki_ca(r: &starling_proto::CaRecord) -> starling_pki::ClusterCa {
+    starling_pki::ClusterCa {
+        name: r.name.clone(),
+        cert_pem: r.cert_pem.clone(),
+        key_pem: r.key_pem.clone(),
+    }
+}
+
 pub fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -140,11 +149,18 @@ impl Member {
 
     /// The cluster CA, once the first leader made it.
     pub fn cluster_ca(&self) -> Option<starling_pki::ClusterCa> {
-        self.read().cluster_ca().map(|r| starling_pki::ClusterCa {
-            name: r.name.clone(),
-            cert_pem: r.cert_pem.clone(),
-            key_pem: r.key_pem.clone(),
-        })
+        self.read().cluster_ca().map(pki_ca)
+    }
+
+    /// The cluster CA, once this member's state has it (it polls: the CA is written once).
+    pub async fn wait_cluster_ca(&self) -> starling_pki::ClusterCa {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if let Some(ca) = self.cluster_ca() {
+                return ca;
+            }
+        }
     }
 
     /// Remember that a worker was lately told of, or named, these chunks.

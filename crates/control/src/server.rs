@@ -12,7 +12,7 @@ use starling_proto::{Command, JoinRequest, Outcome};
 use starling_release::{FsChunkStore, OriginStore};
 
 use crate::log_store::LogStore;
-use crate::member::{now_ms, ControlConfig, Member};
+use crate::member::{now_ms, pki_ca, ControlConfig, Member};
 use crate::metrics::ControlMetrics;
 use crate::network::{PeerNetwork, CLUSTER_KEY_HEADER};
 use crate::store::{Files, StateMachineStore};
@@ -249,7 +249,7 @@ async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
             .notify(|e, after| tracing::warn!(error = %e, ?after, "fetching the cluster CA failed; retrying"))
             .await;
         match ca {
-            Ok(ca) => install_https_identity(&member, &ca),
+            Ok(ca) => install_https_identity(&member, &pki_ca(&ca)),
             Err(e) => tracing::error!(error = %e, "no cluster CA; cannot join"),
         }
     }
@@ -292,18 +292,11 @@ async fn join_cluster(member: Arc<Member>, url: String, advertise: String) {
 /// certificate to `<data-dir>/cluster-ca.pem` (what clients pin by fingerprint), and with
 /// `--tls` issue this member's HTTPS certificate for its advertised host.
 async fn keep_https_identity(member: Arc<Member>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tick.tick().await;
-        let ca = member.read().cluster_ca().cloned();
-        if let Some(ca) = ca {
-            install_https_identity(&member, &ca);
-            return;
-        }
-    }
+    let ca = member.wait_cluster_ca().await;
+    install_https_identity(&member, &ca);
 }
 
-fn install_https_identity(member: &Member, ca: &starling_proto::CaRecord) {
+fn install_https_identity(member: &Member, ca: &starling_pki::ClusterCa) {
     let fingerprint = match starling_pki::fingerprint(&ca.cert_pem) {
         Ok(f) => f,
         Err(e) => return tracing::error!(error = %e, "the cluster CA is unreadable"),
@@ -324,13 +317,8 @@ fn install_https_identity(member: &Member, ca: &starling_proto::CaRecord) {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let pki_ca = starling_pki::ClusterCa {
-        name: ca.name.clone(),
-        cert_pem: ca.cert_pem.clone(),
-        key_pem: ca.key_pem.clone(),
-    };
     let name = format!("member-{}", member.cfg.id);
-    let config = pki_ca
+    let config = ca
         .issue_for_hosts(&name, &[host], std::time::SystemTime::now())
         .and_then(|id| starling_pki::https_server_config(&id));
     match config {
@@ -351,13 +339,7 @@ const TRACKER_PEERS: usize = 50;
 /// CA exists to give the member a certificate (`member-<id>`). A member that cannot bind
 /// the UDP address says so and serves HTTP on.
 async fn serve_swarm(member: Arc<Member>, addr: std::net::SocketAddr) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let ca = loop {
-        tick.tick().await;
-        if let Some(ca) = member.cluster_ca() {
-            break ca;
-        }
-    };
+    let ca = member.wait_cluster_ca().await;
     let name = format!("member-{}", member.cfg.id);
     let identity = match ca.issue(&name, std::time::SystemTime::now()) {
         Ok(id) => id,

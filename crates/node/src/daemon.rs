@@ -319,8 +319,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 Err(e) => {
                     let _g = span.enter();
                     tracing::warn!(error = %e, "deploying failed; trying again");
-                    app.report.state = AppState::Failed;
-                    app.report.error = Some(reason(&e));
+                    app.report_failure(&e);
                 }
             }
             last_announce = std::time::Instant::now() - Duration::from_secs(60);
@@ -392,9 +391,15 @@ impl App {
         true
     }
 
-    fn fail(&mut self, why: String) {
+    /// Report `why` as this repository's failure (a fetch that fails is tried again).
+    fn report_failure(&mut self, why: &str) {
         self.report.state = AppState::Failed;
-        self.report.error = Some(reason(&why));
+        self.report.error = Some(reason(why));
+    }
+
+    /// The release failed to start or ended: reported, and not started again.
+    fn fail(&mut self, why: String) {
+        self.report_failure(&why);
         self.given_up = self.report.release;
     }
 

@@ -827,9 +827,8 @@ mod tests {
         assert!(first.await.is_some());
         // A waiter that gave up passes its turn on.
         let held = s.acquire(&other).await.expect("a free slot");
-        let gave_up = Box::pin(s.acquire(&fresh));
+        let mut gave_up = Box::pin(s.acquire(&fresh));
         let mut next = Box::pin(s.acquire(&other));
-        let mut gave_up = gave_up;
         assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
         drop(gave_up);
         drop(held);
