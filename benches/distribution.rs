@@ -292,6 +292,7 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
             webhook_secret: String::new(),
             auto_deploy: false,
             max_release_bytes: 1 << 32,
+            rollout: Default::default(),
         })
         .await
         .expect("adding the repository");

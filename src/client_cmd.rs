@@ -164,6 +164,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 webhook_secret,
                 auto_deploy: !no_auto_deploy,
                 max_release_bytes: max_release_size,
+                rollout: Default::default(),
             };
             let repo = c.put_repo(&spec).await?;
             if json {

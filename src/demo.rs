@@ -149,6 +149,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             webhook_secret: secret.clone(),
             auto_deploy: true,
             max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+            rollout: Default::default(),
         })
         .await?;
     println!(

@@ -259,6 +259,8 @@ mod tests {
                     activated_at: Some(1),
                     state,
                     error: error.map(str::to_string),
+                    staged: None,
+                    staged_at: None,
                 },
                 AppReport {
                     repo: "acme/api".into(),
@@ -266,6 +268,8 @@ mod tests {
                     activated_at: None,
                     state: AppState::Idle,
                     error: None,
+                    staged: None,
+                    staged_at: None,
                 },
             ];
             let (release, activated_at, state, error) = NodeInfo::summary(&apps);

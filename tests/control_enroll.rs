@@ -100,6 +100,8 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
                     activated_at: Some(1_700_000_000_000),
                     state: starling_proto::AppState::Running,
                     error: None,
+                    staged: None,
+                    staged_at: None,
                 }],
             };
             m.announce(&a).await.unwrap();

@@ -74,6 +74,8 @@ pub struct Repo {
     /// A build whose release would be larger fails and stores nothing.
     #[serde(default = "default_max_release_bytes")]
     pub max_release_bytes: u64,
+    #[serde(default)]
+    pub rollout: crate::RolloutPolicy,
 }
 
 /// The release size limit of a repository registered without one: 4 GiB.
@@ -98,6 +100,13 @@ pub struct RepoSpec {
     /// Largest release a build may make, in bytes (default 4 GiB).
     #[serde(default = "default_max_release_bytes")]
     pub max_release_bytes: u64,
+    /// How its deployments roll out (default: waves, a minute's soak, 10% failures).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rollout: crate::RolloutPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_branch() -> String {
@@ -154,6 +163,9 @@ pub struct Event {
     pub sha: Option<String>,
     pub status: Option<BuildStatus>,
     pub detail: Option<String>,
+    /// The deployment it concerns (`deploy:*` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<u64>,
 }
 
 /// A release recorded by a successful build.
@@ -442,6 +454,12 @@ pub struct AppReport {
     pub state: AppState,
     /// Why, when `state` is `failed`; at most [`crate::peer::MAX_REASON`] bytes.
     pub error: Option<String>,
+    /// The newest release it holds unpacked and ready beside `release` (staged for a
+    /// deployment whose wave has not reached this node yet), and since when.
+    #[serde(default)]
+    pub staged: Option<crate::ReleaseId>,
+    #[serde(default)]
+    pub staged_at: Option<Millis>,
 }
 
 /// `GET /v1/goals?repo=`: what each repository's environments should run.
@@ -449,28 +467,16 @@ pub struct AppReport {
 pub struct GoalInfo {
     pub repo: String,
     pub env: String,
+    /// The release nodes hold: fetched, verified and unpacked, ready to run.
     pub release: crate::ReleaseId,
-    /// When it was set (ms since the epoch).
+    /// When it, or the deployment behind it, last changed (ms since the epoch): a
+    /// long-poll answers once a goal changed after the time it was given.
     pub at: Millis,
-}
-
-/// `POST /v1/deploys`: make `release` the goal of `repo`'s environment `env`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployRequest {
-    pub repo: String,
-    pub release: crate::ReleaseId,
-    #[serde(default = "default_env")]
-    pub env: String,
-    /// Only `all-at-once` so far: every node of the repository switches when it has
-    /// the release. Waves come with rollouts.
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
-}
-
-fn default_env() -> String {
-    "default".into()
-}
-
-fn default_strategy() -> String {
-    "all-at-once".into()
+    /// The deployment that set it, if one did (goals from before deployments existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<u64>,
+    /// Asked for by a node (`?node=&region=`): the release that node runs now, which is
+    /// `release` once its wave started and the one before until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<crate::ReleaseId>,
 }

@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Build, BuildStatus, Millis, Release, ReleaseId, RepoSpec, WorkerId};
+use crate::{
+    Build, BuildStatus, DeployStep, Deployment, Millis, Release, ReleaseId, RepoSpec, RolloutPolicy,
+    WorkerId,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -81,6 +84,27 @@ pub enum Command {
     /// Record a join token (its secret only as a SHA-256); tokens past their
     /// `expires_at` are forgotten when the next one is added.
     AddJoinToken { token: JoinTokenRecord, at: Millis },
+    /// Start deploying `release` to `repo`'s environment `env`; a deployment of the same
+    /// environment still rolling is superseded. `policy` is the repository's with the
+    /// call's overrides. An all-at-once deployment starts its one wave at once.
+    StartDeployment {
+        repo: String,
+        env: String,
+        release: ReleaseId,
+        policy: RolloutPolicy,
+        trigger: String,
+        at: Millis,
+    },
+    /// Move deployment `id` on by `step`, proposed by the leader's rollout loop.
+    /// Applying refuses a step that no longer fits (a wave already started, a
+    /// deployment no longer rolling), so a step proposed twice acts once.
+    AdvanceDeployment {
+        id: u64,
+        step: DeployStep,
+        at: Millis,
+    },
+    /// Pause (no new wave starts) or resume a deployment.
+    PauseDeployment { id: u64, paused: bool, at: Millis },
 }
 
 /// The cluster's certificate authority as the members keep it. Only members see it: it
@@ -130,6 +154,9 @@ impl Command {
             Command::Once { command, .. } => command.name(),
             Command::SetClusterCa { .. } => "set_cluster_ca",
             Command::AddJoinToken { .. } => "add_join_token",
+            Command::StartDeployment { .. } => "start_deployment",
+            Command::AdvanceDeployment { .. } => "advance_deployment",
+            Command::PauseDeployment { .. } => "pause_deployment",
         }
     }
 }
@@ -161,6 +188,8 @@ pub enum Outcome {
     /// The releases retention let go.
     Collected(Vec<ReleaseId>),
     Release(Release),
+    /// The deployment as the command left it.
+    Deployment(Box<Deployment>),
     /// The command was refused; nothing changed.
     Rejected(Rejection),
 }
@@ -181,6 +210,14 @@ pub enum Rejection {
     AlreadyFinished(u64),
     #[error("invalid: {0}")]
     Invalid(String),
+    #[error("unknown deployment {0}")]
+    UnknownDeployment(u64),
+    #[error("deployment {id} cannot {step}: {why}")]
+    StepRefused {
+        id: u64,
+        step: String,
+        why: String,
+    },
 }
 
 impl std::fmt::Display for Command {

@@ -31,10 +31,27 @@ pub enum EventKind {
     /// An environment's goal now names a release.
     #[serde(rename = "goal:set")]
     GoalSet,
+    /// A deployment started (its release is fetched everywhere from now on).
+    #[serde(rename = "deploy:started")]
+    DeployStarted,
+    /// A wave's nodes may run the release.
+    #[serde(rename = "deploy:wave_started")]
+    WaveStarted,
+    /// A wave's nodes ran the release healthily for the soak time.
+    #[serde(rename = "deploy:wave_completed")]
+    WaveCompleted,
+    #[serde(rename = "deploy:paused")]
+    DeployPaused,
+    #[serde(rename = "deploy:resumed")]
+    DeployResumed,
+    /// It reached a final status (the event's `detail`): succeeded, rolled_back or
+    /// superseded.
+    #[serde(rename = "deploy:completed")]
+    DeployCompleted,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::RepoPut,
         EventKind::BuildQueued,
         EventKind::BuildStarted,
@@ -44,6 +61,12 @@ impl EventKind {
         EventKind::ReleaseCreated,
         EventKind::ReleaseCollected,
         EventKind::GoalSet,
+        EventKind::DeployStarted,
+        EventKind::WaveStarted,
+        EventKind::WaveCompleted,
+        EventKind::DeployPaused,
+        EventKind::DeployResumed,
+        EventKind::DeployCompleted,
     ];
 
     /// The name the API shows, e.g. `build:queued`.
@@ -58,6 +81,12 @@ impl EventKind {
             EventKind::ReleaseCreated => "release:created",
             EventKind::ReleaseCollected => "release:collected",
             EventKind::GoalSet => "goal:set",
+            EventKind::DeployStarted => "deploy:started",
+            EventKind::WaveStarted => "deploy:wave_started",
+            EventKind::WaveCompleted => "deploy:wave_completed",
+            EventKind::DeployPaused => "deploy:paused",
+            EventKind::DeployResumed => "deploy:resumed",
+            EventKind::DeployCompleted => "deploy:completed",
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod command;
+pub mod deploy;
 mod duration;
 pub mod ids;
 pub mod join_token;
@@ -20,6 +21,7 @@ pub mod routes;
 
 pub use api::*;
 pub use command::*;
+pub use deploy::*;
 pub use duration::{parse_duration, parse_size};
 pub use ids::{ChunkHash, DigestError, ReleaseId, WorkerId};
 pub use kinds::{EventKind, QueueResult};

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::{AppReport, ChunkHash, ReleaseId};
 
 /// The TLS application protocol (ALPN) of version 2.
-pub const ALPN: &[u8] = b"starling-peer/2";
+pub const ALPN: &[u8] = b"starling-peer/3";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -283,6 +283,8 @@ mod tests {
                     activated_at: Some(1),
                     state: crate::AppState::Failed,
                     error: Some("health: exit status 1".into()),
+                    staged: None,
+                    staged_at: None,
                 }],
             },
             Frame::Peers {
@@ -351,6 +353,8 @@ mod tests {
                 activated_at: None,
                 state: crate::AppState::Failed,
                 error: Some("e".repeat(MAX_REASON + 1)),
+                staged: None,
+                staged_at: None,
             }],
         };
         assert!(long_error.encode().is_err());

@@ -140,10 +140,15 @@ pub enum Endpoint {
     Enroll,
     ListGoals,
     Deploy,
+    ListDeploys,
+    ShowDeploy,
+    PauseDeploy,
+    ResumeDeploy,
+    Rollback,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 36] = [
+    pub const ALL: [Endpoint; 41] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -180,6 +185,11 @@ impl Endpoint {
         Endpoint::Enroll,
         Endpoint::ListGoals,
         Endpoint::Deploy,
+        Endpoint::ListDeploys,
+        Endpoint::ShowDeploy,
+        Endpoint::PauseDeploy,
+        Endpoint::ResumeDeploy,
+        Endpoint::Rollback,
     ];
 
     /// The table.
@@ -238,6 +248,11 @@ impl Endpoint {
             Endpoint::Enroll => (Post, "/v1/enroll", ByLeader, Public, MAX_ENROLL_BODY),
             Endpoint::ListGoals => (Get, "/v1/goals", ByLeader, Public, 0),
             Endpoint::Deploy => (Post, "/v1/deploys", ByLeader, Write, MAX_API_BODY),
+            Endpoint::ListDeploys => (Get, "/v1/deploys", ByLeader, Public, 0),
+            Endpoint::ShowDeploy => (Get, "/v1/deploys/{id}", ByLeader, Public, 0),
+            Endpoint::PauseDeploy => (Post, "/v1/deploys/{id}/pause", ByLeader, Write, 0),
+            Endpoint::ResumeDeploy => (Post, "/v1/deploys/{id}/resume", ByLeader, Write, 0),
+            Endpoint::Rollback => (Post, "/v1/rollback", ByLeader, Write, MAX_API_BODY),
         };
         Route {
             method,

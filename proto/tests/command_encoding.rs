@@ -7,7 +7,10 @@
 //! (`starling_control::store::FILE_FORMAT`). Regenerate the pinned file only for an
 //! addition: `STARLING_BLESS=1 cargo test -p starling-proto --test command_encoding`.
 
-use starling_proto::{BuildStatus, CaRecord, Command, JoinTokenRecord, ReleaseId, RepoSpec};
+use starling_proto::{
+    AppState, BuildStatus, CaRecord, Command, DeployStep, JoinTokenRecord, NodeOutcome, ReleaseId,
+    RepoSpec, RolloutPolicy, Strategy, Wave, WaveTarget,
+};
 
 fn every_command() -> Vec<Command> {
     let spec = RepoSpec {
@@ -17,6 +20,7 @@ fn every_command() -> Vec<Command> {
         webhook_secret: "s3cret".into(),
         auto_deploy: true,
         max_release_bytes: 4 << 30,
+        rollout: RolloutPolicy::default(),
     };
     let sha = "0123456789abcdef0123456789abcdef01234567".to_string();
     vec![
@@ -91,6 +95,72 @@ fn every_command() -> Vec<Command> {
                 expires_at: 86_400_012,
             },
             at: 12,
+        },
+        Command::StartDeployment {
+            repo: "acme/web".into(),
+            env: "default".into(),
+            release: ReleaseId::from_bytes([0xab; 32]),
+            policy: RolloutPolicy {
+                strategy: Strategy::Waves,
+                soak_ms: 2_000,
+                max_failed_pct: 10,
+            },
+            trigger: "build 1".into(),
+            at: 13,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::Plan {
+                waves: vec![
+                    Wave::new("canary", WaveTarget::Nodes(vec!["eu-1".into()])),
+                    Wave::new("eu", WaveTarget::Region("eu".into())),
+                    Wave::new("all", WaveTarget::All),
+                ],
+            },
+            at: 14,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::StartWave { wave: 0 },
+            at: 15,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::WaveHealthy { wave: 0 },
+            at: 16,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::CompleteWave {
+                wave: 0,
+                outcomes: vec![NodeOutcome {
+                    node: "eu-1".into(),
+                    region: "eu".into(),
+                    release: Some(ReleaseId::from_bytes([0xab; 32])),
+                    state: AppState::Running,
+                    error: None,
+                }],
+            },
+            at: 17,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::Fail {
+                wave: 1,
+                reason: "wave eu: 1 of 1 nodes failed".into(),
+                outcomes: Vec::new(),
+            },
+            at: 18,
+        },
+        Command::AdvanceDeployment {
+            id: 1,
+            step: DeployStep::Succeed,
+            at: 19,
+        },
+        Command::PauseDeployment {
+            id: 1,
+            paused: true,
+            at: 20,
         },
     ]
 }

@@ -1,6 +1,7 @@
 //! Starling's decisions, as plain data in and data out: the replicated state machine and
 //! its `apply`, the lease reaper, what a webhook delivery means, what retention lets go,
-//! where build output goes in a log, how a build's end is reported, and the tracker's
+//! where build output goes in a log, how a build's end is reported, the rollout
+//! planner (which wave to start, when a wave is done or failed), and the tracker's
 //! soft state (which node serves which release). The swarm's own decisions live in
 //! `starling-swarm`, on the same terms.
 //!
@@ -15,6 +16,7 @@ pub mod build_result;
 pub mod reaper;
 pub mod retention;
 pub mod retry;
+pub mod rollout;
 pub mod state;
 pub mod tracker;
 pub mod webhook;

@@ -45,6 +45,7 @@ mod tests {
                 webhook_secret: String::new(),
                 auto_deploy: false,
                 max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                rollout: Default::default(),
             },
             at: 0,
         });

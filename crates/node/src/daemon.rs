@@ -367,6 +367,8 @@ impl App {
                     AppState::Idle
                 },
                 error: None,
+                staged: None,
+                staged_at: None,
             },
             root,
             process,

@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use starling_proto::{
-    Build, BuildStatus, CaRecord, Command, Event, EventKind, JoinTokenRecord, Millis, Outcome,
-    Rejection, Release, ReleaseId, Repo, RepoSpec, Transition, WorkerId,
+    Build, BuildStatus, CaRecord, Command, Deployment, Event, EventKind, JoinTokenRecord, Millis,
+    Outcome, Rejection, Release, ReleaseId, Repo, RepoSpec, Transition, WorkerId,
 };
+
+mod deployments;
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
 pub const DEFAULT_ENV: &str = "default";
@@ -29,8 +31,13 @@ pub struct StoredRepo {
 pub struct Goal {
     pub repo: String,
     pub env: String,
+    /// The release its nodes hold (and run, once their wave started).
     pub release: ReleaseId,
+    /// When it or its deployment last changed.
     pub at: Millis,
+    /// The newest deployment of the environment, which says what each node runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<u64>,
 }
 
 /// The key of an environment's goal, `{repo}/{env}`. It names one goal only because an
@@ -42,7 +49,11 @@ pub struct GoalKey(String);
 
 impl GoalKey {
     pub fn of(goal: &Goal) -> GoalKey {
-        GoalKey(format!("{}/{}", goal.repo, goal.env))
+        GoalKey::for_env(&goal.repo, &goal.env)
+    }
+
+    pub fn for_env(repo: &str, env: &str) -> GoalKey {
+        GoalKey(format!("{repo}/{env}"))
     }
 
     pub fn as_str(&self) -> &str {
@@ -72,6 +83,9 @@ pub struct Records {
     /// Join tokens not yet expired (as of the last one added), by id.
     #[serde(default)]
     pub join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// Every deployment, by id (from 1).
+    #[serde(default)]
+    pub deployments: OrdMap<u64, Deployment>,
 }
 
 /// What a request with an id was answered.
@@ -97,6 +111,7 @@ pub struct Touched {
     /// Join tokens added, and those forgotten (to delete).
     pub join_tokens: BTreeSet<String>,
     pub join_tokens_forgotten: BTreeSet<String>,
+    pub deployments: BTreeSet<u64>,
 }
 
 impl Touched {
@@ -305,12 +320,36 @@ impl ControlState {
             Command::Noop => Outcome::Done,
             Command::SetClusterCa { ca, .. } => self.set_cluster_ca(ca),
             Command::AddJoinToken { token, at } => self.add_join_token(token, *at),
+            Command::StartDeployment {
+                repo,
+                env,
+                release,
+                policy,
+                trigger,
+                at,
+            } => self.start_deployment(repo, env, *release, *policy, trigger, *at),
+            Command::AdvanceDeployment { id, step, at } => self.advance_deployment(*id, step, *at),
+            Command::PauseDeployment { id, paused, at } => {
+                self.pause_deployment(*id, *paused, *at)
+            }
         }
     }
 
     /// Releases retention lets go; see [`crate::retention::releases_to_collect`].
     pub fn releases_to_collect(&self, keep: usize) -> Vec<ReleaseId> {
-        let goals: BTreeSet<ReleaseId> = self.records.goals.values().map(|g| g.release).collect();
+        // What goals name, and what nodes not yet in a deployment's wave still run.
+        let goals: BTreeSet<ReleaseId> = self
+            .records
+            .goals
+            .values()
+            .flat_map(|g| {
+                let from = g
+                    .deployment
+                    .and_then(|id| self.records.deployments.get(&id))
+                    .and_then(|d| d.from);
+                std::iter::once(g.release).chain(from)
+            })
+            .collect();
         crate::retention::releases_to_collect(self.records.releases.values(), &goals, keep)
     }
 
@@ -398,6 +437,7 @@ impl ControlState {
                 auto_deploy: spec.auto_deploy,
                 created_at,
                 max_release_bytes: spec.max_release_bytes,
+                rollout: spec.rollout,
             },
             webhook_secret: spec.webhook_secret.clone(),
         };
@@ -597,9 +637,11 @@ impl ControlState {
                 .records
                 .repos
                 .get(&b.repo)
-                .is_some_and(|r| r.repo.auto_deploy);
-            if auto {
-                self.set_goal(&b.repo, DEFAULT_ENV, rel, at);
+                .filter(|r| r.repo.auto_deploy)
+                .map(|r| r.repo.rollout);
+            if let Some(policy) = auto {
+                let trigger = format!("build {}", b.id);
+                self.start_deployment(&b.repo, DEFAULT_ENV, rel, policy, &trigger, at);
             }
         }
         Outcome::Build(b)
@@ -667,27 +709,53 @@ impl ControlState {
     }
 
     fn set_goal(&mut self, repo: &str, env: &str, release: ReleaseId, at: Millis) -> Outcome {
+        match self.check_goal(repo, env, release) {
+            Ok((rel, env)) => {
+                self.put_goal(repo, &env, &rel, None, at);
+                Outcome::Release(rel)
+            }
+            Err(r) => Outcome::Rejected(r),
+        }
+    }
+
+    /// Whether `release` may be the goal of `repo`'s `env`: the release and the canonical
+    /// environment name.
+    fn check_goal(
+        &self,
+        repo: &str,
+        env: &str,
+        release: ReleaseId,
+    ) -> Result<(Release, String), Rejection> {
         if !self.records.repos.contains_key(repo) {
-            return Outcome::Rejected(Rejection::UnknownRepo(repo.to_string()));
+            return Err(Rejection::UnknownRepo(repo.to_string()));
         }
         let Some(rel) = self.records.releases.get(&release).cloned() else {
-            return Outcome::Rejected(Rejection::Invalid(format!("unknown release {release}")));
+            return Err(Rejection::Invalid(format!("unknown release {release}")));
         };
         if rel.repo != repo {
-            return Outcome::Rejected(Rejection::Invalid(format!(
+            return Err(Rejection::Invalid(format!(
                 "release {release} belongs to {}",
                 rel.repo
             )));
         }
-        let env = match starling_proto::env_name(env) {
-            Ok(env) => env,
-            Err(e) => return Outcome::Rejected(Rejection::Invalid(e.to_string())),
-        };
+        let env = starling_proto::env_name(env).map_err(|e| Rejection::Invalid(e.to_string()))?;
+        Ok((rel, env))
+    }
+
+    fn put_goal(
+        &mut self,
+        repo: &str,
+        env: &str,
+        rel: &Release,
+        deployment: Option<u64>,
+        at: Millis,
+    ) {
         let goal = Goal {
             repo: repo.to_string(),
-            env: env.clone(),
-            release,
+            env: env.to_string(),
+            release: rel.id,
             at,
+            deployment,
         };
         let key = GoalKey::of(&goal);
         self.records.goals.insert(key.clone(), goal);
@@ -696,10 +764,10 @@ impl ControlState {
             repo: Some(repo.to_string()),
             build: Some(rel.build),
             sha: Some(rel.sha.clone()),
-            detail: Some(format!("{env}={release}")),
+            detail: Some(format!("{env}={}", rel.id)),
+            deployment,
             ..event_at(EventKind::GoalSet, at)
         });
-        Outcome::Release(rel)
     }
 
     /// Move `b` to a terminal status and record it.
@@ -791,6 +859,7 @@ fn event_at(kind: EventKind, at: Millis) -> Event {
         sha: None,
         status: None,
         detail: None,
+        deployment: None,
     }
 }
 
@@ -870,6 +939,7 @@ mod tests {
                 webhook_secret: "s".into(),
                 auto_deploy: true,
                 max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                rollout: Default::default(),
             },
             at: 1,
         }
@@ -1091,6 +1161,7 @@ mod tests {
                 "build:started",
                 "build:completed",
                 "release:created",
+                "deploy:started",
                 "goal:set"
             ]
         );
