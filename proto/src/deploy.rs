@@ -293,6 +293,46 @@ impl DeployStep {
     }
 }
 
+/// `GET /v1/deploys/{id}`: a deployment with how far the fleet got, as the answering
+/// member's tracker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    #[serde(flatten)]
+    pub deployment: Deployment,
+    pub progress: Progress,
+}
+
+/// How far a deployment's nodes are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Live nodes of the repository.
+    pub nodes: usize,
+    /// Of those, holding the release ready (or running it).
+    pub staged: usize,
+    /// Running it and healthy.
+    pub running: usize,
+    /// Failed on it.
+    pub failed: usize,
+    /// Time from the deployment's start to a node holding the release, over the nodes
+    /// that hold it (ms; the nodes' clocks).
+    pub staged_p50_ms: Option<u64>,
+    pub staged_p99_ms: Option<u64>,
+    /// The same counts per region, by name.
+    pub regions: Vec<RegionProgress>,
+    /// Per wave, in order: the live nodes it selects and how many run the release.
+    pub waves: Vec<RegionProgress>,
+}
+
+/// Counts of one region's (or one wave's) nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionProgress {
+    pub name: String,
+    pub nodes: usize,
+    pub staged: usize,
+    pub running: usize,
+    pub failed: usize,
+}
+
 /// `POST /v1/deploys`: deploy `release` (default: the repository's newest) to `repo`'s
 /// environment `env`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,6 +86,29 @@ pub struct Member {
     pub trust: Arc<starling_pki::CaTrust>,
     /// The certificate its HTTPS listener presents (`--tls` only).
     pub https: Option<crate::serve::HttpsConfig>,
+    /// When this member started: its tracker knows the whole fleet one announce
+    /// interval later, not before.
+    pub started: std::time::Instant,
+}
+
+/// One live node of a repository, with its report for that repository.
+#[derive(Debug, Clone)]
+pub struct FleetReport {
+    pub node: String,
+    pub region: String,
+    pub report: starling_proto::AppReport,
+}
+
+impl FleetReport {
+    pub fn view(all: &[FleetReport]) -> Vec<starling_core::rollout::FleetNode<'_>> {
+        all.iter()
+            .map(|f| starling_core::rollout::FleetNode {
+                node: &f.node,
+                region: &f.region,
+                report: &f.report,
+            })
+            .collect()
+    }
 }
 
 /// The CA as the log records it, as `starling-pki` uses it.
@@ -169,6 +192,24 @@ impl Member {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .mark(hashes, std::time::Instant::now());
+    }
+
+    /// Each live node that runs `repo`, as this member's tracker last heard from it.
+    pub fn fleet(&self, repo: &str) -> Vec<FleetReport> {
+        let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        tracker
+            .nodes(std::time::Instant::now())
+            .flat_map(|(a, _)| {
+                a.apps
+                    .iter()
+                    .filter(|r| r.repo == repo)
+                    .map(|r| FleetReport {
+                        node: a.node.clone(),
+                        region: a.region.clone(),
+                        report: r.clone(),
+                    })
+            })
+            .collect()
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, starling_core::state::ControlState> {

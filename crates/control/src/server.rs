@@ -19,6 +19,7 @@ use crate::store::{Files, StateMachineStore};
 use crate::Raft;
 use backon::Retryable;
 use starling_core::reaper::LeaseReaper;
+use tracing::Instrument;
 use starling_core::retry::backoff;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         ))),
         trust,
         https: https.clone(),
+        started: std::time::Instant::now(),
     });
 
     tracing::info!(id = cfg.id, addr = %bound, %advertise, "control member listening");
@@ -164,6 +166,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
             })
         },
     ));
+    tokio::spawn(roll_out(member.clone()));
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
     tokio::spawn(ensure_cluster_ca(member.clone()));
     tokio::spawn(keep_https_identity(member.clone()));
@@ -459,6 +462,54 @@ where
         }
     }
 }
+
+/// While this member leads, move each deployment on by the planner's next step, decided
+/// from the replicated deployment and this member's tracker (nodes announce to every
+/// member, so a new leader sees the fleet its predecessor saw). Applying re-checks each
+/// step, so no wave starts twice across a change of leader.
+async fn roll_out(member: Arc<Member>) {
+    let mut tick = tokio::time::interval(ROLLOUT_TICK);
+    loop {
+        tick.tick().await;
+        // A tracker that has not heard a whole announce interval would see a wave's
+        // nodes as absent, and an empty wave as healthy.
+        if !member.raft.is_leader() || member.started.elapsed() < TRACKER_FILL {
+            continue;
+        }
+        let active: Vec<starling_proto::Deployment> =
+            member.read().active_deployments().cloned().collect();
+        for d in active {
+            let fleet = member.fleet(&d.repo);
+            let view = crate::member::FleetReport::view(&fleet);
+            let Some(step) = starling_core::rollout::next_step(&d, &view, now_ms()) else {
+                continue;
+            };
+            let span = tracing::info_span!("deployment", id = d.id, repo = %d.repo, release = %d.release);
+            let what = step.name();
+            let cmd = Command::AdvanceDeployment {
+                id: d.id,
+                step,
+                at: now_ms(),
+            };
+            let outcome = member.propose(cmd).instrument(span.clone()).await;
+            let _g = span.enter();
+            match outcome {
+                Ok(Outcome::Deployment(d)) => {
+                    tracing::info!(step = what, status = %d.status, reason = d.reason.as_deref().unwrap_or(""), "deployment moved on")
+                }
+                Ok(other) => tracing::debug!(step = what, ?other, "deployment step refused"),
+                Err(e) => tracing::debug!(step = what, error = %e, "proposing a deployment step failed"),
+            }
+        }
+    }
+}
+
+/// How often the leader looks at its deployments.
+const ROLLOUT_TICK: Duration = Duration::from_millis(250);
+
+/// How long a member listens to announcements before it trusts its tracker to know the
+/// fleet: a node announces at least every 10 s.
+const TRACKER_FILL: Duration = Duration::from_secs(12);
 
 fn open_origin(cfg: &ControlConfig) -> Result<Arc<dyn OriginStore>, ControlError> {
     match cfg.origin.as_deref() {

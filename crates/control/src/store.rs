@@ -37,6 +37,7 @@ const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
 /// Cluster-wide singletons: the CA under "ca".
 const CLUSTER: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster");
 const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
 const K_CA: &str = "ca";
 
 pub(crate) const K_VOTE: &str = "vote";
@@ -72,7 +73,7 @@ impl Files {
             log: open_file(&dir.join("log.redb"), &[LOG], &[META])?,
             state: open_file(
                 &dir.join("state.redb"),
-                &[BUILDS, EVENTS, REQUESTS],
+                &[BUILDS, EVENTS, REQUESTS, DEPLOYMENTS],
                 &[META, REPOS, RELEASES, GOALS, CLUSTER, JOIN_TOKENS],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
@@ -428,6 +429,7 @@ impl StateMachineStore {
         txn.delete_table(REQUESTS).map_err(io::Error::other)?;
         txn.delete_table(CLUSTER).map_err(io::Error::other)?;
         txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
+        txn.delete_table(DEPLOYMENTS).map_err(io::Error::other)?;
         let state = ControlState::from_records(records);
         let events = state.events_after(0, usize::MAX);
         Rows::encode(&state, &all_touched(state.records()), &events)?.write(&txn)?;
@@ -471,6 +473,7 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .into_iter()
             .find_map(|(k, v)| (k == K_CA).then_some(v)),
         join_tokens: read_named(&txn, JOIN_TOKENS)?.into_iter().collect(),
+        deployments: read_numbered(&txn, DEPLOYMENTS)?.into_iter().collect(),
     })
 }
 
@@ -549,6 +552,7 @@ fn all_touched(r: &Records) -> Touched {
         ca: r.ca.is_some(),
         join_tokens: r.join_tokens.keys().cloned().collect(),
         join_tokens_forgotten: Default::default(),
+        deployments: r.deployments.keys().copied().collect(),
     }
 }
 
@@ -565,6 +569,7 @@ struct Rows {
     cluster: Vec<(String, Vec<u8>)>,
     join_tokens: Vec<(String, Vec<u8>)>,
     join_tokens_forgotten: Vec<String>,
+    deployments: Vec<(u64, Vec<u8>)>,
 }
 
 impl Rows {
@@ -612,6 +617,11 @@ impl Rows {
             }
         }
         rows.join_tokens_forgotten = touched.join_tokens_forgotten.iter().cloned().collect();
+        for k in &touched.deployments {
+            if let Some(v) = r.deployments.get(k) {
+                rows.deployments.push((*k, enc(v)?));
+            }
+        }
         Ok(rows)
     }
 
@@ -632,6 +642,7 @@ impl Rows {
         for k in &self.join_tokens_forgotten {
             t.remove(k.as_str()).map_err(io::Error::other)?;
         }
+        write_numbered(txn, DEPLOYMENTS, &self.deployments)?;
         Ok(())
     }
 }

@@ -10,8 +10,8 @@
 use std::collections::BTreeSet;
 
 use starling_proto::{
-    AppReport, AppState, DeployStatus, DeployStep, Deployment, Millis, NodeOutcome, Strategy,
-    Wave, WaveTarget,
+    AppReport, AppState, DeployStatus, DeployStep, Deployment, Millis, NodeOutcome, Progress,
+    RegionProgress, Strategy, Wave, WaveTarget,
 };
 
 /// One live node of the deployment's repository, with its report for that repository.
@@ -104,6 +104,55 @@ pub fn next_step(dep: &Deployment, fleet: &[FleetNode], now: Millis) -> Option<D
             outcomes: outcomes(&members),
         }),
         Some(_) => None,
+    }
+}
+
+/// How far `dep`'s nodes are: counts for the whole fleet, per region and per wave, and
+/// the time to staged at the median and the 99th percentile.
+pub fn progress(dep: &Deployment, fleet: &[FleetNode]) -> Progress {
+    let count = |name: &str, nodes: &mut dyn Iterator<Item = &FleetNode>| {
+        let mut p = RegionProgress {
+            name: name.to_string(),
+            ..RegionProgress::default()
+        };
+        for n in nodes {
+            let on_release = n.report.release == Some(dep.release);
+            p.nodes += 1;
+            p.staged += usize::from(on_release || n.report.staged == Some(dep.release));
+            p.running += usize::from(on_release && n.report.state == AppState::Running);
+            p.failed += usize::from(on_release && n.report.state == AppState::Failed);
+        }
+        p
+    };
+    let all = count("all", &mut fleet.iter());
+    let regions: BTreeSet<&str> = fleet.iter().map(|n| n.region).collect();
+    let mut times: Vec<u64> = fleet
+        .iter()
+        .filter(|n| n.report.staged == Some(dep.release))
+        .filter_map(|n| n.report.staged_at)
+        .map(|t| t.saturating_sub(dep.created_at))
+        .collect();
+    times.sort_unstable();
+    let pct = |p: usize| (!times.is_empty()).then(|| times[(times.len() - 1) * p / 100]);
+    Progress {
+        nodes: all.nodes,
+        staged: all.staged,
+        running: all.running,
+        failed: all.failed,
+        staged_p50_ms: pct(50),
+        staged_p99_ms: pct(99),
+        regions: regions
+            .into_iter()
+            .map(|r| count(r, &mut fleet.iter().filter(|n| n.region == r)))
+            .collect(),
+        waves: dep
+            .waves
+            .iter()
+            .map(|w| {
+                let mut selected = fleet.iter().filter(|n| w.target.selects(n.node, n.region));
+                count(&w.name, &mut selected)
+            })
+            .collect(),
     }
 }
 
@@ -296,6 +345,30 @@ mod tests {
         assert!(reason.starts_with("wave us: 2 of 5 nodes failed"), "{reason}");
         assert_eq!(outcomes.len(), 5);
         assert!(outcomes.iter().all(|o| o.region == "us"));
+    }
+
+    #[test]
+    fn progress_counts_staged_running_and_failed_nodes_per_region_and_wave() {
+        let mut fleet = Fleet::new(&["us", "eu"], 2);
+        let mut dep = deployment(Strategy::Waves);
+        dep.created_at = 1_000;
+        dep.waves = vec![
+            Wave::new("us", WaveTarget::Region("us".into())),
+            Wave::new("eu", WaveTarget::Region("eu".into())),
+        ];
+        dep.waves[0].started_at = Some(1_000);
+        for (i, (_, _, r)) in fleet.0.iter_mut().enumerate() {
+            r.staged = Some(rel(2));
+            r.staged_at = Some(1_000 + 100 * (i as u64 + 1));
+        }
+        fleet.follow(&dep, AppState::Running);
+        fleet.0[1].2.state = AppState::Failed;
+        let p = progress(&dep, &fleet.view());
+        assert_eq!((p.nodes, p.staged, p.running, p.failed), (4, 4, 1, 1));
+        assert_eq!((p.staged_p50_ms, p.staged_p99_ms), (Some(200), Some(300)));
+        let eu = &p.regions[0];
+        assert_eq!((eu.name.as_str(), eu.staged, eu.running), ("eu", 2, 0));
+        assert_eq!((p.waves[0].running, p.waves[0].failed), (1, 1));
     }
 
     #[test]

@@ -9,11 +9,10 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, DeployRequest, GoalInfo, NodeInfo, Outcome,
+    commit_id, repo_name, BuildStatus, Command, NodeInfo, Outcome,
     QueueOutcome, QueueResult, Repo, RepoSpec, TriggerRequest,
 };
 
-use super::events::long_poll_wait;
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};
 use crate::member::{now_ms, Member};
 
@@ -127,98 +126,6 @@ pub(super) async fn list_releases(
 ) -> Result<Response, ApiErr> {
     linearize(&m, &ReadOpts { stale: q.stale }).await?;
     Ok(Json(m.read().list_releases(q.repo.as_deref())).into_response())
-}
-
-#[derive(Deserialize, Default)]
-pub(super) struct GoalQuery {
-    repo: Option<String>,
-    #[serde(default)]
-    stale: Option<String>,
-    /// With `timeout`: answer once a goal was set after this time (ms), or at the timeout.
-    after: Option<u64>,
-    /// Long-poll for up to this long (at most 60 s).
-    timeout: Option<String>,
-}
-
-/// Every goal, or one repository's. A node long-polls with `after` (the newest `at` it
-/// has seen) so that it hears of a new goal at once, as every other node does: nodes that
-/// start a release together agree sooner on who brings which chunk into their region.
-pub(super) async fn list_goals(
-    State(m): Shared,
-    Query(q): Query<GoalQuery>,
-) -> Result<Json<Vec<GoalInfo>>, ApiErr> {
-    let wait = long_poll_wait(q.timeout.as_deref())?;
-    linearize(&m, &ReadOpts { stale: q.stale }).await?;
-    let repo = q.repo.as_deref().map(repo_name).transpose()?;
-    let goals = || -> Vec<GoalInfo> {
-        m.read()
-            .goals()
-            .filter(|g| repo.as_ref().is_none_or(|r| &g.repo == r))
-            .map(|g| GoalInfo {
-                repo: g.repo.clone(),
-                env: g.env.clone(),
-                release: g.release,
-                at: g.at,
-            })
-            .collect()
-    };
-    let Some(after) = q.after.filter(|_| !wait.is_zero()) else {
-        return Ok(Json(goals()));
-    };
-    // No reader permit, unlike the event log's long-polls: a goal poll reads a few rows
-    // and encodes no pages, and every waiting node holds a connection, which the
-    // connection limit (`--max-connections`) already bounds.
-    let deadline = tokio::time::Instant::now() + wait;
-    // Goals are set by commands that also append an event: the event watch wakes us.
-    let mut rx = m.events.clone();
-    loop {
-        rx.borrow_and_update();
-        let now = goals();
-        if now.iter().any(|g| g.at > after) {
-            return Ok(Json(now));
-        }
-        // At the deadline, or if the member is stopping, answer with what is.
-        if !matches!(
-            tokio::time::timeout_at(deadline, rx.changed()).await,
-            Ok(Ok(()))
-        ) {
-            return Ok(Json(now));
-        }
-    }
-}
-
-/// Set a goal: every node of the repository switches to the release once it holds it.
-pub(super) async fn deploy(
-    State(m): Shared,
-    headers: HeaderMap,
-    Json(req): Json<DeployRequest>,
-) -> Result<Response, ApiErr> {
-    if req.strategy != "all-at-once" {
-        return Err(err(
-            StatusCode::BAD_REQUEST,
-            format!("strategy {:?}: only all-at-once so far", req.strategy),
-        ));
-    }
-    let repo = repo_name(&req.repo)?;
-    let env = starling_proto::env_name(&req.env)?;
-    let at = now_ms();
-    let cmd = Command::SetGoal {
-        repo: repo.clone(),
-        env: env.clone(),
-        release: req.release,
-        at,
-    };
-    match m.propose_once(cmd, request_id(&headers)?).await? {
-        Outcome::Release(_) => Ok(Json(GoalInfo {
-            repo,
-            env,
-            release: req.release,
-            at,
-        })
-        .into_response()),
-        Outcome::Rejected(r) => Err(r.into()),
-        other => Err(unexpected(other)),
-    }
 }
 
 /// The fleet as this member's tracker knows it (nodes announce to every member).

@@ -25,6 +25,7 @@ use crate::member::{Member, ProposeError};
 mod access;
 mod builds;
 mod cluster;
+mod deploys;
 mod enroll;
 mod events;
 mod hooks;
@@ -75,10 +76,12 @@ impl From<starling_proto::NameError> for ApiErr {
 impl From<Rejection> for ApiErr {
     fn from(r: Rejection) -> Self {
         let status = match r {
-            Rejection::UnknownRepo(_) | Rejection::UnknownBuild(_) => StatusCode::NOT_FOUND,
-            Rejection::NotLeaseHolder { .. } | Rejection::AlreadyFinished(_) => {
-                StatusCode::CONFLICT
-            }
+            Rejection::UnknownRepo(_)
+            | Rejection::UnknownBuild(_)
+            | Rejection::UnknownDeployment(_) => StatusCode::NOT_FOUND,
+            Rejection::NotLeaseHolder { .. }
+            | Rejection::AlreadyFinished(_)
+            | Rejection::StepRefused { .. } => StatusCode::CONFLICT,
             Rejection::Invalid(_) => StatusCode::BAD_REQUEST,
         };
         ApiErr(status, r.to_string())
@@ -202,8 +205,13 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::Snapshot => on(m, raft_rpc::force_snapshot),
         Endpoint::CreateJoinToken => on(m, enroll::create_join_token),
         Endpoint::Enroll => on(m, enroll::enroll),
-        Endpoint::ListGoals => on(m, builds::list_goals),
-        Endpoint::Deploy => on(m, builds::deploy),
+        Endpoint::ListGoals => on(m, deploys::list_goals),
+        Endpoint::Deploy => on(m, deploys::deploy),
+        Endpoint::ListDeploys => on(m, deploys::list_deploys),
+        Endpoint::ShowDeploy => on(m, deploys::show_deploy),
+        Endpoint::PauseDeploy => on(m, deploys::pause),
+        Endpoint::ResumeDeploy => on(m, deploys::resume),
+        Endpoint::Rollback => on(m, deploys::rollback),
     }
 }
 
