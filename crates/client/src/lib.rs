@@ -15,7 +15,7 @@ use starling_pki::{https_client_config, CaTrust};
 use starling_proto::routes::Endpoint;
 use starling_proto::{
     ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, DeployRequest, EnrollReply,
-    EnrollRequest, Event, GoalInfo, HeartbeatReply, HeartbeatRequest, JoinTokenReply,
+    Deployment, DeploymentView, EnrollRequest, Event, GoalInfo, RollbackRequest, HeartbeatReply, HeartbeatRequest, JoinTokenReply,
     JoinTokenRequest, Lease, LeaseRequest, MissingChunks, NodeInfo, QueueOutcome, Release, Repo,
     RepoSpec, TriggerRequest, MAX_MISSING_QUERY,
 };
@@ -329,24 +329,57 @@ impl ControlClient {
             .await
     }
 
-    /// Every goal, once one was set after `after` (ms) or `wait` passed (a long-poll).
-    pub async fn goals_after(
+    /// Every goal, with what `node` of `region` runs; with `after`, once a goal changed
+    /// after that time (ms) or `wait` passed (a long-poll).
+    pub async fn node_goals(
         &self,
-        after: u64,
+        node: &str,
+        region: &str,
+        after: Option<u64>,
         wait: Duration,
     ) -> Result<Vec<GoalInfo>, ClientError> {
-        let after = after.to_string();
-        let timeout = format!("{}ms", wait.as_millis());
-        self.get(
-            &Endpoint::ListGoals.path(&[]),
-            &[("after", after.as_str()), ("timeout", timeout.as_str())],
-        )
-        .await
+        let mut q = vec![("node", node.to_string()), ("region", region.to_string())];
+        if let Some(after) = after {
+            q.push(("after", after.to_string()));
+            q.push(("timeout", format!("{}ms", wait.as_millis())));
+        }
+        self.get(&Endpoint::ListGoals.path(&[]), &q).await
     }
 
-    /// Make `req.release` the goal of `req.repo`'s environment.
-    pub async fn deploy(&self, req: &DeployRequest) -> Result<GoalInfo, ClientError> {
+    /// Start deploying a release (`req.release`, or the repository's newest).
+    pub async fn deploy(&self, req: &DeployRequest) -> Result<Deployment, ClientError> {
         self.post(&Endpoint::Deploy.path(&[]), req).await
+    }
+
+    /// Return an environment to a release it ran before, every node at once.
+    pub async fn rollback(&self, req: &RollbackRequest) -> Result<Deployment, ClientError> {
+        self.post(&Endpoint::Rollback.path(&[]), req).await
+    }
+
+    /// Deployments (of `repo`), newest first.
+    pub async fn deployments(
+        &self,
+        repo: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Deployment>, ClientError> {
+        let limit = limit.to_string();
+        let q = [("repo", repo), ("limit", Some(limit.as_str()))];
+        self.get(&Endpoint::ListDeploys.path(&[]), &q).await
+    }
+
+    /// A deployment with its history and progress.
+    pub async fn deployment(&self, id: u64) -> Result<DeploymentView, ClientError> {
+        self.get(&Endpoint::ShowDeploy.path(&[&id]), &()).await
+    }
+
+    /// Pause (no new wave starts) or resume a deployment.
+    pub async fn pause_deployment(&self, id: u64, paused: bool) -> Result<Deployment, ClientError> {
+        let e = if paused {
+            Endpoint::PauseDeploy
+        } else {
+            Endpoint::ResumeDeploy
+        };
+        self.post(&e.path(&[&id]), &()).await
     }
 
     /// The fleet as the member answering knows it.

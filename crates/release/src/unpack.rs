@@ -69,18 +69,34 @@ pub struct UnpackStats {
 }
 
 /// Write release `manifest` (its chunks in `store`) into `dest`, which must not exist
-/// yet. On any error `dest` is removed again.
+/// yet. The release is written beside it (`.<name>.partial`) and renamed into place
+/// whole, so a `dest` that exists is complete even after a crash mid-unpack; on any
+/// error nothing is left.
 pub fn unpack(
     manifest: &Manifest,
     store: &dyn ChunkStore,
     dest: &Path,
 ) -> Result<UnpackStats, ReleaseError> {
     let plan = ArchivePlan::new(&manifest.files)?;
-    fs::create_dir(dest).map_err(|e| ReleaseError::io(dest, e))?;
-    // From here on `dest` is ours: a failure removes it.
-    let r = unpack_into(manifest, &plan, store, dest);
+    if dest.exists() {
+        return Err(ReleaseError::io(
+            dest,
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
+    }
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = dest.with_file_name(format!(".{}.partial", name.unwrap_or_default()));
+    // A partial one was left by a crash: it is ours to replace.
+    match fs::remove_dir_all(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ReleaseError::io(&tmp, e)),
+    }
+    fs::create_dir(&tmp).map_err(|e| ReleaseError::io(&tmp, e))?;
+    let r = unpack_into(manifest, &plan, store, &tmp)
+        .and_then(|stats| fs::rename(&tmp, dest).map(|()| stats).map_err(|e| ReleaseError::io(dest, e)));
     if r.is_err() {
-        let _ = fs::remove_dir_all(dest);
+        let _ = fs::remove_dir_all(&tmp);
     }
     r
 }
