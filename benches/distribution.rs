@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use starling_harness::testbed::{Host, Testbed, TestbedSpec};
 use starling_harness::{noise, wait_for, Members, MembersConfig};
-use starling_proto::{BuildStatus, DeployRequest, RepoSpec, TriggerRequest};
+use starling_proto::{BuildStatus, DeployRequest, RepoSpec, Strategy, TriggerRequest};
 use tokio::process::{Child, Command};
 
 const TOKEN: &str = "bench-token-0123456789";
@@ -374,12 +374,14 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
     )
     .await
     .expect("nodes");
-    let goal = control
+    let deployment = control
         .deploy(&DeployRequest {
             repo: "bench/app".into(),
-            release,
+            release: Some(release),
             env: "default".into(),
-            strategy: "all-at-once".into(),
+            strategy: Some(Strategy::AllAtOnce),
+            soak_ms: None,
+            max_failed_pct: None,
         })
         .await
         .expect("deploying");
@@ -400,7 +402,7 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
     .expect("the deploy");
     drop(nodes);
     seen.iter()
-        .map(|at| Duration::from_millis(at.saturating_sub(goal.at)))
+        .map(|at| Duration::from_millis(at.saturating_sub(deployment.created_at)))
         .collect()
 }
 

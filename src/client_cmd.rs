@@ -6,7 +6,10 @@ use anyhow::Result;
 use clap::Subcommand;
 use serde::Serialize;
 use starling_client::{BuildFilter, ControlClient};
-use starling_proto::{BuildStatus, RepoSpec, TriggerRequest};
+use starling_proto::{
+    BuildStatus, DeployRequest, DeployStatus, Deployment, ReleaseId, RepoSpec, RollbackRequest,
+    RolloutPolicy, Strategy, TriggerRequest,
+};
 
 use crate::tables;
 
@@ -33,16 +36,41 @@ pub enum ClientCmd {
     /// Control-plane membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Make a release the goal of a repository's nodes.
+    /// Deploy a release (default: the repository's newest) to the repository's nodes:
+    /// every node fetches it at once; waves decide when each runs it.
     Deploy {
         repo: String,
+        #[arg(long, value_parser = parse_release)]
+        release: Option<ReleaseId>,
+        /// waves (a canary, then region by region) or all-at-once; default: the
+        /// repository's setting.
         #[arg(long)]
-        release: String,
-        /// How nodes switch: all-at-once (waves come with rollouts).
-        #[arg(long, default_value = "all-at-once")]
-        strategy: String,
+        strategy: Option<Strategy>,
+        /// How long each wave runs healthily before the next (e.g. 30s, 5m).
+        #[arg(long, value_parser = parse_ttl)]
+        soak: Option<Duration>,
+        /// The share of a wave's nodes (percent) that may fail before it rolls back.
+        #[arg(long)]
+        max_failed: Option<u8>,
         #[arg(long, default_value = "default")]
         env: String,
+        /// Wait for the deployment to finish, showing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Deployments: list, show, pause, resume.
+    #[command(subcommand)]
+    Deploys(DeploysCmd),
+    /// Return a repository's nodes to the release they ran before (or --to one), all at
+    /// once; nodes that still hold it switch without fetching.
+    Rollback {
+        repo: String,
+        #[arg(long, value_parser = parse_release)]
+        to: Option<ReleaseId>,
+        #[arg(long, default_value = "default")]
+        env: String,
+        #[arg(long)]
+        wait: bool,
     },
     /// The fleet: how many nodes in each region run which release.
     Status,
@@ -79,8 +107,36 @@ pub enum ReposCmd {
         /// Largest release a build may make (`4GiB`, `500MiB`, bytes).
         #[arg(long, default_value = "4GiB", value_parser = parse_size)]
         max_release_size: u64,
+        /// How its deployments roll out: waves or all-at-once.
+        #[arg(long, default_value = "waves")]
+        strategy: Strategy,
+        /// How long each wave runs healthily before the next.
+        #[arg(long, default_value = "60s", value_parser = parse_ttl)]
+        soak: Duration,
+        /// The share of a wave's nodes (percent) that may fail before it rolls back.
+        #[arg(long, default_value_t = 10)]
+        max_failed: u8,
     },
     List,
+}
+
+#[derive(Subcommand)]
+pub enum DeploysCmd {
+    List {
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// A deployment's waves, history and progress.
+    Show { id: u64 },
+    /// Start no new wave until resumed.
+    Pause { id: u64 },
+    Resume { id: u64 },
+}
+
+fn parse_release(s: &str) -> Result<ReleaseId, String> {
+    ReleaseId::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -138,6 +194,54 @@ pub enum ClusterCmd {
     },
 }
 
+async fn paused(c: &ControlClient, id: u64, paused: bool, json: bool) -> Result<()> {
+    let d = c.pause_deployment(id, paused).await?;
+    if json {
+        return print_json(&d);
+    }
+    println!("deployment {} is {}", d.id, d.status);
+    Ok(())
+}
+
+/// Print a deployment just started; with `wait`, follow it until it ends (exit status
+/// 1 unless it succeeded).
+async fn started(c: &ControlClient, d: Deployment, wait: bool, json: bool) -> Result<()> {
+    if !wait {
+        if json {
+            return print_json(&d);
+        }
+        println!(
+            "deployment {} of {} to {} started ({}); follow it with `starling deploys show {}`",
+            d.id, d.release, d.repo, d.policy.strategy, d.id
+        );
+        return Ok(());
+    }
+    let mut last = String::new();
+    loop {
+        let v = c.deployment(d.id).await?;
+        let line = tables::deployment_summary(&v);
+        if line != last && !json {
+            println!("{line}");
+            last = line;
+        }
+        if v.deployment.status.is_final() {
+            if json {
+                print_json(&v)?;
+            }
+            if v.deployment.status != DeployStatus::Succeeded {
+                anyhow::bail!(
+                    "deployment {} {}: {}",
+                    d.id,
+                    v.deployment.status,
+                    v.deployment.reason.as_deref().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -156,6 +260,9 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             webhook_secret,
             no_auto_deploy,
             max_release_size,
+            strategy,
+            soak,
+            max_failed,
         }) => {
             let spec = RepoSpec {
                 name,
@@ -164,7 +271,11 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 webhook_secret,
                 auto_deploy: !no_auto_deploy,
                 max_release_bytes: max_release_size,
-                rollout: Default::default(),
+                rollout: RolloutPolicy {
+                    strategy,
+                    soak_ms: soak.as_millis() as u64,
+                    max_failed_pct: max_failed,
+                },
             };
             let repo = c.put_repo(&spec).await?;
             if json {
@@ -277,25 +388,49 @@ last lines of its output:"
             repo,
             release,
             strategy,
+            soak,
+            max_failed,
             env,
+            wait,
         } => {
-            let release = starling_proto::ReleaseId::parse(&release)?;
-            let goal = c
-                .deploy(&starling_proto::DeployRequest {
-                    repo,
-                    release,
-                    env,
-                    strategy,
-                })
-                .await?;
-            if json {
-                return print_json(&goal);
-            }
-            println!(
-                "{} ({}) now goes to release {}",
-                goal.repo, goal.env, goal.release
-            );
+            let req = DeployRequest {
+                repo,
+                release,
+                env,
+                strategy,
+                soak_ms: soak.map(|d| d.as_millis() as u64),
+                max_failed_pct: max_failed,
+            };
+            let d = c.deploy(&req).await?;
+            return started(c, d, wait, json).await;
         }
+        ClientCmd::Rollback {
+            repo,
+            to,
+            env,
+            wait,
+        } => {
+            let d = c.rollback(&RollbackRequest { repo, env, to }).await?;
+            return started(c, d, wait, json).await;
+        }
+        ClientCmd::Deploys(DeploysCmd::List { repo, limit }) => {
+            let ds = c.deployments(repo.as_deref(), limit).await?;
+            if json {
+                return print_json(&ds);
+            }
+            println!("{}", tables::deployments(&ds).trim_fmt());
+        }
+        ClientCmd::Deploys(DeploysCmd::Show { id }) => {
+            let v = c.deployment(id).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{}", tables::deployment_summary(&v));
+            println!("\n{}", tables::waves(&v).trim_fmt());
+            println!("\n{}", tables::deploy_history(&v.deployment).trim_fmt());
+        }
+        ClientCmd::Deploys(DeploysCmd::Pause { id }) => paused(c, id, true, json).await?,
+        ClientCmd::Deploys(DeploysCmd::Resume { id }) => paused(c, id, false, json).await?,
         ClientCmd::Status => {
             let nodes = c.nodes().await?;
             if json {

@@ -2,7 +2,9 @@
 //! turns records into a [`Table`]; nothing here talks to the control plane.
 
 use comfy_table::{presets, CellAlignment, Table};
-use starling_proto::{AppState, Build, ClusterStatus, NodeInfo, Release, Repo};
+use starling_proto::{
+    AppState, Build, ClusterStatus, Deployment, DeploymentView, NodeInfo, Release, Repo,
+};
 
 /// A borderless table with a header, like `kubectl get`.
 fn table(header: &[&str]) -> Table {
@@ -141,6 +143,95 @@ pub fn failures(nodes: &[NodeInfo]) -> Option<Table> {
         }
     }
     any.then_some(t)
+}
+
+/// Deployments, newest first.
+pub fn deployments(ds: &[Deployment]) -> Table {
+    let mut t = table(&[
+        "ID", "REPO", "RELEASE", "FROM", "STRATEGY", "STATUS", "WAVES", "STARTED", "TRIGGER",
+    ]);
+    for d in ds {
+        let done = d.waves.iter().filter(|w| w.done_at.is_some()).count();
+        t.add_row(vec![
+            d.id.to_string(),
+            d.repo.clone(),
+            short(&d.release.to_hex()).to_string(),
+            d.from
+                .map_or_else(|| "-".into(), |f| short(&f.to_hex()).to_string()),
+            d.policy.strategy.to_string(),
+            d.status.to_string(),
+            format!("{done}/{}", d.waves.len()),
+            time(Some(d.created_at)),
+            d.trigger.clone(),
+        ]);
+    }
+    numbers(&mut t, &[0]);
+    t
+}
+
+/// One line: where a deployment is and how many nodes hold and run its release.
+pub fn deployment_summary(v: &DeploymentView) -> String {
+    let (d, p) = (&v.deployment, &v.progress);
+    let wave = match d.current_wave() {
+        Some(i) if !d.status.is_final() => {
+            format!(", wave {}/{} ({})", i + 1, d.waves.len(), d.waves[i].name)
+        }
+        _ => String::new(),
+    };
+    let reason = match (&d.reason, d.status.is_final()) {
+        (Some(r), true) => format!(": {r}"),
+        _ => String::new(),
+    };
+    format!(
+        "deployment {} of {} to {}: {}{wave}; {}/{} nodes staged, {} running it, {} failed{reason}",
+        d.id,
+        short(&d.release.to_hex()),
+        d.repo,
+        d.status,
+        p.staged,
+        p.nodes,
+        p.running,
+        p.failed
+    )
+}
+
+/// A deployment's waves with their nodes' progress.
+pub fn waves(v: &DeploymentView) -> Table {
+    let mut t = table(&[
+        "WAVE", "NAME", "NODES", "STAGED", "RUNNING", "FAILED", "STARTED", "HEALTHY", "DONE",
+    ]);
+    for (i, w) in v.deployment.waves.iter().enumerate() {
+        let p = v.progress.waves.get(i).cloned().unwrap_or_default();
+        t.add_row(vec![
+            (i + 1).to_string(),
+            w.name.clone(),
+            p.nodes.to_string(),
+            p.staged.to_string(),
+            p.running.to_string(),
+            p.failed.to_string(),
+            time(w.started_at),
+            time(w.healthy_at),
+            time(w.done_at),
+        ]);
+    }
+    numbers(&mut t, &[0, 2, 3, 4, 5]);
+    t
+}
+
+/// A deployment's changes, oldest first.
+pub fn deploy_history(d: &Deployment) -> Table {
+    let mut t = table(&["AT", "WHAT", "WAVE", "REASON"]);
+    for h in &d.history {
+        t.add_row(vec![
+            time(Some(h.at)),
+            h.what.clone(),
+            h.wave
+                .and_then(|i| d.waves.get(i))
+                .map_or_else(String::new, |w| w.name.clone()),
+            h.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    t
 }
 
 pub fn members(st: &ClusterStatus) -> Table {

@@ -428,14 +428,22 @@ impl Cluster {
         self.add_repo_from(id, name, "file:///nonexistent").await;
     }
 
-    /// Add repository `name` (branch `main`) cloned from `url`, by member `id`.
+    /// Add repository `name` (branch `main`) cloned from `url`, by member `id`; its
+    /// deployments switch every node at once.
     pub async fn add_repo_from(&self, id: u64, name: &str, url: &str) {
+        let all_at_once = serde_json::json!({"strategy": "all-at-once"});
+        self.add_repo_rolling(id, name, url, all_at_once).await;
+    }
+
+    /// Add repository `name` cloned from `url` with the rollout policy `rollout`.
+    pub async fn add_repo_rolling(&self, id: u64, name: &str, url: &str, rollout: serde_json::Value) {
         let r = self
             .post(
                 id,
                 "/v1/repos",
                 &serde_json::json!({
-                    "name": name, "url": url, "branch": "main", "webhook_secret": SECRET
+                    "name": name, "url": url, "branch": "main", "webhook_secret": SECRET,
+                    "rollout": rollout,
                 }),
             )
             .await;

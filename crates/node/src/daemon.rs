@@ -262,10 +262,9 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 last_announce = std::time::Instant::now() - Duration::from_secs(60);
             }
         }
-        let read = match seen_goal {
-            None => control.goals(None).await,
-            Some(after) => control.goals_after(after, GOAL_POLL).await,
-        };
+        let read = control
+            .node_goals(&cfg.name, &cfg.region, seen_goal, GOAL_POLL)
+            .await;
         let goals = match read {
             Ok(g) => g,
             Err(e) => {
@@ -282,47 +281,60 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             else {
                 continue;
             };
-            if !apps[i].wants(goal.release) {
-                continue;
+            // First what this node runs (its wave started, or a rollback), then what it
+            // holds ready for its wave.
+            if let Some(release) = goal.run.filter(|r| apps[i].wants(*r)) {
+                let span = tracing::info_span!("deployment", repo = %apps[i].report.repo, %release, deployment = ?goal.deployment);
+                let staged = stage(&cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release)
+                    .instrument(span.clone())
+                    .await;
+                // The node's announcement as it stands, for this repository's "starting".
+                let mut me = announcement(&advertise, &apps);
+                let app = &mut apps[i];
+                let switched = match staged {
+                    Ok(run) => switch(&cfg, &store, &app.root, release).await.map(|()| run),
+                    Err(e) => Err(e),
+                };
+                match switched {
+                    Ok(run) => {
+                        app.report.release = Some(release);
+                        app.report.activated_at = Some(now_ms());
+                        let members = &members;
+                        app.launch(release, run, |starting: AppReport| async move {
+                            for r in me.apps.iter_mut().filter(|r| r.repo == starting.repo) {
+                                *r = starting.clone();
+                            }
+                            for c in members.values() {
+                                let _ = c.announce(&me).await;
+                            }
+                        })
+                        .instrument(span)
+                        .await;
+                    }
+                    Err(e) => {
+                        let _g = span.enter();
+                        tracing::warn!(error = %e, "deploying failed; trying again");
+                        app.report_failure(&e);
+                    }
+                }
+                last_announce = std::time::Instant::now() - Duration::from_secs(60);
             }
             let release = goal.release;
-            let span = tracing::info_span!("deployment", repo = %apps[i].report.repo, %release);
-            apps[i].report.state = AppState::Fetching;
-            apps[i].report.error = None;
-            let me = announcement(&advertise, &apps);
-            let root = apps[i].root.clone();
-            let fetched = deploy(
-                &cfg, &endpoint, &members, &store, &stored, &me, &root, release,
-            )
-            .instrument(span.clone())
-            .await;
-            // The node's announcement as it stands, for this repository's "starting".
-            let mut me = announcement(&advertise, &apps);
-            let app = &mut apps[i];
-            match fetched {
-                Ok(run) => {
-                    app.report.release = Some(release);
-                    app.report.activated_at = Some(now_ms());
-                    let members = &members;
-                    app.launch(release, run, |starting: AppReport| async move {
-                        me.holds.push(release);
-                        for r in me.apps.iter_mut().filter(|r| r.repo == starting.repo) {
-                            *r = starting.clone();
-                        }
-                        for c in members.values() {
-                            let _ = c.announce(&me).await;
-                        }
-                    })
-                    .instrument(span)
+            if apps[i].report.staged != Some(release) && apps[i].report.release != Some(release) {
+                let span = tracing::info_span!("staging", repo = %apps[i].report.repo, %release, deployment = ?goal.deployment);
+                let staged = stage(&cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release)
+                    .instrument(span.clone())
                     .await;
-                }
-                Err(e) => {
+                if let Err(e) = staged {
                     let _g = span.enter();
-                    tracing::warn!(error = %e, "deploying failed; trying again");
-                    app.report_failure(&e);
+                    tracing::warn!(error = %e, "staging failed; trying again");
+                    // The running release is unaffected: its state stays, the error shows.
+                    apps[i].report.error = Some(reason(&format!("staging {release}: {e}")));
+                } else {
+                    apps[i].report.error = None;
                 }
+                last_announce = std::time::Instant::now() - Duration::from_secs(60);
             }
-            last_announce = std::time::Instant::now() - Duration::from_secs(60);
         }
         if last_announce.elapsed() >= Duration::from_secs(10) {
             let a = announcement(&advertise, &apps);
@@ -467,7 +479,13 @@ fn run_spec(store: &FsChunkStore, release: &ReleaseId) -> Option<RunSpec> {
 fn announcement(advertise: &str, apps: &[App]) -> Announcement {
     Announcement {
         addr: advertise.to_string(),
-        holds: apps.iter().filter_map(|a| a.report.release).collect(),
+        // Staged releases too: peers of later waves fetch from the early ones.
+        holds: apps
+            .iter()
+            .flat_map(|a| a.report.release.into_iter().chain(a.report.staged))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
         fetching: Vec::new(),
         apps: apps.iter().map(|a| a.report.clone()).collect(),
     }
@@ -517,18 +535,62 @@ async fn ask_trackers(
     sources
 }
 
-/// Fetch, unpack and switch to `release` under `root`; its run commands.
+/// Make `release` ready to run under the repository of `apps[i]`: fetch its chunks (from
+/// peers, then the origin) and unpack it, unless it is unpacked already, and say so in the
+/// repository's report (`staged`). Its run commands.
 #[allow(clippy::too_many_arguments)]
-async fn deploy(
+async fn stage(
+    cfg: &NodeConfig,
+    endpoint: &Arc<PeerEndpoint>,
+    members: &BTreeMap<String, Arc<PeerConn>>,
+    store: &Arc<FsChunkStore>,
+    stored: &broadcast::Sender<ChunkHash>,
+    advertise: &str,
+    apps: &mut [App],
+    i: usize,
+    release: ReleaseId,
+) -> Result<Option<RunSpec>, String> {
+    let root = apps[i].root.clone();
+    let dest = root.join("releases").join(release.to_hex());
+    let held = dest.exists().then(|| store.get_manifest(&release).ok()).flatten();
+    let manifest = match held {
+        Some(bytes) => Manifest::decode(&bytes).map_err(|e| e.to_string())?,
+        None => {
+            let before = apps[i].report.state;
+            apps[i].report.state = AppState::Fetching;
+            let me = announcement(advertise, apps);
+            let fetched = fetch(cfg, endpoint, members, store, stored, &me, release).await;
+            apps[i].report.state = before;
+            let manifest = fetched?;
+            if !dest.exists() {
+                std::fs::create_dir_all(root.join("releases")).map_err(|e| e.to_string())?;
+                let (store, m, d) = (store.clone(), manifest.clone(), dest.clone());
+                tokio::task::spawn_blocking(move || unpack(&m, store.as_ref(), &d))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            manifest
+        }
+    };
+    let report = &mut apps[i].report;
+    if report.staged != Some(release) {
+        report.staged = Some(release);
+        report.staged_at = Some(now_ms());
+    }
+    Ok(manifest.run)
+}
+
+/// Fetch every chunk of `release` into the store; its manifest.
+async fn fetch(
     cfg: &NodeConfig,
     endpoint: &Arc<PeerEndpoint>,
     members: &BTreeMap<String, Arc<PeerConn>>,
     store: &Arc<FsChunkStore>,
     stored: &broadcast::Sender<ChunkHash>,
     me: &Announcement,
-    root: &Path,
     release: ReleaseId,
-) -> Result<Option<RunSpec>, String> {
+) -> Result<Manifest, String> {
     let fetch_cfg = FetchConfig::default();
     // Where to fetch from: what the trackers say now, and again every few seconds while
     // the fetch runs (peers that start later join it), and the origins.
@@ -595,17 +657,17 @@ async fn deploy(
         dropped = report.dropped.len(),
         "release fetched"
     );
-    let dest = root.join("releases").join(release.to_hex());
-    if !dest.exists() {
-        std::fs::create_dir_all(root.join("releases")).map_err(|e| e.to_string())?;
-        let store = store.clone();
-        let m = manifest.clone();
-        let d = dest.clone();
-        tokio::task::spawn_blocking(move || unpack(&m, store.as_ref(), &d))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-    }
+    Ok(manifest)
+}
+
+/// Switch `root` to the unpacked `release`, keep the newest few releases, and keep the
+/// chunk store within its budget.
+async fn switch(
+    cfg: &NodeConfig,
+    store: &Arc<FsChunkStore>,
+    root: &Path,
+    release: ReleaseId,
+) -> Result<(), String> {
     activate(root, &release).map_err(|e| e.to_string())?;
     // The active release and the two before it stay, for instant rollbacks.
     match prune(root, KEEP_RELEASES) {
@@ -624,7 +686,7 @@ async fn deploy(
     if let Err(e) = collected {
         tracing::warn!(error = %e, "collecting chunks failed");
     }
-    Ok(manifest.run)
+    Ok(())
 }
 
 /// Delete the chunks no release kept on this node refers to; if the store is still over
