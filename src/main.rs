@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "starling", version, about = "Global, fast code deployment")]
 struct Cli {
-    /// Control-plane URL of any member.
+    /// Control-plane URL of any member, or several separated by commas: a member that
+    /// cannot be reached is passed over for the next.
     #[arg(
         long,
         global = true,

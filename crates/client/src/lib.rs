@@ -6,6 +6,7 @@
 //! [`ClientError`]; it never retries a write by itself (a caller that retries must know the
 //! write is idempotent, as webhook deliveries and heartbeats are).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("no control member given")]
+    NoMember,
     #[error("{status}: {message}")]
     Api { status: u16, message: String },
     #[error("setting up the HTTP client: {0}")]
@@ -45,7 +48,10 @@ pub enum ClientError {
 
 #[derive(Clone)]
 pub struct ControlClient {
-    base: String,
+    /// The members this client may ask, and which of them it asks now: a member that
+    /// cannot be connected to is passed over for the next one.
+    bases: Arc<[String]>,
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
@@ -82,7 +88,10 @@ impl ControlClient {
         Self::with_trust(base, token, None)
     }
 
-    /// A client that reaches `https://` members whose CA `trust` names.
+    /// A client that reaches `https://` members whose CA `trust` names. `base` may list
+    /// several members, separated by commas: each request goes to the one that last
+    /// answered, and to the next when it cannot be connected to (nothing was sent, so
+    /// any request may go again).
     pub fn with_trust(
         base: &str,
         token: Option<String>,
@@ -93,17 +102,27 @@ impl ControlClient {
             .timeout(Duration::from_secs(90))
             .build()
             .map_err(ClientError::Setup)?;
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err(ClientError::NoMember);
+        }
         Ok(ControlClient {
-            base: base.trim_end_matches('/').to_string(),
+            bases: bases.into(),
+            current: Arc::default(),
             token,
             http,
         })
     }
 
-    /// The same client (token, connection pool) pointed at another member.
+    /// The same client (token, connection pool) pointed at one other member only.
     pub fn with_base(&self, base: &str) -> ControlClient {
         ControlClient {
-            base: base.trim_end_matches('/').to_string(),
+            bases: vec![base.trim_end_matches('/').to_string()].into(),
+            current: Arc::default(),
             token: self.token.clone(),
             http: self.http.clone(),
         }
@@ -112,36 +131,46 @@ impl ControlClient {
     /// The same client pointed at the member whose address (`host:port`) the cluster
     /// lists, over this client's scheme.
     pub fn member(&self, addr: &str) -> ControlClient {
-        let scheme = self.base.split("://").next().unwrap_or("http");
+        let scheme = self.base().split("://").next().unwrap_or("http");
         self.with_base(&format!("{scheme}://{addr}"))
     }
 
+    /// The member this client asks now.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Send with the token; a non-2xx answer becomes [`ClientError::Api`] with the
-    /// server's sentence.
-    async fn send_raw(
-        &self,
-        rb: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
-        let rb = match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
+    /// Send what `make` builds for a URL of `path` with the token, to the member that
+    /// last answered or, when it cannot be connected to, the next; a non-2xx answer
+    /// becomes [`ClientError::Api`] with the server's sentence. The URL it went to.
+    async fn send_raw<F>(&self, path: &str, make: F) -> Result<(reqwest::Response, String), ClientError>
+    where
+        F: Fn(&str) -> reqwest::RequestBuilder,
+    {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut k = 0;
+        let (resp, url) = loop {
+            let i = (first + k) % self.bases.len();
+            let url = format!("{}{path}", self.bases[i]);
+            let rb = match &self.token {
+                Some(t) => make(&url).bearer_auth(t),
+                None => make(&url),
+            };
+            match rb.send().await {
+                Ok(resp) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    break (resp, url);
+                }
+                Err(source) if source.is_connect() && k + 1 < self.bases.len() => {
+                    tracing::warn!(member = %self.bases[i], error = %source, "member unreachable; asking the next");
+                    k += 1;
+                }
+                Err(source) => return Err(ClientError::Unreachable { url, source }),
+            }
         };
-        let resp = rb.send().await.map_err(|source| ClientError::Unreachable {
-            url: url.to_string(),
-            source,
-        })?;
         let status = resp.status();
         if status.is_success() {
-            return Ok(resp);
+            return Ok((resp, url));
         }
         let text = resp
             .text()
@@ -156,12 +185,11 @@ impl ControlClient {
         })
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        rb: reqwest::RequestBuilder,
-        url: String,
-    ) -> Result<T, ClientError> {
-        let resp = self.send_raw(rb, &url).await?;
+    async fn send<T: DeserializeOwned, F>(&self, path: &str, make: F) -> Result<T, ClientError>
+    where
+        F: Fn(&str) -> reqwest::RequestBuilder,
+    {
+        let (resp, url) = self.send_raw(path, make).await?;
         resp.json()
             .await
             .map_err(|source| ClientError::Decode { url, source })
@@ -172,8 +200,7 @@ impl ControlClient {
         path: &str,
         query: &Q,
     ) -> Result<T, ClientError> {
-        let url = self.url(path);
-        self.send(self.http.get(&url).query(query), url).await
+        self.send(path, |u| self.http.get(u).query(query)).await
     }
 
     pub async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(
@@ -181,8 +208,7 @@ impl ControlClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let url = self.url(path);
-        self.send(self.http.post(&url).json(body), url).await
+        self.send(path, |u| self.http.post(u).json(body)).await
     }
 
     /// Ask for a build, waiting up to `wait` for one; `None` when nothing was queued.
@@ -191,17 +217,17 @@ impl ControlClient {
         worker: &WorkerId,
         wait: Duration,
     ) -> Result<Option<Lease>, ClientError> {
-        let url = self.url(&Endpoint::Lease.path(&[]));
         let req = LeaseRequest {
             worker: worker.clone(),
             wait_ms: wait.as_millis() as u64,
         };
-        let rb = self
-            .http
-            .post(&url)
-            .json(&req)
-            .timeout(wait + Duration::from_secs(30));
-        let resp = self.send_raw(rb, &url).await?;
+        let make = |u: &str| {
+            self.http
+                .post(u)
+                .json(&req)
+                .timeout(wait + Duration::from_secs(30))
+        };
+        let (resp, url) = self.send_raw(&Endpoint::Lease.path(&[]), make).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -225,9 +251,9 @@ impl ControlClient {
 
     /// The build's log from byte `offset` on, as this member holds it.
     pub async fn log(&self, build: u64, offset: u64) -> Result<Vec<u8>, ClientError> {
-        let url = self.url(&Endpoint::ReadLog.path(&[&build]));
-        let rb = self.http.get(&url).query(&[("offset", offset)]);
-        let resp = self.send_raw(rb, &url).await?;
+        let path = Endpoint::ReadLog.path(&[&build]);
+        let make = |u: &str| self.http.get(u).query(&[("offset", offset)]);
+        let (resp, url) = self.send_raw(&path, make).await?;
         resp.bytes()
             .await
             .map(|b| b.to_vec())
@@ -236,8 +262,10 @@ impl ControlClient {
 
     /// PUT `body` at `path`; `true` if the member did not have it (201).
     async fn put_new(&self, path: &str, body: Vec<u8>) -> Result<bool, ClientError> {
-        let url = self.url(path);
-        let resp = self.send_raw(self.http.put(&url).body(body), &url).await?;
+        let body = bytes::Bytes::from(body);
+        let (resp, _) = self
+            .send_raw(path, |u| self.http.put(u).body(body.clone()))
+            .await?;
         Ok(resp.status() == reqwest::StatusCode::CREATED)
     }
 
@@ -263,9 +291,10 @@ impl ControlClient {
         offset: u64,
         bytes: Vec<u8>,
     ) -> Result<(), ClientError> {
-        let url = self.url(&Endpoint::AppendLog.path(&[&build]));
-        let rb = self.http.put(&url).query(&[("offset", offset)]).body(bytes);
-        self.send_raw(rb, &url).await.map(drop)
+        let bytes = bytes::Bytes::from(bytes);
+        let path = Endpoint::AppendLog.path(&[&build]);
+        let make = |u: &str| self.http.put(u).query(&[("offset", offset)]).body(bytes.clone());
+        self.send_raw(&path, make).await.map(drop)
     }
 
     /// Which of `chunks` this member's origin store lacks, asked in batches the member
@@ -319,8 +348,8 @@ impl ControlClient {
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
-        let url = self.url(&Endpoint::RemoveMember.path(&[&id]));
-        self.send(self.http.delete(&url), url).await
+        self.send(&Endpoint::RemoveMember.path(&[&id]), |u| self.http.delete(u))
+            .await
     }
 
     /// What each environment of `repo` (or of every repository) should run.

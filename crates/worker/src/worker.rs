@@ -216,7 +216,7 @@ fn transient(e: &ClientError) -> bool {
     match e {
         ClientError::Unreachable { .. } | ClientError::Decode { .. } => true,
         ClientError::Api { status, .. } => *status >= 500 && *status != 507,
-        ClientError::Setup(_) | ClientError::Tls(_) => false,
+        ClientError::Setup(_) | ClientError::Tls(_) | ClientError::NoMember => false,
     }
 }
 
