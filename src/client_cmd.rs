@@ -129,10 +129,16 @@ pub enum DeploysCmd {
         limit: usize,
     },
     /// A deployment's waves, history and progress.
-    Show { id: u64 },
+    Show {
+        id: u64,
+    },
     /// Start no new wave until resumed.
-    Pause { id: u64 },
-    Resume { id: u64 },
+    Pause {
+        id: u64,
+    },
+    Resume {
+        id: u64,
+    },
 }
 
 fn parse_release(s: &str) -> Result<ReleaseId, String> {

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Build, BuildStatus, DeployStep, Deployment, Millis, Release, ReleaseId, RepoSpec, RolloutPolicy,
-    WorkerId,
+    Build, BuildStatus, DeployStep, Deployment, Millis, Release, ReleaseId, RepoSpec,
+    RolloutPolicy, WorkerId,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,11 +213,7 @@ pub enum Rejection {
     #[error("unknown deployment {0}")]
     UnknownDeployment(u64),
     #[error("deployment {id} cannot {step}: {why}")]
-    StepRefused {
-        id: u64,
-        step: String,
-        why: String,
-    },
+    StepRefused { id: u64, step: String, why: String },
 }
 
 impl std::fmt::Display for Command {

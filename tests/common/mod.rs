@@ -271,7 +271,7 @@ impl Cluster {
             .expect("GET")
     }
 
-    /// Run `starling --control <member 1> ARGS` in the cluster's directory, its standard
+    /// Run `starling --control <every member> ARGS` in the cluster's directory, its standard
     /// error in `log` there; killed when dropped.
     pub fn spawn_starling(&self, args: &[&str], log: &str, env: &[(&str, &str)]) -> Child {
         self.spawn_starling_on(None, args, log, env)
@@ -350,7 +350,7 @@ impl Cluster {
             Some(h) => h.command(exe),
             None => Command::new(exe),
         }
-        .args(["--control", &self.url(1)])
+        .args(["--control", &self.members.urls()])
         .args(args)
         .current_dir(self.dir.path())
         .envs(env.iter().copied())
@@ -436,7 +436,13 @@ impl Cluster {
     }
 
     /// Add repository `name` cloned from `url` with the rollout policy `rollout`.
-    pub async fn add_repo_rolling(&self, id: u64, name: &str, url: &str, rollout: serde_json::Value) {
+    pub async fn add_repo_rolling(
+        &self,
+        id: u64,
+        name: &str,
+        url: &str,
+        rollout: serde_json::Value,
+    ) {
         let r = self
             .post(
                 id,

@@ -15,10 +15,10 @@ use serde::Serialize;
 use starling_pki::{https_client_config, CaTrust};
 use starling_proto::routes::Endpoint;
 use starling_proto::{
-    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, DeployRequest, EnrollReply,
-    Deployment, DeploymentView, EnrollRequest, Event, GoalInfo, RollbackRequest, HeartbeatReply, HeartbeatRequest, JoinTokenReply,
-    JoinTokenRequest, Lease, LeaseRequest, MissingChunks, NodeInfo, QueueOutcome, Release, Repo,
-    RepoSpec, TriggerRequest, MAX_MISSING_QUERY,
+    ApiError, Build, BuildStatus, ClusterStatus, CompleteRequest, DeployRequest, Deployment,
+    DeploymentView, EnrollReply, EnrollRequest, Event, GoalInfo, HeartbeatReply, HeartbeatRequest,
+    JoinTokenReply, JoinTokenRequest, Lease, LeaseRequest, MissingChunks, NodeInfo, QueueOutcome,
+    Release, Repo, RepoSpec, RollbackRequest, TriggerRequest, MAX_MISSING_QUERY,
 };
 use starling_proto::{ChunkHash, ReleaseId, WorkerId};
 
@@ -143,7 +143,11 @@ impl ControlClient {
     /// Send what `make` builds for a URL of `path` with the token, to the member that
     /// last answered or, when it cannot be connected to, the next; a non-2xx answer
     /// becomes [`ClientError::Api`] with the server's sentence. The URL it went to.
-    async fn send_raw<F>(&self, path: &str, make: F) -> Result<(reqwest::Response, String), ClientError>
+    async fn send_raw<F>(
+        &self,
+        path: &str,
+        make: F,
+    ) -> Result<(reqwest::Response, String), ClientError>
     where
         F: Fn(&str) -> reqwest::RequestBuilder,
     {
@@ -293,7 +297,12 @@ impl ControlClient {
     ) -> Result<(), ClientError> {
         let bytes = bytes::Bytes::from(bytes);
         let path = Endpoint::AppendLog.path(&[&build]);
-        let make = |u: &str| self.http.put(u).query(&[("offset", offset)]).body(bytes.clone());
+        let make = |u: &str| {
+            self.http
+                .put(u)
+                .query(&[("offset", offset)])
+                .body(bytes.clone())
+        };
         self.send_raw(&path, make).await.map(drop)
     }
 
@@ -348,8 +357,10 @@ impl ControlClient {
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<ClusterStatus, ClientError> {
-        self.send(&Endpoint::RemoveMember.path(&[&id]), |u| self.http.delete(u))
-            .await
+        self.send(&Endpoint::RemoveMember.path(&[&id]), |u| {
+            self.http.delete(u)
+        })
+        .await
     }
 
     /// What each environment of `repo` (or of every repository) should run.

@@ -19,8 +19,8 @@ use crate::store::{Files, StateMachineStore};
 use crate::Raft;
 use backon::Retryable;
 use starling_core::reaper::LeaseReaper;
-use tracing::Instrument;
 use starling_core::retry::backoff;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -484,7 +484,8 @@ async fn roll_out(member: Arc<Member>) {
             let Some(step) = starling_core::rollout::next_step(&d, &view, now_ms()) else {
                 continue;
             };
-            let span = tracing::info_span!("deployment", id = d.id, repo = %d.repo, release = %d.release);
+            let span =
+                tracing::info_span!("deployment", id = d.id, repo = %d.repo, release = %d.release);
             let what = step.name();
             let cmd = Command::AdvanceDeployment {
                 id: d.id,
@@ -498,7 +499,9 @@ async fn roll_out(member: Arc<Member>) {
                     tracing::info!(step = what, status = %d.status, reason = d.reason.as_deref().unwrap_or(""), "deployment moved on")
                 }
                 Ok(other) => tracing::debug!(step = what, ?other, "deployment step refused"),
-                Err(e) => tracing::debug!(step = what, error = %e, "proposing a deployment step failed"),
+                Err(e) => {
+                    tracing::debug!(step = what, error = %e, "proposing a deployment step failed")
+                }
             }
         }
     }

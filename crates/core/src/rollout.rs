@@ -41,7 +41,8 @@ pub fn plan_waves(id: u64, strategy: Strategy, fleet: &[FleetNode]) -> Vec<Wave>
         WaveTarget::Nodes(vec![canary.to_string()]),
     )];
     let regions: BTreeSet<&str> = names.iter().map(|(_, r)| *r).collect();
-    let order = std::iter::once(canary_region).chain(regions.into_iter().filter(|r| *r != canary_region));
+    let order =
+        std::iter::once(canary_region).chain(regions.into_iter().filter(|r| *r != canary_region));
     waves.extend(order.map(|r| Wave::new(r, WaveTarget::Region(r.to_string()))));
     waves
 }
@@ -269,7 +270,10 @@ mod tests {
         let other = plan_waves(8, Strategy::Waves, &fleet.view());
         assert_ne!(other[0].target, waves[0].target, "the canary moves");
         assert_eq!(plan_waves(7, Strategy::AllAtOnce, &fleet.view()).len(), 1);
-        assert_eq!(plan_waves(7, Strategy::Waves, &[])[0].target, WaveTarget::All);
+        assert_eq!(
+            plan_waves(7, Strategy::Waves, &[])[0].target,
+            WaveTarget::All
+        );
     }
 
     #[test]
@@ -342,7 +346,10 @@ mod tests {
             panic!("two of five failing must stop the deployment");
         };
         assert_eq!(wave, 0);
-        assert!(reason.starts_with("wave us: 2 of 5 nodes failed"), "{reason}");
+        assert!(
+            reason.starts_with("wave us: 2 of 5 nodes failed"),
+            "{reason}"
+        );
         assert_eq!(outcomes.len(), 5);
         assert!(outcomes.iter().all(|o| o.region == "us"));
     }

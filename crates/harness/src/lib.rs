@@ -122,6 +122,14 @@ impl Members {
         format!("{scheme}://{}", self.addr(id))
     }
 
+    /// Every started member's URL, separated by commas: what `--control` takes for a
+    /// client that outlives any one member.
+    pub fn urls(&self) -> String {
+        let started =
+            (1..=self.addrs.len() as u64).filter(|id| self.addrs[*id as usize - 1].is_some());
+        started.map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+    }
+
     /// The cluster CA's fingerprint (`tls` only, once member 1 made the CA).
     pub fn fingerprint(&self) -> Option<&str> {
         self.fingerprint.as_deref()

@@ -285,9 +285,11 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             // holds ready for its wave.
             if let Some(release) = goal.run.filter(|r| apps[i].wants(*r)) {
                 let span = tracing::info_span!("deployment", repo = %apps[i].report.repo, %release, deployment = ?goal.deployment);
-                let staged = stage(&cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release)
-                    .instrument(span.clone())
-                    .await;
+                let staged = stage(
+                    &cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release,
+                )
+                .instrument(span.clone())
+                .await;
                 // The node's announcement as it stands, for this repository's "starting".
                 let mut me = announcement(&advertise, &apps);
                 let app = &mut apps[i];
@@ -322,9 +324,11 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             let release = goal.release;
             if apps[i].report.staged != Some(release) && apps[i].report.release != Some(release) {
                 let span = tracing::info_span!("staging", repo = %apps[i].report.repo, %release, deployment = ?goal.deployment);
-                let staged = stage(&cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release)
-                    .instrument(span.clone())
-                    .await;
+                let staged = stage(
+                    &cfg, &endpoint, &members, &store, &stored, &advertise, &mut apps, i, release,
+                )
+                .instrument(span.clone())
+                .await;
                 if let Err(e) = staged {
                     let _g = span.enter();
                     tracing::warn!(error = %e, "staging failed; trying again");
@@ -552,7 +556,10 @@ async fn stage(
 ) -> Result<Option<RunSpec>, String> {
     let root = apps[i].root.clone();
     let dest = root.join("releases").join(release.to_hex());
-    let held = dest.exists().then(|| store.get_manifest(&release).ok()).flatten();
+    let held = dest
+        .exists()
+        .then(|| store.get_manifest(&release).ok())
+        .flatten();
     let manifest = match held {
         Some(bytes) => Manifest::decode(&bytes).map_err(|e| e.to_string())?,
         None => {

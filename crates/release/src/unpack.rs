@@ -93,8 +93,11 @@ pub fn unpack(
         Err(e) => return Err(ReleaseError::io(&tmp, e)),
     }
     fs::create_dir(&tmp).map_err(|e| ReleaseError::io(&tmp, e))?;
-    let r = unpack_into(manifest, &plan, store, &tmp)
-        .and_then(|stats| fs::rename(&tmp, dest).map(|()| stats).map_err(|e| ReleaseError::io(dest, e)));
+    let r = unpack_into(manifest, &plan, store, &tmp).and_then(|stats| {
+        fs::rename(&tmp, dest)
+            .map(|()| stats)
+            .map_err(|e| ReleaseError::io(dest, e))
+    });
     if r.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }

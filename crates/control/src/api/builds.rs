@@ -9,8 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use starling_core::state::BuildQuery;
 use starling_proto::{
-    commit_id, repo_name, BuildStatus, Command, NodeInfo, Outcome,
-    QueueOutcome, QueueResult, Repo, RepoSpec, TriggerRequest,
+    commit_id, repo_name, BuildStatus, Command, NodeInfo, Outcome, QueueOutcome, QueueResult, Repo,
+    RepoSpec, TriggerRequest,
 };
 
 use super::{err, linearize, request_id, unexpected, ApiErr, ReadOpts, Shared};

@@ -144,7 +144,10 @@ pub(super) async fn rollback(
     };
     let policy = RolloutPolicy {
         strategy: Strategy::AllAtOnce,
-        ..m.read().repo(&repo).map(|r| r.repo.rollout).unwrap_or_default()
+        ..m.read()
+            .repo(&repo)
+            .map(|r| r.repo.rollout)
+            .unwrap_or_default()
     };
     start(&m, &headers, repo, env, to, policy, "rollback").await
 }
@@ -228,7 +231,12 @@ pub(super) async fn resume(
     set_paused(&m, &headers, id, false).await
 }
 
-async fn set_paused(m: &Member, headers: &HeaderMap, id: u64, paused: bool) -> Result<Response, ApiErr> {
+async fn set_paused(
+    m: &Member,
+    headers: &HeaderMap,
+    id: u64,
+    paused: bool,
+) -> Result<Response, ApiErr> {
     let cmd = Command::PauseDeployment {
         id,
         paused,

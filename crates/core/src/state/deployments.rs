@@ -73,7 +73,11 @@ impl ControlState {
             Ok(ok) => ok,
             Err(r) => return Outcome::Rejected(r),
         };
-        let goal = self.records.goals.get(&GoalKey::for_env(repo, &env)).cloned();
+        let goal = self
+            .records
+            .goals
+            .get(&GoalKey::for_env(repo, &env))
+            .cloned();
         let previous = goal
             .as_ref()
             .and_then(|g| self.records.deployments.get(&g.deployment?).cloned());
@@ -414,7 +418,11 @@ mod tests {
         let mut s = state_with_releases(2);
         let d1 = start(&mut s, 1, Strategy::AllAtOnce, 100);
         assert_eq!(d1.from, None);
-        assert_eq!(d1.release_for("any", "eu"), Some(rel(1)), "its one wave started");
+        assert_eq!(
+            d1.release_for("any", "eu"),
+            Some(rel(1)),
+            "its one wave started"
+        );
         succeed(&mut s, d1.id, 110);
         let d2 = start(&mut s, 2, Strategy::Waves, 200);
         assert_eq!(d2.from, Some(rel(1)));
@@ -435,20 +443,48 @@ mod tests {
             ],
         };
         let refused = |o: Outcome| matches!(o, Outcome::Rejected(Rejection::StepRefused { .. }));
-        assert!(refused(step(&mut s, d.id, DeployStep::StartWave { wave: 0 }, 101)));
+        assert!(refused(step(
+            &mut s,
+            d.id,
+            DeployStep::StartWave { wave: 0 },
+            101
+        )));
         assert!(!refused(step(&mut s, d.id, plan.clone(), 101)));
         assert!(refused(step(&mut s, d.id, plan, 102)), "planned once");
-        assert!(refused(step(&mut s, d.id, DeployStep::StartWave { wave: 1 }, 102)));
+        assert!(refused(step(
+            &mut s,
+            d.id,
+            DeployStep::StartWave { wave: 1 },
+            102
+        )));
         let goal_at = s.goals().next().unwrap().at;
-        assert!(!refused(step(&mut s, d.id, DeployStep::StartWave { wave: 0 }, 103)));
-        assert!(s.goals().next().unwrap().at > goal_at, "nodes hear of a wave");
-        assert!(refused(step(&mut s, d.id, DeployStep::StartWave { wave: 0 }, 104)));
+        assert!(!refused(step(
+            &mut s,
+            d.id,
+            DeployStep::StartWave { wave: 0 },
+            103
+        )));
+        assert!(
+            s.goals().next().unwrap().at > goal_at,
+            "nodes hear of a wave"
+        );
+        assert!(refused(step(
+            &mut s,
+            d.id,
+            DeployStep::StartWave { wave: 0 },
+            104
+        )));
         let done = DeployStep::CompleteWave {
             wave: 0,
             outcomes: Vec::new(),
         };
         assert!(refused(step(&mut s, d.id, done.clone(), 104)), "not soaked");
-        assert!(!refused(step(&mut s, d.id, DeployStep::WaveHealthy { wave: 0 }, 105)));
+        assert!(!refused(step(
+            &mut s,
+            d.id,
+            DeployStep::WaveHealthy { wave: 0 },
+            105
+        )));
         assert!(!refused(step(&mut s, d.id, done.clone(), 106)));
         assert!(refused(step(&mut s, d.id, done, 107)));
         assert!(refused(step(&mut s, d.id, DeployStep::Succeed, 107)));
@@ -456,7 +492,13 @@ mod tests {
         let what: Vec<&str> = d.history.iter().map(|t| t.what.as_str()).collect();
         assert_eq!(
             what,
-            ["started", "planned", "wave_started", "wave_healthy", "wave_done"]
+            [
+                "started",
+                "planned",
+                "wave_started",
+                "wave_healthy",
+                "wave_done"
+            ]
         );
         assert_eq!(d.current_wave(), Some(1));
     }
@@ -492,7 +534,10 @@ mod tests {
             Outcome::Rejected(_)
         ));
         pause(&mut s, false, 204);
-        assert!(matches!(step(&mut s, d.id, fail, 205), Outcome::Deployment(_)));
+        assert!(matches!(
+            step(&mut s, d.id, fail, 205),
+            Outcome::Deployment(_)
+        ));
         let d = s.deployment(d.id).unwrap().clone();
         assert_eq!(d.status, DeployStatus::RolledBack);
         assert_eq!(d.release_for("n1", "eu"), Some(rel(1)));
@@ -528,14 +573,24 @@ mod tests {
         succeed(&mut s, d1.id, 101);
         let d2 = start(&mut s, 2, Strategy::Waves, 200);
         let d3 = start(&mut s, 3, Strategy::Waves, 300);
-        assert_eq!(s.deployment(d2.id).unwrap().status, DeployStatus::Superseded);
+        assert_eq!(
+            s.deployment(d2.id).unwrap().status,
+            DeployStatus::Superseded
+        );
         assert_eq!(d3.from, Some(rel(1)), "the last release that finished");
         assert!(matches!(
             step(&mut s, d2.id, DeployStep::Succeed, 301),
             Outcome::Rejected(_)
         ));
-        let ids: Vec<u64> = s.list_deployments(Some("acme/web"), 10).iter().map(|d| d.id).collect();
+        let ids: Vec<u64> = s
+            .list_deployments(Some("acme/web"), 10)
+            .iter()
+            .map(|d| d.id)
+            .collect();
         assert_eq!(ids, [3, 2, 1]);
-        assert_eq!(s.active_deployments().map(|d| d.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(
+            s.active_deployments().map(|d| d.id).collect::<Vec<_>>(),
+            [3]
+        );
     }
 }

@@ -329,9 +329,7 @@ impl ControlState {
                 at,
             } => self.start_deployment(repo, env, *release, *policy, trigger, *at),
             Command::AdvanceDeployment { id, step, at } => self.advance_deployment(*id, step, *at),
-            Command::PauseDeployment { id, paused, at } => {
-                self.pause_deployment(*id, *paused, *at)
-            }
+            Command::PauseDeployment { id, paused, at } => self.pause_deployment(*id, *paused, *at),
         }
     }
 
