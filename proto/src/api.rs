@@ -101,12 +101,9 @@ pub struct RepoSpec {
     #[serde(default = "default_max_release_bytes")]
     pub max_release_bytes: u64,
     /// How its deployments roll out (default: waves, a minute's soak, 10% failures).
-    #[serde(default, skip_serializing_if = "is_default")]
+    /// Always written: members exchange commands in postcard, which cannot skip a field.
+    #[serde(default)]
     pub rollout: crate::RolloutPolicy,
-}
-
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
-    *v == T::default()
 }
 
 fn default_branch() -> String {
