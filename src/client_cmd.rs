@@ -456,7 +456,7 @@ last lines of its output:"
                 }));
             }
             println!(
-                "join token, valid until {} (s since the epoch): {}",
+                "join token, valid until {}: {}",
                 tables::time(Some(reply.expires_at)),
                 reply.token
             );
@@ -469,9 +469,16 @@ last lines of its output:"
             if json {
                 return print_json(&st);
             }
+            let leader = st.leader.map_or_else(
+                || "none (an election is under way)".into(),
+                |l| format!("member {l}"),
+            );
+            let applied = st
+                .last_applied
+                .map_or_else(|| "nothing".into(), |i| format!("entry {i}"));
             println!(
-                "member {} answering; leader {:?}, term {}, last applied {:?}",
-                st.id, st.leader, st.term, st.last_applied
+                "member {} answering; leader {leader}, term {}, applied up to {applied}",
+                st.id, st.term
             );
             println!("{}", tables::members(&st).trim_fmt());
         }

@@ -2,6 +2,7 @@
 
 mod client_cmd;
 mod demo;
+mod demo_app;
 mod tables;
 
 use std::net::SocketAddr;
@@ -54,6 +55,9 @@ enum Cmd {
     Node(NodeArgs),
     /// Run the whole system on this machine with embedded defaults and show it working.
     Demo(demo::DemoArgs),
+    /// The sample service `starling demo` deploys.
+    #[command(subcommand, hide = true, name = "demo-app")]
+    DemoApp(demo_app::DemoAppCmd),
     #[command(flatten)]
     Client(client_cmd::ClientCmd),
 }
@@ -167,6 +171,10 @@ struct NodeArgs {
     /// current and previous one are let go. Chunks no kept release needs are always deleted.
     #[arg(long, value_parser = parse_size)]
     chunk_budget: Option<u64>,
+    /// How long a release's `[deploy] health` command may keep failing before the
+    /// release counts as failed on this node.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    health_timeout: std::time::Duration,
 }
 
 /// A user name, or `UID:GID`, as the ids builds run under.
@@ -330,6 +338,7 @@ async fn run(cli: Cli) -> Result<()> {
                 advertise: a.advertise,
                 join_token: a.join_token,
                 chunk_budget: a.chunk_budget,
+                health_deadline: a.health_timeout,
             };
             starling_node::daemon::run(cfg, client).await?;
             Ok(())
@@ -362,6 +371,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(anyhow::Error::msg)
         }
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::DemoApp(a) => demo_app::run(a),
         Cmd::Client(c) => {
             let client = control_client(&cli.control, token, cli.ca_fingerprint.clone())?;
             client_cmd::run(&client, c, cli.json).await

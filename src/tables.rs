@@ -22,9 +22,55 @@ fn numbers(t: &mut Table, columns: &[usize]) {
     }
 }
 
-/// Milliseconds since the epoch, as seconds with three decimals; `-` for none.
+/// A time (ms since the epoch) for people: how long ago, within the last day; the UTC
+/// date and minute otherwise (and for times to come). `-` for none.
 pub fn time(ms: Option<u64>) -> String {
-    ms.map_or_else(|| "-".into(), |ms| format!("{:.3}", ms as f64 / 1000.0))
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms.map_or_else(|| "-".into(), |ms| time_at(now, ms))
+}
+
+fn time_at(now: u64, ms: u64) -> String {
+    let ago = now.saturating_sub(ms) / 1000;
+    match ago {
+        _ if ms > now + 1_000 => date(ms),
+        0..60 => format!("{ago} s ago"),
+        60..3_600 => format!("{} min ago", ago / 60),
+        3_600..86_400 => format!("{} h ago", ago / 3_600),
+        _ => date(ms),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM UTC` (the civil-from-days conversion of Howard Hinnant's
+/// `chrono`-compatible algorithms).
+pub fn date(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3_600,
+        rem % 3_600 / 60
+    )
+}
+
+/// A duration for people: `850 ms`, `12.3 s`, `4 min 10 s`, `2 h 5 min`.
+pub fn duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
 }
 
 pub fn short(sha: &str) -> &str {
@@ -148,7 +194,8 @@ pub fn failures(nodes: &[NodeInfo]) -> Option<Table> {
 /// Deployments, newest first.
 pub fn deployments(ds: &[Deployment]) -> Table {
     let mut t = table(&[
-        "ID", "REPO", "RELEASE", "FROM", "STRATEGY", "STATUS", "WAVES", "STARTED", "TRIGGER",
+        "ID", "REPO", "RELEASE", "FROM", "STRATEGY", "STATUS", "WAVES", "STARTED", "TOOK",
+        "TRIGGER",
     ]);
     for d in ds {
         let done = d.waves.iter().filter(|w| w.done_at.is_some()).count();
@@ -162,6 +209,8 @@ pub fn deployments(ds: &[Deployment]) -> Table {
             d.status.to_string(),
             format!("{done}/{}", d.waves.len()),
             time(Some(d.created_at)),
+            d.finished_at
+                .map_or_else(|| "-".into(), |f| duration(f.saturating_sub(d.created_at))),
             d.trigger.clone(),
         ]);
     }
@@ -307,6 +356,21 @@ mod tests {
         );
         assert!(lines[1].ends_with("(exit code 7)"), "{text}");
         assert!(history(&build()).to_string().contains("queued"));
+    }
+
+    #[test]
+    fn times_read_as_ago_or_as_a_date() {
+        let now = 1_795_841_696_055; // 2026-11-28 04:54:56 UTC
+        assert_eq!(time_at(now, now - 12_000), "12 s ago");
+        assert_eq!(time_at(now, now - 3 * 60_000 - 5), "3 min ago");
+        assert_eq!(time_at(now, now - 5 * 3_600_000), "5 h ago");
+        assert_eq!(time_at(now, now - 86_400_000), "2026-11-27 04:54 UTC");
+        assert_eq!(time_at(now, now + 86_400_000), "2026-11-29 04:54 UTC");
+        assert_eq!(date(0), "1970-01-01 00:00 UTC");
+        assert_eq!(date(951_782_400_000), "2000-02-29 00:00 UTC");
+        assert_eq!(duration(850), "850 ms");
+        assert_eq!(duration(12_340), "12.3 s");
+        assert_eq!(duration(250_000), "4 min 10 s");
     }
 
     #[test]

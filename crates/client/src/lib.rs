@@ -56,6 +56,9 @@ pub struct ControlClient {
     http: reqwest::Client,
 }
 
+/// How long a read answered 503 is asked again.
+const READ_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Filter of [`ControlClient::builds`].
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct BuildFilter {
@@ -166,7 +169,7 @@ impl ControlClient {
                     break (resp, url);
                 }
                 Err(source) if source.is_connect() && k + 1 < self.bases.len() => {
-                    tracing::warn!(member = %self.bases[i], error = %source, "member unreachable; asking the next");
+                    tracing::debug!(member = %self.bases[i], error = %source, "member unreachable; asking the next");
                     k += 1;
                 }
                 Err(source) => return Err(ClientError::Unreachable { url, source }),
@@ -204,7 +207,20 @@ impl ControlClient {
         path: &str,
         query: &Q,
     ) -> Result<T, ClientError> {
-        self.send(path, |u| self.http.get(u).query(query)).await
+        // A read answered 503 (no leader yet, a leader just elected) is asked again for a
+        // while: it changes nothing, and elections take a second or two.
+        let mut pause = Duration::from_millis(200);
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.send(path, |u| self.http.get(u).query(query)).await {
+                Err(ClientError::Api { status: 503, .. }) if waited < READ_PATIENCE => {
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                answer => return answer,
+            }
+        }
     }
 
     pub async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(

@@ -20,6 +20,7 @@ use tokio::process::{Child, Command};
 /// How long a stopped process has between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long the health command has to pass, tried once a second.
+/// The default of `starling node --health-timeout`.
 pub const HEALTH_DEADLINE: Duration = Duration::from_secs(60);
 /// How long one run of the health command may take.
 const HEALTH_TRY: Duration = Duration::from_secs(10);

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use starling_client::ControlClient;
 use starling_peer::{Announcement, PeerConfig, PeerConn, PeerEndpoint, Serving};
 use starling_pki::Identity;
@@ -30,7 +31,7 @@ use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 use tracing::Instrument;
 
-use crate::app::{forget_logs, wait_healthy, AppProcess, HEALTH_DEADLINE, STOP_GRACE};
+use crate::app::{forget_logs, wait_healthy, AppProcess, STOP_GRACE};
 use crate::fetcher::{fetch_release, SourceSpec};
 
 /// How a node runs.
@@ -50,6 +51,9 @@ pub struct NodeConfig {
     /// deleted; over the budget, kept releases go too, down to the current and the one
     /// before it, which stay whatever they cost.
     pub chunk_budget: Option<u64>,
+    /// How long a release's health command may keep failing before the release counts
+    /// as failed.
+    pub health_deadline: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +224,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     let mut apps: Vec<App> = cfg
         .repos
         .iter()
-        .map(|repo| App::resume(repo, &cfg.data_dir))
+        .map(|repo| App::resume(repo, &cfg.data_dir, cfg.health_deadline))
         .collect();
     // What ran before the node restarted runs again, unless its process still runs.
     for app in &mut apps {
@@ -233,6 +237,11 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     // The newest goal seen: the long-poll answers as soon as one newer is set.
     let mut seen_goal: Option<u64> = None;
     let mut membership_read: Option<std::time::Instant> = None;
+    // Members are connected to in the background: a member that is down must not hold
+    // up this loop for a QUIC handshake's timeout.
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let mut connecting: BTreeMap<String, std::time::Instant> = BTreeMap::new();
+    let mut first_round = true;
     loop {
         // Reach every member's swarm endpoint (they come and go): the membership is read
         // when a connection is missing, or once a minute.
@@ -244,18 +253,48 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             membership_read = Some(std::time::Instant::now());
             origins(&control).await
         };
+        let mut started = 0;
         for (name, addr) in members_now {
-            if members.get(&name).is_some_and(|c| c.is_open()) {
+            let open = members.get(&name).is_some_and(|c| c.is_open());
+            let tried = connecting
+                .get(&name)
+                .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE);
+            if open || tried {
                 continue;
             }
-            match endpoint.connect(addr, &name).await {
-                Ok(c) => {
-                    members.insert(name, Arc::new(c));
+            connecting.insert(name.clone(), std::time::Instant::now());
+            started += 1;
+            let (endpoint, tx) = (endpoint.clone(), connected_tx.clone());
+            tokio::spawn(async move {
+                match endpoint.connect(addr, &name).await {
+                    Ok(c) => {
+                        let _ = tx.send((name, Arc::new(c)));
+                    }
+                    Err(e) => {
+                        tracing::debug!(member = %name, error = %e, "cannot reach the member's swarm endpoint")
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(member = %name, error = %e, "cannot reach the member's swarm endpoint")
+            });
+        }
+        // On the first round, give the members a moment: the node announces itself to
+        // them before it asks for its goals.
+        if std::mem::take(&mut first_round) {
+            let until = tokio::time::Instant::now() + FIRST_CONNECT;
+            while started > 0 {
+                match tokio::time::timeout_at(until, connected.recv()).await {
+                    Ok(Some((name, conn))) => {
+                        connecting.remove(&name);
+                        members.insert(name, conn);
+                        started -= 1;
+                    }
+                    _ => break,
                 }
             }
+        }
+        while let Ok((name, conn)) = connected.try_recv() {
+            connecting.remove(&name);
+            members.insert(name, conn);
+            last_announce = std::time::Instant::now() - Duration::from_secs(60);
         }
         for app in &mut apps {
             if app.watch() {
@@ -359,11 +398,12 @@ struct App {
     /// started again until the goal names another (a deploy system that restarts a
     /// crashing release forever hides the crash; the report shows it instead).
     given_up: Option<ReleaseId>,
+    health_deadline: Duration,
 }
 
 impl App {
     /// The repository as a previous run of this node left it.
-    fn resume(repo: &str, data_dir: &Path) -> App {
+    fn resume(repo: &str, data_dir: &Path, health_deadline: Duration) -> App {
         let root = repo_root(data_dir, repo);
         let release = current(&root);
         let activated_at = std::fs::symlink_metadata(root.join("current"))
@@ -389,6 +429,7 @@ impl App {
             root,
             process,
             given_up: None,
+            health_deadline,
         }
     }
 
@@ -449,7 +490,7 @@ impl App {
                 &release,
                 health,
                 self.process.as_mut(),
-                HEALTH_DEADLINE,
+                self.health_deadline,
             )
             .await;
             if let Err(why) = healthy {
@@ -496,6 +537,8 @@ fn announcement(advertise: &str, apps: &[App]) -> Announcement {
 }
 
 /// Tell every member this node is fetching `release`; the peers their trackers name.
+/// The members are asked at once; once one answered, the others get a moment more (a
+/// member that is down must not hold up the fetch).
 async fn ask_trackers(
     region: &str,
     members: &BTreeMap<String, Arc<PeerConn>>,
@@ -506,18 +549,31 @@ async fn ask_trackers(
         fetching: vec![release],
         ..me.clone()
     };
+    let mut asks: FuturesUnordered<_> = members
+        .values()
+        .map(|conn| {
+            let fetching = &fetching;
+            async move {
+                conn.announce(fetching).await.ok()?;
+                let answer = tokio::time::timeout(TRACKER_PATIENCE, conn.next_peers()).await;
+                let (r, peers) = answer.ok().flatten()?;
+                (r == release).then_some(peers)
+            }
+        })
+        .collect();
     let mut sources: Vec<SourceSpec> = Vec::new();
-    for conn in members.values() {
-        if conn.announce(&fetching).await.is_err() {
-            continue;
-        }
-        let answer = tokio::time::timeout(Duration::from_secs(5), conn.next_peers()).await;
-        let Ok(Some((r, peers))) = answer else {
-            continue;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, asks.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+            None => asks.next().await,
         };
-        if r != release {
-            continue;
-        }
+        let Some(answer) = next else { break };
+        let Some(peers) = answer else { continue };
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + OTHER_TRACKERS_GRACE);
         for p in peers {
             let Ok(addr) = p.addr.parse() else { continue };
             if sources.iter().any(|s| s.name == p.node) {
@@ -537,6 +593,24 @@ async fn ask_trackers(
         }
     }
     sources
+}
+
+/// The manifest of `release` from whichever member answers first.
+async fn fetch_manifest(
+    members: &BTreeMap<String, Arc<PeerConn>>,
+    release: ReleaseId,
+) -> Result<Manifest, String> {
+    let mut asks: FuturesUnordered<_> = members
+        .iter()
+        .map(|(name, conn)| async move { (name, conn.fetch_manifest(&release).await) })
+        .collect();
+    while let Some((name, answer)) = asks.next().await {
+        match answer {
+            Ok(bytes) => return Manifest::decode(&bytes).map_err(|e| e.to_string()),
+            Err(e) => tracing::debug!(member = %name, error = %e, "no manifest from this member"),
+        }
+    }
+    Err("no member has the release's manifest".into())
 }
 
 /// Make `release` ready to run under the repository of `apps[i]`: fetch its chunks (from
@@ -621,18 +695,7 @@ async fn fetch(
             }
         })
     };
-    let mut manifest_bytes = None;
-    for (name, conn) in members {
-        match conn.fetch_manifest(&release).await {
-            Ok(b) => {
-                manifest_bytes = Some(b);
-                break;
-            }
-            Err(e) => tracing::debug!(member = %name, error = %e, "no manifest from this member"),
-        }
-    }
-    let bytes = manifest_bytes.ok_or("no member has the release's manifest")?;
-    let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+    let manifest = fetch_manifest(members, release).await?;
     for (name, conn) in members {
         sources.push(SourceSpec {
             name: name.clone(),
@@ -754,6 +817,16 @@ fn collect_unreferenced(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), St
 /// two looks at the members and two announcements.
 const GOAL_POLL: Duration = Duration::from_secs(5);
 
+/// How long a node waits before it tries a member it could not connect to again.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// How long a starting node waits for its first connections to the members.
+const FIRST_CONNECT: Duration = Duration::from_secs(3);
+
+/// How long a member's tracker has to answer, and how long the others get once one did.
+const TRACKER_PATIENCE: Duration = Duration::from_secs(5);
+const OTHER_TRACKERS_GRACE: Duration = Duration::from_millis(300);
+
 /// How often a node with every member connected reads the membership again.
 const MEMBERSHIP_READ: Duration = Duration::from_secs(60);
 
@@ -780,6 +853,7 @@ mod tests {
             advertise: None,
             join_token: None,
             chunk_budget: budget,
+            health_deadline: crate::app::HEALTH_DEADLINE,
         };
         let store = FsChunkStore::new(dir.join("chunks")).unwrap();
         let root = repo_root(dir, "acme/web");
