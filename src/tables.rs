@@ -351,7 +351,7 @@ mod tests {
                 "failed",
                 "2",
                 "w1/0",
-                "1700000000.000"
+                "2023-11-14"
             ]
         );
         assert!(lines[1].ends_with("(exit code 7)"), "{text}");
