@@ -145,10 +145,13 @@ pub enum Endpoint {
     PauseDeploy,
     ResumeDeploy,
     Rollback,
+    /// The web page, and the part of it that changes.
+    WebPage,
+    WebFragment,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 41] = [
+    pub const ALL: [Endpoint; 43] = [
         Endpoint::Healthz,
         Endpoint::Metrics,
         Endpoint::Cluster,
@@ -190,6 +193,8 @@ impl Endpoint {
         Endpoint::PauseDeploy,
         Endpoint::ResumeDeploy,
         Endpoint::Rollback,
+        Endpoint::WebPage,
+        Endpoint::WebFragment,
     ];
 
     /// The table.
@@ -253,6 +258,8 @@ impl Endpoint {
             Endpoint::PauseDeploy => (Post, "/v1/deploys/{id}/pause", ByLeader, Write, 0),
             Endpoint::ResumeDeploy => (Post, "/v1/deploys/{id}/resume", ByLeader, Write, 0),
             Endpoint::Rollback => (Post, "/v1/rollback", ByLeader, Write, MAX_API_BODY),
+            Endpoint::WebPage => (Get, "/", Here, Public, 0),
+            Endpoint::WebFragment => (Get, "/ui/fragment", Here, Public, 0),
         };
         Route {
             method,

@@ -130,10 +130,15 @@ pub(super) async fn list_releases(
 
 /// The fleet as this member's tracker knows it (nodes announce to every member).
 pub(super) async fn list_nodes(State(m): Shared) -> Json<Vec<NodeInfo>> {
+    Json(fleet_nodes(&m))
+}
+
+/// Every node this member's tracker heard from lately.
+pub(super) fn fleet_nodes(m: &Member) -> Vec<NodeInfo> {
     let now = std::time::Instant::now();
     let now_ms = now_ms();
     let tracker = m.tracker.lock().unwrap_or_else(|p| p.into_inner());
-    let nodes = tracker
+    tracker
         .nodes(now)
         .map(|(a, at)| {
             let (release, activated_at, state, error) = NodeInfo::summary(&a.apps);
@@ -150,8 +155,7 @@ pub(super) async fn list_nodes(State(m): Shared) -> Json<Vec<NodeInfo>> {
                 apps: a.apps.clone(),
             }
         })
-        .collect();
-    Json(nodes)
+        .collect()
 }
 
 /// Queue a build unless it is a known duplicate; 201 for a new build, 200 for a duplicate.

@@ -34,6 +34,7 @@ mod logs;
 mod origin;
 mod raft_rpc;
 mod routing;
+mod web;
 
 pub(crate) use events::{MAX_EVENT_READERS, PAGE_WORKERS};
 
@@ -212,6 +213,8 @@ fn handler(e: Endpoint) -> MethodRouter<Arc<Member>> {
         Endpoint::PauseDeploy => on(m, deploys::pause),
         Endpoint::ResumeDeploy => on(m, deploys::resume),
         Endpoint::Rollback => on(m, deploys::rollback),
+        Endpoint::WebPage => on(m, web::page),
+        Endpoint::WebFragment => on(m, web::fragment),
     }
 }
 
