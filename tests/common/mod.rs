@@ -431,7 +431,7 @@ impl Cluster {
     /// Add repository `name` (branch `main`) cloned from `url`, by member `id`; its
     /// deployments switch every node at once.
     pub async fn add_repo_from(&self, id: u64, name: &str, url: &str) {
-        let all_at_once = serde_json::json!({"strategy": "all-at-once"});
+        let all_at_once = serde_json::json!({"strategy": "all-at-once", "soak_ms": 1000});
         self.add_repo_rolling(id, name, url, all_at_once).await;
     }
 
