@@ -3,6 +3,7 @@
 mod client_cmd;
 mod demo;
 mod demo_app;
+mod metrics_http;
 mod tables;
 
 use std::net::SocketAddr;
@@ -41,8 +42,23 @@ struct Cli {
     /// certificate, as `GET /v1/cluster` shows it and join tokens carry it).
     #[arg(long, global = true, env = "STARLING_CA_FINGERPRINT")]
     ca_fingerprint: Option<String>,
+    /// How logs (standard error) are written: text for people, json for machines.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "STARLING_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -142,6 +158,9 @@ struct WorkerArgs {
     /// UID:GID.
     #[arg(long, default_value = "nobody")]
     build_user: String,
+    /// Serve `GET /metrics` (Prometheus) and `GET /healthz` on this address.
+    #[arg(long, env = "STARLING_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -171,6 +190,9 @@ struct NodeArgs {
     /// current and previous one are let go. Chunks no kept release needs are always deleted.
     #[arg(long, value_parser = parse_size)]
     chunk_budget: Option<u64>,
+    /// Serve `GET /metrics` (Prometheus) and `GET /healthz` on this address.
+    #[arg(long, env = "STARLING_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// How long a release's `[deploy] health` command may keep failing before the
     /// release counts as failed on this node.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -254,13 +276,22 @@ fn main() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
-                .unwrap_or_else(|_| "info,openraft=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
+            .unwrap_or_else(|_| "info,openraft=error".into())
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // One JSON object a line, with the spans (build, deployment, ...) and their ids.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let token = token(&cli)?;
     match cli.cmd {
         Cmd::Control(a) => {
@@ -325,6 +356,11 @@ async fn run(cli: Cli) -> Result<()> {
                         .collect()
                 }
             };
+            let metrics = std::sync::Arc::new(starling_node::metrics::NodeMetrics::default());
+            if let Some(addr) = a.metrics_listen {
+                let m = metrics.clone();
+                metrics_http::serve(addr, std::sync::Arc::new(move || m.render())).await?;
+            }
             let cfg = starling_node::daemon::NodeConfig {
                 name,
                 region: a.region,
@@ -339,6 +375,7 @@ async fn run(cli: Cli) -> Result<()> {
                 join_token: a.join_token,
                 chunk_budget: a.chunk_budget,
                 health_deadline: a.health_timeout,
+                metrics: metrics.clone(),
             };
             starling_node::daemon::run(cfg, client).await?;
             Ok(())
@@ -349,11 +386,17 @@ async fn run(cli: Cli) -> Result<()> {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
             });
+            let metrics = std::sync::Arc::new(starling_worker::metrics::WorkerMetrics::default());
+            if let Some(addr) = a.metrics_listen {
+                let m = metrics.clone();
+                metrics_http::serve(addr, std::sync::Arc::new(move || m.render())).await?;
+            }
             let cfg = starling_worker::worker::WorkerConfig {
                 name,
                 data_dir: a.data_dir,
                 slots: a.slots,
                 build_user: resolve_user(&a.build_user)?,
+                metrics,
             };
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {

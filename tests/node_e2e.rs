@@ -51,13 +51,12 @@ async fn a_push_ends_up_running_on_every_node() {
     ];
     let mut children = Vec::new();
     for (name, region) in nodes {
-        children.push(c.spawn_node(
-            name,
-            region,
-            "acme/web",
-            &format!("{name}.log"),
-            &[("STARLING_JOIN_TOKEN", token.as_str())],
-        ));
+        // One node serves its metrics, on a port the kernel picks (its log says which).
+        let mut env = vec![("STARLING_JOIN_TOKEN", token.as_str())];
+        if name == "eu-1" {
+            env.push(("STARLING_METRICS_LISTEN", "127.0.0.1:0"));
+        }
+        children.push(c.spawn_node(name, region, "acme/web", &format!("{name}.log"), &env));
     }
     let seen: Vec<NodeInfo> = c
         .wait_for_json(1, "/v1/nodes", |n: &Vec<NodeInfo>| {
@@ -76,6 +75,29 @@ async fn a_push_ends_up_running_on_every_node() {
         )
         .unwrap();
         assert_eq!(page, "<h1>hello fleet</h1>\n", "{name}");
+    }
+    let log = std::fs::read_to_string(c.dir.path().join("eu-1.log")).unwrap();
+    let addr = log
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| {
+            Some(
+                l.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .expect("the node says where it serves its metrics");
+    let metrics = String::from_utf8(c.get_bytes(&format!("http://{addr}/metrics")).await).unwrap();
+    for want in [
+        "starling_node_fetched_bytes_total{source=",
+        "starling_node_activations_total 1",
+        "starling_node_app{repo=\"acme/web\",state=\"running\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
     }
     let held = |name: &str| count_files(&c.dir.path().join(name).join("chunks/chunks"));
     let before: Vec<usize> = nodes.iter().map(|(n, _)| held(n)).collect();
@@ -163,6 +185,24 @@ async fn a_push_ends_up_running_on_every_node() {
         !log.contains("enrolled"),
         "the restarted node enrolled again"
     );
+}
+
+/// `s` without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn count_files(dir: &std::path::Path) -> usize {

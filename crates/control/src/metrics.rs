@@ -34,6 +34,11 @@ struct StatusLabels {
     status: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
 /// The registry and every metric in it.
 #[derive(Debug)]
 pub struct ControlMetrics {
@@ -48,6 +53,10 @@ pub struct ControlMetrics {
     build_seconds: Histogram,
     origin_chunk_bytes: Counter,
     origin_chunks: Counter,
+    deployments_finished: Family<StatusLabels, Counter>,
+    deploy_seconds: Histogram,
+    wave_seconds: Histogram,
+    rollbacks: Family<KindLabels, Counter>,
     // Read from the state at scrape time.
     raft_term: Gauge,
     raft_is_leader: Gauge,
@@ -102,6 +111,10 @@ impl ControlMetrics {
             build_seconds,
             origin_chunk_bytes: Counter::default(),
             origin_chunks: Counter::default(),
+            deployments_finished: Family::default(),
+            deploy_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            wave_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            rollbacks: Family::default(),
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_last_applied: Gauge::default(),
@@ -161,6 +174,26 @@ impl ControlMetrics {
             "origin_chunks",
             "Chunks newly stored in this member's origin store",
             m.origin_chunks.clone(),
+        );
+        r.register(
+            "deployments_finished",
+            "Deployments that reached a final status, by status",
+            m.deployments_finished.clone(),
+        );
+        r.register(
+            "deploy_seconds",
+            "Time from a deployment's start to its final status",
+            m.deploy_seconds.clone(),
+        );
+        r.register(
+            "wave_seconds",
+            "Time from a wave's start to its end (soak included)",
+            m.wave_seconds.clone(),
+        );
+        r.register(
+            "rollbacks",
+            "Rollbacks: automatic (a wave failed) or manual (starling rollback)",
+            m.rollbacks.clone(),
         );
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register(
@@ -248,6 +281,38 @@ impl ControlMetrics {
             if let Some((start, end)) = b.and_then(|b| b.started_at.zip(b.finished_at)) {
                 self.build_seconds
                     .observe(end.saturating_sub(start) as f64 / 1000.0);
+            }
+        }
+        for e in new_events {
+            let Some(d) = e.deployment.and_then(|id| state.deployment(id)) else {
+                continue;
+            };
+            let secs = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1000.0;
+            match e.kind {
+                EventKind::DeployStarted if d.trigger == "rollback" => {
+                    self.rollbacks
+                        .get_or_create(&KindLabels { kind: "manual" })
+                        .inc();
+                }
+                EventKind::DeployCompleted => {
+                    let status = d.status.as_str();
+                    self.deployments_finished
+                        .get_or_create(&StatusLabels { status })
+                        .inc();
+                    self.deploy_seconds.observe(secs(d.created_at, e.at));
+                    if d.status == starling_proto::DeployStatus::RolledBack {
+                        self.rollbacks
+                            .get_or_create(&KindLabels { kind: "automatic" })
+                            .inc();
+                    }
+                }
+                EventKind::WaveCompleted => {
+                    let started = d.waves.iter().filter_map(|w| w.started_at.zip(w.done_at));
+                    if let Some((from, _)) = started.filter(|(_, done)| *done == e.at).last() {
+                        self.wave_seconds.observe(secs(from, e.at));
+                    }
+                }
+                _ => {}
             }
         }
     }

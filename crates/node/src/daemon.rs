@@ -54,6 +54,7 @@ pub struct NodeConfig {
     /// How long a release's health command may keep failing before the release counts
     /// as failed.
     pub health_deadline: Duration,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +225,14 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
     let mut apps: Vec<App> = cfg
         .repos
         .iter()
-        .map(|repo| App::resume(repo, &cfg.data_dir, cfg.health_deadline))
+        .map(|repo| {
+            App::resume(
+                repo,
+                &cfg.data_dir,
+                cfg.health_deadline,
+                cfg.metrics.clone(),
+            )
+        })
         .collect();
     // What ran before the node restarted runs again, unless its process still runs.
     for app in &mut apps {
@@ -338,6 +346,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 };
                 match switched {
                     Ok(run) => {
+                        cfg.metrics.activated();
                         app.report.release = Some(release);
                         app.report.activated_at = Some(now_ms());
                         let members = &members;
@@ -381,6 +390,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
         }
         if last_announce.elapsed() >= Duration::from_secs(10) {
             let a = announcement(&advertise, &apps);
+            cfg.metrics.reports(&a.apps);
             for c in members.values() {
                 let _ = c.announce(&a).await;
             }
@@ -399,11 +409,17 @@ struct App {
     /// crashing release forever hides the crash; the report shows it instead).
     given_up: Option<ReleaseId>,
     health_deadline: Duration,
+    metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 impl App {
     /// The repository as a previous run of this node left it.
-    fn resume(repo: &str, data_dir: &Path, health_deadline: Duration) -> App {
+    fn resume(
+        repo: &str,
+        data_dir: &Path,
+        health_deadline: Duration,
+        metrics: Arc<crate::metrics::NodeMetrics>,
+    ) -> App {
         let root = repo_root(data_dir, repo);
         let release = current(&root);
         let activated_at = std::fs::symlink_metadata(root.join("current"))
@@ -430,6 +446,7 @@ impl App {
             process,
             given_up: None,
             health_deadline,
+            metrics,
         }
     }
 
@@ -458,6 +475,7 @@ impl App {
 
     /// The release failed to start or ended: reported, and not started again.
     fn fail(&mut self, why: String) {
+        self.metrics.start_failed();
         self.report_failure(&why);
         self.given_up = self.report.release;
     }
@@ -696,6 +714,7 @@ async fn fetch(
         })
     };
     let manifest = fetch_manifest(members, release).await?;
+    let fetch_started = std::time::Instant::now();
     for (name, conn) in members {
         sources.push(SourceSpec {
             name: name.clone(),
@@ -718,7 +737,14 @@ async fn fetch(
     )
     .await;
     refresher.abort();
-    let report = report.map_err(|e| e.to_string())?;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            cfg.metrics.fetch_failed();
+            return Err(e.to_string());
+        }
+    };
+    cfg.metrics.fetched(&report, fetch_started.elapsed());
     tracing::info!(
         %release,
         received = ?report.received,
@@ -854,6 +880,7 @@ mod tests {
             join_token: None,
             chunk_budget: budget,
             health_deadline: crate::app::HEALTH_DEADLINE,
+            metrics: Default::default(),
         };
         let store = FsChunkStore::new(dir.join("chunks")).unwrap();
         let root = repo_root(dir, "acme/web");

@@ -47,6 +47,10 @@ pub enum FetcherError {
 pub struct FetchReport {
     /// Chunks received from each kind of source.
     pub received: BTreeMap<Source, u64>,
+    /// Chunk bytes received (verified) from each kind of source.
+    pub received_bytes: BTreeMap<Source, u64>,
+    /// Chunks that did not hash to their name (their senders were cut off).
+    pub corrupt: u64,
     /// UDP bytes received from each kind of source over its connections (chunks, their
     /// framing, and everything else those connections carried), and packets they lost.
     pub udp_received: BTreeMap<Source, u64>,
@@ -115,6 +119,11 @@ pub async fn fetch_release(
     // The manifest first: from now on this node can tell others what it holds.
     store.put_manifest(&release, &manifest.encode()?)?;
     let chunks: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+    let sizes: HashMap<ChunkHash, u64> = manifest
+        .chunks
+        .iter()
+        .map(|c| (c.hash, u64::from(c.size)))
+        .collect();
     let started = Instant::now();
     let mut fetch = {
         let store = store.clone();
@@ -303,6 +312,10 @@ pub async fn fetch_release(
             Event::Arrived(id, chunk) => {
                 requests.remove(&(id, chunk));
                 fetch.handle_chunk(now, id, &chunk, true);
+                if let Some(spec) = known.by_id.get(&id) {
+                    let bytes = sizes.get(&chunk).copied().unwrap_or(0);
+                    *report.received_bytes.entry(spec.source).or_default() += bytes;
+                }
                 tracing::debug!(
                     %chunk,
                     from = known.name(id),
@@ -314,6 +327,7 @@ pub async fn fetch_release(
             Event::Corrupt(id, chunk) => {
                 requests.remove(&(id, chunk));
                 fetch.handle_chunk(now, id, &chunk, false);
+                report.corrupt += 1;
             }
             Event::Refused(id, chunk) => {
                 requests.remove(&(id, chunk));

@@ -9,3 +9,4 @@
 pub mod app;
 pub mod daemon;
 pub mod fetcher;
+pub mod metrics;

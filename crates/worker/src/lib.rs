@@ -8,6 +8,7 @@
 //! plane's lease does), never writes history itself (it reports through the API, and the
 //! control plane records), and never lets a build see its credentials.
 
+pub mod metrics;
 pub mod runner;
 pub mod source;
 pub mod spec;

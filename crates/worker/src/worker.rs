@@ -29,6 +29,7 @@ pub struct WorkerConfig {
     pub slots: usize,
     /// The uid and gid builds run as when the worker is root (default: `nobody`).
     pub build_user: (u32, u32),
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 struct Shared {
@@ -256,11 +257,19 @@ async fn build_one(shared: &Shared, worker: &WorkerId, lease: Lease) {
     };
     let name = format!("{}-{}", build.id, lease.attempt);
     let dir = shared.cfg.data_dir.join("builds").join(&name);
-    let finish = execute(shared, &lease, &dir, cancel_rx, &lost).await;
+    let started = std::time::Instant::now();
+    let finish = {
+        let _running = shared.cfg.metrics.running();
+        execute(shared, &lease, &dir, cancel_rx, &lost).await
+    };
     let _ = std::fs::remove_dir_all(&dir);
     match finish {
         Ok(finish) => {
             tracing::info!(status = %finish.status, release = ?finish.release, "build finished");
+            shared
+                .cfg
+                .metrics
+                .finished(finish.status, started.elapsed());
             complete(shared, worker, &lease, finish, &lost).await;
         }
         Err(Abandon::LeaseLost) => tracing::warn!("build abandoned: its lease was lost"),
@@ -506,7 +515,7 @@ async fn publish(
     let mut last: Option<(u64, PublishError)> = None;
     for m in &cluster.members {
         let client = shared.control.member(&m.addr);
-        match push_to(chunks, &client, id, manifest).await {
+        match push_to(chunks, &client, id, manifest, &shared.cfg.metrics).await {
             Ok(()) => ok += 1,
             Err(e) => last = Some((m.id, e)),
         }
@@ -535,6 +544,7 @@ async fn push_to(
     client: &ControlClient,
     id: &ReleaseId,
     manifest: &starling_proto::release::Manifest,
+    metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<(), PublishError> {
     // Each distinct chunk once, even if the release repeats it.
     let mut names: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
@@ -543,7 +553,9 @@ async fn push_to(
     let missing = client.missing_chunks(&names).await?;
     for hash in &missing {
         let bytes = read_chunk(chunks, hash).await?;
+        let len = bytes.len();
         client.put_chunk(hash, bytes).await?;
+        metrics.pushed(len);
     }
     tracing::info!(
         release = %id,
