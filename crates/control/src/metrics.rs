@@ -308,7 +308,7 @@ impl ControlMetrics {
                 }
                 EventKind::WaveCompleted => {
                     let started = d.waves.iter().filter_map(|w| w.started_at.zip(w.done_at));
-                    if let Some((from, _)) = started.filter(|(_, done)| *done == e.at).last() {
+                    if let Some((from, _)) = started.filter(|(_, done)| *done == e.at).next_back() {
                         self.wave_seconds.observe(secs(from, e.at));
                     }
                 }
