@@ -307,8 +307,8 @@ impl ControlMetrics {
                     }
                 }
                 EventKind::WaveCompleted => {
-                    let started = d.waves.iter().filter_map(|w| w.started_at.zip(w.done_at));
-                    if let Some((from, _)) = started.filter(|(_, done)| *done == e.at).next_back() {
+                    let mut started = d.waves.iter().filter_map(|w| w.started_at.zip(w.done_at));
+                    if let Some((from, _)) = started.rfind(|(_, done)| *done == e.at) {
                         self.wave_seconds.observe(secs(from, e.at));
                     }
                 }
