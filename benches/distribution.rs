@@ -292,6 +292,8 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
             webhook_secret: String::new(),
             auto_deploy: false,
             max_release_bytes: 1 << 32,
+            notify: Vec::new(),
+            notify_secret: String::new(),
             rollout: Default::default(),
         })
         .await

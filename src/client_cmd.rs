@@ -116,6 +116,18 @@ pub enum ReposCmd {
         /// The share of a wave's nodes (percent) that may fail before it rolls back.
         #[arg(long, default_value_t = 10)]
         max_failed: u8,
+        /// A URL that gets a signed JSON POST when a build or deployment of the
+        /// repository ends (Slack-compatible: it has a `text` field); repeatable.
+        #[arg(long)]
+        notify: Vec<String>,
+        /// The HMAC-SHA256 key of those POSTs (default: the webhook secret).
+        #[arg(
+            long,
+            env = "STARLING_NOTIFY_SECRET",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        notify_secret: String,
     },
     List,
 }
@@ -269,6 +281,8 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             strategy,
             soak,
             max_failed,
+            notify,
+            notify_secret,
         }) => {
             let spec = RepoSpec {
                 name,
@@ -277,6 +291,8 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 webhook_secret,
                 auto_deploy: !no_auto_deploy,
                 max_release_bytes: max_release_size,
+                notify,
+                notify_secret,
                 rollout: RolloutPolicy {
                     strategy,
                     soak_ms: soak.as_millis() as u64,

@@ -453,6 +453,8 @@ async fn walk_through(d: &mut Demo) -> Result<()> {
             webhook_secret: d.secret.clone(),
             auto_deploy: true,
             max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+            notify: Vec::new(),
+            notify_secret: String::new(),
             rollout: RolloutPolicy {
                 strategy: Strategy::Waves,
                 soak_ms: 2_000,

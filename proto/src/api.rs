@@ -76,6 +76,9 @@ pub struct Repo {
     pub max_release_bytes: u64,
     #[serde(default)]
     pub rollout: crate::RolloutPolicy,
+    /// Where notifications of its builds and deployments go.
+    #[serde(default)]
+    pub notify: Vec<String>,
 }
 
 /// The release size limit of a repository registered without one: 4 GiB.
@@ -104,6 +107,13 @@ pub struct RepoSpec {
     /// Always written: members exchange commands in postcard, which cannot skip a field.
     #[serde(default)]
     pub rollout: crate::RolloutPolicy,
+    /// URLs that get a signed JSON POST when one of its builds or deployments ends.
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// The HMAC key of those POSTs (`X-Starling-Signature-256`); empty: the webhook
+    /// secret.
+    #[serde(default)]
+    pub notify_secret: String,
 }
 
 fn default_branch() -> String {

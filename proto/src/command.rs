@@ -105,6 +105,9 @@ pub enum Command {
     },
     /// Pause (no new wave starts) or resume a deployment.
     PauseDeployment { id: u64, paused: bool, at: Millis },
+    /// The leader's notifier handled every event up to `index` (delivered, or gave up):
+    /// a new leader goes on from there.
+    MarkNotified { index: u64, at: Millis },
 }
 
 /// The cluster's certificate authority as the members keep it. Only members see it: it
@@ -157,6 +160,7 @@ impl Command {
             Command::StartDeployment { .. } => "start_deployment",
             Command::AdvanceDeployment { .. } => "advance_deployment",
             Command::PauseDeployment { .. } => "pause_deployment",
+            Command::MarkNotified { .. } => "mark_notified",
         }
     }
 }

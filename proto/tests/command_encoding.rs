@@ -20,6 +20,8 @@ fn every_command() -> Vec<Command> {
         webhook_secret: "s3cret".into(),
         auto_deploy: true,
         max_release_bytes: 4 << 30,
+        notify: vec!["https://hooks.example.com/starling".into()],
+        notify_secret: "n0tify".into(),
         rollout: RolloutPolicy::default(),
     };
     let sha = "0123456789abcdef0123456789abcdef01234567".to_string();
@@ -162,6 +164,7 @@ fn every_command() -> Vec<Command> {
             paused: true,
             at: 20,
         },
+        Command::MarkNotified { index: 7, at: 21 },
     ]
 }
 

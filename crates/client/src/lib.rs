@@ -86,6 +86,16 @@ pub fn http_builder(trust: Option<Arc<CaTrust>>) -> Result<reqwest::ClientBuilde
         .tls_backend_preconfigured(tls))
 }
 
+/// An HTTP client builder for servers outside the cluster (notification URLs), trusting
+/// this machine's root certificates.
+pub fn public_http_builder() -> Result<reqwest::ClientBuilder, ClientError> {
+    let tls =
+        starling_pki::public_https_client_config().map_err(|e| ClientError::Tls(e.to_string()))?;
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tls_backend_preconfigured(tls))
+}
+
 impl ControlClient {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
         Self::with_trust(base, token, None)

@@ -12,6 +12,7 @@ pub mod log_store;
 pub mod member;
 pub mod metrics;
 pub mod network;
+pub mod notifier;
 pub mod serve;
 pub mod server;
 pub mod store;

@@ -167,6 +167,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         },
     ));
     tokio::spawn(roll_out(member.clone()));
+    tokio::spawn(crate::notifier::notify(member.clone()));
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
     tokio::spawn(ensure_cluster_ca(member.clone()));
     tokio::spawn(keep_https_identity(member.clone()));

@@ -38,6 +38,9 @@ const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
 const CLUSTER: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster");
 const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
+/// The notifier's progress, under "up_to".
+const NOTIFIER: TableDefinition<&str, &[u8]> = TableDefinition::new("notifier");
+const K_NOTIFIED: &str = "up_to";
 const K_CA: &str = "ca";
 
 pub(crate) const K_VOTE: &str = "vote";
@@ -74,7 +77,7 @@ impl Files {
             state: open_file(
                 &dir.join("state.redb"),
                 &[BUILDS, EVENTS, REQUESTS, DEPLOYMENTS],
-                &[META, REPOS, RELEASES, GOALS, CLUSTER, JOIN_TOKENS],
+                &[META, REPOS, RELEASES, GOALS, CLUSTER, JOIN_TOKENS, NOTIFIER],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
         };
@@ -430,6 +433,7 @@ impl StateMachineStore {
         txn.delete_table(CLUSTER).map_err(io::Error::other)?;
         txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
         txn.delete_table(DEPLOYMENTS).map_err(io::Error::other)?;
+        txn.delete_table(NOTIFIER).map_err(io::Error::other)?;
         let state = ControlState::from_records(records);
         let events = state.events_after(0, usize::MAX);
         Rows::encode(&state, &all_touched(state.records()), &events)?.write(&txn)?;
@@ -474,6 +478,10 @@ fn load_records(db: &Database) -> io::Result<Records> {
             .find_map(|(k, v)| (k == K_CA).then_some(v)),
         join_tokens: read_named(&txn, JOIN_TOKENS)?.into_iter().collect(),
         deployments: read_numbered(&txn, DEPLOYMENTS)?.into_iter().collect(),
+        notified_up_to: read_named::<u64>(&txn, NOTIFIER)?
+            .into_iter()
+            .find_map(|(k, v)| (k == K_NOTIFIED).then_some(v))
+            .unwrap_or(0),
     })
 }
 
@@ -553,6 +561,7 @@ fn all_touched(r: &Records) -> Touched {
         join_tokens: r.join_tokens.keys().cloned().collect(),
         join_tokens_forgotten: Default::default(),
         deployments: r.deployments.keys().copied().collect(),
+        notified: r.notified_up_to > 0,
     }
 }
 
@@ -570,6 +579,7 @@ struct Rows {
     join_tokens: Vec<(String, Vec<u8>)>,
     join_tokens_forgotten: Vec<String>,
     deployments: Vec<(u64, Vec<u8>)>,
+    notifier: Vec<(String, Vec<u8>)>,
 }
 
 impl Rows {
@@ -622,6 +632,10 @@ impl Rows {
                 rows.deployments.push((*k, enc(v)?));
             }
         }
+        if touched.notified {
+            rows.notifier
+                .push((K_NOTIFIED.to_string(), enc(&r.notified_up_to)?));
+        }
         Ok(rows)
     }
 
@@ -643,6 +657,7 @@ impl Rows {
             t.remove(k.as_str()).map_err(io::Error::other)?;
         }
         write_numbered(txn, DEPLOYMENTS, &self.deployments)?;
+        write_named(txn, NOTIFIER, &self.notifier)?;
         Ok(())
     }
 }

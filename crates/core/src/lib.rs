@@ -13,6 +13,7 @@
 
 pub mod build_log;
 pub mod build_result;
+pub mod notify;
 pub mod reaper;
 pub mod retention;
 pub mod retry;

@@ -45,6 +45,8 @@ mod tests {
                 webhook_secret: String::new(),
                 auto_deploy: false,
                 max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                notify: Vec::new(),
+                notify_secret: String::new(),
                 rollout: Default::default(),
             },
             at: 0,

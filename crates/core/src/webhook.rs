@@ -190,7 +190,8 @@ fn push_decision(
     Ok(PushDecision::Build { sha })
 }
 
-/// HMAC-SHA256 signature header value GitHub would send; used by tests and the demo.
+/// HMAC-SHA256 signature header value GitHub would send; the demo and tests send it, and
+/// notifications are signed with it.
 pub fn github_signature(secret: &str, body: &[u8]) -> String {
     // A key of any length is accepted by HMAC, so this cannot fail.
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())

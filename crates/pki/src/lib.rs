@@ -41,6 +41,8 @@ pub enum PkiError {
     Name(String),
     #[error("time out of range")]
     Time,
+    #[error("no trusted root certificate on this machine (install ca-certificates)")]
+    NoRoots,
 }
 
 /// The cluster CA: its certificate (shared with everyone) and its key (kept by members).
@@ -248,6 +250,26 @@ pub fn https_client_config(trust: Arc<CaTrust>) -> Result<ClientConfig, PkiError
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(trust)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A TLS client configuration for servers outside the cluster (notification URLs): the
+/// roots this machine trusts (its certificate store), TLS 1.2 or 1.3. Unreadable
+/// certificates in the store are skipped; none at all is an error.
+pub fn public_https_client_config() -> Result<ClientConfig, PkiError> {
+    let mut roots = RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(PkiError::NoRoots);
+    }
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)

@@ -344,6 +344,8 @@ mod tests {
                 webhook_secret: "s".into(),
                 auto_deploy: false,
                 max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                notify: Vec::new(),
+                notify_secret: String::new(),
                 rollout: RolloutPolicy::default(),
             },
             at: 1,

@@ -24,6 +24,9 @@ pub const DEFAULT_ENV: &str = "default";
 pub struct StoredRepo {
     pub repo: Repo,
     pub webhook_secret: String,
+    /// The key notifications are signed with (empty: the webhook secret).
+    #[serde(default)]
+    pub notify_secret: String,
 }
 
 /// What a repository's environment should run.
@@ -86,6 +89,9 @@ pub struct Records {
     /// Every deployment, by id (from 1).
     #[serde(default)]
     pub deployments: OrdMap<u64, Deployment>,
+    /// Events up to this index were notified (or given up on) by a leader's notifier.
+    #[serde(default)]
+    pub notified_up_to: u64,
 }
 
 /// What a request with an id was answered.
@@ -112,6 +118,7 @@ pub struct Touched {
     pub join_tokens: BTreeSet<String>,
     pub join_tokens_forgotten: BTreeSet<String>,
     pub deployments: BTreeSet<u64>,
+    pub notified: bool,
 }
 
 impl Touched {
@@ -259,6 +266,10 @@ impl ControlState {
         v
     }
 
+    pub fn notified_up_to(&self) -> u64 {
+        self.records.notified_up_to
+    }
+
     pub fn goals(&self) -> impl Iterator<Item = &Goal> {
         self.records.goals.values()
     }
@@ -330,6 +341,15 @@ impl ControlState {
             } => self.start_deployment(repo, env, *release, *policy, trigger, *at),
             Command::AdvanceDeployment { id, step, at } => self.advance_deployment(*id, step, *at),
             Command::PauseDeployment { id, paused, at } => self.pause_deployment(*id, *paused, *at),
+            // No event: marking events notified must not make one to notify.
+            Command::MarkNotified { index, .. } => {
+                let index = (*index).min(self.last_event_index());
+                if index > self.records.notified_up_to {
+                    self.records.notified_up_to = index;
+                    self.touched.notified = true;
+                }
+                Outcome::Done
+            }
         }
     }
 
@@ -436,8 +456,10 @@ impl ControlState {
                 created_at,
                 max_release_bytes: spec.max_release_bytes,
                 rollout: spec.rollout,
+                notify: spec.notify.clone(),
             },
             webhook_secret: spec.webhook_secret.clone(),
+            notify_secret: spec.notify_secret.clone(),
         };
         self.records.repos.insert(spec.name.clone(), stored);
         self.touched.repos.insert(spec.name.clone());
@@ -893,7 +915,12 @@ pub enum SpecError {
     Url,
     #[error("branch must be 1..250 bytes")]
     Branch,
+    #[error("notification URLs: at most {MAX_NOTIFY_URLS}, each http:// or https:// and at most 2000 bytes")]
+    Notify,
 }
+
+/// Notification URLs a repository may have.
+pub const MAX_NOTIFY_URLS: usize = 8;
 
 /// The rule `apply` has always held repositories to (the log holds entries written under
 /// it): names are `owner/name`-like, at most 200 bytes. The API applies the stricter
@@ -916,6 +943,11 @@ pub fn validate_repo_spec(spec: &RepoSpec) -> Result<(), SpecError> {
     if spec.branch.is_empty() || spec.branch.len() > 250 {
         return Err(SpecError::Branch);
     }
+    let url_ok =
+        |u: &String| (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2000;
+    if spec.notify.len() > MAX_NOTIFY_URLS || !spec.notify.iter().all(url_ok) {
+        return Err(SpecError::Notify);
+    }
     Ok(())
 }
 
@@ -937,6 +969,8 @@ mod tests {
                 webhook_secret: "s".into(),
                 auto_deploy: true,
                 max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                notify: Vec::new(),
+                notify_secret: String::new(),
                 rollout: Default::default(),
             },
             at: 1,

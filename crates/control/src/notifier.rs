@@ -1,0 +1,112 @@
+//! The leader's notifier: for each event that ends a build or a deployment of a
+//! repository with notification URLs (`starling_core::notify` decides which and what),
+//! a signed JSON POST to each URL, tried again with backoff for up to two minutes. It
+//! works from the event log, never from inside `apply`, so a slow or dead receiver
+//! delays only the notifications after it, never the state machine. Its progress
+//! (`MarkNotified`) goes through Raft: a new leader goes on where the last one stopped,
+//! so a notification is sent at least once (receivers drop repeats by
+//! `X-Starling-Delivery`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
+use starling_core::notify::{notification, Notification};
+use starling_proto::Command;
+
+use crate::member::{now_ms, Member};
+
+/// How long one notification is tried.
+const PATIENCE: Duration = Duration::from_secs(120);
+/// Events handled between two `MarkNotified`.
+const BATCH: usize = 64;
+
+pub async fn notify(member: Arc<Member>) {
+    let http = match starling_client::public_http_builder().and_then(|b| {
+        b.timeout(Duration::from_secs(10))
+            .build()
+            .map_err(starling_client::ClientError::Setup)
+    }) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client for notifications; none will be sent");
+            return;
+        }
+    };
+    let mut events = member.events.clone();
+    loop {
+        let (from, last) = {
+            let st = member.read();
+            (st.notified_up_to(), st.last_event_index())
+        };
+        if !member.raft.is_leader() || from >= last {
+            // Woken by a new event, or within a second (leadership changes too).
+            let _ = tokio::time::timeout(Duration::from_secs(1), events.changed()).await;
+            continue;
+        }
+        let batch: Vec<(u64, Option<Notification>)> = {
+            let st = member.read();
+            st.events_after(from, BATCH)
+                .iter()
+                .map(|e| (e.index, notification(&st, e)))
+                .collect()
+        };
+        let mut up_to = from;
+        for (index, n) in batch {
+            if let Some(n) = n {
+                send(&http, &n).await;
+            }
+            up_to = index;
+        }
+        let mark = Command::MarkNotified {
+            index: up_to,
+            at: now_ms(),
+        };
+        if let Err(e) = member.propose(mark).await {
+            tracing::debug!(error = %e, "recording notification progress failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// POST `n` to each of its URLs at once, each tried until it answers 2xx, refuses for
+/// good (a 4xx other than 408 and 429), or [`PATIENCE`] runs out.
+async fn send(http: &reqwest::Client, n: &Notification) {
+    let posts = n.urls.iter().map(|url| async move {
+        let post = || async {
+            let resp = http
+                .post(url)
+                .header("Content-Type", "application/json")
+                .header("User-Agent", "starling")
+                .header("X-Starling-Event", n.event.as_str())
+                .header("X-Starling-Delivery", n.index.to_string())
+                .header("X-Starling-Signature-256", &n.signature)
+                .body(n.body.clone())
+                .send()
+                .await
+                .map_err(|e| (true, e.to_string()))?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let again = status.is_server_error() || status == 408 || status == 429;
+            Err((again, format!("answered {status}")))
+        };
+        let sent = post
+            .retry(starling_core::retry::backoff().with_total_delay(Some(PATIENCE)))
+            .when(|(again, _)| *again)
+            .notify(|(_, why), after| {
+                tracing::debug!(url = %redact(url), %why, ?after, "notification failed; trying again")
+            })
+            .await;
+        match sent {
+            Ok(()) => tracing::info!(url = %redact(url), event = n.event.as_str(), index = n.index, "notified"),
+            Err((_, why)) => tracing::warn!(url = %redact(url), event = n.event.as_str(), index = n.index, %why, "notification given up"),
+        }
+    });
+    futures::future::join_all(posts).await;
+}
+
+fn redact(url: &str) -> String {
+    starling_proto::redact::url(url)
+}
