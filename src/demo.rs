@@ -439,7 +439,7 @@ async fn walk_through(d: &mut Demo) -> Result<()> {
     let c = d.client()?;
     let st = c.cluster().await?;
     d.say(format!(
-        "control plane up: members 1-3 at {}, leader member {}, term {}",
+        "control plane up: members 1-3, leader member {1}, term {2}; the web page: {0}/",
         d.members.url(1),
         st.leader.map_or_else(|| "?".into(), |l| l.to_string()),
         st.term
