@@ -11,6 +11,7 @@ use starling_proto::{
     RolloutPolicy, Strategy, TriggerRequest,
 };
 
+use crate::follow::Follower;
 use crate::tables;
 
 #[derive(Subcommand)]
@@ -234,17 +235,19 @@ async fn started(c: &ControlClient, d: Deployment, wait: bool, json: bool) -> Re
         );
         return Ok(());
     }
-    let mut last = String::new();
-    loop {
-        let v = c.deployment(d.id).await?;
-        let line = tables::deployment_summary(&v);
-        if line != last && !json {
+    let say = |line: String| {
+        if !json {
             println!("{line}");
-            last = line;
         }
+    };
+    let mut f = Follower::new(c, d.id, &say)?;
+    loop {
+        let v = f.poll().await?;
         if v.deployment.status.is_final() {
             if json {
                 print_json(&v)?;
+            } else {
+                println!("{}", tables::deployment_summary(&v));
             }
             if v.deployment.status != DeployStatus::Succeeded {
                 anyhow::bail!(

@@ -15,7 +15,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use starling_client::ControlClient;
 use starling_harness::{wait_for, Members, MembersConfig};
 use starling_proto::routes::Endpoint;
@@ -25,6 +24,7 @@ use starling_proto::{
 };
 use tokio::process::{Child, Command};
 
+use crate::follow::Follower;
 use crate::tables;
 
 #[derive(clap::Args)]
@@ -238,59 +238,26 @@ impl Demo {
     /// leader with SIGKILL once that wave has started.
     async fn follow(&mut self, id: u64, mut kill_at: Option<usize>) -> Result<DeploymentView> {
         let c = self.client()?;
-        let bars = MultiProgress::new();
-        let style = ProgressStyle::with_template("  {prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .progress_chars("=> ");
-        let n = self.nodes.len() as u64;
-        let staged = bars.add(
-            ProgressBar::new(n)
-                .with_style(style.clone())
-                .with_prefix("staged"),
-        );
-        let running = bars.add(ProgressBar::new(n).with_style(style).with_prefix("running"));
-        let mut shown = 0;
+        let started = self.started;
+        let say =
+            move |line: String| println!("[{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+        let mut f = Follower::new(&c, id, &say)?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let v = c.deployment(id).await?;
-            staged.set_position(v.progress.staged as u64);
-            running.set_position(v.progress.running as u64);
+            let v = f.poll().await?;
             let d = &v.deployment;
-            let wave = d.current_wave().filter(|_| !d.status.is_final());
-            running.set_message(
-                wave.map(|i| format!("wave {}", d.waves[i].name))
-                    .unwrap_or_default(),
-            );
-            for t in &d.history[shown..] {
-                let wave = t.wave.and_then(|i| d.waves.get(i)).map(|w| w.name.as_str());
-                let line = format!(
-                    "deployment {id}: {}{}{}",
-                    t.what.replace('_', " "),
-                    wave.map(|w| format!(" ({w})")).unwrap_or_default(),
-                    t.reason
-                        .as_deref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default()
-                );
-                bars.suspend(|| self.say(line));
-            }
-            shown = d.history.len();
             let reached =
                 kill_at.is_some_and(|w| d.waves.get(w).is_some_and(|w| w.started_at.is_some()));
             if reached {
                 kill_at = None;
                 let leader = c.cluster().await?.leader.context("no leader to kill")?;
-                bars.suspend(|| {
-                    self.say(format!(
-                        "killing the leader, member {leader}, with SIGKILL mid-rollout"
-                    ))
-                });
+                f.say(format!(
+                    "killing the leader, member {leader}, with SIGKILL mid-rollout"
+                ));
                 self.members.kill(leader).await?;
                 self.killed = Some((leader, Instant::now()));
             }
             if d.status.is_final() {
-                staged.finish();
-                running.finish();
                 return Ok(v);
             }
             if Instant::now() > deadline {
@@ -385,6 +352,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("starling-demo-{}", std::process::id())),
     };
+    // Say so plainly when another demo (or anything) holds the members' ports.
+    for port in args.base_port..args.base_port.saturating_add(3) {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            bail!(
+                "port {port} on 127.0.0.1 is taken ({e}): is another `starling demo` running? \
+                 Stop it, or give this one other ports with --base-port"
+            );
+        }
+    }
     std::fs::create_dir_all(&dir)?;
     let exe = std::env::current_exe()?;
     let token = random_hex(16);

@@ -3,6 +3,7 @@
 mod client_cmd;
 mod demo;
 mod demo_app;
+mod follow;
 mod metrics_http;
 mod tables;
 
