@@ -87,6 +87,9 @@ struct Outcome {
     wan: Vec<u64>,
     /// Bytes the origin host sent.
     origin: u64,
+    /// Starling's time from the deployment's start to a node holding the release (p50,
+    /// p99), as the deployment reports it.
+    staged: Option<(Duration, Duration)>,
 }
 
 #[tokio::main]
@@ -109,12 +112,12 @@ async fn main() {
         std::fs::create_dir_all(&dir).expect("a directory per system");
         let before = wan(&bed);
         let origin_before = bed.sent_by(bed.origin()).expect("the origin's counter");
-        let (name, times) = match system.as_str() {
+        let (name, (times, staged)) = match system.as_str() {
             "starling" => ("starling", starling(&bed, &dir, &payload).await),
-            "http" => ("central HTTP (nginx)", http(&bed, &dir, &payload).await),
+            "http" => ("central HTTP (nginx)", (http(&bed, &dir, &payload).await, None)),
             "bittorrent" => (
                 "BitTorrent (aria2c)",
-                bittorrent(&bed, &dir, &payload).await,
+                (bittorrent(&bed, &dir, &payload).await, None),
             ),
             other => panic!("unknown system {other}"),
         };
@@ -125,6 +128,7 @@ async fn main() {
             times,
             wan: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
             origin: origin_after - origin_before,
+            staged,
         });
     }
     report(&args, &outcomes);
@@ -191,6 +195,17 @@ fn report(args: &Args, outcomes: &[Outcome]) {
             copies.join(" ")
         );
     }
+    for (o, (p50, p99)) in outcomes.iter().filter_map(|o| Some((o, o.staged?))) {
+        println!(
+            "{}: time to staged (the release held, verified and unpacked) p50 {:.2} s, p99 {:.2} s; \
+             {:.2}× and {:.2}× the bound",
+            o.system,
+            p50.as_secs_f64(),
+            p99.as_secs_f64(),
+            p50.as_secs_f64() / bound,
+            p99.as_secs_f64() / bound
+        );
+    }
 }
 
 fn wan(bed: &Testbed) -> Vec<u64> {
@@ -227,7 +242,11 @@ fn node_name(h: &Host) -> String {
     )
 }
 
-async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
+async fn starling(
+    bed: &Testbed,
+    dir: &Path,
+    payload: &[u8],
+) -> (Vec<Duration>, Option<(Duration, Duration)>) {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_starling"));
     let mut members = Members::new(
         MembersConfig {
@@ -402,10 +421,21 @@ async fn starling(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {
     )
     .await
     .expect("the deploy");
+    let progress = control
+        .deployment(deployment.id)
+        .await
+        .expect("the deployment")
+        .progress;
+    let staged = progress
+        .staged_p50_ms
+        .zip(progress.staged_p99_ms)
+        .map(|(a, b)| (Duration::from_millis(a), Duration::from_millis(b)));
     drop(nodes);
-    seen.iter()
+    let times = seen
+        .iter()
         .map(|at| Duration::from_millis(at.saturating_sub(deployment.created_at)))
-        .collect()
+        .collect();
+    (times, staged)
 }
 
 async fn http(bed: &Testbed, dir: &Path, payload: &[u8]) -> Vec<Duration> {

@@ -34,10 +34,14 @@ pub async fn notify(member: Arc<Member>) {
         }
     };
     let mut events = member.events.clone();
+    // Events up to here were looked at by this member; only those that notified anyone
+    // cost a log entry (`MarkNotified`), so a build history without notification URLs
+    // adds nothing to the log.
+    let mut looked: u64 = 0;
     loop {
         let (from, last) = {
             let st = member.read();
-            (st.notified_up_to(), st.last_event_index())
+            (looked.max(st.notified_up_to()), st.last_event_index())
         };
         if !member.raft.is_leader() || from >= last {
             // Woken by a new event, or within a second (leadership changes too).
@@ -52,11 +56,17 @@ pub async fn notify(member: Arc<Member>) {
                 .collect()
         };
         let mut up_to = from;
+        let mut sent = false;
         for (index, n) in batch {
             if let Some(n) = n {
                 send(&http, &n).await;
+                sent = true;
             }
             up_to = index;
+        }
+        looked = up_to;
+        if !sent {
+            continue;
         }
         let mark = Command::MarkNotified {
             index: up_to,
@@ -64,7 +74,6 @@ pub async fn notify(member: Arc<Member>) {
         };
         if let Err(e) = member.propose(mark).await {
             tracing::debug!(error = %e, "recording notification progress failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
