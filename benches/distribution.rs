@@ -114,7 +114,10 @@ async fn main() {
         let origin_before = bed.sent_by(bed.origin()).expect("the origin's counter");
         let (name, (times, staged)) = match system.as_str() {
             "starling" => ("starling", starling(&bed, &dir, &payload).await),
-            "http" => ("central HTTP (nginx)", (http(&bed, &dir, &payload).await, None)),
+            "http" => (
+                "central HTTP (nginx)",
+                (http(&bed, &dir, &payload).await, None),
+            ),
             "bittorrent" => (
                 "BitTorrent (aria2c)",
                 (bittorrent(&bed, &dir, &payload).await, None),

@@ -264,35 +264,19 @@ fn alive(pid: i32) -> bool {
         })
 }
 
-/// Commit `files` to `work`, push, and wait for build `n`'s release.
+/// Commit `files` to `work`, push, and wait for build `n`'s release (registering
+/// `acme/app` before the first).
 async fn push(
     c: &Cluster,
     work: &std::path::Path,
     n: u64,
     files: &[(&str, &str)],
 ) -> starling_proto::ReleaseId {
-    for (name, text) in files {
-        std::fs::write(work.join(name), text).unwrap();
-    }
-    git(work, &["add", "."]);
-    git(work, &["commit", "-q", "-m", &format!("change {n}")]);
-    let sha = git(work, &["rev-parse", "HEAD"]);
     if n == 1 {
         c.add_repo_from(1, "acme/app", &format!("file://{}", work.display()))
             .await;
     }
-    let (body, sig) = github_push("acme/app", "main", &sha, SECRET);
-    let r = send_github(&c.http, &c.url(1), "push", &format!("d-{n}"), body, &sig)
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let b: Build = c
-        .wait_for_json(1, &format!("/v1/builds/{n}"), |b: &Build| {
-            b.status.is_terminal()
-        })
-        .await;
-    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
-    b.release.expect("a release")
+    c.push("acme/app", work, 1, n, files).await
 }
 
 /// `[deploy]`: each node stops the previous release's process and starts the new one,
@@ -301,9 +285,7 @@ async fn push(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn releases_run_their_start_and_health_commands() {
     let c = Cluster::start(1, &[]).await;
-    let work = c.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
+    let work = c.work_tree();
     let spec = |start: &str| {
         format!(
             "[build]\ncommand = \"mkdir -p dist && cp app.sh dist/\"\noutput = \"dist\"\n\

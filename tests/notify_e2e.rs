@@ -45,9 +45,7 @@ async fn build_and_deployment_ends_are_posted_signed_and_retried() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let c = Cluster::start(1, &[]).await;
-    let work = c.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
+    let work = c.work_tree();
     std::fs::write(
         work.join("starling.toml"),
         "[build]\ncommand = \"mkdir -p dist && echo hi > dist/index.html\"\noutput = \"dist\"\n",

@@ -6,42 +6,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
-use starling_proto::{
-    AppState, Build, BuildStatus, DeployStatus, DeploymentView, NodeInfo, ReleaseId,
-};
-
-/// Commit `files` in `work` and push it to `acme/app` by a signed webhook through member
-/// `via`; build `n`'s release.
-async fn push(c: &Cluster, via: u64, work: &Path, n: u64, files: &[(&str, &str)]) -> ReleaseId {
-    for (name, text) in files {
-        std::fs::write(work.join(name), text).unwrap();
-    }
-    git(work, &["add", "."]);
-    git(work, &["commit", "-q", "-m", &format!("change {n}")]);
-    let sha = git(work, &["rev-parse", "HEAD"]);
-    let (body, sig) = github_push("acme/app", "main", &sha, SECRET);
-    let r = send_github(&c.http, &c.url(via), "push", &format!("d-{n}"), body, &sig)
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let b: Build = c
-        .wait_for_json(via, &format!("/v1/builds/{n}"), |b: &Build| {
-            b.status.is_terminal()
-        })
-        .await;
-    assert_eq!(b.status, BuildStatus::Succeeded, "{b:?}");
-    b.release.expect("a release")
-}
+use starling_proto::{AppState, DeployStatus, DeploymentView, NodeInfo, ReleaseId};
 
 /// A repository `acme/app` that rolls out in waves soaking `soak_ms`, stopping at the
 /// first failed node, and the worker that builds it.
 async fn repo_in_waves(c: &Cluster, soak_ms: u64) -> std::path::PathBuf {
-    let work = c.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
+    let work = c.work_tree();
     let rollout = serde_json::json!({"strategy": "waves", "soak_ms": soak_ms, "max_failed_pct": 0});
     c.add_repo_rolling(
         1,
@@ -97,14 +68,15 @@ async fn a_region_that_fails_its_health_check_rolls_the_deployment_back() {
     let _nodes = fleet(&c, &names).await;
 
     // The first release goes out in waves: a canary, its region, then the others.
-    let first = push(
-        &c,
-        1,
-        &work,
-        1,
-        &[("starling.toml", &spec(None)), ("index.html", "one\n")],
-    )
-    .await;
+    let first = c
+        .push(
+            "acme/app",
+            &work,
+            1,
+            1,
+            &[("starling.toml", &spec(None)), ("index.html", "one\n")],
+        )
+        .await;
     let done: DeploymentView = c
         .wait_for_json(1, "/v1/deploys/1", |v: &DeploymentView| {
             v.deployment.status.is_final()
@@ -124,17 +96,18 @@ async fn a_region_that_fails_its_health_check_rolls_the_deployment_back() {
     // The second release's health check fails where a `broken` file sits in the node's
     // data directory (the check runs in the release's directory, four levels below).
     let health = "test ! -e ../../../../broken";
-    let second = push(
-        &c,
-        1,
-        &work,
-        2,
-        &[
-            ("starling.toml", &spec(Some(health))),
-            ("index.html", "two\n"),
-        ],
-    )
-    .await;
+    let second = c
+        .push(
+            "acme/app",
+            &work,
+            1,
+            2,
+            &[
+                ("starling.toml", &spec(Some(health))),
+                ("index.html", "two\n"),
+            ],
+        )
+        .await;
     let planned: DeploymentView = c
         .wait_for_json(1, "/v1/deploys/2", |v: &DeploymentView| {
             !v.deployment.waves.is_empty()
@@ -258,14 +231,15 @@ async fn a_new_leader_carries_a_rollout_on_without_running_a_wave_twice() {
     let _worker = c.spawn_worker("w1");
     let names = ["eu-1", "eu-2", "us-1", "us-2"];
     let _nodes = fleet(&c, &names).await;
-    let release = push(
-        &c,
-        1,
-        &work,
-        1,
-        &[("starling.toml", &spec(None)), ("index.html", "one\n")],
-    )
-    .await;
+    let release = c
+        .push(
+            "acme/app",
+            &work,
+            1,
+            1,
+            &[("starling.toml", &spec(None)), ("index.html", "one\n")],
+        )
+        .await;
     // Mid-rollout: the canary is done and its region's wave has started.
     c.wait_for_json(1, "/v1/deploys/1", |v: &DeploymentView| {
         v.deployment

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
-use starling_proto::{AppState, Build, BuildStatus, NodeInfo};
+use starling_proto::{AppState, NodeInfo};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// chromedriver on a port the kernel chose, killed when dropped.
@@ -81,6 +81,17 @@ async fn browser(driver: &Driver) -> Client {
         .expect("a browser session")
 }
 
+/// Click the first element `css` selects.
+async fn click(b: &Client, css: &str) {
+    let e = b
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"));
+    e.click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
 /// The text of the first element `css` selects on the page as it is now ("" if none).
 async fn text(b: &Client, css: &str) -> String {
     let v = b
@@ -115,9 +126,7 @@ async fn the_page_follows_builds_and_deployments_and_rolls_back() {
         return;
     };
     let c = Cluster::start(1, &[]).await;
-    let work = c.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
+    let work = c.work_tree();
     c.add_repo_from(1, "acme/web", &format!("file://{}", work.display()))
         .await;
     let _worker = c.spawn_worker("w1");
@@ -137,31 +146,15 @@ async fn the_page_follows_builds_and_deployments_and_rolls_back() {
     until(&b, "#cluster", |t| t.contains("leader member 1")).await;
 
     // A push: the build and then the deployment show up on the open page.
+    let spec = "[build]\ncommand = \"echo building; mkdir -p dist && cp index.html dist/\"\noutput = \"dist\"\n";
     let push = |n: u64, text: &'static str| {
-        let (c, work) = (&c, &work);
-        async move {
-            std::fs::write(
-                work.join("starling.toml"),
-                "[build]\ncommand = \"echo building; mkdir -p dist && cp index.html dist/\"\noutput = \"dist\"\n",
-            )
-            .unwrap();
-            std::fs::write(work.join("index.html"), text).unwrap();
-            git(work, &["add", "."]);
-            git(work, &["commit", "-q", "-m", text]);
-            let sha = git(work, &["rev-parse", "HEAD"]);
-            let (body, sig) = github_push("acme/web", "main", &sha, SECRET);
-            let r = send_github(&c.http, &c.url(1), "push", &format!("d-{n}"), body, &sig)
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 201);
-            let built: Build = c
-                .wait_for_json(1, &format!("/v1/builds/{n}"), |b: &Build| {
-                    b.status.is_terminal()
-                })
-                .await;
-            assert_eq!(built.status, BuildStatus::Succeeded, "{built:?}");
-            built.release.unwrap()
-        }
+        c.push(
+            "acme/web",
+            &work,
+            1,
+            n,
+            &[("starling.toml", spec), ("index.html", text)],
+        )
     };
     let first = push(1, "one\n").await;
     until(&b, "tr[data-build=\"1\"]", |t| t.contains("succeeded")).await;
@@ -182,12 +175,7 @@ async fn the_page_follows_builds_and_deployments_and_rolls_back() {
     .await;
 
     // Without the token the log is refused; with it, it shows.
-    b.find(Locator::Css("button[data-log=\"1\"]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "button[data-log=\"1\"]").await;
     until(&b, "#log", |t| t.contains("give the API token")).await;
     b.find(Locator::Id("token"))
         .await
@@ -195,29 +183,12 @@ async fn the_page_follows_builds_and_deployments_and_rolls_back() {
         .send_keys(TOKEN)
         .await
         .unwrap();
-    b.find(Locator::Id("save-token"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.find(Locator::Css("button[data-log=\"1\"]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "#save-token").await;
+    click(&b, "button[data-log=\"1\"]").await;
     until(&b, "#log", |t| t.contains("building")).await;
 
     // A rollback from the page: a third deployment, back to the first release.
-    b.find(Locator::Css(
-        "[data-deployment=\"2\"] button[data-rollback]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(&b, "[data-deployment=\"2\"] button[data-rollback]").await;
     until(&b, "#notice", |t| t.contains("rollback started")).await;
     until(&b, "[data-deployment=\"3\"]", |t| {
         t.contains("rollback") && t.contains("succeeded")

@@ -361,6 +361,52 @@ impl Cluster {
         .expect("spawn starling")
     }
 
+    /// A fresh git repository (branch `main`, nothing committed) at `work` in the
+    /// cluster's directory.
+    pub fn work_tree(&self) -> PathBuf {
+        let work = self.dir.path().join("work");
+        std::fs::create_dir_all(&work).expect("the work tree");
+        git(&work, &["init", "-q", "-b", "main"]);
+        work
+    }
+
+    /// Commit `files` in `work`, send `repo` a signed push webhook for it through member
+    /// `via` (delivery `d-<n>`), and wait for build `n`, which must succeed; its release.
+    pub async fn push(
+        &self,
+        repo: &str,
+        work: &std::path::Path,
+        via: u64,
+        n: u64,
+        files: &[(&str, &str)],
+    ) -> starling_proto::ReleaseId {
+        for (name, text) in files {
+            std::fs::write(work.join(name), text).unwrap();
+        }
+        git(work, &["add", "."]);
+        git(work, &["commit", "-q", "-m", &format!("change {n}")]);
+        let sha = git(work, &["rev-parse", "HEAD"]);
+        let (body, sig) = github_push(repo, "main", &sha, SECRET);
+        let r = send_github(
+            &self.http,
+            &self.url(via),
+            "push",
+            &format!("d-{n}"),
+            body,
+            &sig,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let b: Build = self
+            .wait_for_json(via, &format!("/v1/builds/{n}"), |b: &Build| {
+                b.status.is_terminal()
+            })
+            .await;
+        assert_eq!(b.status, starling_proto::BuildStatus::Succeeded, "{b:?}");
+        b.release.expect("a release")
+    }
+
     /// A new join token (default lifetime), made through member 1.
     pub async fn join_token(&self) -> String {
         let v: serde_json::Value = self
