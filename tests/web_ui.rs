@@ -147,23 +147,15 @@ async fn the_page_follows_builds_and_deployments_and_rolls_back() {
 
     // A push: the build and then the deployment show up on the open page.
     let spec = "[build]\ncommand = \"echo building; mkdir -p dist && cp index.html dist/\"\noutput = \"dist\"\n";
-    let push = |n: u64, text: &'static str| {
-        c.push(
-            "acme/web",
-            &work,
-            1,
-            n,
-            &[("starling.toml", spec), ("index.html", text)],
-        )
-    };
-    let first = push(1, "one\n").await;
+    let files = |text| [("starling.toml", spec), ("index.html", text)];
+    let first = c.push("acme/web", &work, 1, 1, &files("one\n")).await;
     until(&b, "tr[data-build=\"1\"]", |t| t.contains("succeeded")).await;
     until(&b, "[data-deployment=\"1\"]", |t| t.contains("succeeded")).await;
     until(&b, "#fleet", |t| {
         t.contains("2 nodes") && t.contains("running")
     })
     .await;
-    let second = push(2, "two\n").await;
+    let second = c.push("acme/web", &work, 1, 2, &files("two\n")).await;
     until(&b, "tr[data-build=\"2\"]", |t| t.contains("succeeded")).await;
     until(&b, "[data-deployment=\"2\"]", |t| {
         t.contains("succeeded") && t.contains("2/2 running")
