@@ -81,15 +81,25 @@ async fn browser(driver: &Driver) -> Client {
         .expect("a browser session")
 }
 
-/// Click the first element `css` selects.
+/// Click the first element `css` selects, as a script in the page: the page swaps its
+/// sections in every few seconds, so an element found by one WebDriver call may be gone
+/// by the next.
 async fn click(b: &Client, css: &str) {
-    let e = b
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"));
-    e.click()
-        .await
-        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let clicked = b
+            .execute(
+                "const e = document.querySelector(arguments[0]); if (e) e.click(); return !!e;",
+                vec![json!(css)],
+            )
+            .await
+            .expect("a script");
+        if clicked.as_bool() == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing to click at {css}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The text of the first element `css` selects on the page as it is now ("" if none).
