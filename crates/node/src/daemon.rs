@@ -382,7 +382,8 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                     tracing::warn!(error = %e, "staging failed; trying again");
                     // The running release is unaffected: its state stays, the error shows.
                     apps[i].report.error = Some(reason(&format!("staging {release}: {e}")));
-                } else {
+                } else if apps[i].report.state != AppState::Failed {
+                    // A failed release's reason stays until it is replaced.
                     apps[i].report.error = None;
                 }
                 last_announce = std::time::Instant::now() - Duration::from_secs(60);
