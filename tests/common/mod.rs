@@ -119,25 +119,25 @@ impl Cluster {
     /// Queue builds of commits `from..to` of `acme/web` by signed webhooks sent to `via`.
     pub async fn queue_builds(&self, via: u64, from: u64, to: u64) {
         for n in from..to {
-            let (body, sig) = github_push("acme/web", "main", &sha_of(n), SECRET);
-            let r = send_github(
-                &self.http,
-                &self.url(via),
-                "push",
-                &format!("d-{n}"),
-                body,
-                &sig,
-            )
+            self.send_push(via, "acme/web", &sha_of(n), n).await;
+        }
+    }
+
+    /// A signed GitHub push of `sha` to `repo` through member `via`, delivery `d-<n>`,
+    /// which must queue a build.
+    pub async fn send_push(&self, via: u64, repo: &str, sha: &str, n: u64) {
+        let (body, sig) = github_push(repo, "main", sha, SECRET);
+        let delivery = format!("d-{n}");
+        let r = send_github(&self.http, &self.url(via), "push", &delivery, body, &sig)
             .await
             .expect("webhook");
-            let status = r.status().as_u16();
-            if status != 201 {
-                self.dump_logs();
-                panic!(
-                    "webhook {n}: {status} {}",
-                    r.text().await.unwrap_or_default()
-                );
-            }
+        let status = r.status().as_u16();
+        if status != 201 {
+            self.dump_logs();
+            panic!(
+                "webhook {n}: {status} {}",
+                r.text().await.unwrap_or_default()
+            );
         }
     }
 
@@ -386,18 +386,7 @@ impl Cluster {
         git(work, &["add", "."]);
         git(work, &["commit", "-q", "-m", &format!("change {n}")]);
         let sha = git(work, &["rev-parse", "HEAD"]);
-        let (body, sig) = github_push(repo, "main", &sha, SECRET);
-        let r = send_github(
-            &self.http,
-            &self.url(via),
-            "push",
-            &format!("d-{n}"),
-            body,
-            &sig,
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
+        self.send_push(via, repo, &sha, n).await;
         let b: Build = self
             .wait_for_json(via, &format!("/v1/builds/{n}"), |b: &Build| {
                 b.status.is_terminal()
