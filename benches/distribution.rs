@@ -406,6 +406,7 @@ async fn starling(
             strategy: Some(Strategy::AllAtOnce),
             soak_ms: None,
             max_failed_pct: None,
+            wave_timeout_ms: None,
         })
         .await
         .expect("deploying");

@@ -53,6 +53,9 @@ pub enum ClientCmd {
         /// The share of a wave's nodes (percent) that may fail before it rolls back.
         #[arg(long)]
         max_failed: Option<u8>,
+        /// How long a wave may take to become healthy before the deployment rolls back.
+        #[arg(long, value_parser = parse_ttl)]
+        wave_timeout: Option<Duration>,
         #[arg(long, default_value = "default")]
         env: String,
         /// Wait for the deployment to finish, showing its progress.
@@ -117,6 +120,9 @@ pub enum ReposCmd {
         /// The share of a wave's nodes (percent) that may fail before it rolls back.
         #[arg(long, default_value_t = 10)]
         max_failed: u8,
+        /// How long a wave may take to become healthy before the deployment rolls back.
+        #[arg(long, default_value = "30m", value_parser = parse_ttl)]
+        wave_timeout: Duration,
         /// A URL that gets a signed JSON POST when a build or deployment of the
         /// repository ends (Slack-compatible: it has a `text` field); repeatable.
         #[arg(long)]
@@ -284,6 +290,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
             strategy,
             soak,
             max_failed,
+            wave_timeout,
             notify,
             notify_secret,
         }) => {
@@ -300,6 +307,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                     strategy,
                     soak_ms: soak.as_millis() as u64,
                     max_failed_pct: max_failed,
+                    wave_timeout_ms: wave_timeout.as_millis() as u64,
                 },
             };
             let repo = c.put_repo(&spec).await?;
@@ -415,6 +423,7 @@ last lines of its output:"
             strategy,
             soak,
             max_failed,
+            wave_timeout,
             env,
             wait,
         } => {
@@ -425,6 +434,7 @@ last lines of its output:"
                 strategy,
                 soak_ms: soak.map(|d| d.as_millis() as u64),
                 max_failed_pct: max_failed,
+                wave_timeout_ms: wave_timeout.map(|d| d.as_millis() as u64),
             };
             let d = c.deploy(&req).await?;
             return started(c, d, wait, json).await;

@@ -435,6 +435,7 @@ async fn walk_through(d: &mut Demo) -> Result<()> {
                 strategy: Strategy::Waves,
                 soak_ms: 2_000,
                 max_failed_pct: 0,
+                wave_timeout_ms: 60_000,
             },
         })
         .await?;

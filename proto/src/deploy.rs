@@ -66,6 +66,10 @@ pub struct RolloutPolicy {
     /// and rolls it back. 0 stops at the first failure.
     #[serde(default = "default_max_failed_pct")]
     pub max_failed_pct: u8,
+    /// How long a wave may take to become healthy (ms): past it, the deployment stops
+    /// and rolls back, as a wave with too many failures does.
+    #[serde(default = "default_wave_timeout_ms")]
+    pub wave_timeout_ms: u64,
 }
 
 impl Default for RolloutPolicy {
@@ -74,6 +78,7 @@ impl Default for RolloutPolicy {
             strategy: Strategy::Waves,
             soak_ms: default_soak_ms(),
             max_failed_pct: default_max_failed_pct(),
+            wave_timeout_ms: default_wave_timeout_ms(),
         }
     }
 }
@@ -85,6 +90,11 @@ pub fn default_soak_ms() -> u64 {
 
 fn default_max_failed_pct() -> u8 {
     10
+}
+
+/// A wave has half an hour to become healthy unless the repository says otherwise.
+pub fn default_wave_timeout_ms() -> u64 {
+    30 * 60_000
 }
 
 /// Where a deployment is.
@@ -349,6 +359,8 @@ pub struct DeployRequest {
     pub soak_ms: Option<u64>,
     #[serde(default)]
     pub max_failed_pct: Option<u8>,
+    #[serde(default)]
+    pub wave_timeout_ms: Option<u64>,
 }
 
 /// `POST /v1/rollback`: deploy `to` (default: the release the environment ran before

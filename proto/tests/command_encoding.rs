@@ -106,6 +106,7 @@ fn every_command() -> Vec<Command> {
                 strategy: Strategy::Waves,
                 soak_ms: 2_000,
                 max_failed_pct: 10,
+                wave_timeout_ms: 600_000,
             },
             trigger: "build 1".into(),
             at: 13,

@@ -96,6 +96,26 @@ pub fn next_step(dep: &Deployment, fleet: &[FleetNode], now: Millis) -> Option<D
         .iter()
         .all(|n| on_release(&n) && n.report.state == AppState::Running);
     if !healthy {
+        // A wave that never comes up (nodes that cannot fetch, or hang in their health
+        // check) must not hold the deployment forever.
+        let started = wave.started_at.unwrap_or(now);
+        if now >= started.saturating_add(dep.policy.wave_timeout_ms) {
+            let running = members
+                .iter()
+                .filter(|n| on_release(n) && n.report.state == AppState::Running)
+                .count();
+            let reason = format!(
+                "wave {}: not healthy after {} s ({running} of {} nodes running the release)",
+                wave.name,
+                dep.policy.wave_timeout_ms / 1000,
+                members.len()
+            );
+            return Some(DeployStep::Fail {
+                wave: i,
+                reason,
+                outcomes: outcomes(&members),
+            });
+        }
         return None;
     }
     match wave.healthy_at {
@@ -236,6 +256,7 @@ mod tests {
                 strategy,
                 soak_ms: 1_000,
                 max_failed_pct: 0,
+                wave_timeout_ms: 60_000,
             },
             trigger: "api".into(),
             status: DeployStatus::Rolling,
@@ -376,6 +397,23 @@ mod tests {
         let eu = &p.regions[0];
         assert_eq!((eu.name.as_str(), eu.staged, eu.running), ("eu", 2, 0));
         assert_eq!((p.waves[0].running, p.waves[0].failed), (1, 1));
+    }
+
+    #[test]
+    fn a_wave_that_never_comes_up_stops_at_its_deadline() {
+        let fleet = Fleet::new(&["us"], 3);
+        let mut dep = deployment(Strategy::AllAtOnce);
+        dep.waves = plan_waves(7, Strategy::AllAtOnce, &fleet.view());
+        dep.waves[0].started_at = Some(1_000);
+        // Nobody runs release 2 (say, nobody can fetch it): waiting, until the deadline.
+        assert_eq!(next_step(&dep, &fleet.view(), 60_999), None);
+        let Some(DeployStep::Fail { reason, .. }) = next_step(&dep, &fleet.view(), 61_000) else {
+            panic!("the wave must fail at its deadline");
+        };
+        assert_eq!(
+            reason,
+            "wave all: not healthy after 60 s (0 of 3 nodes running the release)"
+        );
     }
 
     #[test]

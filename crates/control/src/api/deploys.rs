@@ -115,6 +115,7 @@ pub(super) async fn deploy(
     policy.strategy = req.strategy.unwrap_or(policy.strategy);
     policy.soak_ms = req.soak_ms.unwrap_or(policy.soak_ms);
     policy.max_failed_pct = req.max_failed_pct.unwrap_or(policy.max_failed_pct);
+    policy.wave_timeout_ms = req.wave_timeout_ms.unwrap_or(policy.wave_timeout_ms);
     if policy.max_failed_pct > 100 {
         return Err(err(
             StatusCode::BAD_REQUEST,
