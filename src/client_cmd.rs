@@ -337,7 +337,7 @@ pub async fn run(c: &ControlClient, cmd: ClientCmd, json: bool) -> Result<()> {
                 out.outcome,
                 out.build.id,
                 out.build.repo,
-                tables::short(&out.build.sha)
+                starling_proto::short(&out.build.sha)
             );
         }
         ClientCmd::Builds(BuildsCmd::List {

@@ -141,6 +141,11 @@ async fn send_webhook(url: &str, secret: &str, delivery: &str, sha: &str) -> Res
     ))
 }
 
+/// Print `what` after the seconds since `started`.
+fn stamped(started: Instant, what: impl std::fmt::Display) {
+    println!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
 fn random_hex(bytes: usize) -> String {
     let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     hex::encode(v)
@@ -171,7 +176,7 @@ impl Demo {
     }
 
     fn say(&self, what: impl std::fmt::Display) {
-        println!("[{:>5.1}s] {what}", self.started.elapsed().as_secs_f64());
+        stamped(self.started, what);
     }
 
     fn spawn(&self, args: &[&str], log: &str, env: &[(&str, &str)]) -> Result<Child> {
@@ -229,7 +234,7 @@ impl Demo {
             "build {build} {} on {}: release {}",
             b.status,
             b.worker.map_or_else(|| "?".into(), |w| w.to_string()),
-            tables::short(&release.to_hex())
+            starling_proto::short(&release.to_hex())
         ));
         Ok(release)
     }
@@ -549,7 +554,7 @@ async fn walk_through(d: &mut Demo) -> Result<()> {
     d.all_running(second).await?;
     d.say(format!(
         "every node runs version 2 again; release {} stays off the fleet",
-        tables::short(&third.to_hex())
+        starling_proto::short(&third.to_hex())
     ));
 
     // 4. A rollback by hand, to version 1, which the nodes still hold: no byte moves.
@@ -564,7 +569,7 @@ async fn walk_through(d: &mut Demo) -> Result<()> {
     d.say(format!(
         "starling rollback {REPO}: deployment {} to release {}",
         back.id,
-        tables::short(&back.release.to_hex())
+        starling_proto::short(&back.release.to_hex())
     ));
     let v = d.follow(back.id, None).await?;
     if v.deployment.status != DeployStatus::Succeeded || back.release != first {

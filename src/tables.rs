@@ -3,7 +3,7 @@
 
 use comfy_table::{presets, CellAlignment, Table};
 use starling_proto::{
-    AppState, Build, ClusterStatus, Deployment, DeploymentView, NodeInfo, Release, Repo,
+    short, AppState, Build, ClusterStatus, Deployment, DeploymentView, NodeInfo, Release, Repo,
 };
 
 /// A borderless table with a header, like `kubectl get`.
@@ -71,10 +71,6 @@ pub fn duration(ms: u64) -> String {
         60_000..3_600_000 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
         _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
     }
-}
-
-pub fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
 }
 
 pub fn builds(builds: &[Build]) -> Table {

@@ -256,14 +256,6 @@ impl Deployment {
             }
         }
     }
-
-    /// The release nodes should hold: the new one, unless the deployment was rolled back.
-    pub fn release_to_stage(&self) -> ReleaseId {
-        match (self.status, self.from) {
-            (DeployStatus::RolledBack, Some(from)) => from,
-            _ => self.release,
-        }
-    }
 }
 
 /// One move of a deployment, chosen by the rollout planner on the leader.
@@ -412,7 +404,6 @@ mod tests {
         let d = deployment(DeployStatus::Rolling, vec![canary, eu]);
         assert_eq!(d.release_for("a1", "us"), Some(rel(2)));
         assert_eq!(d.release_for("e1", "eu"), Some(rel(1)));
-        assert_eq!(d.release_to_stage(), rel(2));
         let paused = Deployment {
             status: DeployStatus::Paused,
             ..d.clone()
@@ -423,7 +414,6 @@ mod tests {
             ..d.clone()
         };
         assert_eq!(back.release_for("a1", "us"), Some(rel(1)));
-        assert_eq!(back.release_to_stage(), rel(1));
         let done = Deployment {
             status: DeployStatus::Succeeded,
             ..d

@@ -23,7 +23,7 @@ pub use api::*;
 pub use command::*;
 pub use deploy::*;
 pub use duration::{parse_duration, parse_size};
-pub use ids::{ChunkHash, DigestError, ReleaseId, WorkerId};
+pub use ids::{short, ChunkHash, DigestError, ReleaseId, WorkerId};
 pub use kinds::{EventKind, QueueResult};
 pub use names::{commit_id, env_name, repo_name, NameError};
 

@@ -477,19 +477,27 @@ async fn roll_out(member: Arc<Member>) {
         if !member.raft.is_leader() || member.started.elapsed() < TRACKER_FILL {
             continue;
         }
-        let active: Vec<starling_proto::Deployment> =
-            member.read().active_deployments().cloned().collect();
-        for d in active {
-            let fleet = member.fleet(&d.repo);
+        // Ids and repositories only: a deployment (its history, its waves' outcomes) is
+        // read in place under the state lock, not cloned four times a second.
+        let active: Vec<(u64, String)> = member
+            .read()
+            .active_deployments()
+            .map(|d| (d.id, d.repo.clone()))
+            .collect();
+        for (id, repo) in active {
+            let fleet = member.fleet(&repo);
             let view = crate::member::FleetReport::view(&fleet);
-            let Some(step) = starling_core::rollout::next_step(&d, &view, now_ms()) else {
+            let decided = member.read().deployment(id).and_then(|d| {
+                let step = starling_core::rollout::next_step(d, &view, now_ms())?;
+                Some((step, d.release))
+            });
+            let Some((step, release)) = decided else {
                 continue;
             };
-            let span =
-                tracing::info_span!("deployment", id = d.id, repo = %d.repo, release = %d.release);
+            let span = tracing::info_span!("deployment", id, %repo, %release);
             let what = step.name();
             let cmd = Command::AdvanceDeployment {
-                id: d.id,
+                id,
                 step,
                 at: now_ms(),
             };

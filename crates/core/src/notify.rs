@@ -3,7 +3,7 @@
 //! signature. The leader's notifier (`starling-control`) does the sending and retrying.
 
 use serde::Serialize;
-use starling_proto::{Build, DeployStatus, Deployment, Event, EventKind};
+use starling_proto::{short, Build, DeployStatus, Deployment, Event, EventKind};
 
 use crate::state::ControlState;
 
@@ -74,10 +74,6 @@ pub fn notification(state: &ControlState, e: &Event) -> Option<Notification> {
         signature: crate::webhook::github_signature(key, &body),
         body,
     })
-}
-
-fn short(s: &str) -> &str {
-    &s[..s.len().min(12)]
 }
 
 fn build_text(b: &Build) -> String {

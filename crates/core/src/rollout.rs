@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use starling_proto::{
     AppReport, AppState, DeployStatus, DeployStep, Deployment, Millis, NodeOutcome, Progress,
-    RegionProgress, Strategy, Wave, WaveTarget,
+    RegionProgress, ReleaseId, Strategy, Wave, WaveTarget,
 };
 
 /// One live node of the deployment's repository, with its report for that repository.
@@ -20,6 +20,13 @@ pub struct FleetNode<'a> {
     pub node: &'a str,
     pub region: &'a str,
     pub report: &'a AppReport,
+}
+
+impl FleetNode<'_> {
+    /// Whether it switched to `release` and is in `state` on it.
+    fn is(&self, release: ReleaseId, state: AppState) -> bool {
+        self.report.release == Some(release) && self.report.state == state
+    }
 }
 
 /// The waves of a deployment of deployment `id` over `fleet`. All at once: one wave.
@@ -69,11 +76,9 @@ pub fn next_step(dep: &Deployment, fleet: &[FleetNode], now: Millis) -> Option<D
         .iter()
         .filter(|n| wave.target.selects(n.node, n.region))
         .collect();
-    let on_release = |n: &&&FleetNode| n.report.release == Some(dep.release);
     let failed: Vec<&&FleetNode> = members
         .iter()
-        .filter(on_release)
-        .filter(|n| n.report.state == AppState::Failed)
+        .filter(|n| n.is(dep.release, AppState::Failed))
         .collect();
     let allowed = usize::from(dep.policy.max_failed_pct) * members.len();
     if !failed.is_empty() && failed.len() * 100 > allowed {
@@ -92,18 +97,15 @@ pub fn next_step(dep: &Deployment, fleet: &[FleetNode], now: Millis) -> Option<D
             outcomes: outcomes(&members),
         });
     }
-    let healthy = members
+    let running = members
         .iter()
-        .all(|n| on_release(&n) && n.report.state == AppState::Running);
-    if !healthy {
+        .filter(|n| n.is(dep.release, AppState::Running))
+        .count();
+    if running < members.len() {
         // A wave that never comes up (nodes that cannot fetch, or hang in their health
         // check) must not hold the deployment forever.
         let started = wave.started_at.unwrap_or(now);
         if now >= started.saturating_add(dep.policy.wave_timeout_ms) {
-            let running = members
-                .iter()
-                .filter(|n| on_release(n) && n.report.state == AppState::Running)
-                .count();
             let reason = format!(
                 "wave {}: not healthy after {} s ({running} of {} nodes running the release)",
                 wave.name,
@@ -137,11 +139,11 @@ pub fn progress(dep: &Deployment, fleet: &[FleetNode]) -> Progress {
             ..RegionProgress::default()
         };
         for n in nodes {
-            let on_release = n.report.release == Some(dep.release);
+            let switched = n.report.release == Some(dep.release);
             p.nodes += 1;
-            p.staged += usize::from(on_release || n.report.staged == Some(dep.release));
-            p.running += usize::from(on_release && n.report.state == AppState::Running);
-            p.failed += usize::from(on_release && n.report.state == AppState::Failed);
+            p.staged += usize::from(switched || n.report.staged == Some(dep.release));
+            p.running += usize::from(n.is(dep.release, AppState::Running));
+            p.failed += usize::from(n.is(dep.release, AppState::Failed));
         }
         p
     };
@@ -193,7 +195,7 @@ fn outcomes(members: &[&FleetNode]) -> Vec<NodeOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starling_proto::{ReleaseId, RolloutPolicy};
+    use starling_proto::RolloutPolicy;
 
     fn rel(n: u8) -> ReleaseId {
         ReleaseId::from_bytes([n; 32])

@@ -15,6 +15,7 @@ use std::fmt::Write;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use starling_proto::short;
 use starling_proto::{
     AppState, Build, BuildStatus, ClusterStatus, DeployStatus, Deployment, Event, EventKind,
     NodeInfo, Progress, RegionProgress,
@@ -126,10 +127,11 @@ fn deployments_section(out: &mut String, m: &Member, deployments: &[Deployment])
     // Progress for the newest deployment of each repository; older ones are history.
     let mut seen = std::collections::BTreeSet::new();
     for d in deployments {
-        let newest = seen.insert(d.repo.clone());
-        let fleet = m.fleet(&d.repo);
-        let progress = starling_core::rollout::progress(d, &FleetReport::view(&fleet));
-        deployment_card(out, d, newest.then_some(&progress));
+        let progress = seen.insert(d.repo.clone()).then(|| {
+            let fleet = m.fleet(&d.repo);
+            starling_core::rollout::progress(d, &FleetReport::view(&fleet))
+        });
+        deployment_card(out, d, progress.as_ref());
     }
     out.push_str("</section>");
 }
@@ -372,10 +374,6 @@ fn secs(ms: u64) -> String {
     } else {
         format!("{} s", ms / 1000)
     }
-}
-
-fn short(hex: &str) -> &str {
-    &hex[..hex.len().min(12)]
 }
 
 /// `s` with the characters HTML gives meaning to escaped.
