@@ -15,6 +15,9 @@ use starling_proto::{
 };
 
 mod deployments;
+mod history;
+
+pub use history::{HistoryMarks, HistoryWindow};
 
 /// The environment a repository's successful builds go to when `auto_deploy` is on.
 pub const DEFAULT_ENV: &str = "default";
@@ -71,9 +74,11 @@ impl GoalKey {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Records {
     pub repos: BTreeMap<String, StoredRepo>,
+    /// Builds in memory: queued, running and the newest finished ([`HistoryWindow`]).
     pub builds: OrdMap<u64, Build>,
-    /// `events[i]` has index `i + 1`.
+    /// The newest events: `events[i]` has index `marks.events_archived + i + 1`.
     pub events: Vector<Event>,
+    /// Releases not collected, and the newest collected.
     pub releases: OrdMap<ReleaseId, Release>,
     pub goals: BTreeMap<GoalKey, Goal>,
     /// The outcomes of the last [`starling_proto::REQUEST_WINDOW`] requests applied with a
@@ -92,6 +97,8 @@ pub struct Records {
     /// Events up to this index were notified (or given up on) by a leader's notifier.
     #[serde(default)]
     pub notified_up_to: u64,
+    #[serde(default)]
+    pub marks: HistoryMarks,
 }
 
 /// What a request with an id was answered.
@@ -119,6 +126,11 @@ pub struct Touched {
     pub join_tokens_forgotten: BTreeSet<String>,
     pub deployments: BTreeSet<u64>,
     pub notified: bool,
+    /// Records that left memory (see [`HistoryWindow`]), for the store's archive.
+    pub archived_builds: Vec<Build>,
+    pub archived_releases: Vec<Release>,
+    /// [`Records::marks`] changed.
+    pub marks: bool,
 }
 
 impl Touched {
@@ -135,8 +147,12 @@ struct Indexes {
     /// Running builds, for the lease reaper.
     running: BTreeSet<u64>,
     by_delivery: HashMap<String, u64>,
-    /// The newest build of each (repo, sha).
-    by_commit: HashMap<(String, String), u64>,
+    /// The builds of each (repo, sha) in memory.
+    by_commit: HashMap<(String, String), BTreeSet<u64>>,
+    /// Finished builds in memory, in the order they leave it.
+    finished: BTreeSet<(Millis, u64)>,
+    /// Collected releases in memory, in the order they leave it.
+    collected: BTreeSet<(Millis, ReleaseId)>,
     /// Request id → its place in `Records::requests`.
     by_request: HashMap<String, u64>,
 }
@@ -146,6 +162,7 @@ pub struct ControlState {
     records: Records,
     index: Indexes,
     touched: Touched,
+    window: HistoryWindow,
 }
 
 /// Filter of `GET /v1/builds`.
@@ -166,7 +183,14 @@ pub const DEFAULT_LIST_LIMIT: usize = 100;
 pub const MAX_LIST_LIMIT: usize = 100_000;
 
 impl ControlState {
+    /// The state of `records` with the cluster's history window. Records beyond the window
+    /// (from a file written before it) leave memory at once; the store finds them in
+    /// [`ControlState::take_touched`].
     pub fn from_records(records: Records) -> Self {
+        Self::with_window(records, HistoryWindow::default())
+    }
+
+    pub fn with_window(records: Records, window: HistoryWindow) -> Self {
         let mut index = Indexes::default();
         for b in records.builds.values() {
             index_build(&mut index, b);
@@ -174,11 +198,14 @@ impl ControlState {
         for (seq, r) in records.requests.iter() {
             index.by_request.insert(r.request.clone(), *seq);
         }
-        ControlState {
+        let mut state = ControlState {
             records,
             index,
             touched: Touched::default(),
-        }
+            window,
+        };
+        state.enforce_window();
+        state
     }
 
     pub fn records(&self) -> &Records {
@@ -199,11 +226,13 @@ impl ControlState {
     }
 
     pub fn last_event_index(&self) -> u64 {
-        self.records.events.len() as u64
+        self.records.marks.events_archived + self.records.events.len() as u64
     }
 
-    /// Events with an index above `after`, at most `limit` of them.
+    /// Events in memory with an index above `after`, at most `limit` of them. Those
+    /// before [`ControlState::first_event_in_memory`] are in the store's archive.
     pub fn events_after(&self, after: u64, limit: usize) -> Vec<Event> {
+        let after = after.saturating_sub(self.records.marks.events_archived);
         let start = (after as usize).min(self.records.events.len());
         let end = start.saturating_add(limit).min(self.records.events.len());
         self.records
@@ -225,7 +254,7 @@ impl ControlState {
             .filter_map(|id| self.records.builds.get(id))
     }
 
-    /// Builds matching `q`, newest first.
+    /// Builds in memory matching `q`, newest first.
     pub fn list_builds(&self, q: &BuildQuery) -> Vec<Build> {
         let limit = q
             .limit
@@ -381,6 +410,7 @@ impl ControlState {
             r.collected_at = Some(at);
             self.records.releases.insert(*id, r.clone());
             self.touched.releases.insert(*id);
+            self.collected(&r);
             self.push_event(Event {
                 repo: Some(r.repo.clone()),
                 build: Some(r.build),
@@ -488,7 +518,9 @@ impl ControlState {
         if let Some(dup) = self.duplicate_of(repo, sha, delivery, force) {
             return dup;
         }
-        let id = self.records.builds.get_max().map_or(1, |(k, _)| k + 1);
+        let id = self.records.marks.last_build + 1;
+        self.records.marks.last_build = id;
+        self.touched.marks = true;
         let build = Build {
             id,
             repo: repo.to_string(),
@@ -539,6 +571,7 @@ impl ControlState {
         self.index
             .by_commit
             .get(&(repo.to_string(), sha.to_string()))
+            .and_then(|ids| ids.last())
             .and_then(|id| self.records.builds.get(id))
             .map(|b| Outcome::DuplicateCommit(b.clone()))
     }
@@ -568,11 +601,18 @@ impl ControlState {
 
     /// The running build `id` if `worker` holds its lease for `attempt`.
     fn held_lease(&self, id: u64, worker: &WorkerId, attempt: u32) -> Result<&Build, Rejection> {
-        let b = self
-            .records
-            .builds
-            .get(&id)
-            .ok_or(Rejection::UnknownBuild(id))?;
+        let Some(b) = self.records.builds.get(&id) else {
+            // An archived build finished long ago: nobody holds its lease.
+            return Err(if self.is_archived_build(id) {
+                Rejection::NotLeaseHolder {
+                    build: id,
+                    worker: worker.clone(),
+                    attempt,
+                }
+            } else {
+                Rejection::UnknownBuild(id)
+            });
+        };
         if b.status != BuildStatus::Running
             || b.worker.as_ref() != Some(worker)
             || b.attempt != attempt
@@ -669,7 +709,11 @@ impl ControlState {
 
     fn cancel_build(&mut self, id: u64, at: Millis) -> Outcome {
         let Some(mut b) = self.records.builds.get(&id).cloned() else {
-            return Outcome::Rejected(Rejection::UnknownBuild(id));
+            return Outcome::Rejected(if self.is_archived_build(id) {
+                Rejection::AlreadyFinished(id)
+            } else {
+                Rejection::UnknownBuild(id)
+            });
         };
         match b.status {
             BuildStatus::Queued => {
@@ -805,11 +849,12 @@ impl ControlState {
         });
         self.store_build(b.clone());
         self.push_build_event(EventKind::BuildCompleted, b, at);
+        self.finished(b);
     }
 
     fn store_build(&mut self, b: Build) {
         if let Some(old) = self.records.builds.get(&b.id) {
-            unindex_build(&mut self.index, old);
+            unindex_build(&mut self.index, old, false);
         }
         index_build(&mut self.index, &b);
         self.touched.builds.insert(b.id);
@@ -863,9 +908,10 @@ impl ControlState {
     }
 
     fn push_event(&mut self, mut e: Event) {
-        e.index = self.records.events.len() as u64 + 1;
+        e.index = self.last_event_index() + 1;
         self.touched.events_from.get_or_insert(e.index);
         self.records.events.push_back(e);
+        self.trim_events();
     }
 }
 
@@ -896,14 +942,32 @@ fn index_build(ix: &mut Indexes, b: &Build) {
     if let Some(d) = &b.delivery {
         ix.by_delivery.insert(d.clone(), b.id);
     }
-    let key = (b.repo.clone(), b.sha.clone());
-    let newest = ix.by_commit.entry(key).or_insert(b.id);
-    *newest = (*newest).max(b.id);
+    ix.by_commit
+        .entry((b.repo.clone(), b.sha.clone()))
+        .or_default()
+        .insert(b.id);
 }
 
-fn unindex_build(ix: &mut Indexes, b: &Build) {
+/// Take `b` out of the indexes of its status; `forget` also out of those of its identity,
+/// as when it leaves memory.
+fn unindex_build(ix: &mut Indexes, b: &Build, forget: bool) {
     ix.queue.remove(&b.id);
     ix.running.remove(&b.id);
+    if !forget {
+        return;
+    }
+    if let Some(d) = &b.delivery {
+        if ix.by_delivery.get(d) == Some(&b.id) {
+            ix.by_delivery.remove(d);
+        }
+    }
+    let key = (b.repo.clone(), b.sha.clone());
+    if let Some(ids) = ix.by_commit.get_mut(&key) {
+        ids.remove(&b.id);
+        if ids.is_empty() {
+            ix.by_commit.remove(&key);
+        }
+    }
 }
 
 /// Why `apply` refuses a repository.
