@@ -7,7 +7,9 @@
 //! caller's credentials are checked, and never serves on once its storage has failed.
 
 pub mod api;
+pub mod archive;
 pub mod collector;
+pub mod image;
 pub mod log_store;
 pub mod member;
 pub mod metrics;

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
-use starling_proto::{Command, JoinRequest, Millis, Outcome};
+use starling_core::state::BuildQuery;
+use starling_proto::{Build, Command, Event, JoinRequest, Millis, Outcome, Release};
 use starling_release::OriginStore;
 use tokio::sync::watch;
 
@@ -66,6 +67,8 @@ pub struct Member {
     pub cfg: ControlConfig,
     pub raft: Raft,
     pub state: SharedState,
+    /// The history that left `state`'s memory.
+    pub archive: crate::archive::Archive,
     pub events: watch::Receiver<u64>,
     pub http: reqwest::Client,
     /// The origin store (chunks and manifests): this member's copy under `--data-dir`, or
@@ -214,6 +217,58 @@ impl Member {
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, starling_core::state::ControlState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The build `id`, from memory or the archive. Reads the state file: call it off the
+    /// async threads.
+    pub fn build(&self, id: u64) -> std::io::Result<Option<Build>> {
+        if let Some(b) = self.read().build(id) {
+            return Ok(Some(b.clone()));
+        }
+        self.archive.build(id)
+    }
+
+    /// Whether build `id` was ever given (it may be archived).
+    pub fn build_exists(&self, id: u64) -> bool {
+        let st = self.read();
+        st.build(id).is_some() || st.is_archived_build(id)
+    }
+
+    /// Builds matching `q` in memory and the archive, newest first.
+    pub fn builds(&self, q: &BuildQuery) -> std::io::Result<Vec<Build>> {
+        let mut found = self.read().list_builds(q);
+        found.extend(self.archive.builds(q)?);
+        found.sort_unstable_by_key(|b| std::cmp::Reverse(b.id));
+        found.dedup_by_key(|b| b.id);
+        found.truncate(q.limit());
+        Ok(found)
+    }
+
+    /// Events with an index above `after`, at most `limit`: from the archive while they
+    /// are older than memory's, then from memory.
+    pub fn events_after(&self, after: u64, limit: usize) -> std::io::Result<Vec<Event>> {
+        let first = self.read().first_event_in_memory();
+        let mut evs = if after + 1 < first {
+            self.archive.events(after, first, limit)?
+        } else {
+            Vec::new()
+        };
+        if evs.len() < limit {
+            let from = evs.last().map_or(after, |e| e.index);
+            evs.extend(self.read().events_after(from, limit - evs.len()));
+        }
+        Ok(evs)
+    }
+
+    /// Releases of `repo` (all when `None`): those in memory, and at most `archived` of
+    /// the collected ones in the archive; newest first.
+    pub fn releases(&self, repo: Option<&str>, archived: usize) -> std::io::Result<Vec<Release>> {
+        let mut all = self.read().list_releases(repo);
+        all.extend(self.archive.releases(repo, archived)?);
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.build.cmp(&a.build)));
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|r| seen.insert(r.id));
+        Ok(all)
     }
 
     /// Why this member cannot serve, if it cannot: its storage failed, or its Raft core

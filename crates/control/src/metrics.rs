@@ -47,6 +47,7 @@ pub struct ControlMetrics {
     proposals: Family<ProposalLabels, Counter>,
     proposal_seconds: Histogram,
     apply_seconds: Histogram,
+    snapshot_seconds: Histogram,
     applied_entries: Counter,
     lease_expiries: Counter,
     builds_finished: Family<StatusLabels, Counter>,
@@ -105,6 +106,7 @@ impl ControlMetrics {
             proposals: Family::default(),
             proposal_seconds: latency(),
             apply_seconds: latency(),
+            snapshot_seconds: latency(),
             applied_entries: Counter::default(),
             lease_expiries: Counter::default(),
             builds_finished: Family::default(),
@@ -144,6 +146,11 @@ impl ControlMetrics {
             "apply_seconds",
             "Time to apply one batch of committed entries and hand its rows to the writer",
             m.apply_seconds.clone(),
+        );
+        r.register(
+            "snapshot_seconds",
+            "Time to take a snapshot: making the state file durable up to its last entry",
+            m.snapshot_seconds.clone(),
         );
         r.register(
             "applied_entries",
@@ -252,6 +259,10 @@ impl ControlMetrics {
             .get_or_create(&ProposalLabels { command, result })
             .inc();
         self.proposal_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn snapshot_built(&self, took: Duration) {
+        self.snapshot_seconds.observe(took.as_secs_f64());
     }
 
     /// A batch of `entries` was applied in `took`, expiring `leases_expired` leases and

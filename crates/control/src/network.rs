@@ -9,6 +9,7 @@
 //! TLS for this hop is left to the QUIC/TLS work of the distribution issue.
 
 use std::future::Future;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,6 +197,10 @@ impl PeerClient {
     }
 }
 
+fn net(e: io::Error) -> StreamingError<TypeConfig> {
+    StreamingError::from(RPCError::Network(NetworkError::new(&e)))
+}
+
 fn remote<E: std::error::Error + 'static>(e: E) -> RPCError<TypeConfig> {
     // The peer answered but refused (e.g. it is shutting down): treat it as unreachable
     // for now so that openraft backs off and retries.
@@ -203,7 +208,7 @@ fn remote<E: std::error::Error + 'static>(e: E) -> RPCError<TypeConfig> {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = crate::image::StateImage;
 
     async fn append_entries(
         &mut self,
@@ -228,18 +233,23 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<TypeConfig>,
-        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        snapshot: SnapshotOf<TypeConfig, crate::image::StateImage>,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let url = format!("{}/raft/snapshot", self.base);
-        let meta = encode(&(vote, snapshot.meta))
-            .map_err(|e| StreamingError::from(RPCError::Network(NetworkError::new(&e))))?;
+        let meta = encode(&(vote, snapshot.meta)).map_err(|e| net(io::Error::other(e)))?;
+        // Made now, off the state machine's task: the state file as the snapshot saw it.
+        let image = snapshot.snapshot;
+        let data = tokio::task::spawn_blocking(move || image.into_bytes())
+            .await
+            .map_err(|e| net(io::Error::other(e)))?
+            .map_err(net)?;
         let rb = self
             .http
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(encode_snapshot_body(&meta, &snapshot.snapshot));
+            .body(encode_snapshot_body(&meta, &data));
         tokio::pin!(cancel);
         // A snapshot can be large; give it far longer than a heartbeat-sized RPC.
         let call = self.send::<SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(

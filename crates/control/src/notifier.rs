@@ -50,6 +50,15 @@ pub async fn notify(member: Arc<Member>) {
         }
         let batch: Vec<(u64, Option<Notification>)> = {
             let st = member.read();
+            if from + 1 < st.first_event_in_memory() {
+                // Events that left memory before a leader got to them: their builds did
+                // too, so there is nothing left to say about them.
+                tracing::warn!(
+                    from,
+                    to = st.first_event_in_memory() - 1,
+                    "events archived before they were notified; skipping them"
+                );
+            }
             st.events_after(from, BATCH)
                 .iter()
                 .map(|e| (e.index, notification(&st, e)))

@@ -60,6 +60,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     let metrics = Arc::new(ControlMetrics::new());
     let sm = StateMachineStore::open(files.state, files.snapshots, metrics.clone())?;
     let state = sm.shared();
+    let archive = sm.archive();
     let events = sm.events();
     let fault = sm.fault();
 
@@ -101,6 +102,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         cfg: cfg.clone(),
         raft: raft.clone(),
         state,
+        archive,
         events,
         http,
         origin,

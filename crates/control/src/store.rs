@@ -5,11 +5,12 @@
 //! touched to a writer thread, which commits them with `last_applied` in one transaction,
 //! fsyncing about once a second: if a crash comes first, openraft re-applies the committed
 //! entries after the durable `last_applied`.
-//! Snapshots are the whole [`Records`] serialized as JSON, stored durably before use.
+//! The state file is the snapshot: taking one makes it durable up to the snapshot's last
+//! entry, and a follower that needs one is sent an image of it ([`crate::image`]).
 
 use std::io;
 use std::path::Path;
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
@@ -19,18 +20,20 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use starling_proto::{CaRecord, Event, Outcome, Release};
+use starling_proto::{Build, CaRecord, Event, Outcome, Release, ReleaseId};
 use tokio::sync::{oneshot, watch};
 
+use crate::archive::{Archive, Pending};
+use crate::image::StateImage;
 use crate::metrics::ControlMetrics;
 use crate::TypeConfig;
-use starling_core::state::{ControlState, Goal, GoalKey, Records, Touched};
+use starling_core::state::{ControlState, Goal, GoalKey, HistoryMarks, Records, Touched};
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
 const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
 const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
@@ -41,6 +44,9 @@ const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deploymen
 /// The notifier's progress, under "up_to".
 const NOTIFIER: TableDefinition<&str, &[u8]> = TableDefinition::new("notifier");
 const K_NOTIFIED: &str = "up_to";
+/// The history window's counters ([`starling_core::state::HistoryMarks`]), under "marks".
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+const K_MARKS: &str = "marks";
 const K_CA: &str = "ca";
 
 pub(crate) const K_VOTE: &str = "vote";
@@ -56,13 +62,17 @@ const K_FORMAT: &str = "format";
 /// [`starling_proto::Command`]s (pinned by `proto/tests/command_encoding.rs`) and JSON
 /// records. Raised only when a file written before could no longer be read as it is;
 /// then a member refuses the old file instead of misreading it.
-pub const FILE_FORMAT: u32 = 1;
+///
+/// Format 2 keeps only the working set in the state file's record tables and moves
+/// older history to archive tables ([`crate::archive`]). A format 1 file is upgraded on
+/// open: loading it brings it within the history window, which moves the rest.
+pub const FILE_FORMAT: u32 = 2;
 
 /// A member's redb files, each with its own write lock and fsyncs:
 /// - `log.redb`: the Raft log, vote and purge marker — fsynced before every acknowledgement;
 /// - `state.redb`: the state machine's records — fsynced about once a second, because a
 ///   crash only costs re-applying the log from its `last_applied`;
-/// - `snapshots.redb`: the latest snapshot — large writes that must never delay the log.
+/// - `snapshots.redb`: where starling before format 2 kept snapshots; read on open only.
 pub struct Files {
     pub log: Arc<Database>,
     pub state: Arc<Database>,
@@ -77,10 +87,22 @@ impl Files {
             state: open_file(
                 &dir.join("state.redb"),
                 &[BUILDS, EVENTS, REQUESTS, DEPLOYMENTS],
-                &[META, REPOS, RELEASES, GOALS, CLUSTER, JOIN_TOKENS, NOTIFIER],
+                &[
+                    META,
+                    REPOS,
+                    RELEASES,
+                    GOALS,
+                    CLUSTER,
+                    JOIN_TOKENS,
+                    NOTIFIER,
+                    HISTORY,
+                ],
             )?,
             snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
         };
+        let txn = files.state.begin_write().map_err(io::Error::other)?;
+        crate::archive::create_tables(&txn)?;
+        txn.commit().map_err(io::Error::other)?;
         for (name, db) in [
             ("log.redb", &files.log),
             ("state.redb", &files.state),
@@ -97,20 +119,26 @@ impl Files {
 fn check_format(db: &Database, name: &str) -> io::Result<()> {
     match read_meta::<u32>(db, K_FORMAT)? {
         Some(FILE_FORMAT) => Ok(()),
+        Some(1) => {
+            tracing::info!(file = name, "upgrading from format 1 to {FILE_FORMAT}");
+            mark_format(db)
+        }
         Some(other) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{name} is in format {other}; this starling reads format {FILE_FORMAT}"),
         )),
-        None => {
-            let txn = db.begin_write().map_err(io::Error::other)?;
-            {
-                let mut m = txn.open_table(META).map_err(io::Error::other)?;
-                m.insert(K_FORMAT, enc(&FILE_FORMAT)?.as_slice())
-                    .map_err(io::Error::other)?;
-            }
-            txn.commit().map_err(io::Error::other)
-        }
+        None => mark_format(db),
     }
+}
+
+fn mark_format(db: &Database) -> io::Result<()> {
+    let txn = db.begin_write().map_err(io::Error::other)?;
+    {
+        let mut m = txn.open_table(META).map_err(io::Error::other)?;
+        m.insert(K_FORMAT, enc(&FILE_FORMAT)?.as_slice())
+            .map_err(io::Error::other)?;
+    }
+    txn.commit().map_err(io::Error::other)
 }
 
 /// Open or create `path` with the given tables, so that readers never meet a missing one.
@@ -148,43 +176,10 @@ pub(crate) fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Re
     }
 }
 
-/// Run `f` in a write transaction and commit it with `durability`, off the async threads.
-async fn write<F>(db: &Arc<Database>, durability: Durability, f: F) -> io::Result<()>
-where
-    F: FnOnce(&redb::WriteTransaction) -> io::Result<()> + Send + 'static,
-{
-    let db = db.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut txn = db.begin_write().map_err(io::Error::other)?;
-        txn.set_durability(durability).map_err(io::Error::other)?;
-        f(&txn)?;
-        txn.commit().map_err(io::Error::other)
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
 // ---------------------------------------------------------------------------------------
 // State machine
 
-/// Store a snapshot durably: its meta as JSON, its data as raw bytes.
-async fn save_snapshot(
-    db: &Arc<Database>,
-    meta: &SnapshotMetaOf<TypeConfig>,
-    data: Arc<Vec<u8>>,
-) -> io::Result<()> {
-    let meta = enc(meta)?;
-    write(db, Durability::Immediate, move |txn| {
-        let mut m = txn.open_table(META).map_err(io::Error::other)?;
-        m.insert(K_SNAPSHOT_META, meta.as_slice())
-            .map_err(io::Error::other)?;
-        m.insert(K_SNAPSHOT_DATA, data.as_slice())
-            .map_err(io::Error::other)?;
-        Ok(())
-    })
-    .await
-}
-
+/// The snapshot an earlier starling stored beside the state file (JSON of the records).
 fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
     let Some(meta) = read_meta(db, K_SNAPSHOT_META)? else {
         return Ok(None);
@@ -199,11 +194,11 @@ fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>
     Ok(Some((meta, data)))
 }
 
-/// Builds a snapshot from the records as they were when openraft asked for it.
+/// Builds a snapshot: makes the state file durable up to the snapshot's last entry. The
+/// state file is the snapshot ([`crate::image`]), so this costs the same at any history.
 pub struct SnapshotBuilder {
-    snapshots: Arc<Database>,
-    meta: SnapshotMetaOf<TypeConfig>,
-    records: Records,
+    writer: mpsc::Sender<SmWrite>,
+    metrics: Arc<ControlMetrics>,
 }
 
 /// The first storage failure of this member. Once one is recorded the member must stop
@@ -239,6 +234,8 @@ pub struct StateMachineStore {
     writer: mpsc::Sender<SmWrite>,
     fault: Arc<StorageFault>,
     metrics: Arc<ControlMetrics>,
+    /// Archived records the writer has not committed yet.
+    pending: Arc<Mutex<Pending>>,
 }
 
 /// Work for the state machine's writer thread.
@@ -251,6 +248,8 @@ enum SmWrite {
     },
     /// Answered once everything queued before it is committed.
     Barrier(oneshot::Sender<()>),
+    /// Commit durably, then answer with a read transaction of exactly that commit.
+    Durable(oneshot::Sender<Arc<redb::ReadTransaction>>),
     /// Make everything written so far durable.
     Sync,
 }
@@ -277,7 +276,12 @@ fn writes_fail_after() -> Option<u64> {
 /// Commits batches of touched records with their `last_applied`. On the first failure it
 /// records the fault and stops: a later batch must never record a `last_applied` past
 /// records that are not on disk.
-fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageFault>) {
+fn sm_writer(
+    db: Arc<Database>,
+    rx: mpsc::Receiver<SmWrite>,
+    fault: Arc<StorageFault>,
+    pending: Arc<Mutex<Pending>>,
+) {
     let mut last_sync = std::time::Instant::now();
     let mut unsynced = false;
     let mut batches = 0u64;
@@ -298,7 +302,9 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageF
             }
         }
         let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL
-            || ops.iter().any(|op| matches!(op, SmWrite::Sync));
+            || ops
+                .iter()
+                .any(|op| matches!(op, SmWrite::Sync | SmWrite::Durable(_)));
         let res = (|| -> io::Result<()> {
             if fail_after.is_some_and(|n| batches >= n) {
                 return Err(io::Error::other("injected state-file write failure"));
@@ -345,9 +351,36 @@ fn sm_writer(db: Arc<Database>, rx: mpsc::Receiver<SmWrite>, fault: Arc<StorageF
                 return;
             }
         }
+        {
+            let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+            for op in &ops {
+                if let SmWrite::Rows { rows, .. } = op {
+                    p.committed(&rows.archived_build_ids(), &rows.archived_release_ids());
+                }
+            }
+        }
+        // Opened before the next commit: it sees exactly this one.
+        let mut view = None;
         for op in ops {
-            if let SmWrite::Barrier(done) = op {
-                let _ = done.send(());
+            match op {
+                SmWrite::Barrier(done) => {
+                    let _ = done.send(());
+                }
+                SmWrite::Durable(done) => {
+                    if view.is_none() {
+                        match db.begin_read() {
+                            Ok(txn) => view = Some(Arc::new(txn)),
+                            Err(e) => {
+                                fault.record(format!("reading state.redb: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    if let Some(txn) = &view {
+                        let _ = done.send(txn.clone());
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -364,20 +397,35 @@ impl StateMachineStore {
         let last_applied: Option<LogIdOf<TypeConfig>> = read_meta(&db, K_APPLIED)?;
         let membership: StoredMembershipOf<TypeConfig> =
             read_meta(&db, K_MEMBERSHIP)?.unwrap_or_default();
-        let records = load_records(&db)?;
-        let events = records.events.len() as u64;
-        let (tx, _) = watch::channel(events);
+        let mut state = ControlState::from_records(load_records(&db)?);
+        // Records past the history window (a file of format 1) move to the archive now.
+        let touched = state.take_touched();
+        if !touched.is_empty() {
+            let rows = Rows::encode(&state, &touched, &[])?;
+            tracing::info!(
+                builds = rows.archived_builds.len(),
+                releases = rows.archived_releases.len(),
+                "moving history past the window to the archive"
+            );
+            let txn = db.begin_write().map_err(io::Error::other)?;
+            rows.write(&txn)?;
+            txn.commit().map_err(io::Error::other)?;
+        }
+        let (tx, _) = watch::channel(state.last_event_index());
         let (writer, rx) = mpsc::channel();
         let wdb = db.clone();
         let fault = Arc::new(StorageFault::default());
         let wfault = fault.clone();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let wpending = pending.clone();
         std::thread::Builder::new()
             .name("state-machine-writer".into())
-            .spawn(move || sm_writer(wdb, rx, wfault))?;
+            .spawn(move || sm_writer(wdb, rx, wfault, wpending))?;
         let mut sm = StateMachineStore {
             db,
             snapshots,
-            state: Arc::new(RwLock::new(ControlState::from_records(records))),
+            pending,
+            state: Arc::new(RwLock::new(state)),
             last_applied,
             membership,
             events_tx: Arc::new(tx),
@@ -389,7 +437,7 @@ impl StateMachineStore {
             let newer = meta.last_log_id.as_ref().map(|l| l.index())
                 > sm.last_applied.as_ref().map(|l| l.index());
             if newer {
-                sm.replace_records(&meta, dec(&data)?, Durability::Immediate)?;
+                sm.replace_records(&meta, crate::image::decode(&data)?, Durability::Immediate)?;
             }
         }
         Ok(sm)
@@ -407,23 +455,26 @@ impl StateMachineStore {
         self.fault.clone()
     }
 
-    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ControlState> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+    /// A reader of the history that left memory.
+    pub fn archive(&self) -> Archive {
+        Archive::new(self.db.clone(), self.pending.clone())
     }
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, ControlState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replace every record with `records` (snapshot install or load).
+    /// Replace every record and the archive with an image's (snapshot install or load).
     fn replace_records(
         &mut self,
         meta: &SnapshotMetaOf<TypeConfig>,
-        records: Records,
+        image: crate::image::Decoded,
         durability: Durability,
     ) -> io::Result<()> {
         let mut txn = self.db.begin_write().map_err(io::Error::other)?;
         txn.set_durability(durability).map_err(io::Error::other)?;
+        txn.delete_table(HISTORY).map_err(io::Error::other)?;
+        crate::archive::delete_tables(&txn)?;
         txn.delete_table(REPOS).map_err(io::Error::other)?;
         txn.delete_table(BUILDS).map_err(io::Error::other)?;
         txn.delete_table(EVENTS).map_err(io::Error::other)?;
@@ -434,9 +485,27 @@ impl StateMachineStore {
         txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
         txn.delete_table(DEPLOYMENTS).map_err(io::Error::other)?;
         txn.delete_table(NOTIFIER).map_err(io::Error::other)?;
-        let state = ControlState::from_records(records);
+        let mut state = ControlState::from_records(image.records);
+        // An image from before the window may hold more than it: that moves too.
+        let mut touched = all_touched(state.records());
+        let beyond = state.take_touched();
+        touched.archived_builds = beyond.archived_builds;
+        touched.archived_releases = beyond.archived_releases;
         let events = state.events_after(0, usize::MAX);
-        Rows::encode(&state, &all_touched(state.records()), &events)?.write(&txn)?;
+        Rows::encode(&state, &touched, &events)?.write(&txn)?;
+        {
+            let mut t = txn.open_table(EVENTS).map_err(io::Error::other)?;
+            for e in &image.events {
+                t.insert(e.index, enc(e)?.as_slice())
+                    .map_err(io::Error::other)?;
+            }
+        }
+        for b in &image.builds {
+            crate::archive::put_build(&txn, b, &enc(b)?)?;
+        }
+        for r in &image.releases {
+            crate::archive::put_release(&txn, r, &enc(r)?)?;
+        }
         {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
             m.insert(K_APPLIED, enc(&meta.last_log_id)?.as_slice())
@@ -455,30 +524,39 @@ impl StateMachineStore {
 }
 
 fn load_records(db: &Database) -> io::Result<Records> {
-    let txn = db.begin_read().map_err(io::Error::other)?;
+    load_records_in(&db.begin_read().map_err(io::Error::other)?)
+}
+
+/// The working set as `txn` sees it.
+pub(crate) fn load_records_in(txn: &redb::ReadTransaction) -> io::Result<Records> {
+    let marks: HistoryMarks = read_named(txn, HISTORY)?
+        .into_iter()
+        .find_map(|(k, v)| (k == K_MARKS).then_some(v))
+        .unwrap_or_default();
     Ok(Records {
-        repos: read_named(&txn, REPOS)?.into_iter().collect(),
-        builds: read_numbered(&txn, BUILDS)?.into_iter().collect(),
-        events: read_numbered(&txn, EVENTS)?
+        marks,
+        repos: read_named(txn, REPOS)?.into_iter().collect(),
+        builds: read_numbered(txn, BUILDS)?.into_iter().collect(),
+        events: read_numbered_from(txn, EVENTS, marks.events_archived + 1)?
             .into_iter()
             .map(|(_, e)| e)
             .collect(),
         // Keyed by the record's own id, as goals are by their own fields.
-        releases: read_named::<Release>(&txn, RELEASES)?
+        releases: read_named::<Release>(txn, RELEASES)?
             .into_iter()
             .map(|(_, r)| (r.id, r))
             .collect(),
-        goals: read_named::<Goal>(&txn, GOALS)?
+        goals: read_named::<Goal>(txn, GOALS)?
             .into_iter()
             .map(|(_, g)| (GoalKey::of(&g), g))
             .collect(),
-        requests: read_numbered(&txn, REQUESTS)?.into_iter().collect(),
-        ca: read_named::<CaRecord>(&txn, CLUSTER)?
+        requests: read_numbered(txn, REQUESTS)?.into_iter().collect(),
+        ca: read_named::<CaRecord>(txn, CLUSTER)?
             .into_iter()
             .find_map(|(k, v)| (k == K_CA).then_some(v)),
-        join_tokens: read_named(&txn, JOIN_TOKENS)?.into_iter().collect(),
-        deployments: read_numbered(&txn, DEPLOYMENTS)?.into_iter().collect(),
-        notified_up_to: read_named::<u64>(&txn, NOTIFIER)?
+        join_tokens: read_named(txn, JOIN_TOKENS)?.into_iter().collect(),
+        deployments: read_numbered(txn, DEPLOYMENTS)?.into_iter().collect(),
+        notified_up_to: read_named::<u64>(txn, NOTIFIER)?
             .into_iter()
             .find_map(|(k, v)| (k == K_NOTIFIED).then_some(v))
             .unwrap_or(0),
@@ -512,9 +590,18 @@ fn read_numbered<T: DeserializeOwned>(
     txn: &redb::ReadTransaction,
     def: TableDefinition<u64, &[u8]>,
 ) -> io::Result<Vec<(u64, T)>> {
+    read_numbered_from(txn, def, 0)
+}
+
+/// The records of `def` numbered `from` or more.
+fn read_numbered_from<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<u64, &[u8]>,
+    from: u64,
+) -> io::Result<Vec<(u64, T)>> {
     let t = txn.open_table(def).map_err(io::Error::other)?;
     let mut out = Vec::new();
-    for item in t.iter().map_err(io::Error::other)? {
+    for item in t.range(from..).map_err(io::Error::other)? {
         let (k, v) = item.map_err(io::Error::other)?;
         let key = k.value();
         let record = dec(v.value()).map_err(|e| unreadable(def.name(), &key, e))?;
@@ -548,6 +635,16 @@ fn write_numbered(
     Ok(())
 }
 
+/// The events a batch appended: those that already left memory, then the rest.
+fn new_events(state: &ControlState, touched: &Touched) -> Vec<Event> {
+    let mut events = touched.archived_events.clone();
+    if let Some(from) = touched.events_from {
+        let after = events.last().map_or(from - 1, |e| e.index);
+        events.extend(state.events_after(after, usize::MAX));
+    }
+    events
+}
+
 fn all_touched(r: &Records) -> Touched {
     Touched {
         repos: r.repos.keys().cloned().collect(),
@@ -562,6 +659,10 @@ fn all_touched(r: &Records) -> Touched {
         join_tokens_forgotten: Default::default(),
         deployments: r.deployments.keys().copied().collect(),
         notified: r.notified_up_to > 0,
+        archived_builds: Vec::new(),
+        archived_releases: Vec::new(),
+        archived_events: Vec::new(),
+        marks: true,
     }
 }
 
@@ -580,6 +681,9 @@ struct Rows {
     join_tokens_forgotten: Vec<String>,
     deployments: Vec<(u64, Vec<u8>)>,
     notifier: Vec<(String, Vec<u8>)>,
+    marks: Option<Vec<u8>>,
+    archived_builds: Vec<(Build, Vec<u8>)>,
+    archived_releases: Vec<(Release, Vec<u8>)>,
 }
 
 impl Rows {
@@ -636,7 +740,24 @@ impl Rows {
             rows.notifier
                 .push((K_NOTIFIED.to_string(), enc(&r.notified_up_to)?));
         }
+        if touched.marks {
+            rows.marks = Some(enc(&r.marks)?);
+        }
+        for b in &touched.archived_builds {
+            rows.archived_builds.push((b.clone(), enc(b)?));
+        }
+        for r in &touched.archived_releases {
+            rows.archived_releases.push((r.clone(), enc(r)?));
+        }
         Ok(rows)
+    }
+
+    fn archived_build_ids(&self) -> Vec<u64> {
+        self.archived_builds.iter().map(|(b, _)| b.id).collect()
+    }
+
+    fn archived_release_ids(&self) -> Vec<ReleaseId> {
+        self.archived_releases.iter().map(|(r, _)| r.id).collect()
     }
 
     fn write(&self, txn: &redb::WriteTransaction) -> io::Result<()> {
@@ -658,30 +779,79 @@ impl Rows {
         }
         write_numbered(txn, DEPLOYMENTS, &self.deployments)?;
         write_named(txn, NOTIFIER, &self.notifier)?;
+        if let Some(marks) = &self.marks {
+            txn.open_table(HISTORY)
+                .map_err(io::Error::other)?
+                .insert(K_MARKS, marks.as_slice())
+                .map_err(io::Error::other)?;
+        }
+        let mut builds = txn.open_table(BUILDS).map_err(io::Error::other)?;
+        for (b, json) in &self.archived_builds {
+            builds.remove(b.id).map_err(io::Error::other)?;
+            crate::archive::put_build(txn, b, json)?;
+        }
+        let mut releases = txn.open_table(RELEASES).map_err(io::Error::other)?;
+        for (r, json) in &self.archived_releases {
+            releases
+                .remove(r.id.to_hex().as_str())
+                .map_err(io::Error::other)?;
+            crate::archive::put_release(txn, r, json)?;
+        }
         Ok(())
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = StateImage;
 
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        let records = std::mem::take(&mut self.records);
-        let data = tokio::task::spawn_blocking(move || enc(&records))
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, StateImage>, io::Error> {
+        let started = std::time::Instant::now();
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(SmWrite::Durable(done))
+            .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
+        let txn = wait
             .await
-            .map_err(io::Error::other)??;
-        let data = Arc::new(data);
-        save_snapshot(&self.snapshots, &self.meta, data.clone()).await?;
-        tracing::info!(last = ?self.meta.last_log_id, bytes = data.len(), "snapshot built");
-        Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
-            meta: self.meta.clone(),
-            snapshot: Arc::unwrap_or_clone(data),
+            .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
+        let meta = snapshot_meta(&txn)?.ok_or_else(|| {
+            io::Error::other("a snapshot was asked for before anything was applied")
+        })?;
+        self.metrics.snapshot_built(started.elapsed());
+        tracing::info!(last = ?meta.last_log_id, "snapshot taken (state file durable)");
+        Ok(SnapshotOf::<TypeConfig, StateImage> {
+            meta,
+            snapshot: StateImage::File(txn),
         })
     }
 }
 
+/// The snapshot meta of the state file as `txn` sees it; `None` before anything applied.
+fn snapshot_meta(txn: &redb::ReadTransaction) -> io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
+    let t = txn.open_table(META).map_err(io::Error::other)?;
+    let get = |k: &str| -> io::Result<Option<Vec<u8>>> {
+        Ok(t.get(k)
+            .map_err(io::Error::other)?
+            .map(|v| v.value().to_vec()))
+    };
+    let Some(applied) = get(K_APPLIED)? else {
+        return Ok(None);
+    };
+    let last_log_id: Option<LogIdOf<TypeConfig>> = dec(&applied)?;
+    if last_log_id.is_none() {
+        return Ok(None);
+    }
+    let last_membership = match get(K_MEMBERSHIP)? {
+        Some(m) => dec(&m)?,
+        None => Default::default(),
+    };
+    Ok(Some(SnapshotMetaOf::<TypeConfig> {
+        last_log_id,
+        last_membership,
+    }))
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = StateImage;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
@@ -724,11 +894,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut st = self.write_state();
             let touched = st.take_touched();
             // Read once, for the rows and for the metrics.
-            let new_events = touched
-                .events_from
-                .map(|from| st.events_after(from - 1, usize::MAX))
-                .unwrap_or_default();
+            let new_events = new_events(&st, &touched);
             let rows = Rows::encode(&st, &touched, &new_events)?;
+            if !rows.archived_builds.is_empty() || !rows.archived_releases.is_empty() {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(&touched.archived_builds, &touched.archived_releases);
+            }
             self.metrics.applied(
                 entries_applied,
                 leases_expired,
@@ -755,27 +928,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    /// Runs between two apply batches: the records and `last_applied` taken here agree.
-    /// Cloning the records is far cheaper than encoding them, which the builder does later
-    /// off the apply path.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            snapshots: self.snapshots.clone(),
-            meta: SnapshotMetaOf::<TypeConfig> {
-                last_log_id: self.last_applied,
-                last_membership: self.membership.clone(),
-            },
-            records: self.read_state().records().clone(),
+            writer: self.writer.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf<TypeConfig>,
-        snapshot: Vec<u8>,
+        snapshot: StateImage,
     ) -> Result<(), io::Error> {
-        let records: Records = dec(&snapshot)?;
-        save_snapshot(&self.snapshots, meta, Arc::new(snapshot)).await?;
+        let image = tokio::task::spawn_blocking(move || {
+            snapshot.into_bytes().and_then(|b| crate::image::decode(&b))
+        })
+        .await
+        .map_err(io::Error::other)??;
         // Let queued row writes land first so that they cannot overwrite the snapshot's.
         let (done, wait) = oneshot::channel();
         if self.writer.send(SmWrite::Barrier(done)).is_ok() {
@@ -784,7 +953,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut this = self.clone();
         let meta = meta.clone();
         let this = tokio::task::spawn_blocking(move || {
-            this.replace_records(&meta, records, Durability::Immediate)
+            this.replace_records(&meta, image, Durability::Immediate)
                 .map(|_| this)
         })
         .await
@@ -795,16 +964,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
+    /// The state file as it is now: its meta and a read transaction to make the image
+    /// from, which happens only if it is sent.
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
+    ) -> Result<Option<SnapshotOf<TypeConfig, StateImage>>, io::Error> {
+        let txn = Arc::new(self.db.begin_read().map_err(io::Error::other)?);
         Ok(
-            load_snapshot(&self.snapshots)?.map(|(meta, snapshot)| SnapshotOf::<
-                TypeConfig,
-                Vec<u8>,
-            > {
+            snapshot_meta(&txn)?.map(|meta| SnapshotOf::<TypeConfig, StateImage> {
                 meta,
-                snapshot,
+                snapshot: StateImage::File(txn),
             }),
         )
     }
@@ -834,7 +1003,8 @@ mod tests {
         let e = Files::open(t.path())
             .err()
             .expect("opened a file of another format");
-        assert!(e.to_string().contains("state.redb is in format 2"), "{e}");
+        let later = format!("state.redb is in format {}", FILE_FORMAT + 1);
+        assert!(e.to_string().contains(&later), "{e}");
     }
 
     #[test]
@@ -856,6 +1026,191 @@ mod tests {
         assert!(
             said.contains("record rel-1 of table releases") && said.contains("release id"),
             "{said}"
+        );
+    }
+
+    /// Apply `cmds` to `state` and write what they touched, as the writer does.
+    fn apply_and_write(db: &Database, state: &mut ControlState, cmds: &[starling_proto::Command]) {
+        for c in cmds {
+            state.apply(c);
+        }
+        let touched = state.take_touched();
+        let events = new_events(state, &touched);
+        let rows = Rows::encode(state, &touched, &events).unwrap();
+        let txn = db.begin_write().unwrap();
+        rows.write(&txn).unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn build_cmds(i: u64) -> Vec<starling_proto::Command> {
+        use starling_proto::{BuildStatus, Command};
+        let sha = format!("{i:040x}");
+        vec![
+            Command::QueueBuild {
+                repo: if i.is_multiple_of(3) {
+                    "acme/api"
+                } else {
+                    "acme/web"
+                }
+                .into(),
+                sha: sha.clone(),
+                trigger: "manual".into(),
+                delivery: None,
+                force: false,
+                at: 1000 + i,
+            },
+            Command::LeaseBuild {
+                worker: "w".into(),
+                ttl_ms: 60_000,
+                at: 1000 + i,
+            },
+            Command::CompleteBuild {
+                build: i,
+                worker: "w".into(),
+                attempt: 1,
+                status: if i.is_multiple_of(5) {
+                    BuildStatus::Failed
+                } else {
+                    BuildStatus::Succeeded
+                },
+                release: Some(ReleaseId::of(sha.as_bytes())),
+                reason: None,
+                at: 1001 + i,
+            },
+        ]
+    }
+
+    /// History past the window is written to the archive, read back by every kind of
+    /// query, carried by a state image to a fresh member, and not loaded into memory.
+    #[test]
+    fn history_past_the_window_is_archived_queried_and_carried_by_images() {
+        use starling_core::state::{BuildQuery, HistoryWindow};
+        use starling_proto::{BuildStatus, Command, RepoSpec};
+        let window = HistoryWindow {
+            finished_builds: 5,
+            events: 20,
+            collected_releases: 2,
+        };
+        let t = tempfile::tempdir().unwrap();
+        let files = Files::open(t.path()).unwrap();
+        let mut state = ControlState::with_window(Records::default(), window);
+        let repos: Vec<Command> = ["acme/web", "acme/api"]
+            .iter()
+            .map(|name| Command::PutRepo {
+                spec: RepoSpec {
+                    name: name.to_string(),
+                    url: "file:///x".into(),
+                    branch: "main".into(),
+                    webhook_secret: "s".into(),
+                    auto_deploy: false,
+                    max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
+                    notify: Vec::new(),
+                    notify_secret: String::new(),
+                    rollout: Default::default(),
+                },
+                at: 1,
+            })
+            .collect();
+        apply_and_write(&files.state, &mut state, &repos);
+        for i in 1..=40 {
+            apply_and_write(&files.state, &mut state, &build_cmds(i));
+        }
+        assert_eq!(state.records().builds.len(), 5);
+        let archive = Archive::new(files.state.clone(), Default::default());
+        let q = |f: &dyn Fn(&mut BuildQuery)| {
+            let mut q = BuildQuery::default();
+            f(&mut q);
+            archive
+                .builds(&q)
+                .unwrap()
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<u64>>()
+        };
+        assert_eq!(q(&|q| q.limit = Some(3)), vec![35, 34, 33]);
+        assert_eq!(
+            q(&|q| {
+                q.repo = Some("acme/api".into());
+                q.status = Some(BuildStatus::Failed);
+            }),
+            vec![30, 15]
+        );
+        assert_eq!(q(&|q| q.repo = Some("acme/api".into())).len(), 11);
+        assert_eq!(
+            q(&|q| q.status = Some(BuildStatus::Failed)),
+            vec![35, 30, 25, 20, 15, 10, 5]
+        );
+        assert_eq!(
+            q(&|q| q.sha = Some(format!("{:038x}", 0) + "1")),
+            vec![31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16]
+        );
+        assert_eq!(
+            q(&|q| {
+                q.since = Some(1010);
+                q.until = Some(1013);
+            }),
+            vec![12, 11, 10]
+        );
+        assert_eq!(archive.build(7).unwrap().map(|b| b.id), Some(7));
+        assert!(
+            archive.build(38).unwrap().is_none(),
+            "in memory, not archived"
+        );
+        let first = state.first_event_in_memory();
+        let old = archive.events(0, first, 1000).unwrap();
+        assert_eq!(old.len() as u64, first - 1);
+        assert!(old.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1));
+
+        // Collect releases: all but the newest two leave memory.
+        let due = state.releases_to_collect(1);
+        apply_and_write(
+            &files.state,
+            &mut state,
+            &[Command::CollectReleases {
+                releases: due,
+                keep: 1,
+                at: 5000,
+            }],
+        );
+        let web = archive.releases(Some("acme/web"), 100).unwrap();
+        assert!(!web.is_empty() && web.iter().all(|r| r.repo == "acme/web"));
+
+        // Loading reads the working set only.
+        let loaded = load_records(&files.state).unwrap();
+        assert_eq!(loaded.builds.len(), 5);
+        assert_eq!(loaded.events.len(), 20);
+        assert_eq!(&loaded, state.records());
+
+        // An image carries everything to another member's empty file.
+        {
+            let txn = files.state.begin_write().unwrap();
+            let mut m = txn.open_table(META).unwrap();
+            let applied: Option<LogIdOf<TypeConfig>> = None;
+            m.insert(K_APPLIED, enc(&applied).unwrap().as_slice())
+                .unwrap();
+        }
+        let txn = Arc::new(files.state.begin_read().unwrap());
+        let bytes = StateImage::File(txn).into_bytes().unwrap();
+        let image = crate::image::decode(&bytes).unwrap();
+        assert_eq!(image.builds.len(), 35);
+        assert_eq!(image.events.len() as u64, state.first_event_in_memory() - 1);
+        let t2 = tempfile::tempdir().unwrap();
+        let other = Files::open(t2.path()).unwrap();
+        let metrics = Arc::new(ControlMetrics::new());
+        let mut sm =
+            StateMachineStore::open(other.state.clone(), other.snapshots, metrics).unwrap();
+        let meta = SnapshotMetaOf::<TypeConfig>::default();
+        sm.replace_records(&meta, image, Durability::Immediate)
+            .unwrap();
+        let theirs = Archive::new(other.state.clone(), Default::default());
+        let all = BuildQuery {
+            limit: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(theirs.builds(&all).unwrap(), archive.builds(&all).unwrap());
+        assert_eq!(
+            theirs.events(0, 1000, 1000).unwrap(),
+            archive.events(0, 1000, 1000).unwrap()
         );
     }
 }

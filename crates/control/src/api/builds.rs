@@ -81,7 +81,8 @@ pub(super) async fn list_builds(
         until: q.until,
         limit: q.limit,
     };
-    Ok(Json(m.read().list_builds(&query)).into_response())
+    let found = super::blocking(&m, move |m| m.builds(&query)).await?;
+    Ok(Json(found).into_response())
 }
 
 pub(super) async fn show_build(
@@ -90,7 +91,7 @@ pub(super) async fn show_build(
     Query(o): Query<ReadOpts>,
 ) -> Result<Response, ApiErr> {
     linearize(&m, &o).await?;
-    let b = m.read().build(id).cloned();
+    let b = super::blocking(&m, move |m| m.build(id)).await?;
     b.map(|b| Json(b).into_response())
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown build {id}")))
 }
@@ -120,12 +121,20 @@ pub(super) struct ReleaseQuery {
     stale: Option<String>,
 }
 
+/// Collected releases listed from the archive, at most.
+const ARCHIVED_RELEASES_SHOWN: usize = 100;
+
 pub(super) async fn list_releases(
     State(m): Shared,
     Query(q): Query<ReleaseQuery>,
 ) -> Result<Response, ApiErr> {
     linearize(&m, &ReadOpts { stale: q.stale }).await?;
-    Ok(Json(m.read().list_releases(q.repo.as_deref())).into_response())
+    let repo = q.repo;
+    let found = super::blocking(&m, move |m| {
+        m.releases(repo.as_deref(), ARCHIVED_RELEASES_SHOWN)
+    })
+    .await?;
+    Ok(Json(found).into_response())
 }
 
 /// The fleet as this member's tracker knows it (nodes announce to every member).

@@ -81,7 +81,8 @@ pub(super) async fn events(
                 .is_err()
         {
             let _turn = page_turn(&m).await;
-            let evs = m.read().events_after(q.after, limit);
+            let after = q.after;
+            let evs = super::blocking(&m, move |m| m.events_after(after, limit)).await?;
             return Ok(Json(evs).into_response());
         }
     }
@@ -113,7 +114,9 @@ pub(super) async fn events_stream(
                 // Read and encode one page in turn with the other readers.
                 let (page, next) = {
                     let _turn = page_turn(&m).await?;
-                    let evs = m.read().events_after(after, SSE_PAGE);
+                    let evs = super::blocking(&m, move |m| m.events_after(after, SSE_PAGE))
+                        .await
+                        .ok()?;
                     let next = evs.last().map_or(after, |e| e.index);
                     (encode_page(&evs)?, next)
                 };

@@ -88,7 +88,7 @@ pub(super) async fn read_log(
     Path(id): Path<u64>,
     Query(q): Query<Offset>,
 ) -> Result<Response, ApiErr> {
-    if m.read().build(id).is_none() {
+    if !m.build_exists(id) {
         return Err(err(StatusCode::NOT_FOUND, format!("unknown build {id}")));
     }
     let path = log_path(&m, id);

@@ -40,6 +40,24 @@ pub(crate) use events::{MAX_EVENT_READERS, PAGE_WORKERS};
 
 type Shared = State<Arc<Member>>;
 
+/// Run `f` on a blocking thread: reads of the state file's archive.
+async fn blocking<T: Send + 'static>(
+    m: &Arc<Member>,
+    f: impl FnOnce(&Member) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, ApiErr> {
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading the archive failed");
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading history: {e}"),
+            )
+        })
+}
+
 /// An error answer: a status and a sentence.
 #[derive(Debug)]
 pub struct ApiErr(StatusCode, String);

@@ -73,9 +73,9 @@ pub(super) async fn raft_snapshot(
         decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
         raft_request(&headers, meta)?;
-    let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> {
+    let snapshot = SnapshotOf::<TypeConfig, crate::image::StateImage> {
         meta,
-        snapshot: data.to_vec(),
+        snapshot: crate::image::StateImage::Bytes(data.to_vec()),
     };
     raft_answer(&m.raft.install_full_snapshot(vote, snapshot).await)
 }

@@ -111,11 +111,23 @@ impl ControlState {
     /// Let the oldest events go past the window.
     pub(super) fn trim_events(&mut self) {
         let excess = self.records.events.len().saturating_sub(self.window.events);
-        if excess > 0 {
-            self.records.events = self.records.events.skip(excess);
-            self.records.marks.events_archived += excess as u64;
-            self.touched.marks = true;
+        if excess == 0 {
+            return;
         }
+        // Events made since the store last wrote leave with the rest: it must still write them.
+        let unwritten = self.touched.events_from.unwrap_or(u64::MAX);
+        let first = self.first_event_in_memory();
+        let leaving = self.records.events.take(excess);
+        self.touched.archived_events.extend(
+            leaving
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| first + *i as u64 >= unwritten)
+                .map(|(_, e)| e),
+        );
+        self.records.events = self.records.events.skip(excess);
+        self.records.marks.events_archived += excess as u64;
+        self.touched.marks = true;
     }
 
     /// Bring records loaded from a file written before the window (or with a larger one)

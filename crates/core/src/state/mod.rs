@@ -129,6 +129,8 @@ pub struct Touched {
     /// Records that left memory (see [`HistoryWindow`]), for the store's archive.
     pub archived_builds: Vec<Build>,
     pub archived_releases: Vec<Release>,
+    /// Events appended and archived since the last call: not in memory, not yet written.
+    pub archived_events: Vec<Event>,
     /// [`Records::marks`] changed.
     pub marks: bool,
 }
@@ -181,6 +183,26 @@ pub struct BuildQuery {
 
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 pub const MAX_LIST_LIMIT: usize = 100_000;
+
+impl BuildQuery {
+    pub fn matches(&self, b: &Build) -> bool {
+        self.repo.as_ref().is_none_or(|r| &b.repo == r)
+            && self.status.is_none_or(|s| b.status == s)
+            && self
+                .sha
+                .as_ref()
+                .is_none_or(|s| b.sha.starts_with(s.as_str()))
+            && self.since.is_none_or(|t| b.created_at >= t)
+            && self.until.is_none_or(|t| b.created_at < t)
+    }
+
+    /// How many builds to answer at most.
+    pub fn limit(&self) -> usize {
+        self.limit
+            .unwrap_or(DEFAULT_LIST_LIMIT)
+            .clamp(1, MAX_LIST_LIMIT)
+    }
+}
 
 impl ControlState {
     /// The state of `records` with the cluster's history window. Records beyond the window
@@ -256,20 +278,12 @@ impl ControlState {
 
     /// Builds in memory matching `q`, newest first.
     pub fn list_builds(&self, q: &BuildQuery) -> Vec<Build> {
-        let limit = q
-            .limit
-            .unwrap_or(DEFAULT_LIST_LIMIT)
-            .clamp(1, MAX_LIST_LIMIT);
         self.records
             .builds
             .values()
             .rev()
-            .filter(|b| q.repo.as_ref().is_none_or(|r| &b.repo == r))
-            .filter(|b| q.status.is_none_or(|s| b.status == s))
-            .filter(|b| q.sha.as_ref().is_none_or(|s| b.sha.starts_with(s.as_str())))
-            .filter(|b| q.since.is_none_or(|t| b.created_at >= t))
-            .filter(|b| q.until.is_none_or(|t| b.created_at < t))
-            .take(limit)
+            .filter(|b| q.matches(b))
+            .take(q.limit())
             .cloned()
             .collect()
     }
