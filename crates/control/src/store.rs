@@ -523,6 +523,33 @@ impl StateMachineStore {
     }
 }
 
+/// Apply `cmds` to `state` outside Raft and write what they touched to `db` as the
+/// state machine's writer would. Only for tools that build a state file directly (the
+/// history benchmark): a member's state changes only through its log.
+#[doc(hidden)]
+pub fn apply_outside_raft(
+    db: &Database,
+    state: &mut ControlState,
+    cmds: &[starling_proto::Command],
+) -> io::Result<()> {
+    for c in cmds {
+        state.apply(c);
+    }
+    let touched = state.take_touched();
+    let rows = Rows::encode(state, &touched, &new_events(state, &touched))?;
+    let mut txn = db.begin_write().map_err(io::Error::other)?;
+    txn.set_durability(Durability::None)
+        .map_err(io::Error::other)?;
+    rows.write(&txn)?;
+    txn.commit().map_err(io::Error::other)
+}
+
+/// The state a member would load from `db`.
+#[doc(hidden)]
+pub fn load_state(db: &Database) -> io::Result<ControlState> {
+    Ok(ControlState::from_records(load_records(db)?))
+}
+
 fn load_records(db: &Database) -> io::Result<Records> {
     load_records_in(&db.begin_read().map_err(io::Error::other)?)
 }
@@ -1029,19 +1056,6 @@ mod tests {
         );
     }
 
-    /// Apply `cmds` to `state` and write what they touched, as the writer does.
-    fn apply_and_write(db: &Database, state: &mut ControlState, cmds: &[starling_proto::Command]) {
-        for c in cmds {
-            state.apply(c);
-        }
-        let touched = state.take_touched();
-        let events = new_events(state, &touched);
-        let rows = Rows::encode(state, &touched, &events).unwrap();
-        let txn = db.begin_write().unwrap();
-        rows.write(&txn).unwrap();
-        txn.commit().unwrap();
-    }
-
     fn build_cmds(i: u64) -> Vec<starling_proto::Command> {
         use starling_proto::{BuildStatus, Command};
         let sha = format!("{i:040x}");
@@ -1111,9 +1125,9 @@ mod tests {
                 at: 1,
             })
             .collect();
-        apply_and_write(&files.state, &mut state, &repos);
+        apply_outside_raft(&files.state, &mut state, &repos).unwrap();
         for i in 1..=40 {
-            apply_and_write(&files.state, &mut state, &build_cmds(i));
+            apply_outside_raft(&files.state, &mut state, &build_cmds(i)).unwrap();
         }
         assert_eq!(state.records().builds.len(), 5);
         let archive = Archive::new(files.state.clone(), Default::default());
@@ -1163,7 +1177,7 @@ mod tests {
 
         // Collect releases: all but the newest two leave memory.
         let due = state.releases_to_collect(1);
-        apply_and_write(
+        apply_outside_raft(
             &files.state,
             &mut state,
             &[Command::CollectReleases {
@@ -1171,7 +1185,8 @@ mod tests {
                 keep: 1,
                 at: 5000,
             }],
-        );
+        )
+        .unwrap();
         let web = archive.releases(Some("acme/web"), 100).unwrap();
         assert!(!web.is_empty() && web.iter().all(|r| r.repo == "acme/web"));
 
