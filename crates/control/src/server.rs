@@ -61,6 +61,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     let sm = StateMachineStore::open(files.state, files.snapshots, metrics.clone())?;
     let state = sm.shared();
     let archive = sm.archive();
+    let state_sync = sm.state_sync();
     let events = sm.events();
     let fault = sm.fault();
 
@@ -185,6 +186,33 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
             Err(e) => Err(ControlError::Raft(e.to_string())),
         },
         failed = storage_failure(&member) => Err(failed),
+        () = stop_signal() => {
+            // Stop applying, then make what was applied durable: a restart then has no
+            // log to replay.
+            tracing::info!("stopping");
+            raft.shutdown()
+                .await
+                .map_err(|e| ControlError::Raft(e.to_string()))?;
+            state_sync.durable().await.map_err(ControlError::Storage)?;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -83,9 +83,10 @@ impl Files {
     pub fn open(dir: &Path) -> io::Result<Files> {
         std::fs::create_dir_all(dir)?;
         let files = Files {
-            log: open_file(&dir.join("log.redb"), &[LOG], &[META])?,
+            log: open_file(&dir.join("log.redb"), LOG_CACHE, &[LOG], &[META])?,
             state: open_file(
                 &dir.join("state.redb"),
+                STATE_CACHE,
                 &[BUILDS, EVENTS, REQUESTS, DEPLOYMENTS],
                 &[
                     META,
@@ -98,7 +99,7 @@ impl Files {
                     HISTORY,
                 ],
             )?,
-            snapshots: open_file(&dir.join("snapshots.redb"), &[], &[META])?,
+            snapshots: open_file(&dir.join("snapshots.redb"), 1 << 20, &[], &[META])?,
         };
         let txn = files.state.begin_write().map_err(io::Error::other)?;
         crate::archive::create_tables(&txn)?;
@@ -141,13 +142,23 @@ fn mark_format(db: &Database) -> io::Result<()> {
     txn.commit().map_err(io::Error::other)
 }
 
+/// How much of each file redb may cache in memory (its default is 1 GiB a file). The
+/// log is read back by followers that lag and on restart; the state file by history
+/// queries, whose indexes keep the pages they touch few.
+const LOG_CACHE: usize = 32 << 20;
+const STATE_CACHE: usize = 64 << 20;
+
 /// Open or create `path` with the given tables, so that readers never meet a missing one.
 fn open_file(
     path: &Path,
+    cache: usize,
     by_number: &[TableDefinition<u64, &[u8]>],
     by_name: &[TableDefinition<&str, &[u8]>],
 ) -> io::Result<Arc<Database>> {
-    let db = Database::create(path).map_err(io::Error::other)?;
+    let db = Database::builder()
+        .set_cache_size(cache)
+        .create(path)
+        .map_err(io::Error::other)?;
     let txn = db.begin_write().map_err(io::Error::other)?;
     for t in by_number {
         txn.open_table(*t).map_err(io::Error::other)?;
@@ -197,8 +208,22 @@ fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>
 /// Builds a snapshot: makes the state file durable up to the snapshot's last entry. The
 /// state file is the snapshot ([`crate::image`]), so this costs the same at any history.
 pub struct SnapshotBuilder {
-    writer: mpsc::Sender<SmWrite>,
+    sync: StateSync,
     metrics: Arc<ControlMetrics>,
+}
+
+/// Makes the state file durable on demand: for a snapshot, and for a member stopping.
+#[derive(Clone)]
+pub struct StateSync(mpsc::Sender<SmWrite>);
+
+impl StateSync {
+    /// Commit everything applied so far durably; a read transaction of that commit.
+    pub async fn durable(&self) -> io::Result<Arc<redb::ReadTransaction>> {
+        let stopped = || io::Error::other("the state-machine writer thread has stopped");
+        let (done, wait) = oneshot::channel();
+        self.0.send(SmWrite::Durable(done)).map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())
+    }
 }
 
 /// The first storage failure of this member. Once one is recorded the member must stop
@@ -455,6 +480,10 @@ impl StateMachineStore {
         self.fault.clone()
     }
 
+    pub fn state_sync(&self) -> StateSync {
+        StateSync(self.writer.clone())
+    }
+
     /// A reader of the history that left memory.
     pub fn archive(&self) -> Archive {
         Archive::new(self.db.clone(), self.pending.clone())
@@ -525,12 +554,14 @@ impl StateMachineStore {
 
 /// Apply `cmds` to `state` outside Raft and write what they touched to `db` as the
 /// state machine's writer would. Only for tools that build a state file directly (the
-/// history benchmark): a member's state changes only through its log.
+/// history benchmark): a member's state changes only through its log. Commits without
+/// fsync unless `durable`; redb makes earlier commits durable with a durable one.
 #[doc(hidden)]
 pub fn apply_outside_raft(
     db: &Database,
     state: &mut ControlState,
     cmds: &[starling_proto::Command],
+    durable: bool,
 ) -> io::Result<()> {
     for c in cmds {
         state.apply(c);
@@ -538,8 +569,12 @@ pub fn apply_outside_raft(
     let touched = state.take_touched();
     let rows = Rows::encode(state, &touched, &new_events(state, &touched))?;
     let mut txn = db.begin_write().map_err(io::Error::other)?;
-    txn.set_durability(Durability::None)
-        .map_err(io::Error::other)?;
+    let durability = if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    txn.set_durability(durability).map_err(io::Error::other)?;
     rows.write(&txn)?;
     txn.commit().map_err(io::Error::other)
 }
@@ -833,13 +868,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, StateImage>, io::Error> {
         let started = std::time::Instant::now();
-        let (done, wait) = oneshot::channel();
-        self.writer
-            .send(SmWrite::Durable(done))
-            .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
-        let txn = wait
-            .await
-            .map_err(|_| io::Error::other("the state-machine writer thread has stopped"))?;
+        let txn = self.sync.durable().await?;
         let meta = snapshot_meta(&txn)?.ok_or_else(|| {
             io::Error::other("a snapshot was asked for before anything was applied")
         })?;
@@ -957,7 +986,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
-            writer: self.writer.clone(),
+            sync: self.state_sync(),
             metrics: self.metrics.clone(),
         }
     }
@@ -1125,9 +1154,9 @@ mod tests {
                 at: 1,
             })
             .collect();
-        apply_outside_raft(&files.state, &mut state, &repos).unwrap();
+        apply_outside_raft(&files.state, &mut state, &repos, false).unwrap();
         for i in 1..=40 {
-            apply_outside_raft(&files.state, &mut state, &build_cmds(i)).unwrap();
+            apply_outside_raft(&files.state, &mut state, &build_cmds(i), false).unwrap();
         }
         assert_eq!(state.records().builds.len(), 5);
         let archive = Archive::new(files.state.clone(), Default::default());
@@ -1185,6 +1214,7 @@ mod tests {
                 keep: 1,
                 at: 5000,
             }],
+            true,
         )
         .unwrap();
         let web = archive.releases(Some("acme/web"), 100).unwrap();

@@ -280,6 +280,25 @@ impl Members {
         Ok(())
     }
 
+    /// Stop member `id` as systemd does: SIGTERM, then SIGKILL if it has not exited
+    /// within `within`. Whether it exited by itself.
+    pub async fn stop(&mut self, id: u64, within: Duration) -> Result<bool, HarnessError> {
+        let Some(mut c) = self.children[id as usize - 1].take() else {
+            return Ok(true);
+        };
+        if let Some(pid) = c.id() {
+            // SAFETY: kill(2) with a pid this set spawned and has not reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(within, c.wait()).await {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                c.kill().await.map_err(io(format!("killing member {id}")))?;
+                Ok(false)
+            }
+        }
+    }
+
     /// The members whose processes this set started and has not seen end.
     pub fn alive(&self) -> Vec<u64> {
         (1..=self.len() as u64)
