@@ -178,8 +178,12 @@ fn dir_mib(p: &Path) -> f64 {
     let mut total = 0u64;
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
+            // Blocks allocated, not length: redb files are sparse where never written.
             let m = e.metadata().ok();
-            total += m.as_ref().filter(|m| m.is_file()).map_or(0, |m| m.len());
+            total += m
+                .as_ref()
+                .filter(|m| m.is_file())
+                .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(m) * 512);
         }
     }
     total as f64 / (1024.0 * 1024.0)
@@ -266,10 +270,7 @@ async fn main() {
     eprintln!("writing {} builds into member 1's state file…", a.builds);
     let grow = grow_history(&members.data_dir(1), &a);
     let state_file = members.data_dir(1).join("state.redb");
-    eprintln!(
-        "state file: {:.0} MiB",
-        std::fs::metadata(&state_file).map_or(0, |m| m.len()) as f64 / 1048576.0
-    );
+
     for id in 2..=3 {
         std::fs::copy(&state_file, members.data_dir(id).join("state.redb"))
             .expect("copying the state file");
@@ -312,6 +313,9 @@ async fn main() {
         caught_up.push(t.elapsed());
     }
     let restart = caught_up.iter().copied().max().unwrap_or_default();
+    let rss_restarted: Vec<f64> = (1..=3)
+        .map(|id| members.pid(id).map_or(f64::NAN, rss_mib))
+        .collect();
 
     // History queries, through the API, at member 1.
     let n = a.builds;
@@ -389,6 +393,10 @@ async fn main() {
         .map(|id| members.pid(id).map_or(f64::NAN, rss_mib))
         .collect();
     let data: Vec<f64> = (1..=3).map(|id| dir_mib(&members.data_dir(id))).collect();
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("members left running; files in {}", tmp.keep().display());
+        std::mem::forget(members);
+    }
 
     println!();
     println!(
@@ -403,6 +411,14 @@ async fn main() {
     println!();
     println!("| measure | value | target |");
     println!("| --- | --- | --- |");
+    println!(
+        "| RSS per member (restarted) | {} MiB | < 1024 MiB |",
+        rss_restarted
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     println!(
         "| RSS per member (after queries) | {} MiB | < 1024 MiB |",
         rss.iter()

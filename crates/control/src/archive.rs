@@ -5,7 +5,8 @@
 //! Finished builds go to `build_archive` with five small indexes — by repository, by
 //! repository and status, by status, by commit, by creation time — so that each kind of
 //! history query walks only rows that can match. Collected releases go to
-//! `release_archive`, indexed by repository. Events never move: the `events` table has
+//! `release_archive`, indexed by repository, and finished deployments no goal names go
+//! to `deployment_archive`, indexed by repository. Events never move: the `events` table has
 //! them all, and memory only the newest.
 //!
 //! A record is in one tier at a time: memory, then [`Pending`] (archived by an apply
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use starling_core::state::BuildQuery;
-use starling_proto::{Build, Event, Release, ReleaseId};
+use starling_proto::{Build, Deployment, Event, Release, ReleaseId};
 
 use crate::store::{dec, EVENTS};
 
@@ -51,6 +52,12 @@ macro_rules! put {
     };
 }
 
+pub(crate) const DEPLOYMENT_ARCHIVE: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("deployment_archive");
+/// (repo, deployment id).
+const DEPLOYMENTS_BY_REPO: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("deployment_archive_by_repo");
+
 /// Create every archive table, so that readers never meet a missing one.
 pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> io::Result<()> {
     txn.open_table(BUILD_ARCHIVE).map_err(io::Error::other)?;
@@ -62,6 +69,10 @@ pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> io::Result<()> {
     txn.open_table(RELEASE_ARCHIVE).map_err(io::Error::other)?;
     txn.open_table(RELEASES_BY_REPO).map_err(io::Error::other)?;
     txn.open_table(RELEASES_BY_TIME).map_err(io::Error::other)?;
+    txn.open_table(DEPLOYMENT_ARCHIVE)
+        .map_err(io::Error::other)?;
+    txn.open_table(DEPLOYMENTS_BY_REPO)
+        .map_err(io::Error::other)?;
     Ok(())
 }
 
@@ -78,6 +89,10 @@ pub(crate) fn delete_tables(txn: &redb::WriteTransaction) -> io::Result<()> {
     txn.delete_table(RELEASES_BY_REPO)
         .map_err(io::Error::other)?;
     txn.delete_table(RELEASES_BY_TIME)
+        .map_err(io::Error::other)?;
+    txn.delete_table(DEPLOYMENT_ARCHIVE)
+        .map_err(io::Error::other)?;
+    txn.delete_table(DEPLOYMENTS_BY_REPO)
         .map_err(io::Error::other)?;
     create_tables(txn)
 }
@@ -112,15 +127,35 @@ pub(crate) fn put_release(
     Ok(())
 }
 
+/// Archive deployment `d` (encoded as `json`) with its index row.
+pub(crate) fn put_deployment(
+    txn: &redb::WriteTransaction,
+    d: &Deployment,
+    json: &[u8],
+) -> io::Result<()> {
+    put!(txn, DEPLOYMENT_ARCHIVE, d.id, json);
+    put!(txn, DEPLOYMENTS_BY_REPO, (d.repo.as_str(), d.id), ());
+    Ok(())
+}
+
 /// Records archived by apply batches that the writer has not committed yet.
 #[derive(Debug, Default)]
 pub struct Pending {
     builds: BTreeMap<u64, Build>,
     releases: BTreeMap<ReleaseId, Release>,
+    deployments: BTreeMap<u64, Deployment>,
 }
 
 impl Pending {
-    pub(crate) fn add(&mut self, builds: &[Build], releases: &[Release]) {
+    pub(crate) fn add(
+        &mut self,
+        builds: &[Build],
+        releases: &[Release],
+        deployments: &[Deployment],
+    ) {
+        for d in deployments {
+            self.deployments.insert(d.id, d.clone());
+        }
         for b in builds {
             self.builds.insert(b.id, b.clone());
         }
@@ -130,7 +165,15 @@ impl Pending {
     }
 
     /// Forget what a commit made readable from the tables.
-    pub(crate) fn committed(&mut self, builds: &[u64], releases: &[ReleaseId]) {
+    pub(crate) fn committed(
+        &mut self,
+        builds: &[u64],
+        releases: &[ReleaseId],
+        deployments: &[u64],
+    ) {
+        for id in deployments {
+            self.deployments.remove(id);
+        }
         for id in builds {
             self.builds.remove(id);
         }
@@ -265,6 +308,62 @@ impl Archive {
         }
         found.sort_unstable_by_key(|b| std::cmp::Reverse(b.id));
         found.dedup_by_key(|b| b.id);
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    pub fn deployment(&self, id: u64) -> io::Result<Option<Deployment>> {
+        if let Some(d) = self.pending().deployments.get(&id) {
+            return Ok(Some(d.clone()));
+        }
+        let txn = self.db.begin_read().map_err(io::Error::other)?;
+        let t = txn
+            .open_table(DEPLOYMENT_ARCHIVE)
+            .map_err(io::Error::other)?;
+        let got = t.get(id).map_err(io::Error::other)?;
+        got.map(|v| dec(v.value())).transpose()
+    }
+
+    /// Archived deployments of `repo` (all when `None`), newest first, at most `limit`.
+    pub fn deployments(&self, repo: Option<&str>, limit: usize) -> io::Result<Vec<Deployment>> {
+        let mut found: Vec<Deployment> = self
+            .pending()
+            .deployments
+            .values()
+            .rev()
+            .filter(|d| repo.is_none_or(|r| d.repo == r))
+            .take(limit)
+            .cloned()
+            .collect();
+        let txn = self.db.begin_read().map_err(io::Error::other)?;
+        let t = txn
+            .open_table(DEPLOYMENT_ARCHIVE)
+            .map_err(io::Error::other)?;
+        let ids: Vec<u64> = if let Some(r) = repo {
+            let ix = txn
+                .open_table(DEPLOYMENTS_BY_REPO)
+                .map_err(io::Error::other)?;
+            let rows = ix.range((r, 0)..=(r, u64::MAX)).map_err(io::Error::other)?;
+            rows.rev()
+                .take(limit)
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()
+                .map_err(io::Error::other)?
+        } else {
+            let rows = t.iter().map_err(io::Error::other)?;
+            rows.rev()
+                .take(limit)
+                .map(|row| row.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(io::Error::other)?
+        };
+        for id in ids {
+            if let Some(v) = t.get(id).map_err(io::Error::other)? {
+                found.push(dec(v.value())?);
+            }
+        }
+        found.sort_unstable_by_key(|d| std::cmp::Reverse(d.id));
+        found.dedup_by_key(|d| d.id);
         found.truncate(limit);
         Ok(found)
     }

@@ -7,17 +7,17 @@
 //! set and the archive as it was at that transaction.
 //!
 //! Layout: [`MAGIC`], then frames of a tag byte, a 4-byte big-endian length and that many
-//! bytes of JSON — first the working set ([`Records`]), then archived builds, events
-//! and releases. A snapshot from before images (plain JSON of [`Records`]) still reads.
+//! bytes of JSON — first the working set ([`Records`]), then archived builds, events,
+//! releases and deployments. A snapshot from before images (plain JSON of [`Records`]) still reads.
 
 use std::io;
 use std::sync::Arc;
 
 use redb::{ReadTransaction, ReadableTable};
 use starling_core::state::Records;
-use starling_proto::{Build, Event, Release};
+use starling_proto::{Build, Deployment, Event, Release};
 
-use crate::archive::{BUILD_ARCHIVE, RELEASE_ARCHIVE};
+use crate::archive::{BUILD_ARCHIVE, DEPLOYMENT_ARCHIVE, RELEASE_ARCHIVE};
 use crate::store::{dec, enc, EVENTS};
 
 const MAGIC: &[u8] = b"STARLING-STATE-IMAGE-1\n";
@@ -25,6 +25,7 @@ const RECORDS: u8 = 0;
 const BUILD: u8 = 1;
 const EVENT: u8 = 2;
 const RELEASE: u8 = 3;
+const DEPLOYMENT: u8 = 4;
 
 /// A snapshot's data: the state file at a read transaction (encoded when sent) or
 /// received bytes.
@@ -51,6 +52,7 @@ pub struct Decoded {
     /// Events that left memory (the working set has the rest).
     pub events: Vec<Event>,
     pub releases: Vec<Release>,
+    pub deployments: Vec<Deployment>,
 }
 
 fn frame(out: &mut Vec<u8>, tag: u8, json: &[u8]) -> io::Result<()> {
@@ -82,6 +84,13 @@ fn encode(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
         let (_, v) = row.map_err(io::Error::other)?;
         frame(&mut out, RELEASE, v.value())?;
     }
+    let t = txn
+        .open_table(DEPLOYMENT_ARCHIVE)
+        .map_err(io::Error::other)?;
+    for row in t.iter().map_err(io::Error::other)? {
+        let (_, v) = row.map_err(io::Error::other)?;
+        frame(&mut out, DEPLOYMENT, v.value())?;
+    }
     Ok(out)
 }
 
@@ -93,6 +102,7 @@ pub fn decode(bytes: &[u8]) -> io::Result<Decoded> {
             builds: Vec::new(),
             events: Vec::new(),
             releases: Vec::new(),
+            deployments: Vec::new(),
         });
     };
     let mut records = None;
@@ -101,6 +111,7 @@ pub fn decode(bytes: &[u8]) -> io::Result<Decoded> {
         builds: Vec::new(),
         events: Vec::new(),
         releases: Vec::new(),
+        deployments: Vec::new(),
     };
     while let Some((&tag, after)) = rest.split_first() {
         let (len, after) = after
@@ -117,6 +128,7 @@ pub fn decode(bytes: &[u8]) -> io::Result<Decoded> {
             BUILD => out.builds.push(dec(json)?),
             EVENT => out.events.push(dec(json)?),
             RELEASE => out.releases.push(dec(json)?),
+            DEPLOYMENT => out.deployments.push(dec(json)?),
             other => return Err(bad(format!("state image frame of unknown kind {other}"))),
         }
     }

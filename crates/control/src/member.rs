@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use starling_core::state::BuildQuery;
-use starling_proto::{Build, Command, Event, JoinRequest, Millis, Outcome, Release};
+use starling_proto::{Build, Command, Deployment, Event, JoinRequest, Millis, Outcome, Release};
 use starling_release::OriginStore;
 use tokio::sync::watch;
 
@@ -258,6 +258,28 @@ impl Member {
             evs.extend(self.read().events_after(from, limit - evs.len()));
         }
         Ok(evs)
+    }
+
+    /// The deployment `id`, from memory or the archive (reads the state file).
+    pub fn deployment(&self, id: u64) -> std::io::Result<Option<Deployment>> {
+        if let Some(d) = self.read().deployment(id) {
+            return Ok(Some(d.clone()));
+        }
+        self.archive.deployment(id)
+    }
+
+    /// Deployments of `repo` (all when `None`) in memory and the archive, newest first.
+    pub fn deployments(
+        &self,
+        repo: Option<&str>,
+        limit: usize,
+    ) -> std::io::Result<Vec<Deployment>> {
+        let mut found = self.read().list_deployments(repo, limit);
+        found.extend(self.archive.deployments(repo, limit)?);
+        found.sort_unstable_by_key(|d| std::cmp::Reverse(d.id));
+        found.dedup_by_key(|d| d.id);
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// Releases of `repo` (all when `None`): those in memory, and at most `archived` of

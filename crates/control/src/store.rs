@@ -20,7 +20,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use starling_proto::{Build, CaRecord, Event, Outcome, Release, ReleaseId};
+use starling_proto::{Build, CaRecord, Deployment, Event, Outcome, Release, ReleaseId};
 use tokio::sync::{oneshot, watch};
 
 use crate::archive::{Archive, Pending};
@@ -380,7 +380,11 @@ fn sm_writer(
             let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
             for op in &ops {
                 if let SmWrite::Rows { rows, .. } = op {
-                    p.committed(&rows.archived_build_ids(), &rows.archived_release_ids());
+                    p.committed(
+                        &rows.archived_build_ids(),
+                        &rows.archived_release_ids(),
+                        &rows.archived_deployment_ids(),
+                    );
                 }
             }
         }
@@ -430,6 +434,7 @@ impl StateMachineStore {
             tracing::info!(
                 builds = rows.archived_builds.len(),
                 releases = rows.archived_releases.len(),
+                deployments = rows.archived_deployments.len(),
                 "moving history past the window to the archive"
             );
             let txn = db.begin_write().map_err(io::Error::other)?;
@@ -520,6 +525,7 @@ impl StateMachineStore {
         let beyond = state.take_touched();
         touched.archived_builds = beyond.archived_builds;
         touched.archived_releases = beyond.archived_releases;
+        touched.archived_deployments = beyond.archived_deployments;
         let events = state.events_after(0, usize::MAX);
         Rows::encode(&state, &touched, &events)?.write(&txn)?;
         {
@@ -534,6 +540,9 @@ impl StateMachineStore {
         }
         for r in &image.releases {
             crate::archive::put_release(&txn, r, &enc(r)?)?;
+        }
+        for d in &image.deployments {
+            crate::archive::put_deployment(&txn, d, &enc(d)?)?;
         }
         {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
@@ -723,6 +732,7 @@ fn all_touched(r: &Records) -> Touched {
         notified: r.notified_up_to > 0,
         archived_builds: Vec::new(),
         archived_releases: Vec::new(),
+        archived_deployments: Vec::new(),
         archived_events: Vec::new(),
         marks: true,
     }
@@ -746,6 +756,7 @@ struct Rows {
     marks: Option<Vec<u8>>,
     archived_builds: Vec<(Build, Vec<u8>)>,
     archived_releases: Vec<(Release, Vec<u8>)>,
+    archived_deployments: Vec<(Deployment, Vec<u8>)>,
 }
 
 impl Rows {
@@ -811,6 +822,9 @@ impl Rows {
         for r in &touched.archived_releases {
             rows.archived_releases.push((r.clone(), enc(r)?));
         }
+        for d in &touched.archived_deployments {
+            rows.archived_deployments.push((d.clone(), enc(d)?));
+        }
         Ok(rows)
     }
 
@@ -820,6 +834,19 @@ impl Rows {
 
     fn archived_release_ids(&self) -> Vec<ReleaseId> {
         self.archived_releases.iter().map(|(r, _)| r.id).collect()
+    }
+
+    fn archived_deployment_ids(&self) -> Vec<u64> {
+        self.archived_deployments
+            .iter()
+            .map(|(d, _)| d.id)
+            .collect()
+    }
+
+    fn archives_anything(&self) -> bool {
+        !self.archived_builds.is_empty()
+            || !self.archived_releases.is_empty()
+            || !self.archived_deployments.is_empty()
     }
 
     fn write(&self, txn: &redb::WriteTransaction) -> io::Result<()> {
@@ -858,6 +885,11 @@ impl Rows {
                 .remove(r.id.to_hex().as_str())
                 .map_err(io::Error::other)?;
             crate::archive::put_release(txn, r, json)?;
+        }
+        let mut deployments = txn.open_table(DEPLOYMENTS).map_err(io::Error::other)?;
+        for (d, json) in &self.archived_deployments {
+            deployments.remove(d.id).map_err(io::Error::other)?;
+            crate::archive::put_deployment(txn, d, json)?;
         }
         Ok(())
     }
@@ -952,11 +984,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // Read once, for the rows and for the metrics.
             let new_events = new_events(&st, &touched);
             let rows = Rows::encode(&st, &touched, &new_events)?;
-            if !rows.archived_builds.is_empty() || !rows.archived_releases.is_empty() {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add(&touched.archived_builds, &touched.archived_releases);
+            if rows.archives_anything() {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).add(
+                    &touched.archived_builds,
+                    &touched.archived_releases,
+                    &touched.archived_deployments,
+                );
             }
             self.metrics.applied(
                 entries_applied,

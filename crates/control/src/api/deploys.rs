@@ -193,7 +193,8 @@ pub(super) async fn list_deploys(
     linearize(&m, &ReadOpts { stale: q.stale }).await?;
     let repo = q.repo.as_deref().map(repo_name).transpose()?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    Ok(Json(m.read().list_deployments(repo.as_deref(), limit)))
+    let found = super::blocking(&m, move |m| m.deployments(repo.as_deref(), limit)).await?;
+    Ok(Json(found))
 }
 
 /// One deployment, its history and how far its nodes are.
@@ -203,10 +204,8 @@ pub(super) async fn show_deploy(
     Query(o): Query<ReadOpts>,
 ) -> Result<Json<DeploymentView>, ApiErr> {
     linearize(&m, &o).await?;
-    let deployment = m
-        .read()
-        .deployment(id)
-        .cloned()
+    let deployment = super::blocking(&m, move |m| m.deployment(id))
+        .await?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("unknown deployment {id}")))?;
     let fleet = m.fleet(&deployment.repo);
     let progress = starling_core::rollout::progress(&deployment, &FleetReport::view(&fleet));

@@ -88,11 +88,9 @@ impl ControlState {
             Some(d) => d.from,
             None => goal.map(|g| g.release),
         };
-        let id = self
-            .records
-            .deployments
-            .get_max()
-            .map_or(1, |(last, _)| last + 1);
+        let id = self.records.marks.last_deployment + 1;
+        self.records.marks.last_deployment = id;
+        self.touched.marks = true;
         if let Some(mut p) = previous.filter(|p| !p.status.is_final()) {
             let why = format!("superseded by deployment {id}");
             self.finish_deployment(&mut p, DeployStatus::Superseded, None, why, at);
@@ -242,6 +240,7 @@ impl ControlState {
             ..event_at(EventKind::DeployCompleted, at)
         });
         self.store_deployment(d.clone());
+        self.deployment_done(d.id);
     }
 
     fn push_wave_event(&mut self, d: &Deployment, kind: EventKind, wave: usize, at: Millis) {

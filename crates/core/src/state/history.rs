@@ -30,6 +30,8 @@ pub struct HistoryWindow {
     /// Collected releases kept in memory: long enough for every member's chunk collector
     /// to delete their manifests.
     pub collected_releases: usize,
+    /// Finished deployments kept in memory, besides those a goal names.
+    pub finished_deployments: usize,
 }
 
 impl Default for HistoryWindow {
@@ -38,6 +40,7 @@ impl Default for HistoryWindow {
             finished_builds: 20_000,
             events: 100_000,
             collected_releases: 2_000,
+            finished_deployments: 1_000,
         }
     }
 }
@@ -49,6 +52,9 @@ pub struct HistoryMarks {
     pub last_build: u64,
     /// Events with an index up to this one are no longer in memory.
     pub events_archived: u64,
+    /// The highest deployment id ever given.
+    #[serde(default)]
+    pub last_deployment: u64,
 }
 
 /// A build's place in the order builds leave memory in.
@@ -108,6 +114,34 @@ impl ControlState {
         }
     }
 
+    /// Note that deployment `id` may be finished with: once it is final and no goal names
+    /// it, it joins the finished ones and the oldest of those leave memory.
+    pub(super) fn deployment_done(&mut self, id: u64) {
+        let Some(d) = self.records.deployments.get(&id) else {
+            return;
+        };
+        let named = self
+            .records
+            .goals
+            .values()
+            .any(|g| g.deployment == Some(id));
+        if !d.status.is_final() || named {
+            return;
+        }
+        self.index
+            .finished_deployments
+            .insert((d.finished_at.unwrap_or(d.created_at), id));
+        while self.index.finished_deployments.len() > self.window.finished_deployments {
+            let Some((_, id)) = self.index.finished_deployments.pop_first() else {
+                break;
+            };
+            if let Some(old) = self.records.deployments.remove(&id) {
+                self.touched.deployments.remove(&id);
+                self.touched.archived_deployments.push(old);
+            }
+        }
+    }
+
     /// Let the oldest events go past the window.
     pub(super) fn trim_events(&mut self) {
         let excess = self.records.events.len().saturating_sub(self.window.events);
@@ -158,6 +192,15 @@ impl ControlState {
         for r in &collected {
             self.collected(r);
         }
+        let last = self.records.deployments.get_max().map_or(0, |(k, _)| *k);
+        if last > self.records.marks.last_deployment {
+            self.records.marks.last_deployment = last;
+            self.touched.marks = true;
+        }
+        let deployments: Vec<u64> = self.records.deployments.keys().copied().collect();
+        for id in deployments {
+            self.deployment_done(id);
+        }
         self.trim_events();
     }
 }
@@ -171,16 +214,21 @@ mod tests {
         finished_builds: 3,
         events: 10,
         collected_releases: 2,
+        finished_deployments: 2,
     };
 
     fn state() -> ControlState {
+        state_deploying(false)
+    }
+
+    fn state_deploying(auto_deploy: bool) -> ControlState {
         let mut s = ControlState::with_window(Default::default(), SMALL);
         let spec = RepoSpec {
             name: "acme/web".into(),
             url: "file:///tmp/x".into(),
             branch: "main".into(),
             webhook_secret: "s".into(),
-            auto_deploy: false,
+            auto_deploy,
             max_release_bytes: starling_proto::DEFAULT_MAX_RELEASE_BYTES,
             notify: Vec::new(),
             notify_secret: String::new(),
@@ -310,6 +358,29 @@ mod tests {
         assert!(s.records().releases.contains_key(&ids[5]));
     }
 
+    #[test]
+    fn finished_deployments_leave_memory_but_not_the_current_one() {
+        let mut s = state_deploying(true);
+        for i in 0..6 {
+            build(&mut s, &format!("c{i}"), 10 + i);
+        }
+        let touched = s.take_touched();
+        let archived: Vec<u64> = touched.archived_deployments.iter().map(|d| d.id).collect();
+        assert_eq!(archived, vec![1, 2, 3]);
+        let kept: Vec<u64> = s.records().deployments.keys().copied().collect();
+        assert_eq!(kept, vec![4, 5, 6]);
+        assert_eq!(
+            s.current_deployment("acme/web", "default").map(|d| d.id),
+            Some(6)
+        );
+        assert_eq!(s.marks().last_deployment, 6);
+        let loaded = ControlState::with_window(s.records().clone(), SMALL);
+        assert_eq!(
+            loaded.index.finished_deployments,
+            s.index.finished_deployments
+        );
+    }
+
     /// A member that applied everything and one that loaded the records have the same
     /// memory, including what the next command lets go.
     #[test]
@@ -333,6 +404,7 @@ mod tests {
                 finished_builds: 1000,
                 events: 1000,
                 collected_releases: 1000,
+                finished_deployments: 1000,
             },
         );
         everything.records = state().records.clone();

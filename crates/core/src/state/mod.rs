@@ -129,6 +129,7 @@ pub struct Touched {
     /// Records that left memory (see [`HistoryWindow`]), for the store's archive.
     pub archived_builds: Vec<Build>,
     pub archived_releases: Vec<Release>,
+    pub archived_deployments: Vec<Deployment>,
     /// Events appended and archived since the last call: not in memory, not yet written.
     pub archived_events: Vec<Event>,
     /// [`Records::marks`] changed.
@@ -155,6 +156,8 @@ struct Indexes {
     finished: BTreeSet<(Millis, u64)>,
     /// Collected releases in memory, in the order they leave it.
     collected: BTreeSet<(Millis, ReleaseId)>,
+    /// Final deployments in memory that no goal names, in the order they leave it.
+    finished_deployments: BTreeSet<(Millis, u64)>,
     /// Request id → its place in `Records::requests`.
     by_request: HashMap<String, u64>,
 }
@@ -836,8 +839,14 @@ impl ControlState {
             deployment,
         };
         let key = GoalKey::of(&goal);
-        self.records.goals.insert(key.clone(), goal);
+        let before = self.records.goals.insert(key.clone(), goal);
         self.touched.goals.insert(key);
+        if let Some(old) = before
+            .and_then(|g| g.deployment)
+            .filter(|d| Some(*d) != deployment)
+        {
+            self.deployment_done(old);
+        }
         self.push_event(Event {
             repo: Some(repo.to_string()),
             build: Some(rel.build),
