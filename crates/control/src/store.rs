@@ -1166,6 +1166,7 @@ mod tests {
             finished_builds: 5,
             events: 20,
             collected_releases: 2,
+            finished_deployments: 2,
         };
         let t = tempfile::tempdir().unwrap();
         let files = Files::open(t.path()).unwrap();
