@@ -13,11 +13,9 @@
 //! `cargo bench --bench control_history -- [--builds N] [--repos R] [--queries K]`
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::ReadableDatabase;
-use starling_control::image::StateImage;
 use starling_control::store::{apply_outside_raft, load_state, Files};
 use starling_harness::{wait_for, Members, MembersConfig};
 use starling_proto::{BuildStatus, Command, ReleaseId};
@@ -141,16 +139,11 @@ fn grow_history(dir: &Path, a: &Args) -> Duration {
         );
         if i % 200_000 == 0 {
             eprintln!(
-                "  {i} builds written ({:.0} s)",
+                "{i} builds written ({:.0} s)",
                 started.elapsed().as_secs_f64()
             );
         }
     }
-    drop(state);
-    // What a long-running member's file looks like: redb reuses freed pages as it goes.
-    let mut db =
-        Arc::try_unwrap(files.state).unwrap_or_else(|_| panic!("the state file is shared"));
-    db.compact().expect("compacting the state file");
     started.elapsed()
 }
 
@@ -163,6 +156,20 @@ async fn snapshot(http: &reqwest::Client, url: &str) {
         .await
         .expect("a snapshot");
     assert!(r.status().is_success(), "snapshot: {}", r.status());
+}
+
+/// A sink that counts what is written to it.
+struct Count(u64);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -279,9 +286,10 @@ async fn main() {
     let (image_secs, image_mib) = {
         let files = Files::open(&members.data_dir(1)).expect("opening member 1's files");
         let t = Instant::now();
-        let txn = Arc::new(files.state.begin_read().expect("a read transaction"));
-        let bytes = StateImage::File(txn).into_bytes().expect("an image");
-        (t.elapsed(), bytes.len() as f64 / (1024.0 * 1024.0))
+        let txn = files.state.begin_read().expect("a read transaction");
+        let mut size = Count(0);
+        starling_control::image::write(&txn, &mut size).expect("an image");
+        (t.elapsed(), size.0 as f64 / (1024.0 * 1024.0))
     };
 
     // Restart: until each member answers a linearizable read.

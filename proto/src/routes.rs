@@ -96,8 +96,9 @@ pub const MAX_VOTE_BODY: usize = 64 * 1024;
 /// A batch of log entries: each is a command made from an API request of at most
 /// `MAX_API_BODY`, and openraft sends a few hundred at most.
 pub const MAX_APPEND_BODY: usize = 256 * 1024 * 1024;
-/// A whole snapshot: it grows with the history (about 100 MB at 200,000 builds).
-pub const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
+/// A whole state image: it grows with the history (about 5.6 GB at 2 million builds).
+/// It is streamed to a file, never held in memory.
+pub const MAX_SNAPSHOT_BODY: usize = 64 << 30;
 
 /// Every endpoint a control member serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -3,17 +3,19 @@
 //! A member's snapshot is its state file, as etcd's is its bbolt file: building one for
 //! the log's sake only makes the state file durable up to the snapshot's last entry
 //! (its cost does not grow with history). The image is made from a read transaction
-//! only when a follower needs it, off the state machine's task, and holds the working
-//! set and the archive as it was at that transaction.
+//! only when a follower needs it, off the state machine's task, and streamed: neither
+//! side ever holds more than one record of it in memory beyond the working set.
 //!
 //! Layout: [`MAGIC`], then frames of a tag byte, a 4-byte big-endian length and that many
 //! bytes of JSON — first the working set ([`Records`]), then archived builds, events,
-//! releases and deployments. A snapshot from before images (plain JSON of [`Records`]) still reads.
+//! releases and deployments.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use redb::{ReadTransaction, ReadableTable};
+use serde::de::DeserializeOwned;
 use starling_core::state::Records;
 use starling_proto::{Build, Deployment, Event, Release};
 
@@ -27,111 +29,129 @@ const EVENT: u8 = 2;
 const RELEASE: u8 = 3;
 const DEPLOYMENT: u8 = 4;
 
-/// A snapshot's data: the state file at a read transaction (encoded when sent) or
-/// received bytes.
+/// Largest working set a frame may carry (it is bounded by the history window).
+const MAX_RECORDS_FRAME: usize = 1 << 30;
+/// Largest archived record.
+const MAX_RECORD_FRAME: usize = 64 << 20;
+
+/// A snapshot's data: the state file at a read transaction (encoded when sent), or an
+/// image received into a file.
 pub enum StateImage {
-    File(Arc<ReadTransaction>),
-    Bytes(Vec<u8>),
+    Txn(Arc<ReadTransaction>),
+    File(PathBuf),
 }
 
-impl StateImage {
-    /// The image's bytes; reads the whole state file for [`StateImage::File`]: call it
-    /// off the async threads.
-    pub fn into_bytes(self) -> io::Result<Vec<u8>> {
-        match self {
-            StateImage::Bytes(b) => Ok(b),
-            StateImage::File(txn) => encode(&txn),
-        }
-    }
+/// One record of an image, in the order they come.
+pub enum Item {
+    Records(Box<Records>),
+    Build(Build),
+    Event(Event),
+    Release(Release),
+    Deployment(Deployment),
 }
 
-/// Everything an image holds.
-pub struct Decoded {
-    pub records: Records,
-    pub builds: Vec<Build>,
-    /// Events that left memory (the working set has the rest).
-    pub events: Vec<Event>,
-    pub releases: Vec<Release>,
-    pub deployments: Vec<Deployment>,
-}
-
-fn frame(out: &mut Vec<u8>, tag: u8, json: &[u8]) -> io::Result<()> {
+fn frame(out: &mut impl Write, tag: u8, json: &[u8]) -> io::Result<()> {
     let len = u32::try_from(json.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "record over 4 GiB"))?;
-    out.push(tag);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(json);
-    Ok(())
+    out.write_all(&[tag])?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(json)
 }
 
-fn encode(txn: &ReadTransaction) -> io::Result<Vec<u8>> {
+/// Write the image of the state file as `txn` sees it to `out`.
+pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> io::Result<()> {
     let records = crate::store::load_records_in(txn)?;
-    let mut out = MAGIC.to_vec();
-    frame(&mut out, RECORDS, &enc(&records)?)?;
+    out.write_all(MAGIC)?;
+    frame(out, RECORDS, &enc(&records)?)?;
     let t = txn.open_table(BUILD_ARCHIVE).map_err(io::Error::other)?;
     for row in t.iter().map_err(io::Error::other)? {
-        let (_, v) = row.map_err(io::Error::other)?;
-        frame(&mut out, BUILD, v.value())?;
+        frame(out, BUILD, row.map_err(io::Error::other)?.1.value())?;
     }
     let t = txn.open_table(EVENTS).map_err(io::Error::other)?;
     let archived = records.marks.events_archived;
     for row in t.range(..=archived).map_err(io::Error::other)? {
-        let (_, v) = row.map_err(io::Error::other)?;
-        frame(&mut out, EVENT, v.value())?;
+        frame(out, EVENT, row.map_err(io::Error::other)?.1.value())?;
     }
     let t = txn.open_table(RELEASE_ARCHIVE).map_err(io::Error::other)?;
     for row in t.iter().map_err(io::Error::other)? {
-        let (_, v) = row.map_err(io::Error::other)?;
-        frame(&mut out, RELEASE, v.value())?;
+        frame(out, RELEASE, row.map_err(io::Error::other)?.1.value())?;
     }
     let t = txn
         .open_table(DEPLOYMENT_ARCHIVE)
         .map_err(io::Error::other)?;
     for row in t.iter().map_err(io::Error::other)? {
-        let (_, v) = row.map_err(io::Error::other)?;
-        frame(&mut out, DEPLOYMENT, v.value())?;
+        frame(out, DEPLOYMENT, row.map_err(io::Error::other)?.1.value())?;
     }
-    Ok(out)
+    out.flush()
 }
 
-pub fn decode(bytes: &[u8]) -> io::Result<Decoded> {
-    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-    let Some(mut rest) = bytes.strip_prefix(MAGIC) else {
-        return Ok(Decoded {
-            records: dec(bytes)?,
-            builds: Vec::new(),
-            events: Vec::new(),
-            releases: Vec::new(),
-            deployments: Vec::new(),
-        });
-    };
-    let mut records = None;
-    let mut out = Decoded {
-        records: Records::default(),
-        builds: Vec::new(),
-        events: Vec::new(),
-        releases: Vec::new(),
-        deployments: Vec::new(),
-    };
-    while let Some((&tag, after)) = rest.split_first() {
-        let (len, after) = after
-            .split_first_chunk::<4>()
-            .ok_or_else(|| bad("state image cut inside a frame header".into()))?;
-        let len = u32::from_be_bytes(*len) as usize;
-        if after.len() < len {
-            return Err(bad("state image cut inside a record".into()));
-        }
-        let (json, after) = after.split_at(len);
-        rest = after;
-        match tag {
-            RECORDS if records.is_none() => records = Some(dec(json)?),
-            BUILD => out.builds.push(dec(json)?),
-            EVENT => out.events.push(dec(json)?),
-            RELEASE => out.releases.push(dec(json)?),
-            DEPLOYMENT => out.deployments.push(dec(json)?),
-            other => return Err(bad(format!("state image frame of unknown kind {other}"))),
+fn bad(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// Reads an image's records one at a time, the working set first.
+pub struct Reader<R> {
+    input: R,
+    buf: Vec<u8>,
+    started: bool,
+}
+
+impl<R: Read> Reader<R> {
+    pub fn new(input: R) -> Reader<R> {
+        Reader {
+            input,
+            buf: Vec::new(),
+            started: false,
         }
     }
-    out.records = records.ok_or_else(|| bad("state image without its records".into()))?;
-    Ok(out)
+
+    /// The next record; `None` at the end of the image.
+    pub fn next_item(&mut self) -> io::Result<Option<Item>> {
+        if !self.started {
+            let mut magic = vec![0; MAGIC.len()];
+            self.input.read_exact(&mut magic)?;
+            if magic != MAGIC {
+                return Err(bad("not a state image"));
+            }
+            self.started = true;
+        }
+        let mut head = [0u8; 5];
+        match self.input.read(&mut head[..1])? {
+            0 => return Ok(None),
+            _ => self.input.read_exact(&mut head[1..])?,
+        }
+        let tag = head[0];
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let limit = if tag == RECORDS {
+            MAX_RECORDS_FRAME
+        } else {
+            MAX_RECORD_FRAME
+        };
+        if len > limit {
+            return Err(bad(format!("state image frame of {len} bytes")));
+        }
+        self.buf.resize(len, 0);
+        self.input
+            .read_exact(&mut self.buf)
+            .map_err(|e| bad(format!("state image cut inside a record: {e}")))?;
+        fn json<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+            dec(b)
+        }
+        Ok(Some(match tag {
+            RECORDS => Item::Records(Box::new(json(&self.buf)?)),
+            BUILD => Item::Build(json(&self.buf)?),
+            EVENT => Item::Event(json(&self.buf)?),
+            RELEASE => Item::Release(json(&self.buf)?),
+            DEPLOYMENT => Item::Deployment(json(&self.buf)?),
+            other => return Err(bad(format!("state image frame of unknown kind {other}"))),
+        }))
+    }
+
+    /// The working set, which comes first.
+    pub fn records(&mut self) -> io::Result<Records> {
+        match self.next_item()? {
+            Some(Item::Records(r)) => Ok(*r),
+            _ => Err(bad("state image without its records first")),
+        }
+    }
 }

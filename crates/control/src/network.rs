@@ -56,13 +56,52 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, postcard::Error> {
 pub const MAX_SNAPSHOT_META: usize = 1024 * 1024;
 
 /// The body of `POST /raft/snapshot`: a 4-byte big-endian length, that many bytes of
-/// encoded `(vote, snapshot meta)`, then the snapshot's raw bytes (no re-encoding).
-pub fn encode_snapshot_body(meta_json: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(4 + meta_json.len() + data.len());
-    body.extend_from_slice(&(meta_json.len() as u32).to_be_bytes());
-    body.extend_from_slice(meta_json);
-    body.extend_from_slice(data);
-    body
+/// encoded `(vote, snapshot meta)`, then the state image ([`crate::image`]), streamed.
+/// This is its head.
+pub fn snapshot_body_head(meta: &[u8]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(4 + meta.len());
+    head.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    head.extend_from_slice(meta);
+    head
+}
+
+/// A `Write` that hands what it is given to an HTTP body stream, from a blocking thread.
+struct BodyWriter(tokio::sync::mpsc::Sender<io::Result<Vec<u8>>>);
+
+impl io::Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Ok(buf.to_vec()))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the snapshot request ended"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The body of a snapshot request: `head`, then the image, made on a blocking thread as
+/// the request takes it (about 1 MiB at a time, at most 8 MiB ahead).
+fn snapshot_body(head: Vec<u8>, image: crate::image::StateImage) -> reqwest::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Vec<u8>>>(8);
+    tokio::task::spawn_blocking(move || {
+        if tx.blocking_send(Ok(head)).is_err() {
+            return;
+        }
+        let mut out = io::BufWriter::with_capacity(1 << 20, BodyWriter(tx.clone()));
+        let made = match image {
+            crate::image::StateImage::Txn(txn) => crate::image::write(&txn, &mut out),
+            crate::image::StateImage::File(path) => std::fs::File::open(path)
+                .and_then(|mut f| io::copy(&mut f, &mut out))
+                .and_then(|_| io::Write::flush(&mut out)),
+        };
+        if let Err(e) = made {
+            tracing::warn!(error = %e, "making the state image failed");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,16 +112,17 @@ pub enum SnapshotBodyError {
     MetaLength(usize),
 }
 
-/// Split a snapshot body into its meta JSON and data, or say what is wrong with it.
-pub fn decode_snapshot_body(body: &[u8]) -> Result<(&[u8], &[u8]), SnapshotBodyError> {
-    let (len, rest) = body
-        .split_first_chunk::<4>()
-        .ok_or(SnapshotBodyError::Short)?;
+/// How long the head of a snapshot body starting with `start` is, once `start` holds its
+/// length prefix; what is wrong with it.
+pub fn snapshot_head_len(start: &[u8]) -> Result<Option<usize>, SnapshotBodyError> {
+    let Some(len) = start.first_chunk::<4>() else {
+        return Ok(None);
+    };
     let len = u32::from_be_bytes(*len) as usize;
-    if len > MAX_SNAPSHOT_META || len > rest.len() {
+    if len > MAX_SNAPSHOT_META {
         return Err(SnapshotBodyError::MetaLength(len));
     }
-    Ok(rest.split_at(len))
+    Ok(Some(4 + len))
 }
 
 /// Makes one [`PeerClient`] per peer; they share one connection pool.
@@ -240,16 +280,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let url = format!("{}/raft/snapshot", self.base);
         let meta = encode(&(vote, snapshot.meta)).map_err(|e| net(io::Error::other(e)))?;
         // Made now, off the state machine's task: the state file as the snapshot saw it.
-        let image = snapshot.snapshot;
-        let data = tokio::task::spawn_blocking(move || image.into_bytes())
-            .await
-            .map_err(|e| net(io::Error::other(e)))?
-            .map_err(net)?;
+        let body = snapshot_body(snapshot_body_head(&meta), snapshot.snapshot);
         let rb = self
             .http
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(encode_snapshot_body(&meta, &data));
+            .body(body);
         tokio::pin!(cancel);
         // A snapshot can be large; give it far longer than a heartbeat-sized RPC.
         let call = self.send::<SnapshotResponse<TypeConfig>, openraft::errors::Fatal<TypeConfig>>(
@@ -275,16 +311,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_body_round_trip_and_bounds() {
-        let body = encode_snapshot_body(b"{\"m\":1}", b"DATA");
-        assert_eq!(
-            decode_snapshot_body(&body),
-            Ok((&b"{\"m\":1}"[..], &b"DATA"[..]))
-        );
-        assert!(decode_snapshot_body(b"ab").is_err());
-        assert!(decode_snapshot_body(b"[1,2,3]").is_err());
-        let mut lying = encode_snapshot_body(b"xx", b"");
-        lying[3] = 200;
-        assert!(decode_snapshot_body(&lying).is_err());
+    fn snapshot_heads_are_bounded() {
+        let head = snapshot_body_head(b"{\"m\":1}");
+        assert_eq!(snapshot_head_len(&head), Ok(Some(head.len())));
+        assert_eq!(snapshot_head_len(b"ab"), Ok(None));
+        let mut lying = snapshot_body_head(b"xx");
+        lying[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(snapshot_head_len(&lying).is_err());
     }
 }

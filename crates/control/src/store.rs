@@ -467,7 +467,7 @@ impl StateMachineStore {
             let newer = meta.last_log_id.as_ref().map(|l| l.index())
                 > sm.last_applied.as_ref().map(|l| l.index());
             if newer {
-                sm.replace_records(&meta, crate::image::decode(&data)?, Durability::Immediate)?;
+                sm.replace_records::<&[u8]>(&meta, dec(&data)?, None, Durability::Immediate)?;
             }
         }
         Ok(sm)
@@ -499,10 +499,11 @@ impl StateMachineStore {
     }
 
     /// Replace every record and the archive with an image's (snapshot install or load).
-    fn replace_records(
+    fn replace_records<R: std::io::Read>(
         &mut self,
         meta: &SnapshotMetaOf<TypeConfig>,
-        image: crate::image::Decoded,
+        records: Records,
+        archive: Option<&mut crate::image::Reader<R>>,
         durability: Durability,
     ) -> io::Result<()> {
         let mut txn = self.db.begin_write().map_err(io::Error::other)?;
@@ -519,7 +520,7 @@ impl StateMachineStore {
         txn.delete_table(JOIN_TOKENS).map_err(io::Error::other)?;
         txn.delete_table(DEPLOYMENTS).map_err(io::Error::other)?;
         txn.delete_table(NOTIFIER).map_err(io::Error::other)?;
-        let mut state = ControlState::from_records(image.records);
+        let mut state = ControlState::from_records(records);
         // An image from before the window may hold more than it: that moves too.
         let mut touched = all_touched(state.records());
         let beyond = state.take_touched();
@@ -528,21 +529,8 @@ impl StateMachineStore {
         touched.archived_deployments = beyond.archived_deployments;
         let events = state.events_after(0, usize::MAX);
         Rows::encode(&state, &touched, &events)?.write(&txn)?;
-        {
-            let mut t = txn.open_table(EVENTS).map_err(io::Error::other)?;
-            for e in &image.events {
-                t.insert(e.index, enc(e)?.as_slice())
-                    .map_err(io::Error::other)?;
-            }
-        }
-        for b in &image.builds {
-            crate::archive::put_build(&txn, b, &enc(b)?)?;
-        }
-        for r in &image.releases {
-            crate::archive::put_release(&txn, r, &enc(r)?)?;
-        }
-        for d in &image.deployments {
-            crate::archive::put_deployment(&txn, d, &enc(d)?)?;
+        if let Some(image) = archive {
+            copy_archive(image, &txn)?;
         }
         {
             let mut m = txn.open_table(META).map_err(io::Error::other)?;
@@ -738,6 +726,34 @@ fn all_touched(r: &Records) -> Touched {
     }
 }
 
+/// Write the archived records of `image` (after its working set) into `txn`.
+fn copy_archive<R: std::io::Read>(
+    image: &mut crate::image::Reader<R>,
+    txn: &redb::WriteTransaction,
+) -> io::Result<()> {
+    use crate::image::Item;
+    let mut events = txn.open_table(EVENTS).map_err(io::Error::other)?;
+    while let Some(item) = image.next_item()? {
+        match item {
+            Item::Build(b) => crate::archive::put_build(txn, &b, &enc(&b)?)?,
+            Item::Event(e) => {
+                events
+                    .insert(e.index, enc(&e)?.as_slice())
+                    .map_err(io::Error::other)?;
+            }
+            Item::Release(r) => crate::archive::put_release(txn, &r, &enc(&r)?)?,
+            Item::Deployment(d) => crate::archive::put_deployment(txn, &d, &enc(&d)?)?,
+            Item::Records(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "state image with two working sets",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Encoded records ready to be written: the rows an `apply` batch touched.
 #[derive(Default)]
 struct Rows {
@@ -908,7 +924,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         tracing::info!(last = ?meta.last_log_id, "snapshot taken (state file durable)");
         Ok(SnapshotOf::<TypeConfig, StateImage> {
             meta,
-            snapshot: StateImage::File(txn),
+            snapshot: StateImage::Txn(txn),
         })
     }
 }
@@ -1029,11 +1045,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: StateImage,
     ) -> Result<(), io::Error> {
-        let image = tokio::task::spawn_blocking(move || {
-            snapshot.into_bytes().and_then(|b| crate::image::decode(&b))
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let StateImage::File(path) = snapshot else {
+            return Err(io::Error::other(
+                "a snapshot to install is a received image, not a state file",
+            ));
+        };
         // Let queued row writes land first so that they cannot overwrite the snapshot's.
         let (done, wait) = oneshot::channel();
         if self.writer.send(SmWrite::Barrier(done)).is_ok() {
@@ -1042,7 +1058,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut this = self.clone();
         let meta = meta.clone();
         let this = tokio::task::spawn_blocking(move || {
-            this.replace_records(&meta, image, Durability::Immediate)
+            let file = std::fs::File::open(&path)?;
+            let mut image =
+                crate::image::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
+            let records = image.records()?;
+            this.replace_records(&meta, records, Some(&mut image), Durability::Immediate)
                 .map(|_| this)
         })
         .await
@@ -1062,7 +1082,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(
             snapshot_meta(&txn)?.map(|meta| SnapshotOf::<TypeConfig, StateImage> {
                 meta,
-                snapshot: StateImage::File(txn),
+                snapshot: StateImage::Txn(txn),
             }),
         )
     }
@@ -1261,25 +1281,28 @@ mod tests {
         assert_eq!(&loaded, state.records());
 
         // An image carries everything to another member's empty file.
-        {
-            let txn = files.state.begin_write().unwrap();
-            let mut m = txn.open_table(META).unwrap();
-            let applied: Option<LogIdOf<TypeConfig>> = None;
-            m.insert(K_APPLIED, enc(&applied).unwrap().as_slice())
-                .unwrap();
+        let mut bytes = Vec::new();
+        crate::image::write(&files.state.begin_read().unwrap(), &mut bytes).unwrap();
+        let (mut builds, mut events) = (0, 0);
+        let mut reader = crate::image::Reader::new(bytes.as_slice());
+        while let Some(item) = reader.next_item().unwrap() {
+            match item {
+                crate::image::Item::Build(_) => builds += 1,
+                crate::image::Item::Event(_) => events += 1,
+                _ => {}
+            }
         }
-        let txn = Arc::new(files.state.begin_read().unwrap());
-        let bytes = StateImage::File(txn).into_bytes().unwrap();
-        let image = crate::image::decode(&bytes).unwrap();
-        assert_eq!(image.builds.len(), 35);
-        assert_eq!(image.events.len() as u64, state.first_event_in_memory() - 1);
+        assert_eq!(builds, 35);
+        assert_eq!(events, state.first_event_in_memory() - 1);
+        let mut image = crate::image::Reader::new(bytes.as_slice());
+        let records = image.records().unwrap();
         let t2 = tempfile::tempdir().unwrap();
         let other = Files::open(t2.path()).unwrap();
         let metrics = Arc::new(ControlMetrics::new());
         let mut sm =
             StateMachineStore::open(other.state.clone(), other.snapshots, metrics).unwrap();
         let meta = SnapshotMetaOf::<TypeConfig>::default();
-        sm.replace_records(&meta, image, Durability::Immediate)
+        sm.replace_records(&meta, records, Some(&mut image), Durability::Immediate)
             .unwrap();
         let theirs = Archive::new(other.state.clone(), Default::default());
         let all = BuildQuery {

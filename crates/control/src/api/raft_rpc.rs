@@ -14,7 +14,7 @@ use starling_proto::JoinRequest;
 
 use super::hooks::header;
 use super::{err, ApiErr, Shared};
-use crate::network::{decode, decode_snapshot_body, encode, PROTOCOL_HEADER, RAFT_PROTOCOL};
+use crate::network::{decode, encode, PROTOCOL_HEADER, RAFT_PROTOCOL};
 use crate::TypeConfig;
 
 /// Check the protocol version (the cluster key was checked before the body was read),
@@ -62,22 +62,73 @@ pub(super) async fn raft_vote(
     raft_answer(&m.raft.vote(req).await)
 }
 
-/// The body carries the snapshot's raw bytes behind its encoded meta; see
-/// [`decode_snapshot_body`].
+/// The body carries the state image behind its encoded meta (see
+/// [`crate::network::snapshot_body_head`]). The image goes to a file in the data
+/// directory as it arrives, at most [`starling_proto::routes::MAX_SNAPSHOT_BODY`] bytes,
+/// and is installed from there.
 pub(super) async fn raft_snapshot(
     State(m): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiErr> {
-    let (meta, data) =
-        decode_snapshot_body(&body).map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    static RECEIVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RECEIVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = m.cfg.data_dir.join(format!("snapshot-incoming-{n}"));
+    let io_err = |e: std::io::Error| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
+    let _remove = RemoveOnDrop(path.clone());
+    let mut head = Vec::new();
+    let mut head_len = None;
+    let mut size: u64 = 0;
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+        size += chunk.len() as u64;
+        if size > starling_proto::routes::MAX_SNAPSHOT_BODY as u64 {
+            return Err(err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "snapshot over the limit",
+            ));
+        }
+        let mut data = &chunk[..];
+        while head_len.is_none_or(|n| head.len() < n) && !data.is_empty() {
+            let want = head_len.map_or(4, |n| n) - head.len();
+            let take = want.min(data.len());
+            head.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            head_len = crate::network::snapshot_head_len(&head)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+        }
+        file.write_all(data).await.map_err(io_err)?;
+    }
+    file.flush().await.map_err(io_err)?;
+    let meta_bytes = match head_len {
+        Some(n) if head.len() == n => &head[4..],
+        _ => {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "snapshot body cut inside its head",
+            ))
+        }
+    };
     let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
-        raft_request(&headers, meta)?;
+        raft_request(&headers, meta_bytes)?;
     let snapshot = SnapshotOf::<TypeConfig, crate::image::StateImage> {
         meta,
-        snapshot: crate::image::StateImage::Bytes(data.to_vec()),
+        snapshot: crate::image::StateImage::File(path),
     };
     raft_answer(&m.raft.install_full_snapshot(vote, snapshot).await)
+}
+
+/// Deletes a received image however its request ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 pub(super) async fn join(
