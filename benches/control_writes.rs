@@ -65,6 +65,50 @@ impl System {
         };
         resp.is_ok_and(|r| r.status().is_success())
     }
+
+    /// A request that goes through the same client, HTTP and JSON but not through
+    /// consensus: a local read. What is left of a write's latency is the replicated path.
+    async fn local_read(&self, http: &reqwest::Client) -> bool {
+        let resp = match self {
+            System::Starling { url } => {
+                http.get(format!("{url}/v1/repos?stale=1"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+            }
+            System::Etcd { url } => {
+                let b64 = base64::engine::general_purpose::STANDARD;
+                http.post(format!("{url}/v3/kv/range"))
+                    .json(
+                        &serde_json::json!({"key": b64.encode("bench/0/0"), "serializable": true}),
+                    )
+                    .send()
+                    .await
+            }
+        };
+        match resp {
+            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The median latency of 500 local reads, one at a time.
+async fn local_read_floor(sys: &System) -> Duration {
+    let http = starling_client::http_builder(None)
+        .expect("an HTTP client")
+        .no_proxy()
+        .build()
+        .unwrap_or_default();
+    let mut lat = Vec::new();
+    for _ in 0..500 {
+        let t = Instant::now();
+        if sys.local_read(&http).await {
+            lat.push(t.elapsed());
+        }
+    }
+    lat.sort();
+    lat.get(lat.len() / 2).copied().unwrap_or_default()
 }
 
 struct Cell {
@@ -360,6 +404,14 @@ async fn main() {
         .chain(etcd.as_ref().map(|(_, s)| s.clone()))
         .collect();
 
+    for sys in &systems {
+        println!(
+            "{:<9} local read (HTTP and JSON, no consensus), p50 of 500: {:.3} ms",
+            sys.name(),
+            local_read_floor(sys).await.as_secs_f64() * 1e3
+        );
+    }
+    println!();
     println!(
         "{:<9} {:>8} {:>10} {:>9} {:>9} {:>7}",
         "system", "clients", "writes/s", "p50 ms", "p99 ms", "errors"

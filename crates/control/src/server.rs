@@ -72,6 +72,9 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         election_timeout_max: 1000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: 500,
+        // Entries are readable as soon as `append` returns (the log store's tail): let
+        // replication send them then, not after the core's next round of messages.
+        broadcast_submitted_on_append: Some(true),
         ..Default::default()
     };
     let raft_cfg = Arc::new(
