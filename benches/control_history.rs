@@ -351,6 +351,11 @@ async fn main() {
             "archived events",
             format!("/v1/events?after={}&limit=100", n),
         ),
+        (
+            "deployments of a repository",
+            format!("/v1/deploys?repo={}&limit=50", repo(7)),
+        ),
+        ("one archived deployment", format!("/v1/deploys/{}", n / 4)),
     ];
     let mut rows = Vec::new();
     for (name, path) in &queries {

@@ -1,6 +1,7 @@
 //! A member killed with SIGKILL and restarted catches up from its redb files; one that is
 //! far behind after the others snapshot and purge their logs catches up by installing a
-//! snapshot. Either way its history ends identical to the others'.
+//! snapshot. Either way its history ends identical to the others'. One stopped with
+//! SIGTERM exits by itself.
 
 mod common;
 
@@ -91,6 +92,20 @@ async fn restarted_member_catches_up_from_redb_and_from_a_snapshot() {
 
     // 3. And it survives one more restart with the snapshot as its base.
     c.kill(follower).await;
+    c.spawn(follower).await;
+    c.wait_caught_up(follower, leader).await;
+    c.assert_same_history(leader, follower).await;
+
+    // 4. Stopped as systemd stops it, with SIGTERM, it exits by itself and comes back.
+    let exited = c
+        .members
+        .stop(follower, Duration::from_secs(30))
+        .await
+        .expect("stop");
+    assert!(
+        exited,
+        "member {follower} did not exit on SIGTERM within 30 s"
+    );
     c.spawn(follower).await;
     c.wait_caught_up(follower, leader).await;
     c.assert_same_history(leader, follower).await;
