@@ -298,6 +298,15 @@ fn writes_fail_after() -> Option<u64> {
     None
 }
 
+/// A commit made durable (fsynced) or only visible to later transactions.
+fn fsync_if(durable: bool) -> Durability {
+    if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    }
+}
+
 /// Commits batches of touched records with their `last_applied`. On the first failure it
 /// records the fault and stops: a later batch must never record a `last_applied` past
 /// records that are not on disk.
@@ -335,12 +344,8 @@ fn sm_writer(
                 return Err(io::Error::other("injected state-file write failure"));
             }
             let mut txn = db.begin_write().map_err(io::Error::other)?;
-            let durability = if sync {
-                Durability::Immediate
-            } else {
-                Durability::None
-            };
-            txn.set_durability(durability).map_err(io::Error::other)?;
+            txn.set_durability(fsync_if(sync))
+                .map_err(io::Error::other)?;
             let mut last = None;
             for op in &ops {
                 if let SmWrite::Rows {
@@ -566,12 +571,8 @@ pub fn apply_outside_raft(
     let touched = state.take_touched();
     let rows = Rows::encode(state, &touched, &new_events(state, &touched))?;
     let mut txn = db.begin_write().map_err(io::Error::other)?;
-    let durability = if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    txn.set_durability(durability).map_err(io::Error::other)?;
+    txn.set_durability(fsync_if(durable))
+        .map_err(io::Error::other)?;
     rows.write(&txn)?;
     txn.commit().map_err(io::Error::other)
 }
