@@ -147,6 +147,72 @@ fn grow_history(dir: &Path, a: &Args) -> Duration {
     started.elapsed()
 }
 
+/// Start member 4, joining through `leader`, and wait until it has applied what the
+/// leader had; the time that took and the member's peak RSS.
+async fn join_a_member(http: &reqwest::Client, dir: &Path, leader: &str) -> (Duration, f64) {
+    let status = |url: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{url}/v1/cluster"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json::<starling_proto::ClusterStatus>()
+                .await
+                .ok()
+        }
+    };
+    let target = status(leader.to_string())
+        .await
+        .and_then(|s| s.last_applied)
+        .expect("the leader's status");
+    let data = dir.join("m4");
+    std::fs::create_dir_all(&data).expect("member 4's data directory");
+    let t = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args([
+            "control",
+            "--id",
+            "4",
+            "--listen",
+            "127.0.0.1:0",
+            "--join",
+            leader,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("STARLING_TOKEN", TOKEN)
+        .env("STARLING_CLUSTER_KEY", CLUSTER_KEY)
+        .env("STARLING_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting member 4");
+    let pid = child.id().unwrap_or(0);
+    let addr = data.join(starling_control::server::LISTEN_ADDR_FILE);
+    wait_for("member 4 to catch up", Duration::from_secs(600), || {
+        let (addr, status) = (addr.clone(), &status);
+        async move {
+            let a = std::fs::read_to_string(&addr).ok()?;
+            let s = status(format!("http://{}", a.trim())).await?;
+            (s.last_applied? >= target).then_some(())
+        }
+    })
+    .await
+    .expect("member 4 caught up");
+    let took = t.elapsed();
+    let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0);
+    let _ = child.kill().await;
+    (took, peak)
+}
+
 /// Take a snapshot on the member at `url` (and purge its log behind it).
 async fn snapshot(http: &reqwest::Client, url: &str) {
     let r = http
@@ -406,6 +472,10 @@ async fn main() {
         .map(|id| members.pid(id).map_or(f64::NAN, rss_mib))
         .collect();
     let data: Vec<f64> = (1..=3).map(|id| dir_mib(&members.data_dir(id))).collect();
+
+    // A fourth member joins: the leader's log was purged behind the snapshot, so it is
+    // sent the image and installs it.
+    let (join_secs, join_peak) = join_a_member(&http, tmp.path(), &members.url(leader)).await;
     if std::env::var_os("BENCH_KEEP").is_some() {
         eprintln!("members left running; files in {}", tmp.keep().display());
         std::mem::forget(members);
@@ -453,6 +523,10 @@ async fn main() {
     println!(
         "| snapshot (forced, then log purge) | {} ms | does not grow with history |",
         ms(snapshot)
+    );
+    println!(
+        "| a fourth member joins (image streamed and installed) | {:.1} s, peak RSS {join_peak:.0} MiB | |",
+        join_secs.as_secs_f64()
     );
     println!(
         "| image sent to a follower that needs one | {image_mib:.0} MiB in {:.1} s | (grows with history) |",

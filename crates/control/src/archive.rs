@@ -22,7 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use starling_core::state::BuildQuery;
 use starling_proto::{Build, Deployment, Event, Release, ReleaseId};
 
-use crate::store::{dec, EVENTS};
+use crate::tables::{dec, EVENTS};
 
 pub(crate) const BUILD_ARCHIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("build_archive");
 const BY_REPO: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_archive_by_repo");

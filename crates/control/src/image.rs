@@ -20,7 +20,7 @@ use starling_core::state::Records;
 use starling_proto::{Build, Deployment, Event, Release};
 
 use crate::archive::{BUILD_ARCHIVE, DEPLOYMENT_ARCHIVE, RELEASE_ARCHIVE};
-use crate::store::{dec, enc, EVENTS};
+use crate::tables::{dec, enc, EVENTS};
 
 const MAGIC: &[u8] = b"STARLING-STATE-IMAGE-1\n";
 const RECORDS: u8 = 0;
@@ -60,7 +60,7 @@ fn frame(out: &mut impl Write, tag: u8, json: &[u8]) -> io::Result<()> {
 
 /// Write the image of the state file as `txn` sees it to `out`.
 pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> io::Result<()> {
-    let records = crate::store::load_records_in(txn)?;
+    let records = crate::tables::load_records_in(txn)?;
     out.write_all(MAGIC)?;
     frame(out, RECORDS, &enc(&records)?)?;
     let t = txn.open_table(BUILD_ARCHIVE).map_err(io::Error::other)?;

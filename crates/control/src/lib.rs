@@ -18,6 +18,7 @@ pub mod notifier;
 pub mod serve;
 pub mod server;
 pub mod store;
+mod tables;
 
 use starling_proto::{Command, Outcome};
 

@@ -21,7 +21,7 @@ use openraft::{LogState, OptionalSend, RaftLogReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
-use crate::store::{dec, enc, read_meta, K_COMMITTED, K_PURGED, K_VOTE, LOG, META};
+use crate::tables::{dec, enc, read_meta, K_COMMITTED, K_PURGED, K_VOTE, LOG, META};
 use crate::TypeConfig;
 
 type Entry = EntryOf<TypeConfig>;

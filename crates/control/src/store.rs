@@ -1,5 +1,5 @@
 //! The state machine, persisted in the member's redb file beside the Raft log
-//! ([`crate::log_store`]), and the tables and helpers both share.
+//! ([`crate::log_store`]); the tables both use are in `tables.rs`.
 //!
 //! `apply` changes [`ControlState`] in memory, answers, and queues the records the batch
 //! touched to a writer thread, which commits them with `last_applied` in one transaction,
@@ -17,46 +17,16 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use starling_proto::{Build, CaRecord, Deployment, Event, Outcome, Release, ReleaseId};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use starling_proto::{Build, Deployment, Event, Outcome, Release, ReleaseId};
 use tokio::sync::{oneshot, watch};
 
 use crate::archive::{Archive, Pending};
 use crate::image::StateImage;
 use crate::metrics::ControlMetrics;
+use crate::tables::*;
 use crate::TypeConfig;
-use starling_core::state::{ControlState, Goal, GoalKey, HistoryMarks, Records, Touched};
-
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
-const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
-pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
-const GOALS: TableDefinition<&str, &[u8]> = TableDefinition::new("goals");
-const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
-/// Cluster-wide singletons: the CA under "ca".
-const CLUSTER: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster");
-const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
-const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
-/// The notifier's progress, under "up_to".
-const NOTIFIER: TableDefinition<&str, &[u8]> = TableDefinition::new("notifier");
-const K_NOTIFIED: &str = "up_to";
-/// The history window's counters ([`starling_core::state::HistoryMarks`]), under "marks".
-const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
-const K_MARKS: &str = "marks";
-const K_CA: &str = "ca";
-
-pub(crate) const K_VOTE: &str = "vote";
-pub(crate) const K_PURGED: &str = "last_purged";
-pub(crate) const K_COMMITTED: &str = "committed";
-const K_APPLIED: &str = "sm_last_applied";
-const K_MEMBERSHIP: &str = "sm_membership";
-const K_SNAPSHOT_META: &str = "snapshot_meta";
-const K_SNAPSHOT_DATA: &str = "snapshot_data";
-const K_FORMAT: &str = "format";
+use starling_core::state::{ControlState, Records, Touched};
 
 /// The encoding of what a member's files hold: JSON of openraft entries carrying
 /// [`starling_proto::Command`]s (pinned by `proto/tests/command_encoding.rs`) and JSON
@@ -169,26 +139,6 @@ fn open_file(
     txn.commit().map_err(io::Error::other)?;
     Ok(Arc::new(db))
 }
-
-pub(crate) fn enc<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-pub(crate) fn dec<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-pub(crate) fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
-    let txn = db.begin_read().map_err(io::Error::other)?;
-    let t = txn.open_table(META).map_err(io::Error::other)?;
-    match t.get(key).map_err(io::Error::other)? {
-        Some(v) => Ok(Some(dec(v.value())?)),
-        None => Ok(None),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// State machine
 
 /// The snapshot an earlier starling stored beside the state file (JSON of the records).
 fn load_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
@@ -581,93 +531,6 @@ pub fn apply_outside_raft(
 #[doc(hidden)]
 pub fn load_state(db: &Database) -> io::Result<ControlState> {
     Ok(ControlState::from_records(load_records(db)?))
-}
-
-fn load_records(db: &Database) -> io::Result<Records> {
-    load_records_in(&db.begin_read().map_err(io::Error::other)?)
-}
-
-/// The working set as `txn` sees it.
-pub(crate) fn load_records_in(txn: &redb::ReadTransaction) -> io::Result<Records> {
-    let marks: HistoryMarks = read_named(txn, HISTORY)?
-        .into_iter()
-        .find_map(|(k, v)| (k == K_MARKS).then_some(v))
-        .unwrap_or_default();
-    Ok(Records {
-        marks,
-        repos: read_named(txn, REPOS)?.into_iter().collect(),
-        builds: read_numbered(txn, BUILDS)?.into_iter().collect(),
-        events: read_numbered_from(txn, EVENTS, marks.events_archived + 1)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect(),
-        // Keyed by the record's own id, as goals are by their own fields.
-        releases: read_named::<Release>(txn, RELEASES)?
-            .into_iter()
-            .map(|(_, r)| (r.id, r))
-            .collect(),
-        goals: read_named::<Goal>(txn, GOALS)?
-            .into_iter()
-            .map(|(_, g)| (GoalKey::of(&g), g))
-            .collect(),
-        requests: read_numbered(txn, REQUESTS)?.into_iter().collect(),
-        ca: read_named::<CaRecord>(txn, CLUSTER)?
-            .into_iter()
-            .find_map(|(k, v)| (k == K_CA).then_some(v)),
-        join_tokens: read_named(txn, JOIN_TOKENS)?.into_iter().collect(),
-        deployments: read_numbered(txn, DEPLOYMENTS)?.into_iter().collect(),
-        notified_up_to: read_named::<u64>(txn, NOTIFIER)?
-            .into_iter()
-            .find_map(|(k, v)| (k == K_NOTIFIED).then_some(v))
-            .unwrap_or(0),
-    })
-}
-
-/// A record that does not decode, named so that an operator can find it.
-fn unreadable(table: &str, key: &dyn std::fmt::Display, e: io::Error) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("record {key} of table {table} is unreadable: {e}"),
-    )
-}
-
-fn read_named<T: DeserializeOwned>(
-    txn: &redb::ReadTransaction,
-    def: TableDefinition<&str, &[u8]>,
-) -> io::Result<Vec<(String, T)>> {
-    let t = txn.open_table(def).map_err(io::Error::other)?;
-    let mut out = Vec::new();
-    for item in t.iter().map_err(io::Error::other)? {
-        let (k, v) = item.map_err(io::Error::other)?;
-        let key = k.value().to_string();
-        let record = dec(v.value()).map_err(|e| unreadable(def.name(), &key, e))?;
-        out.push((key, record));
-    }
-    Ok(out)
-}
-
-fn read_numbered<T: DeserializeOwned>(
-    txn: &redb::ReadTransaction,
-    def: TableDefinition<u64, &[u8]>,
-) -> io::Result<Vec<(u64, T)>> {
-    read_numbered_from(txn, def, 0)
-}
-
-/// The records of `def` numbered `from` or more.
-fn read_numbered_from<T: DeserializeOwned>(
-    txn: &redb::ReadTransaction,
-    def: TableDefinition<u64, &[u8]>,
-    from: u64,
-) -> io::Result<Vec<(u64, T)>> {
-    let t = txn.open_table(def).map_err(io::Error::other)?;
-    let mut out = Vec::new();
-    for item in t.range(from..).map_err(io::Error::other)? {
-        let (k, v) = item.map_err(io::Error::other)?;
-        let key = k.value();
-        let record = dec(v.value()).map_err(|e| unreadable(def.name(), &key, e))?;
-        out.push((key, record));
-    }
-    Ok(out)
 }
 
 fn write_named(
