@@ -23,16 +23,18 @@ fn raft_request<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, ApiErr> {
-    match header(headers, PROTOCOL_HEADER) {
-        Some(RAFT_PROTOCOL) => {}
-        other => {
-            return Err(err(
-                StatusCode::BAD_REQUEST,
-                format!("Raft protocol {other:?} is not spoken here (want {RAFT_PROTOCOL})"),
-            ))
-        }
-    }
+    speaks_raft_protocol(headers)?;
     decode(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("malformed Raft RPC: {e}")))
+}
+
+fn speaks_raft_protocol(headers: &HeaderMap) -> Result<(), ApiErr> {
+    match header(headers, PROTOCOL_HEADER) {
+        Some(RAFT_PROTOCOL) => Ok(()),
+        other => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("Raft protocol {other:?} is not spoken here (want {RAFT_PROTOCOL})"),
+        )),
+    }
 }
 
 fn raft_answer<T: serde::Serialize>(v: &T) -> Result<Response, ApiErr> {
@@ -73,6 +75,8 @@ pub(super) async fn raft_snapshot(
 ) -> Result<Response, ApiErr> {
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
+    // Before a byte of a body that may be gigabytes long.
+    speaks_raft_protocol(&headers)?;
     static RECEIVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = RECEIVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = m.cfg.data_dir.join(format!("snapshot-incoming-{n}"));
