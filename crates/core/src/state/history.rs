@@ -3,9 +3,11 @@
 //! A member holds the working set — queued and running builds, releases not yet
 //! collected, goals, deployments — and only the newest part of the past: the
 //! [`HistoryWindow::finished_builds`] builds that finished last, the newest
-//! [`HistoryWindow::events`] events and the [`HistoryWindow::collected_releases`] releases
-//! collected last. Older records are handed to the store in [`super::Touched`], which moves them
-//! to its archive tables and answers history queries from there.
+//! [`HistoryWindow::events`] events, the [`HistoryWindow::collected_releases`] releases
+//! collected last and the [`HistoryWindow::finished_deployments`] deployments that
+//! finished last (a deployment a goal names always stays). Older records are handed to
+//! the store in [`super::Touched`], which moves them to its archive tables and answers
+//! history queries from there.
 //!
 //! What is in memory decides some answers of `apply` (a commit or delivery is recognised
 //! as a duplicate only while its build is), so the window is part of the replicated
@@ -58,7 +60,7 @@ pub struct HistoryMarks {
 }
 
 /// A build's place in the order builds leave memory in.
-pub(super) fn finish_key(b: &Build) -> (Millis, u64) {
+fn finish_key(b: &Build) -> (Millis, u64) {
     (b.finished_at.unwrap_or(b.created_at), b.id)
 }
 
@@ -67,10 +69,6 @@ fn collect_key(r: &Release) -> (Millis, starling_proto::ReleaseId) {
 }
 
 impl ControlState {
-    pub fn window(&self) -> HistoryWindow {
-        self.window
-    }
-
     pub fn marks(&self) -> HistoryMarks {
         self.records.marks
     }
