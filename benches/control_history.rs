@@ -262,6 +262,12 @@ fn dir_mib(p: &Path) -> f64 {
     total as f64 / (1024.0 * 1024.0)
 }
 
+/// "a / b / c", one figure a member.
+fn per_member(values: &[f64]) -> String {
+    let shown: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+    shown.join(" / ")
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
@@ -496,26 +502,13 @@ async fn main() {
     println!("| --- | --- | --- |");
     println!(
         "| RSS per member (restarted) | {} MiB | < 1024 MiB |",
-        rss_restarted
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
+        per_member(&rss_restarted)
     );
     println!(
         "| RSS per member (after queries) | {} MiB | < 1024 MiB |",
-        rss.iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
+        per_member(&rss)
     );
-    println!(
-        "| data dir per member | {} MiB | |",
-        data.iter()
-            .map(|d| format!("{d:.0}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    );
+    println!("| data dir per member | {} MiB | |", per_member(&data));
     println!(
         "| restart to caught up (slowest of 3) | {:.2} s | < 10 s |",
         restart.as_secs_f64()

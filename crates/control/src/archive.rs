@@ -58,42 +58,42 @@ pub(crate) const DEPLOYMENT_ARCHIVE: TableDefinition<u64, &[u8]> =
 const DEPLOYMENTS_BY_REPO: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("deployment_archive_by_repo");
 
+/// Do `$op` (`open_table` or `delete_table`) to every archive table in `$txn`.
+macro_rules! each_table {
+    ($txn:expr, $op:ident) => {
+        for_each_table!(
+            $txn,
+            $op,
+            BUILD_ARCHIVE,
+            BY_REPO,
+            BY_REPO_STATUS,
+            BY_STATUS,
+            BY_SHA,
+            BY_TIME,
+            RELEASE_ARCHIVE,
+            RELEASES_BY_REPO,
+            RELEASES_BY_TIME,
+            DEPLOYMENT_ARCHIVE,
+            DEPLOYMENTS_BY_REPO
+        )
+    };
+}
+
+macro_rules! for_each_table {
+    ($txn:expr, $op:ident, $($table:ident),+) => {
+        $( $txn.$op($table).map_err(io::Error::other)?; )+
+    };
+}
+
 /// Create every archive table, so that readers never meet a missing one.
 pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> io::Result<()> {
-    txn.open_table(BUILD_ARCHIVE).map_err(io::Error::other)?;
-    txn.open_table(BY_REPO).map_err(io::Error::other)?;
-    txn.open_table(BY_REPO_STATUS).map_err(io::Error::other)?;
-    txn.open_table(BY_STATUS).map_err(io::Error::other)?;
-    txn.open_table(BY_SHA).map_err(io::Error::other)?;
-    txn.open_table(BY_TIME).map_err(io::Error::other)?;
-    txn.open_table(RELEASE_ARCHIVE).map_err(io::Error::other)?;
-    txn.open_table(RELEASES_BY_REPO).map_err(io::Error::other)?;
-    txn.open_table(RELEASES_BY_TIME).map_err(io::Error::other)?;
-    txn.open_table(DEPLOYMENT_ARCHIVE)
-        .map_err(io::Error::other)?;
-    txn.open_table(DEPLOYMENTS_BY_REPO)
-        .map_err(io::Error::other)?;
+    each_table!(txn, open_table);
     Ok(())
 }
 
 /// Empty every archive table (a snapshot replaces them).
 pub(crate) fn delete_tables(txn: &redb::WriteTransaction) -> io::Result<()> {
-    txn.delete_table(BUILD_ARCHIVE).map_err(io::Error::other)?;
-    txn.delete_table(BY_REPO).map_err(io::Error::other)?;
-    txn.delete_table(BY_REPO_STATUS).map_err(io::Error::other)?;
-    txn.delete_table(BY_STATUS).map_err(io::Error::other)?;
-    txn.delete_table(BY_SHA).map_err(io::Error::other)?;
-    txn.delete_table(BY_TIME).map_err(io::Error::other)?;
-    txn.delete_table(RELEASE_ARCHIVE)
-        .map_err(io::Error::other)?;
-    txn.delete_table(RELEASES_BY_REPO)
-        .map_err(io::Error::other)?;
-    txn.delete_table(RELEASES_BY_TIME)
-        .map_err(io::Error::other)?;
-    txn.delete_table(DEPLOYMENT_ARCHIVE)
-        .map_err(io::Error::other)?;
-    txn.delete_table(DEPLOYMENTS_BY_REPO)
-        .map_err(io::Error::other)?;
+    each_table!(txn, delete_table);
     create_tables(txn)
 }
 
@@ -149,19 +149,15 @@ pub struct Pending {
 impl Pending {
     pub(crate) fn add(
         &mut self,
-        builds: &[Build],
-        releases: &[Release],
-        deployments: &[Deployment],
+        builds: Vec<Build>,
+        releases: Vec<Release>,
+        deployments: Vec<Deployment>,
     ) {
-        for d in deployments {
-            self.deployments.insert(d.id, d.clone());
-        }
-        for b in builds {
-            self.builds.insert(b.id, b.clone());
-        }
-        for r in releases {
-            self.releases.insert(r.id, r.clone());
-        }
+        self.builds.extend(builds.into_iter().map(|b| (b.id, b)));
+        self.releases
+            .extend(releases.into_iter().map(|r| (r.id, r)));
+        self.deployments
+            .extend(deployments.into_iter().map(|d| (d.id, d)));
     }
 
     /// Forget what a commit made readable from the tables.

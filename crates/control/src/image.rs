@@ -147,6 +147,11 @@ impl<R: Read> Reader<R> {
         }))
     }
 
+    /// The JSON of the record [`Reader::next_item`] returned last.
+    pub fn json(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The working set, which comes first.
     pub fn records(&mut self) -> io::Result<Records> {
         match self.next_item()? {

@@ -385,16 +385,13 @@ impl StateMachineStore {
         // Records past the history window (a file of format 1) move to the archive now.
         let touched = state.take_touched();
         if !touched.is_empty() {
-            let rows = Rows::encode(&state, &touched, &[])?;
             tracing::info!(
-                builds = rows.archived_builds.len(),
-                releases = rows.archived_releases.len(),
-                deployments = rows.archived_deployments.len(),
+                builds = touched.archived_builds.len(),
+                releases = touched.archived_releases.len(),
+                deployments = touched.archived_deployments.len(),
                 "moving history past the window to the archive"
             );
-            let txn = db.begin_write().map_err(io::Error::other)?;
-            rows.write(&txn)?;
-            txn.commit().map_err(io::Error::other)?;
+            write_touched(&db, &state, &touched, true)?;
         }
         let (tx, _) = watch::channel(state.last_event_index());
         let (writer, rx) = mpsc::channel();
@@ -519,7 +516,17 @@ pub fn apply_outside_raft(
         state.apply(c);
     }
     let touched = state.take_touched();
-    let rows = Rows::encode(state, &touched, &new_events(state, &touched))?;
+    write_touched(db, state, &touched, durable)
+}
+
+/// Write what `touched` names of `state` in one transaction of its own.
+fn write_touched(
+    db: &Database,
+    state: &ControlState,
+    touched: &Touched,
+    durable: bool,
+) -> io::Result<()> {
+    let rows = Rows::encode(state, touched, &new_events(state, touched))?;
     let mut txn = db.begin_write().map_err(io::Error::other)?;
     txn.set_durability(fsync_if(durable))
         .map_err(io::Error::other)?;
@@ -599,14 +606,15 @@ fn copy_archive<R: std::io::Read>(
     let mut events = txn.open_table(EVENTS).map_err(io::Error::other)?;
     while let Some(item) = image.next_item()? {
         match item {
-            Item::Build(b) => crate::archive::put_build(txn, &b, &enc(&b)?)?,
+            // Each record is stored as the JSON it came in.
+            Item::Build(b) => crate::archive::put_build(txn, &b, image.json())?,
             Item::Event(e) => {
                 events
-                    .insert(e.index, enc(&e)?.as_slice())
+                    .insert(e.index, image.json())
                     .map_err(io::Error::other)?;
             }
-            Item::Release(r) => crate::archive::put_release(txn, &r, &enc(&r)?)?,
-            Item::Deployment(d) => crate::archive::put_deployment(txn, &d, &enc(&d)?)?,
+            Item::Release(r) => crate::archive::put_release(txn, &r, image.json())?,
+            Item::Deployment(d) => crate::archive::put_deployment(txn, &d, image.json())?,
             Item::Records(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -866,9 +874,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let rows = Rows::encode(&st, &touched, &new_events)?;
             if rows.archives_anything() {
                 self.pending.lock().unwrap_or_else(|p| p.into_inner()).add(
-                    &touched.archived_builds,
-                    &touched.archived_releases,
-                    &touched.archived_deployments,
+                    touched.archived_builds,
+                    touched.archived_releases,
+                    touched.archived_deployments,
                 );
             }
             self.metrics.applied(

@@ -16,6 +16,9 @@
 //! the order of `(finished_at, id)`; keeping the greatest keys as they arrive one by one
 //! keeps exactly the set that loading all of them and keeping the greatest would.
 
+use std::collections::BTreeSet;
+
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use starling_proto::{Build, Millis, Release};
 
@@ -68,6 +71,26 @@ fn collect_key(r: &Release) -> (Millis, starling_proto::ReleaseId) {
     (r.collected_at.unwrap_or(r.created_at), r.id)
 }
 
+/// Let the records whose keys come first in `order` go until `cap` remain: out of
+/// `records` and the keys to write, into `archived`.
+fn evict<K: Ord + Clone, V: Clone>(
+    order: &mut BTreeSet<(Millis, K)>,
+    cap: usize,
+    records: &mut OrdMap<K, V>,
+    touched: &mut BTreeSet<K>,
+    archived: &mut Vec<V>,
+) {
+    while order.len() > cap {
+        let Some((_, key)) = order.pop_first() else {
+            break;
+        };
+        if let Some(old) = records.remove(&key) {
+            touched.remove(&key);
+            archived.push(old);
+        }
+    }
+}
+
 impl ControlState {
     pub fn marks(&self) -> HistoryMarks {
         self.records.marks
@@ -86,30 +109,29 @@ impl ControlState {
     /// Note that `b` finished and let the oldest finished builds go past the window.
     pub(super) fn finished(&mut self, b: &Build) {
         self.index.finished.insert(finish_key(b));
-        while self.index.finished.len() > self.window.finished_builds {
-            let Some((_, id)) = self.index.finished.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.records.builds.remove(&id) {
-                super::unindex_build(&mut self.index, &old, true);
-                self.touched.builds.remove(&id);
-                self.touched.archived_builds.push(old);
-            }
+        let from = self.touched.archived_builds.len();
+        evict(
+            &mut self.index.finished,
+            self.window.finished_builds,
+            &mut self.records.builds,
+            &mut self.touched.builds,
+            &mut self.touched.archived_builds,
+        );
+        for old in &self.touched.archived_builds[from..] {
+            super::unindex_build(&mut self.index, old, true);
         }
     }
 
     /// Note that `r` was collected and let the oldest collected releases go.
     pub(super) fn collected(&mut self, r: &Release) {
         self.index.collected.insert(collect_key(r));
-        while self.index.collected.len() > self.window.collected_releases {
-            let Some((_, id)) = self.index.collected.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.records.releases.remove(&id) {
-                self.touched.releases.remove(&id);
-                self.touched.archived_releases.push(old);
-            }
-        }
+        evict(
+            &mut self.index.collected,
+            self.window.collected_releases,
+            &mut self.records.releases,
+            &mut self.touched.releases,
+            &mut self.touched.archived_releases,
+        );
     }
 
     /// Note that deployment `id` may be finished with: once it is final and no goal names
@@ -129,15 +151,13 @@ impl ControlState {
         self.index
             .finished_deployments
             .insert((d.finished_at.unwrap_or(d.created_at), id));
-        while self.index.finished_deployments.len() > self.window.finished_deployments {
-            let Some((_, id)) = self.index.finished_deployments.pop_first() else {
-                break;
-            };
-            if let Some(old) = self.records.deployments.remove(&id) {
-                self.touched.deployments.remove(&id);
-                self.touched.archived_deployments.push(old);
-            }
-        }
+        evict(
+            &mut self.index.finished_deployments,
+            self.window.finished_deployments,
+            &mut self.records.deployments,
+            &mut self.touched.deployments,
+            &mut self.touched.archived_deployments,
+        );
     }
 
     /// Let the oldest events go past the window.

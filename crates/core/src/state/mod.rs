@@ -67,10 +67,11 @@ impl GoalKey {
     }
 }
 
-/// The durable facts. Everything else in [`ControlState`] is derived from these.
+/// The durable facts in memory: the working set and the newest history
+/// ([`HistoryWindow`]). Everything else in [`ControlState`] is derived from these.
 ///
-/// The collections that grow with history are persistent (structurally shared) so that
-/// cloning the records for a snapshot costs O(1) and never stalls the apply path.
+/// The larger collections are persistent (`imbl`): dropping events from the front of
+/// the window and slicing them for readers costs O(log n).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Records {
     pub repos: BTreeMap<String, StoredRepo>,
