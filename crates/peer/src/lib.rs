@@ -21,6 +21,7 @@ use starling_proto::peer::{
 use starling_proto::release::Manifest;
 use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
+use starling_swarm::upload::{Offer, UploadQueue};
 use tokio::sync::{broadcast, mpsc, Mutex};
 
 /// How long a peer has to say hello, or to send a request's first frame.
@@ -82,22 +83,10 @@ pub struct PeerConfig {
     pub upload_queue: usize,
 }
 
-/// The upload slots and the queue before them. A freed slot goes to the waiting request
-/// whose chunk has been asked of this peer the fewest times (then the oldest): a chunk
-/// it alone holds, just fetched, goes out before one it has already given to many, so
-/// that new chunks start spreading at once instead of waiting behind common ones.
+/// The upload slots and the queue before them; which waiter a freed slot goes to is
+/// [`UploadQueue`]'s decision.
 struct UploadSlots {
-    state: std::sync::Mutex<SlotState>,
-    max_waiting: usize,
-}
-
-#[derive(Default)]
-struct SlotState {
-    free: usize,
-    /// (times asked, arrival, chunk) → who waits.
-    waiting: std::collections::BTreeMap<(u64, u64, ChunkHash), tokio::sync::oneshot::Sender<Slot>>,
-    arrivals: u64,
-    asked: std::collections::HashMap<ChunkHash, u64>,
+    queue: std::sync::Mutex<UploadQueue<tokio::sync::oneshot::Sender<Slot>>>,
 }
 
 /// A slot; handed to the next waiter (or freed) when dropped. It travels to the waiter
@@ -107,8 +96,8 @@ struct Slot(Option<Arc<UploadSlots>>);
 impl Drop for Slot {
     fn drop(&mut self) {
         let Some(slots) = self.0.take() else { return };
-        let mut s = slots.lock();
-        while let Some((_, tx)) = s.waiting.pop_first() {
+        let mut q = slots.lock();
+        while let Some(tx) = q.next() {
             match tx.send(Slot(Some(slots.clone()))) {
                 Ok(()) => return,
                 // That waiter gave up, and the slot came back: emptied, so that dropping
@@ -116,52 +105,32 @@ impl Drop for Slot {
                 Err(mut back) => drop(back.0.take()),
             }
         }
-        s.free += 1;
     }
 }
 
-/// Chunks whose requests are counted; the count starts over beyond that (a node serves a
-/// few releases at a time, far fewer chunks).
-const MAX_COUNTED: usize = 1 << 16;
-
 impl UploadSlots {
-    fn new(cfg: &PeerConfig) -> UploadSlots {
+    fn new(slots: usize, max_waiting: usize) -> UploadSlots {
         UploadSlots {
-            state: std::sync::Mutex::new(SlotState {
-                free: cfg.upload_slots.max(1),
-                ..SlotState::default()
-            }),
-            max_waiting: cfg.upload_queue,
+            queue: std::sync::Mutex::new(UploadQueue::new(slots, max_waiting)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, UploadQueue<tokio::sync::oneshot::Sender<Slot>>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A slot to send `chunk`; `None` if every slot is taken and the queue is full.
     async fn acquire(self: &Arc<Self>, chunk: &ChunkHash) -> Option<Slot> {
         let rx = {
-            let mut s = self.lock();
-            if s.asked.len() >= MAX_COUNTED {
-                s.asked.clear();
-            }
-            let asked = *s.asked.get(chunk).unwrap_or(&0);
-            s.asked.insert(*chunk, asked + 1);
-            if s.free > 0 {
-                s.free -= 1;
-                return Some(Slot(Some(self.clone())));
-            }
+            let mut q = self.lock();
             // Waiters that gave up still hold a place until a slot passes them by.
-            s.waiting.retain(|_, tx| !tx.is_closed());
-            if s.waiting.len() >= self.max_waiting {
-                return None;
-            }
+            q.retain(|tx| !tx.is_closed());
             let (tx, rx) = tokio::sync::oneshot::channel();
-            s.arrivals += 1;
-            let key = (asked, s.arrivals, *chunk);
-            s.waiting.insert(key, tx);
-            rx
+            match q.offer(chunk, tx) {
+                Offer::Send(_) => return Some(Slot(Some(self.clone()))),
+                Offer::Busy(_) => return None,
+                Offer::Queued => rx,
+            }
         };
         rx.await.ok()
     }
@@ -287,7 +256,10 @@ impl PeerEndpoint {
     /// from the store; to a `Want`, what the store holds of that release and then every
     /// chunk sent on `stored`; to an `Announce`, the tracker's `Peers`.
     pub async fn serve(&self, serving: Serving) {
-        let slots = Arc::new(UploadSlots::new(&self.cfg));
+        let slots = Arc::new(UploadSlots::new(
+            self.cfg.upload_slots,
+            self.cfg.upload_queue,
+        ));
         while let Some(incoming) = self.endpoint.accept().await {
             let (serving, slots, me) = (serving.clone(), slots.clone(), self.hello());
             tokio::spawn(async move {
@@ -791,13 +763,7 @@ mod tests {
     use super::*;
 
     fn slots(n: usize, queue: usize) -> Arc<UploadSlots> {
-        Arc::new(UploadSlots {
-            state: std::sync::Mutex::new(SlotState {
-                free: n,
-                ..SlotState::default()
-            }),
-            max_waiting: queue,
-        })
+        Arc::new(UploadSlots::new(n, queue))
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The swarm's decisions, without I/O: which chunk a node asks which peer for, how many
 //! requests it keeps in flight, when it crosses into another region or goes to the
-//! origin, the endgame, and which peers it stops using.
+//! origin, the endgame, and which peers it stops using; and on the uploading side, which
+//! waiting request gets a free upload slot ([`upload::UploadQueue`]).
 //!
 //! As `quinn-proto` is to `quinn`: a [`Fetch`] is fed events with the current time
 //! (`handle_*`), answers with [`Action`]s (`poll_action`) and says when it wants to be
@@ -12,6 +13,7 @@
 
 pub mod fetch;
 pub mod topology;
+pub mod upload;
 
 pub use fetch::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
 pub use topology::ingress_node;

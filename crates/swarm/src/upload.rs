@@ -1,0 +1,138 @@
+//! The uploading side's one decision: which request gets a free upload slot.
+//!
+//! A peer sends a few chunks at once (each at the link's full speed, whole early and
+//! ready to be passed on) and lets a few more requests wait. A freed slot goes to the
+//! waiting request whose chunk this peer has been asked for the fewest times, then the
+//! oldest: a chunk it alone holds, just fetched, goes out before one it has already given
+//! to many, so that new chunks start spreading at once instead of waiting behind common
+//! ones. A request beyond the queue is refused as busy and asked of someone else.
+//!
+//! Sans-IO like [`crate::Fetch`]: the driver says a request came (`offer`) and a send
+//! ended (`next`); what waits is the driver's own token `W` (a channel to the waiting
+//! task over QUIC, a request record in the simulator).
+
+use std::collections::{BTreeMap, HashMap};
+
+use starling_proto::ChunkHash;
+
+/// Chunks whose requests are counted; the count starts over beyond that (a node serves a
+/// few releases at a time, far fewer chunks).
+const MAX_COUNTED: usize = 1 << 16;
+
+/// What became of a request offered to the [`UploadQueue`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer<W> {
+    /// A slot was free: send now.
+    Send(W),
+    /// It waits for a slot.
+    Queued,
+    /// Every slot is taken and the queue is full.
+    Busy(W),
+}
+
+#[derive(Debug)]
+pub struct UploadQueue<W> {
+    free: usize,
+    max_waiting: usize,
+    /// (times asked, arrival, chunk) → who waits.
+    waiting: BTreeMap<(u64, u64, ChunkHash), W>,
+    arrivals: u64,
+    asked: HashMap<ChunkHash, u64>,
+}
+
+impl<W> UploadQueue<W> {
+    /// `slots` sends at once (at least one), `max_waiting` requests waiting for them.
+    pub fn new(slots: usize, max_waiting: usize) -> UploadQueue<W> {
+        UploadQueue {
+            free: slots.max(1),
+            max_waiting,
+            waiting: BTreeMap::new(),
+            arrivals: 0,
+            asked: HashMap::new(),
+        }
+    }
+
+    /// A request for `chunk` came; `waiter` is what to hand the slot to.
+    pub fn offer(&mut self, chunk: &ChunkHash, waiter: W) -> Offer<W> {
+        if self.asked.len() >= MAX_COUNTED {
+            self.asked.clear();
+        }
+        let asked = self.asked.entry(*chunk).or_insert(0);
+        let before = *asked;
+        *asked += 1;
+        if self.free > 0 {
+            self.free -= 1;
+            return Offer::Send(waiter);
+        }
+        if self.waiting.len() >= self.max_waiting {
+            return Offer::Busy(waiter);
+        }
+        self.arrivals += 1;
+        self.waiting.insert((before, self.arrivals, *chunk), waiter);
+        Offer::Queued
+    }
+
+    /// A send ended and its slot is free: the waiter it goes to, or `None` (the slot is
+    /// free again). A driver whose waiter has gone calls this again for the next.
+    pub fn next(&mut self) -> Option<W> {
+        match self.waiting.pop_first() {
+            Some((_, w)) => Some(w),
+            None => {
+                self.free += 1;
+                None
+            }
+        }
+    }
+
+    /// Forget waiters that gave up (for which `keep` is false), so that they do not hold
+    /// places in the queue.
+    pub fn retain(&mut self, mut keep: impl FnMut(&W) -> bool) {
+        self.waiting.retain(|_, w| keep(w));
+    }
+
+    /// Forget one waiting request for `chunk` chosen by `is`; whether there was one.
+    pub fn withdraw(&mut self, chunk: &ChunkHash, mut is: impl FnMut(&W) -> bool) -> bool {
+        let key = self
+            .waiting
+            .iter()
+            .find(|((_, _, c), w)| c == chunk && is(w))
+            .map(|(k, _)| *k);
+        key.is_some_and(|k| self.waiting.remove(&k).is_some())
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_slot_goes_to_the_chunk_asked_for_least_then_the_oldest() {
+        let mut q = UploadQueue::new(1, 2);
+        let (common, fresh, other) = (
+            ChunkHash::of(b"a"),
+            ChunkHash::of(b"b"),
+            ChunkHash::of(b"c"),
+        );
+        assert_eq!(q.offer(&common, 1), Offer::Send(1));
+        assert_eq!(q.offer(&common, 2), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 3), Offer::Queued);
+        assert_eq!(q.offer(&other, 4), Offer::Busy(4), "the queue is full");
+        // `fresh` was never asked before: it goes first though it came later.
+        assert_eq!(q.next(), Some(3));
+        assert_eq!(q.next(), Some(2));
+        assert_eq!(q.next(), None);
+        // The slot is free again.
+        assert_eq!(q.offer(&other, 5), Offer::Send(5));
+        assert_eq!(q.offer(&other, 6), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 7), Offer::Queued);
+        // `fresh` was asked once before, `other` once: the older goes first.
+        q.retain(|w| *w != 6);
+        assert_eq!(q.waiting(), 1);
+        assert!(q.withdraw(&fresh, |w| *w == 7));
+        assert_eq!(q.next(), None);
+    }
+}
