@@ -97,7 +97,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let Some(slots) = self.0.take() else { return };
         let mut q = slots.lock();
-        while let Some(tx) = q.next() {
+        while let Some(tx) = q.sent() {
             match tx.send(Slot(Some(slots.clone()))) {
                 Ok(()) => return,
                 // That waiter gave up, and the slot came back: emptied, so that dropping

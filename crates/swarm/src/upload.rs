@@ -8,7 +8,7 @@
 //! ones. A request beyond the queue is refused as busy and asked of someone else.
 //!
 //! Sans-IO like [`crate::Fetch`]: the driver says a request came (`offer`) and a send
-//! ended (`next`); what waits is the driver's own token `W` (a channel to the waiting
+//! ended (`sent`); what waits is the driver's own token `W` (a channel to the waiting
 //! task over QUIC, a request record in the simulator).
 
 use std::collections::{BTreeMap, HashMap};
@@ -74,7 +74,7 @@ impl<W> UploadQueue<W> {
 
     /// A send ended and its slot is free: the waiter it goes to, or `None` (the slot is
     /// free again). A driver whose waiter has gone calls this again for the next.
-    pub fn next(&mut self) -> Option<W> {
+    pub fn sent(&mut self) -> Option<W> {
         match self.waiting.pop_first() {
             Some((_, w)) => Some(w),
             None => {
@@ -122,9 +122,9 @@ mod tests {
         assert_eq!(q.offer(&fresh, 3), Offer::Queued);
         assert_eq!(q.offer(&other, 4), Offer::Busy(4), "the queue is full");
         // `fresh` was never asked before: it goes first though it came later.
-        assert_eq!(q.next(), Some(3));
-        assert_eq!(q.next(), Some(2));
-        assert_eq!(q.next(), None);
+        assert_eq!(q.sent(), Some(3));
+        assert_eq!(q.sent(), Some(2));
+        assert_eq!(q.sent(), None);
         // The slot is free again.
         assert_eq!(q.offer(&other, 5), Offer::Send(5));
         assert_eq!(q.offer(&other, 6), Offer::Queued);
@@ -133,6 +133,6 @@ mod tests {
         q.retain(|w| *w != 6);
         assert_eq!(q.waiting(), 1);
         assert!(q.withdraw(&fresh, |w| *w == 7));
-        assert_eq!(q.next(), None);
+        assert_eq!(q.sent(), None);
     }
 }
