@@ -2,6 +2,7 @@
 //! Raft RPC on one port, bootstraps or joins the cluster, and runs the lease reaper while
 //! it leads.
 
+use starling_swarm::pace::{TRACKER_PEERS, TRACKER_TTL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -366,11 +367,6 @@ fn install_https_identity(member: &Member, ca: &starling_pki::ClusterCa) {
         Err(e) => tracing::error!(error = %e, "cannot issue this member's HTTPS certificate"),
     }
 }
-
-/// Nodes announce every 10 s; one that missed six announcements is forgotten.
-const TRACKER_TTL: Duration = Duration::from_secs(60);
-/// Peers handed out per release and answer.
-const TRACKER_PEERS: usize = 50;
 
 /// Serve this member's origin store and tracker to the swarm over QUIC, once the cluster
 /// CA exists to give the member a certificate (`member-<id>`). A member that cannot bind

@@ -27,6 +27,7 @@ use starling_proto::release::{Manifest, RunSpec};
 use starling_proto::{AppReport, AppState, ChunkHash, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
+use starling_swarm::pace::{ANNOUNCE_EVERY, TRACKER_ASK_EVERY};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 use tracing::Instrument;
@@ -389,7 +390,7 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
                 last_announce = std::time::Instant::now() - Duration::from_secs(60);
             }
         }
-        if last_announce.elapsed() >= Duration::from_secs(10) {
+        if last_announce.elapsed() >= ANNOUNCE_EVERY {
             let a = announcement(&advertise, &apps);
             cfg.metrics.reports(&a.apps);
             for c in members.values() {
@@ -703,7 +704,7 @@ async fn fetch(
         // the goal at the same moment have announced, and the answer arrives in time.
         let first = fetch_cfg.settle / 2;
         tokio::spawn(async move {
-            let pauses = std::iter::once(first).chain(std::iter::repeat(Duration::from_secs(3)));
+            let pauses = std::iter::once(first).chain(std::iter::repeat(TRACKER_ASK_EVERY));
             for pause in pauses {
                 tokio::time::sleep(pause).await;
                 for s in ask_trackers(&region, &members, &me, release).await {

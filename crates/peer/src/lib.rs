@@ -21,6 +21,7 @@ use starling_proto::peer::{
 use starling_proto::release::Manifest;
 use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
+use starling_swarm::pace::{FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT};
 use starling_swarm::upload::{Offer, UploadQueue};
 use tokio::sync::{broadcast, mpsc, Mutex};
 
@@ -158,7 +159,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .send_window(64 << 20)
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
         .keep_alive_interval(Some(Duration::from_secs(3)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+    if let Ok(idle) = quinn::IdleTimeout::try_from(PEER_IDLE_TIMEOUT) {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
@@ -579,14 +580,6 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     held.retain(|c| store.has_chunk(c).unwrap_or(false));
     held
 }
-
-/// How long newly stored chunks wait to be announced together to a peer in another
-/// region. Each `Have` is a packet (and half an acknowledgement back) across the WAN, and
-/// with 256 KiB chunks a node stores several a second: on the testbed (3 regions × 8
-/// nodes, 48 MiB) the WAN copies per remote region were 1.20 unbatched, 1.16 with 100 ms
-/// and 1.14 with 400 ms, the time unchanged (16.3 s; 3×4: 13.9–14.2 s, 1.06 copies). A
-/// far peer fetches only the chunks its region brings in, where this little matters.
-const FAR_HAVE_BATCH: Duration = Duration::from_millis(400);
 
 /// The control stream after the hellos: answer `Want` with `Have`, then announce each
 /// newly stored chunk to a peer that wants anything — at once to a peer of this region,

@@ -12,6 +12,7 @@
 //! only told whether it matched.
 
 pub mod fetch;
+pub mod pace;
 pub mod topology;
 pub mod upload;
 

@@ -1,0 +1,257 @@
+//! The model network: links with rates, and flows that share them.
+//!
+//! A flow crosses up to four links: its sender's upload, its receiver's download, and when
+//! it leaves a region, that region's WAN link out and the other region's WAN link in.
+//! Sharing is *bottleneck fair share*: every link divides its rate equally among the
+//! flows crossing it, and a flow runs at the smallest of its links' shares. This is
+//! max-min fairness whenever the flows at a link are all held back by that link (the
+//! common case: a node sends two chunks at a time from its upload, each at half of it),
+//! and pessimistic otherwise: a share that a flow cannot use because another link holds
+//! it back is not handed to the other flows of the link. When a flow starts or ends, the
+//! flows of its links are given new rates; nothing else moves.
+//!
+//! Time is in nanoseconds from the start of the run, rates in bytes per second.
+
+pub type LinkId = u32;
+pub type FlowId = u32;
+
+#[derive(Debug)]
+struct Link {
+    /// Bytes per second; `f64::INFINITY` for an unshaped link.
+    rate: f64,
+    flows: Vec<FlowId>,
+    /// Bytes that crossed it, counted when a flow ends.
+    carried: f64,
+}
+
+#[derive(Debug)]
+struct Flow<T> {
+    links: Vec<LinkId>,
+    remaining: f64,
+    rate: f64,
+    since: u64,
+    /// Bytes sent so far.
+    moved: f64,
+    version: u64,
+    payload: T,
+}
+
+/// A flow whose finishing time changed: an event to queue. Events of an older version of
+/// the same flow are stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Finish {
+    pub flow: FlowId,
+    pub version: u64,
+    pub at: u64,
+}
+
+#[derive(Debug)]
+pub struct Network<T> {
+    links: Vec<Link>,
+    flows: Vec<Option<Flow<T>>>,
+    free: Vec<FlowId>,
+    /// Versions are unique across flows: a flow id is used again once its flow ended,
+    /// and a stale event of the old flow must not match the new one.
+    versions: u64,
+}
+
+impl<T> Default for Network<T> {
+    fn default() -> Self {
+        Network {
+            links: Vec::new(),
+            flows: Vec::new(),
+            free: Vec::new(),
+            versions: 0,
+        }
+    }
+}
+
+impl<T> Network<T> {
+    /// A link of `rate` bytes per second (`f64::INFINITY`: unshaped).
+    pub fn add_link(&mut self, rate: f64) -> LinkId {
+        self.links.push(Link {
+            rate,
+            flows: Vec::new(),
+            carried: 0.0,
+        });
+        (self.links.len() - 1) as LinkId
+    }
+
+    /// Bytes that crossed `link` in flows that ended.
+    pub fn carried(&self, link: LinkId) -> f64 {
+        self.links[link as usize].carried
+    }
+
+    /// Start sending `bytes` over `links` at `now`: the new flow, and the flows whose
+    /// finishing time changed, this one among them.
+    pub fn start(
+        &mut self,
+        now: u64,
+        links: Vec<LinkId>,
+        bytes: u64,
+        payload: T,
+    ) -> (FlowId, Vec<Finish>) {
+        let flow = Flow {
+            links,
+            remaining: bytes as f64,
+            rate: 0.0,
+            since: now,
+            moved: 0.0,
+            version: 0,
+            payload,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.flows[id as usize] = Some(flow);
+                id
+            }
+            None => {
+                self.flows.push(Some(flow));
+                (self.flows.len() - 1) as FlowId
+            }
+        };
+        let links = self.flow(id).links.clone();
+        for &l in &links {
+            self.links[l as usize].flows.push(id);
+        }
+        (id, self.reshare(now, &links))
+    }
+
+    /// Whether `finish` is the flow's latest finishing time (not a stale event).
+    pub fn is_current(&self, finish: &Finish) -> bool {
+        self.flows
+            .get(finish.flow as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|f| f.version == finish.version)
+    }
+
+    pub fn payload(&self, flow: FlowId) -> Option<&T> {
+        self.flows.get(flow as usize)?.as_ref().map(|f| &f.payload)
+    }
+
+    /// End `flow` at `now`, finished or cut short: its payload, the bytes it moved, and
+    /// the other flows whose finishing time changed.
+    pub fn end(&mut self, now: u64, flow: FlowId) -> Option<(T, f64, Vec<Finish>)> {
+        let mut f = self.flows.get_mut(flow as usize)?.take()?;
+        self.free.push(flow);
+        advance(&mut f, now);
+        for &l in &f.links {
+            let link = &mut self.links[l as usize];
+            link.flows.retain(|&x| x != flow);
+        }
+        let moved = f.moved;
+        for &l in &f.links {
+            self.links[l as usize].carried += moved;
+        }
+        let changed = self.reshare(now, &f.links);
+        Some((f.payload, moved, changed))
+    }
+
+    fn flow(&self, id: FlowId) -> &Flow<T> {
+        self.flows[id as usize]
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("flow {id} is live"))
+    }
+
+    /// New rates for every flow of `links`.
+    fn reshare(&mut self, now: u64, links: &[LinkId]) -> Vec<Finish> {
+        let mut touched: Vec<FlowId> = links
+            .iter()
+            .flat_map(|&l| self.links[l as usize].flows.iter().copied())
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let mut out = Vec::with_capacity(touched.len());
+        for id in touched {
+            let rate = {
+                let f = self.flow(id);
+                f.links
+                    .iter()
+                    .map(|&l| {
+                        let link = &self.links[l as usize];
+                        link.rate / link.flows.len() as f64
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let Some(f) = self.flows.get_mut(id as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            advance(f, now);
+            if f.rate == rate && f.version > 0 {
+                continue;
+            }
+            f.rate = rate;
+            self.versions += 1;
+            f.version = self.versions;
+            let secs = if rate.is_finite() && rate > 0.0 {
+                f.remaining.max(0.0) / rate
+            } else if rate.is_infinite() {
+                0.0
+            } else {
+                // A link of rate 0: never, unless the rates change.
+                1e9
+            };
+            out.push(Finish {
+                flow: id,
+                version: f.version,
+                at: now + (secs * 1e9).ceil() as u64,
+            });
+        }
+        out
+    }
+}
+
+fn advance<T>(f: &mut Flow<T>, now: u64) {
+    let dt = now.saturating_sub(f.since) as f64 / 1e9;
+    let left = f.remaining.max(0.0);
+    let sent = if f.rate.is_infinite() {
+        left
+    } else {
+        (f.rate * dt).min(left)
+    };
+    f.remaining -= sent;
+    f.moved += sent;
+    f.since = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_share_a_link_and_move_all_their_bytes() {
+        let mut n: Network<u8> = Network::default();
+        let up = n.add_link(100.0);
+        let down = n.add_link(f64::INFINITY);
+        let (a, f1) = n.start(0, vec![up, down], 100, 1);
+        assert_eq!(f1.len(), 1);
+        assert_eq!(f1[0].at, 1_000_000_000, "alone: 100 bytes at 100 B/s");
+        // Half a second later a second flow halves the first's rate.
+        let (b, f2) = n.start(500_000_000, vec![up], 100, 2);
+        let fa = f2.iter().find(|f| f.flow == a).copied().unwrap();
+        assert!(!n.is_current(&f1[0]));
+        assert_eq!(fa.at, 1_500_000_000, "50 bytes left at 50 B/s");
+        let (_, moved, rest) = n.end(fa.at, a).unwrap();
+        assert!((moved - 100.0).abs() < 1e-6, "moved {moved}");
+        let fb = rest.iter().find(|f| f.flow == b).copied().unwrap();
+        // b moved 50 bytes at 50 B/s, then 50 more at 100 B/s.
+        assert_eq!(fb.at, 2_000_000_000);
+        let (_, moved, _) = n.end(fb.at, b).unwrap();
+        assert!((moved - 100.0).abs() < 1e-6, "moved {moved}");
+        assert!((n.carried(up) - 200.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_stale_event_never_ends_a_flow_that_took_its_id() {
+        let mut n: Network<u8> = Network::default();
+        let up = n.add_link(100.0);
+        let (a, first) = n.start(0, vec![up], 100, 1);
+        let (b, _) = n.start(0, vec![up], 100, 2);
+        // `a` is cut short; its id goes to a new flow.
+        let (_, _, _) = n.end(100_000_000, a).unwrap();
+        let (c, _) = n.start(100_000_000, vec![up], 100, 3);
+        assert_eq!(c, a);
+        assert!(!n.is_current(&first[0]));
+        assert!(n.payload(b).is_some());
+    }
+}

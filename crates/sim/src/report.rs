@@ -1,0 +1,94 @@
+//! What a run prints: the figures of one [`Outcome`] against its [`Scenario`]'s bound.
+
+use crate::scenario::Scenario;
+use crate::world::Outcome;
+
+/// One run's figures.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub nodes: usize,
+    /// Of the nodes not killed: how many finished, the last and the median, seconds.
+    pub finished: usize,
+    pub healthy: usize,
+    pub last: f64,
+    pub median: f64,
+    pub bound: f64,
+    /// Payload copies each remote region received over its WAN link (largest, mean).
+    pub wan_max: f64,
+    pub wan_mean: f64,
+    pub origin_copies: f64,
+    pub events: u64,
+    pub wall: f64,
+    pub tracker_answers: u64,
+    pub tracker_ms: f64,
+}
+
+impl Row {
+    pub fn new(sc: &Scenario, o: &Outcome) -> Row {
+        let mut times: Vec<u64> = o
+            .done
+            .iter()
+            .zip(&o.killed)
+            .filter(|(_, k)| !**k)
+            .filter_map(|(d, _)| *d)
+            .collect();
+        times.sort_unstable();
+        let healthy = o.killed.iter().filter(|k| !**k).count();
+        let secs = |t: u64| t as f64 / 1e9;
+        let payload = sc.payload_bytes() as f64;
+        let remote: Vec<f64> = o.wan_in.iter().skip(1).map(|b| b / payload).collect();
+        Row {
+            name: sc.name.clone(),
+            nodes: sc.nodes(),
+            finished: times.len(),
+            healthy,
+            last: times.last().map_or(f64::NAN, |t| secs(*t)),
+            median: times.get(times.len() / 2).map_or(f64::NAN, |t| secs(*t)),
+            bound: sc.bound(),
+            wan_max: remote.iter().copied().fold(0.0, f64::max),
+            wan_mean: if remote.is_empty() {
+                0.0
+            } else {
+                remote.iter().sum::<f64>() / remote.len() as f64
+            },
+            origin_copies: o.origin_sent / payload,
+            events: o.events,
+            wall: o.wall.as_secs_f64(),
+            tracker_answers: o.tracker_answers,
+            tracker_ms: o.tracker_time.as_secs_f64() * 1e3,
+        }
+    }
+
+    pub fn header() -> &'static str {
+        "| scenario | nodes | finished | last (s) | median (s) | bound (s) | × bound | WAN copies per remote region (max / mean) | origin copies | events | wall (s) | events/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "| {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {:.0} |",
+            self.name,
+            self.nodes,
+            self.finished,
+            self.healthy,
+            self.last,
+            self.median,
+            self.bound,
+            self.last / self.bound,
+            self.wan_max,
+            self.wan_mean,
+            self.origin_copies,
+            self.events,
+            self.wall,
+            self.events as f64 / self.wall.max(1e-9),
+        )
+    }
+}
+
+/// The process's peak resident memory in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -1,0 +1,804 @@
+//! One run: every node's real [`Fetch`] and [`UploadQueue`], the members' real
+//! [`Tracker`], fed by a queue of timed events over the model [`Network`].
+//!
+//! What each event stands for on a real node: `Start` the node sees the goal and starts
+//! fetching (after its manifest); `Ask` it announces itself and reads the tracker's
+//! answer (the node daemon does this at once, halfway through the settling, then every
+//! [`TRACKER_ASK_EVERY`]); `Connected` a QUIC connection to a peer is up and the peer's
+//! `Have`s of what it holds arrived; `Request` a `Get` reaches the uploader, whose
+//! upload queue sends it, queues it or refuses it as busy; `Flow` the chunk's last byte
+//! left; `Delivered` it arrived and was hashed (wrong bytes from a corrupting node);
+//! `HaveNear`/`HaveFar` a stored chunk announced to the peers that want the release, at
+//! once inside the region and batched over [`FAR_HAVE_BATCH`] across regions; `Gone` a
+//! dead peer's connection timed out; `Timer` the fetch asked to be woken.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use starling_core::tracker::{Announce, Tracker};
+use starling_proto::{ChunkHash, ReleaseId};
+use starling_swarm::pace::{
+    ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, TRACKER_ASK_EVERY, TRACKER_PEERS,
+    TRACKER_TTL,
+};
+use starling_swarm::upload::{Offer, UploadQueue};
+use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
+
+use crate::net::{Finish, FlowId, LinkId, Network};
+use crate::rng::Rng;
+use crate::scenario::Scenario;
+
+/// The node daemon's and the members' upload slots and queues.
+const NODE_SLOTS: usize = 2;
+const NODE_QUEUE: usize = 4;
+const MEMBER_SLOTS: usize = 2;
+const MEMBER_QUEUE: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Start(u32),
+    Fail(u32),
+    Ask(u32),
+    Timer(u32, u64),
+    /// `from` asks uploader `to` for `chunk`.
+    Request {
+        to: u32,
+        from: u32,
+        chunk: u32,
+    },
+    Flow(Finish),
+    Delivered {
+        to: u32,
+        from: u32,
+        chunk: u32,
+    },
+    Reply {
+        to: u32,
+        from: u32,
+        chunk: u32,
+        busy: bool,
+    },
+    HaveNear {
+        from: u32,
+        chunk: u32,
+    },
+    HaveFar {
+        from: u32,
+    },
+    Connected {
+        node: u32,
+        peer: u32,
+    },
+    Gone {
+        node: u32,
+        peer: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Req {
+    receiver: u32,
+    chunk: u32,
+}
+
+/// A node or a member: whatever serves chunks.
+struct Uploader {
+    name: String,
+    region: usize,
+    up: LinkId,
+    queue: UploadQueue<Req>,
+    active: Vec<(Req, FlowId)>,
+    alive: bool,
+    corrupt: bool,
+}
+
+struct Node {
+    fetch: Option<Fetch>,
+    held: Vec<bool>,
+    down: LinkId,
+    /// Peers that connected to this node and want the release: its `Have`s go to them.
+    near_wanting: Vec<u32>,
+    far_wanting: Vec<u32>,
+    far_pending: Vec<u32>,
+    far_flush: bool,
+    /// Peers connected or being connected to.
+    known: HashSet<u32>,
+    started: Option<u64>,
+    done: Option<u64>,
+    timer: (u64, Option<u64>),
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Per node: when it held every chunk, ns from the start; `None` if it never did.
+    pub done: Vec<Option<u64>>,
+    /// Per node: whether it was killed.
+    pub killed: Vec<bool>,
+    /// Bytes each region received over its WAN link.
+    pub wan_in: Vec<f64>,
+    /// Bytes the origin host sent.
+    pub origin_sent: f64,
+    pub events: u64,
+    pub wall: Duration,
+    /// Tracker answers given and the time they took in all.
+    pub tracker_answers: u64,
+    pub tracker_time: Duration,
+    /// Requests refused as busy, and chunks that failed verification.
+    pub busy: u64,
+    pub corrupt: u64,
+}
+
+pub struct World {
+    sc: Scenario,
+    cfg: FetchConfig,
+    t0: Instant,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    net: Network<(u32, Req)>,
+    up: Vec<Uploader>,
+    nodes: Vec<Node>,
+    names: HashMap<String, u32>,
+    chunks: Arc<Vec<ChunkHash>>,
+    index: HashMap<ChunkHash, u32>,
+    release: ReleaseId,
+    tracker: Tracker,
+    wan_in: Vec<LinkId>,
+    wan_out: Vec<LinkId>,
+    origin_link: LinkId,
+    killed: Vec<bool>,
+    events: u64,
+    /// Live nodes that do not hold the release yet.
+    unfinished: usize,
+    tracker_answers: u64,
+    tracker_time: Duration,
+    busy: u64,
+    corrupt: u64,
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+impl World {
+    pub fn new(sc: Scenario) -> World {
+        let mut rng = Rng::new(sc.seed);
+        let n = sc.nodes();
+        let chunks: Vec<ChunkHash> = (0..sc.chunks())
+            .map(|i| ChunkHash::of(&i.to_le_bytes()))
+            .collect();
+        let index = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, i as u32))
+            .collect();
+        let mut net = Network::default();
+        let f = &sc.faults;
+        let wan_rate = |r: usize| {
+            if f.degraded_region == Some(r) {
+                sc.wan * f.degraded_factor
+            } else {
+                sc.wan
+            }
+        };
+        let wan_in = (0..sc.regions).map(|r| net.add_link(wan_rate(r))).collect();
+        let wan_out = (0..sc.regions).map(|r| net.add_link(wan_rate(r))).collect();
+        let origin_link = net.add_link(sc.origin_up);
+        let held_before = sc
+            .new_chunks
+            .map(|k| chunks.len().saturating_sub(k as usize));
+        let mut up = Vec::with_capacity(n + sc.members);
+        let mut nodes = Vec::with_capacity(n);
+        let mut names = HashMap::with_capacity(n + sc.members);
+        for k in 0..n {
+            let region = k / sc.nodes_per_region;
+            let slow = rng.chance(f.slow_share);
+            let factor = if slow { f.slow_factor } else { 1.0 };
+            let name = format!("r{region}-n{k}");
+            names.insert(name.clone(), k as u32);
+            up.push(Uploader {
+                name,
+                region,
+                up: net.add_link(sc.node_up * factor),
+                queue: UploadQueue::new(NODE_SLOTS, NODE_QUEUE),
+                active: Vec::new(),
+                alive: true,
+                corrupt: false,
+            });
+            nodes.push(Node {
+                fetch: None,
+                held: (0..chunks.len())
+                    .map(|i| held_before.is_some_and(|h| i < h))
+                    .collect(),
+                down: net.add_link(sc.node_down * factor),
+                near_wanting: Vec::new(),
+                far_wanting: Vec::new(),
+                far_pending: Vec::new(),
+                far_flush: false,
+                known: HashSet::new(),
+                started: None,
+                done: None,
+                timer: (0, None),
+            });
+        }
+        for m in 0..sc.members {
+            let name = format!("origin-{m}");
+            names.insert(name.clone(), (n + m) as u32);
+            up.push(Uploader {
+                name,
+                region: 0,
+                up: origin_link,
+                queue: UploadQueue::new(MEMBER_SLOTS, MEMBER_QUEUE),
+                active: Vec::new(),
+                alive: true,
+                corrupt: false,
+            });
+        }
+        let mut w = World {
+            cfg: FetchConfig::default(),
+            t0: Instant::now(),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            net,
+            up,
+            nodes,
+            names,
+            chunks: Arc::new(chunks),
+            index,
+            release: ReleaseId::of(sc.name.as_bytes()),
+            tracker: Tracker::new(TRACKER_TTL, TRACKER_PEERS),
+            wan_in,
+            wan_out,
+            origin_link,
+            killed: vec![false; n],
+            events: 0,
+            unfinished: n,
+            tracker_answers: 0,
+            tracker_time: Duration::ZERO,
+            busy: 0,
+            corrupt: 0,
+            sc,
+        };
+        for k in 0..n {
+            let mut at = rng.below(w.sc.start_spread.max(1));
+            if rng.chance(w.sc.faults.late_share) {
+                at += w.sc.faults.late_by;
+            }
+            w.push(at, Ev::Start(k as u32));
+            if rng.chance(w.sc.faults.fail_share) {
+                let at = rng.below(w.sc.faults.fail_window.max(1));
+                w.push(at, Ev::Fail(k as u32));
+            }
+        }
+        for _ in 0..w.sc.faults.corrupt_nodes.min(n) {
+            let k = rng.below(n as u64) as usize;
+            w.up[k].corrupt = true;
+        }
+        w
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, ev)));
+    }
+
+    fn instant(&self) -> Instant {
+        self.t0 + Duration::from_nanos(self.now)
+    }
+
+    fn latency(&self, a: u32, b: u32) -> u64 {
+        if self.up[a as usize].region == self.up[b as usize].region {
+            self.sc.near_latency
+        } else {
+            self.sc.far_latency
+        }
+    }
+
+    fn alive_node(&self, k: u32) -> bool {
+        (k as usize) < self.nodes.len() && self.up[k as usize].alive
+    }
+
+    /// Run until every live node holds the release, nothing is left to happen, or
+    /// `limit` of model time passed.
+    pub fn run(mut self, limit: Duration) -> Outcome {
+        let wall = Instant::now();
+        let limit = ns(limit);
+        while let Some(Reverse((at, _, ev))) = self.queue.pop() {
+            if at > limit {
+                break;
+            }
+            self.now = at;
+            self.events += 1;
+            self.handle(ev);
+            if self.unfinished == 0 {
+                break;
+            }
+        }
+        let done = self.nodes.iter().map(|x| x.done).collect();
+        Outcome {
+            done,
+            killed: self.killed.clone(),
+            wan_in: self.wan_in.iter().map(|&l| self.net.carried(l)).collect(),
+            origin_sent: self.net.carried(self.origin_link),
+            events: self.events,
+            wall: wall.elapsed(),
+            tracker_answers: self.tracker_answers,
+            tracker_time: self.tracker_time,
+            busy: self.busy,
+            corrupt: self.corrupt,
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Start(k) => self.start(k),
+            Ev::Fail(k) => self.fail(k),
+            Ev::Ask(k) => self.ask(k),
+            Ev::Timer(k, version) => {
+                let now = self.instant();
+                let node = &mut self.nodes[k as usize];
+                if node.timer.0 != version || !self.up[k as usize].alive {
+                    return;
+                }
+                node.timer.1 = None;
+                if let Some(f) = node.fetch.as_mut() {
+                    f.handle_timeout(now);
+                }
+                self.act(k);
+            }
+            Ev::Request { to, from, chunk } => self.request(to, from, chunk),
+            Ev::Flow(finish) => self.flow_done(finish),
+            Ev::Delivered { to, from, chunk } => self.delivered(to, from, chunk),
+            Ev::Reply {
+                to,
+                from,
+                chunk,
+                busy,
+            } => {
+                if !self.alive_node(to) {
+                    return;
+                }
+                let (now, hash) = (self.instant(), self.chunks[chunk as usize]);
+                if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
+                    if busy {
+                        f.handle_busy(now, PeerId(from.into()), &hash);
+                    } else {
+                        f.handle_refused(now, PeerId(from.into()), &hash);
+                    }
+                }
+                self.act(to);
+            }
+            Ev::HaveNear { from, chunk } => {
+                let wanting = std::mem::take(&mut self.nodes[from as usize].near_wanting);
+                self.tell(from, &wanting, &[chunk]);
+                self.nodes[from as usize].near_wanting = wanting;
+            }
+            Ev::HaveFar { from } => {
+                let node = &mut self.nodes[from as usize];
+                node.far_flush = false;
+                let pending = std::mem::take(&mut node.far_pending);
+                let wanting = std::mem::take(&mut node.far_wanting);
+                self.tell(from, &wanting, &pending);
+                self.nodes[from as usize].far_wanting = wanting;
+            }
+            Ev::Connected { node, peer } => self.connected(node, peer),
+            Ev::Gone { node, peer } => {
+                if !self.alive_node(node) {
+                    return;
+                }
+                let now = self.instant();
+                let x = &mut self.nodes[node as usize];
+                x.known.remove(&peer);
+                if let Some(f) = x.fetch.as_mut() {
+                    f.handle_peer_gone(now, PeerId(peer.into()));
+                }
+                self.act(node);
+            }
+        }
+    }
+
+    fn start(&mut self, k: u32) {
+        if !self.up[k as usize].alive {
+            return;
+        }
+        let now = self.instant();
+        let me = self.up[k as usize].name.clone();
+        let node = &mut self.nodes[k as usize];
+        node.started = Some(self.now);
+        let held = &node.held;
+        let chunks = &self.chunks;
+        let fetch = Fetch::new(
+            self.cfg.clone(),
+            &me,
+            chunks,
+            |c| self.index.get(c).is_some_and(|&i| held[i as usize]),
+            now,
+        );
+        node.fetch = Some(fetch);
+        // The origins: every member, known from the start.
+        let n = self.nodes.len() as u32;
+        for m in 0..self.sc.members as u32 {
+            let peer = n + m;
+            self.nodes[k as usize].known.insert(peer);
+            let at = self.now + 2 * self.latency(k, peer);
+            self.push(at, Ev::Connected { node: k, peer });
+        }
+        self.push(self.now, Ev::Ask(k));
+        self.act(k);
+    }
+
+    /// The node announces itself; while it fetches, it connects to the peers the
+    /// tracker names.
+    fn ask(&mut self, k: u32) {
+        if !self.up[k as usize].alive {
+            return;
+        }
+        let now = self.instant();
+        let fetching = self.nodes[k as usize].done.is_none();
+        let u = &self.up[k as usize];
+        let announce = Announce {
+            node: u.name.clone(),
+            region: format!("r{}", u.region),
+            addr: String::new(),
+            holds: if fetching { vec![] } else { vec![self.release] },
+            fetching: if fetching { vec![self.release] } else { vec![] },
+            apps: Vec::new(),
+        };
+        let (name, region) = (announce.node.clone(), announce.region.clone());
+        self.tracker.announce(announce, now);
+        if !fetching {
+            self.push(self.now + ns(ANNOUNCE_EVERY), Ev::Ask(k));
+            return;
+        }
+        let clock = Instant::now();
+        let peers = self.tracker.peers(&name, &region, &self.release, now);
+        self.tracker_time += clock.elapsed();
+        self.tracker_answers += 1;
+        for p in peers {
+            let Some(&peer) = self.names.get(&p.node) else {
+                continue;
+            };
+            let x = &mut self.nodes[k as usize];
+            if x.known.insert(peer) {
+                let at = self.now + 2 * self.latency(k, peer);
+                self.push(at, Ev::Connected { node: k, peer });
+            } else if p.fetching {
+                if let Some(f) = x.fetch.as_mut() {
+                    f.handle_fetching(now, PeerId(peer.into()));
+                }
+            }
+        }
+        let started = self.nodes[k as usize].started.unwrap_or(self.now);
+        let first = started + ns(self.cfg.settle / 2);
+        let next = if self.now < first {
+            first
+        } else {
+            self.now + ns(TRACKER_ASK_EVERY)
+        };
+        self.push(next, Ev::Ask(k));
+        self.act(k);
+    }
+
+    fn connected(&mut self, k: u32, peer: u32) {
+        if !self.alive_node(k) {
+            return;
+        }
+        if !self.up[peer as usize].alive {
+            // Unreachable: forgotten, so that a later answer tries again.
+            self.nodes[k as usize].known.remove(&peer);
+            return;
+        }
+        let now = self.instant();
+        let is_origin = peer as usize >= self.nodes.len();
+        let source = if is_origin {
+            Source::Origin
+        } else if self.up[peer as usize].region == self.up[k as usize].region {
+            Source::SameRegion
+        } else {
+            Source::OtherRegion
+        };
+        let fetching = !is_origin && self.nodes[peer as usize].done.is_none();
+        let info = PeerInfo {
+            id: PeerId(peer.into()),
+            node: self.up[peer as usize].name.clone(),
+            source,
+            fetching,
+        };
+        let holds: Vec<ChunkHash> = if is_origin {
+            Vec::new()
+        } else {
+            let p = &mut self.nodes[peer as usize];
+            if source == Source::SameRegion {
+                p.near_wanting.push(k);
+            } else {
+                p.far_wanting.push(k);
+            }
+            p.held
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| **h)
+                .map(|(i, _)| self.chunks[i])
+                .collect()
+        };
+        if let Some(f) = self.nodes[k as usize].fetch.as_mut() {
+            f.handle_peer(now, info);
+            if !holds.is_empty() {
+                f.handle_have(now, PeerId(peer.into()), &holds);
+            }
+        }
+        self.act(k);
+    }
+
+    /// `to` tells the peers in `wanting` that it stored `chunks`.
+    fn tell(&mut self, from: u32, wanting: &[u32], chunks: &[u32]) {
+        let now = self.instant();
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|&i| self.chunks[i as usize]).collect();
+        for &s in wanting {
+            if !self.alive_node(s) {
+                continue;
+            }
+            if let Some(f) = self.nodes[s as usize].fetch.as_mut() {
+                f.handle_have(now, PeerId(from.into()), &hashes);
+            }
+            self.act(s);
+        }
+    }
+
+    /// Carry out what node `k`'s fetch asks for, and set its timer.
+    fn act(&mut self, k: u32) {
+        while let Some(action) = self.nodes[k as usize]
+            .fetch
+            .as_mut()
+            .and_then(Fetch::poll_action)
+        {
+            match action {
+                Action::Request { peer, chunk } => {
+                    let (to, chunk) = (peer.0 as u32, self.index[&chunk]);
+                    let at = self.now + self.latency(k, to);
+                    self.push(at, Ev::Request { to, from: k, chunk });
+                }
+                Action::Cancel { peer, chunk } => {
+                    let chunk = self.index[&chunk];
+                    self.cancel(peer.0 as u32, k, chunk);
+                }
+                Action::Disconnect { peer, .. } => {
+                    let p = peer.0 as u32;
+                    if (p as usize) < self.nodes.len() {
+                        let x = &mut self.nodes[p as usize];
+                        x.near_wanting.retain(|&s| s != k);
+                        x.far_wanting.retain(|&s| s != k);
+                    }
+                    let reqs: Vec<u32> = self.up[p as usize]
+                        .active
+                        .iter()
+                        .filter(|(r, _)| r.receiver == k)
+                        .map(|(r, _)| r.chunk)
+                        .collect();
+                    for c in reqs {
+                        self.cancel(p, k, c);
+                    }
+                    self.up[p as usize].queue.retain(|r| r.receiver != k);
+                }
+                Action::Done => {
+                    self.nodes[k as usize].done = Some(self.now);
+                    self.unfinished -= 1;
+                }
+            }
+        }
+        let wake = self.nodes[k as usize]
+            .fetch
+            .as_ref()
+            .and_then(Fetch::poll_timeout)
+            .map(|t| ns(t.saturating_duration_since(self.t0)).max(self.now));
+        let node = &mut self.nodes[k as usize];
+        if wake != node.timer.1 {
+            node.timer.0 += 1;
+            node.timer.1 = wake;
+            if let Some(at) = wake {
+                let v = node.timer.0;
+                self.push(at, Ev::Timer(k, v));
+            }
+        }
+    }
+
+    fn request(&mut self, to: u32, from: u32, chunk: u32) {
+        if !self.up[to as usize].alive || !self.alive_node(from) {
+            return;
+        }
+        let is_node = (to as usize) < self.nodes.len();
+        if is_node && !self.nodes[to as usize].held[chunk as usize] {
+            let at = self.now + self.latency(to, from);
+            self.push(
+                at,
+                Ev::Reply {
+                    to: from,
+                    from: to,
+                    chunk,
+                    busy: false,
+                },
+            );
+            return;
+        }
+        let req = Req {
+            receiver: from,
+            chunk,
+        };
+        let hash = self.chunks[chunk as usize];
+        match self.up[to as usize].queue.offer(&hash, req) {
+            Offer::Send(req) => self.send(to, req),
+            Offer::Queued => {}
+            Offer::Busy(_) => {
+                self.busy += 1;
+                let at = self.now + self.latency(to, from);
+                self.push(
+                    at,
+                    Ev::Reply {
+                        to: from,
+                        from: to,
+                        chunk,
+                        busy: true,
+                    },
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, u: u32, req: Req) {
+        let (sr, rr) = (
+            self.up[u as usize].region,
+            self.up[req.receiver as usize].region,
+        );
+        let mut links = vec![
+            self.up[u as usize].up,
+            self.nodes[req.receiver as usize].down,
+        ];
+        if sr != rr {
+            links.push(self.wan_out[sr]);
+            links.push(self.wan_in[rr]);
+        }
+        let (flow, changed) = self
+            .net
+            .start(self.now, links, self.sc.chunk_bytes, (u, req));
+        self.up[u as usize].active.push((req, flow));
+        self.reschedule(changed);
+    }
+
+    fn reschedule(&mut self, changed: Vec<Finish>) {
+        for f in changed {
+            self.push(f.at, Ev::Flow(f));
+        }
+    }
+
+    /// The uploader's send of a chunk ended (or was cut short): its slot goes on.
+    fn next_send(&mut self, u: u32) {
+        while let Some(req) = self.up[u as usize].queue.sent() {
+            if self.alive_node(req.receiver) {
+                self.send(u, req);
+                return;
+            }
+        }
+    }
+
+    fn flow_done(&mut self, finish: Finish) {
+        if !self.net.is_current(&finish) {
+            return;
+        }
+        let Some(((u, req), _, changed)) = self.net.end(self.now, finish.flow) else {
+            return;
+        };
+        self.reschedule(changed);
+        self.up[u as usize]
+            .active
+            .retain(|(_, f)| *f != finish.flow);
+        let at = self.now + self.latency(u, req.receiver);
+        self.push(
+            at,
+            Ev::Delivered {
+                to: req.receiver,
+                from: u,
+                chunk: req.chunk,
+            },
+        );
+        self.next_send(u);
+    }
+
+    /// `receiver` no longer wants `chunk` from uploader `u`.
+    fn cancel(&mut self, u: u32, receiver: u32, chunk: u32) {
+        let hash = self.chunks[chunk as usize];
+        if self.up[u as usize]
+            .queue
+            .withdraw(&hash, |r| r.receiver == receiver)
+        {
+            return;
+        }
+        let Some(pos) = self.up[u as usize]
+            .active
+            .iter()
+            .position(|(r, _)| r.receiver == receiver && r.chunk == chunk)
+        else {
+            return;
+        };
+        let (_, flow) = self.up[u as usize].active.swap_remove(pos);
+        if let Some((_, _, changed)) = self.net.end(self.now, flow) {
+            self.reschedule(changed);
+        }
+        self.next_send(u);
+    }
+
+    fn delivered(&mut self, to: u32, from: u32, chunk: u32) {
+        if !self.alive_node(to) {
+            return;
+        }
+        let now = self.instant();
+        let verified = !self.up[from as usize].corrupt;
+        if !verified {
+            self.corrupt += 1;
+        }
+        let x = &mut self.nodes[to as usize];
+        let fresh = verified && !x.held[chunk as usize];
+        if fresh {
+            x.held[chunk as usize] = true;
+            if !x.near_wanting.is_empty() {
+                let at = self.now + self.sc.near_latency;
+                self.push(at, Ev::HaveNear { from: to, chunk });
+            }
+            let x = &mut self.nodes[to as usize];
+            x.far_pending.push(chunk);
+            if !x.far_flush && !x.far_wanting.is_empty() {
+                x.far_flush = true;
+                let at = self.now + ns(FAR_HAVE_BATCH) + self.sc.far_latency;
+                self.push(at, Ev::HaveFar { from: to });
+            }
+        }
+        let hash = self.chunks[chunk as usize];
+        if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
+            f.handle_chunk(now, PeerId(from.into()), &hash, verified);
+        }
+        self.act(to);
+    }
+
+    fn fail(&mut self, k: u32) {
+        if !self.up[k as usize].alive {
+            return;
+        }
+        self.up[k as usize].alive = false;
+        self.killed[k as usize] = true;
+        if self.nodes[k as usize].done.is_none() {
+            self.unfinished -= 1;
+        }
+        let active = std::mem::take(&mut self.up[k as usize].active);
+        for (_, flow) in active {
+            if let Some((_, _, changed)) = self.net.end(self.now, flow) {
+                self.reschedule(changed);
+            }
+        }
+        self.up[k as usize].queue.retain(|_| false);
+        // Flows into it stop too.
+        let into: Vec<(u32, Req)> = self
+            .up
+            .iter()
+            .enumerate()
+            .flat_map(|(u, x)| x.active.iter().map(move |(r, _)| (u as u32, *r)))
+            .filter(|(_, r)| r.receiver == k)
+            .collect();
+        for (u, r) in into {
+            self.cancel(u, k, r.chunk);
+        }
+        // Its peers notice when the connections time out.
+        let x = &mut self.nodes[k as usize];
+        x.fetch = None;
+        let mut peers = std::mem::take(&mut x.near_wanting);
+        peers.append(&mut x.far_wanting);
+        peers.extend(x.known.iter().copied());
+        let at = self.now + ns(PEER_IDLE_TIMEOUT);
+        for p in peers {
+            if (p as usize) < self.nodes.len() {
+                self.push(at, Ev::Gone { node: p, peer: k });
+            }
+        }
+    }
+}
