@@ -15,7 +15,7 @@ use crate::{AppReport, ChunkHash, ReleaseId};
 pub const ALPN: &[u8] = b"starling-peer/3";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -104,10 +104,12 @@ pub enum Frame {
         /// What it does with each of its repositories.
         apps: Vec<AppReport>,
     },
-    /// Peers to fetch `release` from: the asker's region first.
+    /// Peers to fetch `release` from: the asker's region first. `gateway`: the asker
+    /// is one of its region's gateways for the release.
     Peers {
         release: ReleaseId,
         peers: Vec<PeerAddr>,
+        gateway: bool,
     },
 }
 
@@ -119,6 +121,9 @@ pub struct PeerAddr {
     pub addr: String,
     /// It is fetching the release too, rather than holding it whole.
     pub fetching: bool,
+    /// It is a gateway of its region for the release: it takes a share of bringing the
+    /// release's chunks into its region.
+    pub gateway: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -294,7 +299,9 @@ mod tests {
                     region: "eu".into(),
                     addr: "10.0.0.2:7000".into(),
                     fetching: true,
+                    gateway: true,
                 }],
+                gateway: false,
             },
         ]
     }

@@ -2,7 +2,7 @@
 //! Raft RPC on one port, bootstraps or joins the cluster, and runs the lease reaper while
 //! it leads.
 
-use starling_swarm::pace::{TRACKER_PEERS, TRACKER_TTL};
+use starling_swarm::pace::{REGION_GATEWAYS, TRACKER_PEERS, TRACKER_TTL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +119,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
         tracker: Arc::new(std::sync::Mutex::new(starling_core::tracker::Tracker::new(
             TRACKER_TTL,
             TRACKER_PEERS,
+            REGION_GATEWAYS,
         ))),
         trust,
         https: https.clone(),

@@ -33,7 +33,7 @@ use tokio::sync::broadcast;
 use tracing::Instrument;
 
 use crate::app::{forget_logs, wait_healthy, AppProcess, STOP_GRACE};
-use crate::fetcher::{fetch_release, SourceSpec};
+use crate::fetcher::{fetch_release, SourceSpec, TrackerSources};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -556,7 +556,8 @@ fn announcement(advertise: &str, apps: &[App]) -> Announcement {
     }
 }
 
-/// Tell every member this node is fetching `release`; the peers their trackers name.
+/// Tell every member this node is fetching `release`; the peers their trackers name, and
+/// whether one of them takes this node for a gateway.
 /// The members are asked at once; once one answered, the others get a moment more (a
 /// member that is down must not hold up the fetch).
 async fn ask_trackers(
@@ -564,7 +565,7 @@ async fn ask_trackers(
     members: &BTreeMap<String, Arc<PeerConn>>,
     me: &Announcement,
     release: ReleaseId,
-) -> Vec<SourceSpec> {
+) -> TrackerSources {
     let fetching = Announcement {
         fetching: vec![release],
         ..me.clone()
@@ -576,12 +577,12 @@ async fn ask_trackers(
             async move {
                 conn.announce(fetching).await.ok()?;
                 let answer = tokio::time::timeout(TRACKER_PATIENCE, conn.next_peers()).await;
-                let (r, peers) = answer.ok().flatten()?;
-                (r == release).then_some(peers)
+                let answer = answer.ok().flatten()?;
+                (answer.release == release).then_some(answer)
             }
         })
         .collect();
-    let mut sources: Vec<SourceSpec> = Vec::new();
+    let mut sources = TrackerSources::default();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let next = match deadline {
@@ -592,11 +593,12 @@ async fn ask_trackers(
             None => asks.next().await,
         };
         let Some(answer) = next else { break };
-        let Some(peers) = answer else { continue };
+        let Some(answer) = answer else { continue };
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + OTHER_TRACKERS_GRACE);
-        for p in peers {
+        sources.gateway |= answer.gateway;
+        for p in answer.peers {
             let Ok(addr) = p.addr.parse() else { continue };
-            if sources.iter().any(|s| s.name == p.node) {
+            if sources.peers.iter().any(|s| s.name == p.node) {
                 continue;
             }
             let source = if p.region == region {
@@ -604,11 +606,12 @@ async fn ask_trackers(
             } else {
                 Source::OtherRegion
             };
-            sources.push(SourceSpec {
+            sources.peers.push(SourceSpec {
                 name: p.node,
                 addr,
                 source,
                 fetching: p.fetching,
+                gateway: p.gateway,
             });
         }
     }
@@ -707,10 +710,9 @@ async fn fetch(
             let pauses = std::iter::once(first).chain(std::iter::repeat(TRACKER_ASK_EVERY));
             for pause in pauses {
                 tokio::time::sleep(pause).await;
-                for s in ask_trackers(&region, &members, &me, release).await {
-                    if more_tx.send(s).is_err() {
-                        return;
-                    }
+                let answer = ask_trackers(&region, &members, &me, release).await;
+                if more_tx.send(answer).is_err() {
+                    return;
                 }
             }
         })
@@ -718,11 +720,12 @@ async fn fetch(
     let manifest = fetch_manifest(members, release).await?;
     let fetch_started = std::time::Instant::now();
     for (name, conn) in members {
-        sources.push(SourceSpec {
+        sources.peers.push(SourceSpec {
             name: name.clone(),
             addr: conn.remote_addr(),
             source: Source::Origin,
             fetching: false,
+            gateway: false,
         });
     }
     let report = fetch_release(

@@ -30,6 +30,16 @@ pub struct SourceSpec {
     pub source: Source,
     /// It is fetching this release too.
     pub fetching: bool,
+    /// It is a gateway of its region for this release.
+    pub gateway: bool,
+}
+
+/// What the trackers said: where to fetch from, and whether this node is a gateway of
+/// its region (one that brings chunks into it).
+#[derive(Debug, Clone, Default)]
+pub struct TrackerSources {
+    pub gateway: bool,
+    pub peers: Vec<SourceSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +110,8 @@ impl Sources {
 
 /// Fetch `release` (whose manifest is `manifest`) into `store` from `sources`, and from
 /// the peers that arrive on `more` meanwhile (the tracker's later answers: a peer
-/// already known can only turn from idle to fetching). Each stored chunk is sent on
+/// already known can only turn from idle to fetching, and this node may become a gateway
+/// or stop being one). Each stored chunk is sent on
 /// `stored`, so that the node's server announces it at once. Fails if nothing happens
 /// for `stall`.
 #[allow(clippy::too_many_arguments)]
@@ -109,8 +120,8 @@ pub async fn fetch_release(
     me: &str,
     release: ReleaseId,
     manifest: &Manifest,
-    sources: Vec<SourceSpec>,
-    mut more: mpsc::UnboundedReceiver<SourceSpec>,
+    sources: TrackerSources,
+    mut more: mpsc::UnboundedReceiver<TrackerSources>,
     store: Arc<dyn ChunkStore>,
     stored: Option<broadcast::Sender<ChunkHash>>,
     cfg: FetchConfig,
@@ -162,7 +173,8 @@ pub async fn fetch_release(
             }
         });
     };
-    for s in sources {
+    fetch.handle_gateway(started.into_std(), sources.gateway);
+    for s in sources.peers {
         if let Some(id) = known.add(&s) {
             connect(id, s);
         }
@@ -262,16 +274,20 @@ pub async fn fetch_release(
         };
         let event = tokio::select! {
             e = rx.recv() => e,
-            Some(s) = more.recv() => {
-                if let Some(id) = known.add(&s) {
-                    connect(id, s);
-                } else if let Some((&id, k)) =
-                    known.by_id.iter_mut().find(|(_, k)| k.name == s.name)
-                {
-                    // Known as idle, and now fetching too (it saw the goal later).
-                    if s.fetching && !k.fetching {
-                        k.fetching = true;
-                        fetch.handle_fetching(Instant::now().into_std(), id);
+            Some(answer) = more.recv() => {
+                let now = Instant::now().into_std();
+                fetch.handle_gateway(now, answer.gateway);
+                for s in answer.peers {
+                    if let Some(id) = known.add(&s) {
+                        connect(id, s);
+                    } else if let Some((&id, k)) =
+                        known.by_id.iter_mut().find(|(_, k)| k.name == s.name)
+                    {
+                        // Known as idle, and now fetching too (it saw the goal later).
+                        if s.fetching && !k.fetching {
+                            k.fetching = true;
+                            fetch.handle_fetching(now, id);
+                        }
                     }
                 }
                 continue;
@@ -297,6 +313,7 @@ pub async fn fetch_release(
                     node: conn.remote.node.clone(),
                     source: spec.source,
                     fetching: spec.fetching,
+                    gateway: spec.gateway,
                 };
                 conns.insert(id, conn);
                 fetch.handle_peer(now, info);

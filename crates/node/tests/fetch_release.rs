@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::{Rng, SeedableRng};
-use starling_node::fetcher::{fetch_release, SourceSpec};
+use starling_node::fetcher::{fetch_release, SourceSpec, TrackerSources};
 use starling_peer::{PeerConfig, PeerEndpoint, Serving};
 use starling_pki::ClusterCa;
 use starling_proto::release::Manifest;
@@ -95,26 +95,33 @@ async fn run(corrupt_neighbour: bool) {
     serve(&eo, Arc::new(origin));
     serve(&ea, a);
     serve(&eb, Arc::new(b));
-    let sources = vec![
+    let peers = vec![
         SourceSpec {
             name: "origin-1".into(),
             addr: eo.local_addr().unwrap(),
             source: Source::Origin,
             fetching: false,
+            gateway: false,
         },
         SourceSpec {
             name: "eu-1-a".into(),
             addr: ea.local_addr().unwrap(),
             source: Source::SameRegion,
             fetching: false,
+            gateway: false,
         },
         SourceSpec {
             name: "us-1-b".into(),
             addr: eb.local_addr().unwrap(),
             source: Source::OtherRegion,
             fetching: false,
+            gateway: false,
         },
     ];
+    let sources = TrackerSources {
+        gateway: true,
+        peers,
+    };
     let mine = Arc::new(FsChunkStore::new(t.path().join("me")).unwrap());
     let (stored, mut heard) = broadcast::channel(4096);
     let me = endpoint(&ca, "eu-1-me");

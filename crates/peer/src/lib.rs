@@ -137,6 +137,15 @@ impl UploadSlots {
     }
 }
 
+/// A control member's tracker's answer about one release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerAnswer {
+    pub release: ReleaseId,
+    pub peers: Vec<PeerAddr>,
+    /// This node is one of its region's gateways for the release.
+    pub gateway: bool,
+}
+
 /// What the other side said in its hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
@@ -319,8 +328,16 @@ impl PeerEndpoint {
                             return;
                         }
                     }
-                    Ok(Frame::Peers { release, peers }) => {
-                        let _ = peers_tx.send((release, peers));
+                    Ok(Frame::Peers {
+                        release,
+                        peers,
+                        gateway,
+                    }) => {
+                        let _ = peers_tx.send(TrackerAnswer {
+                            release,
+                            peers,
+                            gateway,
+                        });
                     }
                     Ok(Frame::Goodbye { .. }) | Err(_) => return,
                     Ok(other) => {
@@ -352,7 +369,7 @@ pub struct PeerConn {
     pub remote: Remote,
     control: Mutex<SendStream>,
     haves: Mutex<mpsc::UnboundedReceiver<(ReleaseId, Vec<ChunkHash>)>>,
-    peers: Mutex<mpsc::UnboundedReceiver<(ReleaseId, Vec<PeerAddr>)>>,
+    peers: Mutex<mpsc::UnboundedReceiver<TrackerAnswer>>,
 }
 
 impl PeerConn {
@@ -381,7 +398,7 @@ impl PeerConn {
     }
 
     /// The next peer list a control member sent; `None` once its control stream ended.
-    pub async fn next_peers(&self) -> Option<(ReleaseId, Vec<PeerAddr>)> {
+    pub async fn next_peers(&self) -> Option<TrackerAnswer> {
         self.peers.lock().await.recv().await
     }
 
@@ -651,19 +668,24 @@ async fn serve_control(
                         );
                         fetching
                             .iter()
-                            .map(|release| Frame::Peers {
-                                release: *release,
-                                peers: t
-                                    .peers(&remote.node, &remote.region, release, now)
-                                    .into_iter()
-                                    .take(MAX_LIST)
-                                    .map(|p| PeerAddr {
-                                        node: p.node,
-                                        region: p.region,
-                                        addr: p.addr,
-                                        fetching: p.fetching,
-                                    })
-                                    .collect(),
+                            .map(|release| {
+                                let answer = t.peers(&remote.node, &remote.region, release, now);
+                                Frame::Peers {
+                                    release: *release,
+                                    peers: answer
+                                        .peers
+                                        .into_iter()
+                                        .take(MAX_LIST)
+                                        .map(|p| PeerAddr {
+                                            node: p.node,
+                                            region: p.region,
+                                            addr: p.addr,
+                                            fetching: p.fetching,
+                                            gateway: p.gateway,
+                                        })
+                                        .collect(),
+                                    gateway: answer.gateway,
+                                }
                             })
                             .collect()
                     };

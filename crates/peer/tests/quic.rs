@@ -204,6 +204,7 @@ async fn manifests_are_fetched_verified_and_the_tracker_answers_announcements() 
     let tracker = Arc::new(std::sync::Mutex::new(starling_core::tracker::Tracker::new(
         std::time::Duration::from_secs(30),
         50,
+        8,
     )));
     let member = Arc::new(
         PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), config(&ca, "member-1")).unwrap(),
@@ -243,11 +244,13 @@ async fn manifests_are_fetched_verified_and_the_tracker_answers_announcements() 
         .announce(&announce("10.0.0.2:7000", vec![], vec![release]))
         .await
         .unwrap();
-    let (r, peers) = tokio::time::timeout(std::time::Duration::from_secs(10), conn_b.next_peers())
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), conn_b.next_peers())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r, release);
+    assert_eq!(answer.release, release);
+    assert!(answer.gateway, "one node in its region: a gateway");
+    let peers = answer.peers;
     assert_eq!(peers.len(), 1);
     assert_eq!(
         (

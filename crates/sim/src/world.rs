@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use starling_core::tracker::{Announce, Tracker};
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_swarm::pace::{
-    ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, TRACKER_ASK_EVERY, TRACKER_PEERS,
-    TRACKER_TTL,
+    ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, REGION_GATEWAYS, TRACKER_ASK_EVERY,
+    TRACKER_PEERS, TRACKER_TTL,
 };
 use starling_swarm::upload::{Offer, UploadQueue};
 use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
@@ -67,9 +67,10 @@ enum Ev {
     HaveFar {
         from: u32,
     },
+    /// Connections to the peers of one tracker answer are up (its index in `answers`).
     Connected {
         node: u32,
-        peer: u32,
+        answer: u32,
     },
     Gone {
         node: u32,
@@ -150,6 +151,9 @@ pub struct World {
     wan_out: Vec<LinkId>,
     origin_link: LinkId,
     killed: Vec<bool>,
+    /// Peers to connect to, per pending `Connected`: (peer, it is a gateway).
+    answers: Vec<Vec<(u32, bool)>>,
+    free_answers: Vec<u32>,
     events: u64,
     /// Live nodes that do not hold the release yet.
     unfinished: usize,
@@ -250,11 +254,13 @@ impl World {
             chunks: Arc::new(chunks),
             index,
             release: ReleaseId::of(sc.name.as_bytes()),
-            tracker: Tracker::new(TRACKER_TTL, TRACKER_PEERS),
+            tracker: Tracker::new(TRACKER_TTL, TRACKER_PEERS, REGION_GATEWAYS),
             wan_in,
             wan_out,
             origin_link,
             killed: vec![false; n],
+            answers: Vec::new(),
+            free_answers: Vec::new(),
             events: 0,
             unfinished: n,
             tracker_answers: 0,
@@ -385,7 +391,14 @@ impl World {
                 self.tell(from, &wanting, &pending);
                 self.nodes[from as usize].far_wanting = wanting;
             }
-            Ev::Connected { node, peer } => self.connected(node, peer),
+            Ev::Connected { node, answer } => {
+                let peers = std::mem::take(&mut self.answers[answer as usize]);
+                self.free_answers.push(answer);
+                for &(peer, gateway) in &peers {
+                    self.connected(node, peer, gateway);
+                }
+                self.act(node);
+            }
             Ev::Gone { node, peer } => {
                 if !self.alive_node(node) {
                     return;
@@ -421,12 +434,14 @@ impl World {
         node.fetch = Some(fetch);
         // The origins: every member, known from the start.
         let n = self.nodes.len() as u32;
-        for m in 0..self.sc.members as u32 {
-            let peer = n + m;
-            self.nodes[k as usize].known.insert(peer);
-            let at = self.now + 2 * self.latency(k, peer);
-            self.push(at, Ev::Connected { node: k, peer });
-        }
+        let members: Vec<(u32, bool)> = (0..self.sc.members as u32)
+            .map(|m| (n + m, false))
+            .collect();
+        self.nodes[k as usize]
+            .known
+            .extend(members.iter().map(|m| m.0));
+        let at = self.now + 2 * self.latency(k, n);
+        self.connect(at, k, members);
         self.push(self.now, Ev::Ask(k));
         self.act(k);
     }
@@ -455,22 +470,35 @@ impl World {
             return;
         }
         let clock = Instant::now();
-        let peers = self.tracker.peers(&name, &region, &self.release, now);
+        let answer = self.tracker.peers(&name, &region, &self.release, now);
         self.tracker_time += clock.elapsed();
         self.tracker_answers += 1;
-        for p in peers {
+        let x = &mut self.nodes[k as usize];
+        if let Some(f) = x.fetch.as_mut() {
+            f.handle_gateway(now, answer.gateway);
+        }
+        let mut new = Vec::new();
+        let mut far = false;
+        for p in answer.peers {
             let Some(&peer) = self.names.get(&p.node) else {
                 continue;
             };
-            let x = &mut self.nodes[k as usize];
             if x.known.insert(peer) {
-                let at = self.now + 2 * self.latency(k, peer);
-                self.push(at, Ev::Connected { node: k, peer });
+                far |= self.up[peer as usize].region != self.up[k as usize].region;
+                new.push((peer, p.gateway));
             } else if p.fetching {
                 if let Some(f) = x.fetch.as_mut() {
                     f.handle_fetching(now, PeerId(peer.into()));
                 }
             }
+        }
+        if !new.is_empty() {
+            let rtt = 2 * if far {
+                self.sc.far_latency
+            } else {
+                self.sc.near_latency
+            };
+            self.connect(self.now + rtt, k, new);
         }
         let started = self.nodes[k as usize].started.unwrap_or(self.now);
         let first = started + ns(self.cfg.settle / 2);
@@ -483,7 +511,22 @@ impl World {
         self.act(k);
     }
 
-    fn connected(&mut self, k: u32, peer: u32) {
+    /// Connections from `k` to `peers` come up at `at` (one event for the lot).
+    fn connect(&mut self, at: u64, k: u32, peers: Vec<(u32, bool)>) {
+        let answer = match self.free_answers.pop() {
+            Some(i) => {
+                self.answers[i as usize] = peers;
+                i
+            }
+            None => {
+                self.answers.push(peers);
+                (self.answers.len() - 1) as u32
+            }
+        };
+        self.push(at, Ev::Connected { node: k, answer });
+    }
+
+    fn connected(&mut self, k: u32, peer: u32, gateway: bool) {
         if !self.alive_node(k) {
             return;
         }
@@ -507,6 +550,7 @@ impl World {
             node: self.up[peer as usize].name.clone(),
             source,
             fetching,
+            gateway,
         };
         let holds: Vec<ChunkHash> = if is_origin {
             Vec::new()
@@ -530,7 +574,6 @@ impl World {
                 f.handle_have(now, PeerId(peer.into()), &holds);
             }
         }
-        self.act(k);
     }
 
     /// `to` tells the peers in `wanting` that it stored `chunks`.

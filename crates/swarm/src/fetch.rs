@@ -20,12 +20,13 @@
 //! busy is left alone for `busy_backoff`. When every missing chunk is in flight, the
 //! endgame asks a second peer for each, and cancels the loser.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use starling_proto::ChunkHash;
 
-use crate::topology::{ingress_node, rank, salt, spread};
+use crate::topology::{rank_salted, salt, spread};
 
 /// A peer connection, numbered by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,11 +47,14 @@ pub struct PeerInfo {
     /// The peer's node name (for spreading load; the origin's member name).
     pub node: String,
     pub source: Source,
-    /// The peer is fetching this release too (the tracker says so). Only such peers
-    /// share the work of bringing chunks into the region and out of the origin; a peer
-    /// that merely holds some chunks (of an older release, say) is a source, not a
-    /// partner.
+    /// The peer is fetching this release too (the tracker says so): it takes its place
+    /// in the order in which a new chunk spreads through the region. A peer that merely
+    /// holds some chunks (of an older release, say) is a source, not a partner.
     pub fetching: bool,
+    /// The peer is a gateway of its region for this release (the tracker says so): if
+    /// it is fetching, it shares the work of bringing chunks into its region and out of
+    /// the origin. In a region of a few nodes every node is one.
+    pub gateway: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -137,7 +141,7 @@ pub enum Action {
 struct Peer {
     info: PeerInfo,
     /// Chunk indexes it holds.
-    has: BTreeSet<usize>,
+    has: ChunkSet,
     /// Chunk index → when it was asked for.
     in_flight: BTreeMap<usize, Instant>,
     strikes: u32,
@@ -150,7 +154,6 @@ struct Peer {
 #[derive(Debug)]
 pub struct Fetch {
     cfg: FetchConfig,
-    me: String,
     started: Instant,
     chunks: Vec<ChunkHash>,
     index: HashMap<ChunkHash, usize>,
@@ -162,10 +165,19 @@ pub struct Fetch {
     region_holders: Vec<u32>,
     /// When each chunk was first known to be held by a peer.
     first_held: Vec<Option<Instant>>,
-    /// Per chunk: this node's place in the region's order for it (0: the region
-    /// ingress), and whether it is the swarm ingress. Worked out again after the set of
-    /// peers changed (`None`).
-    ingress: Option<Vec<(usize, bool)>>,
+    /// Per chunk: this node's place in the region's order for it, and whether it is the
+    /// region's and the swarm's ingress. Worked out again after the set of peers changed
+    /// (`None`).
+    ingress: Option<Vec<Place>>,
+    /// This node is a gateway of its region (the tracker says so): only gateways bring
+    /// chunks into the region or out of the origin.
+    gateway: bool,
+    my_salt: u64,
+    /// Requests in flight, to all peers.
+    in_flight: usize,
+    /// When waits for chunks run out (see `wait_ends`), soonest first; entries that no
+    /// longer hold are dropped as they come to the top.
+    waits: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Peers each chunk is asked of now.
     asked: Vec<BTreeSet<PeerId>>,
     /// Peers a request for each chunk timed out at: asked again only if nobody else can.
@@ -204,7 +216,6 @@ impl Fetch {
         let n = distinct.len();
         let mut f = Fetch {
             cfg,
-            me: me.to_string(),
             started: now,
             chunks: distinct,
             index,
@@ -214,6 +225,10 @@ impl Fetch {
             region_holders: vec![0; n],
             first_held: vec![None; n],
             ingress: None,
+            gateway: true,
+            my_salt: salt(me),
+            in_flight: 0,
+            waits: BinaryHeap::new(),
             asked: vec![BTreeSet::new(); n],
             late: vec![BTreeSet::new(); n],
             peers: BTreeMap::new(),
@@ -248,18 +263,27 @@ impl Fetch {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.peers.values().map(|p| p.in_flight.len()).sum()
+        self.in_flight
+    }
+
+    /// Whether this node is a gateway of its region for this release (the tracker's
+    /// answer; a fetch starts as one).
+    pub fn handle_gateway(&mut self, now: Instant, gateway: bool) {
+        if self.gateway != gateway {
+            self.gateway = gateway;
+            self.ingress = None;
+            self.schedule(now);
+        }
     }
 
     pub fn handle_peer(&mut self, now: Instant, info: PeerInfo) {
         if self.dropped.contains(&info.id) || self.peers.contains_key(&info.id) {
             return;
         }
-        let has = if info.source == Source::Origin {
-            (0..self.chunks.len()).collect()
-        } else {
-            BTreeSet::new()
-        };
+        let mut has = ChunkSet::new(self.chunks.len());
+        if info.source == Source::Origin {
+            has.fill();
+        }
         let peer_salt = salt(&info.node);
         self.peers.insert(
             info.id,
@@ -295,6 +319,7 @@ impl Fetch {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        let mut news = Vec::new();
         for c in chunks {
             if let Some(&i) = self.index.get(c) {
                 if p.has.insert(i) && p.info.source != Source::Origin {
@@ -303,10 +328,21 @@ impl Fetch {
                     if p.info.source == Source::SameRegion {
                         self.region_holders[i] += 1;
                     }
+                    news.push(i);
                 }
             }
         }
-        self.schedule(now);
+        for &i in &news {
+            self.wait_changed(i);
+        }
+        // Only the chunks it names can have become worth asking for: the rest were
+        // weighed at the last event or timer, and nothing they depend on changed. (Near
+        // the end, the endgame looks at every chunk.)
+        if self.missing <= self.cfg.endgame_chunks {
+            self.schedule(now);
+        } else {
+            self.schedule_among(now, news);
+        }
     }
 
     /// `chunk` arrived from `peer`; `verified` says whether its bytes hash to its name
@@ -347,13 +383,14 @@ impl Fetch {
             return;
         };
         if let Some(p) = self.peers.get_mut(&peer) {
-            if p.info.source != Source::Origin && p.has.remove(&i) {
+            if p.info.source != Source::Origin && p.has.remove(i) {
                 self.availability[i] -= 1;
                 if p.info.source == Source::SameRegion {
                     self.region_holders[i] -= 1;
                 }
             }
         }
+        self.wait_changed(i);
         self.schedule(now);
     }
 
@@ -374,7 +411,9 @@ impl Fetch {
     fn end_request(&mut self, peer: PeerId, chunk: &ChunkHash) -> Option<usize> {
         let i = *self.index.get(chunk)?;
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.in_flight.remove(&i);
+            if p.in_flight.remove(&i).is_some() {
+                self.in_flight -= 1;
+            }
         }
         self.asked[i].remove(&peer);
         Some(i)
@@ -432,20 +471,12 @@ impl Fetch {
             .flat_map(|p| p.in_flight.values())
             .min()
             .map(|at| *at + self.cfg.request_timeout);
-        // A chunk held somewhere, not asked for yet: its wait for a turn in the region (if
-        // the region has it) or for the region to get it runs out.
-        let cross = (0..self.chunks.len())
-            .filter(|&i| !self.have[i] && self.asked[i].is_empty())
-            .filter_map(|i| {
-                let held = self.first_held[i]?;
-                Some(if self.region_holders[i] > 0 {
-                    held + self.cfg.turn_patience
-                } else {
-                    held + self.cfg.cross_region_patience
-                })
-            });
+        // A chunk held somewhere: its wait for a turn in the region (if the region has
+        // it) or for the region to get it runs out. (The soonest may be of a chunk asked
+        // for meanwhile: waking for it does no harm.)
+        let cross = self.waits.peek().map(|Reverse((t, _))| *t);
         let busy = self.peers.values().filter_map(|p| p.busy_until);
-        let waits = cross.chain(busy).chain([
+        let waits = cross.into_iter().chain(busy).chain([
             self.started + self.cfg.settle,
             self.started + self.cfg.origin_patience,
         ]);
@@ -466,47 +497,78 @@ impl Fetch {
         };
         self.ingress = None;
         if p.info.source != Source::Origin {
-            for &i in &p.has {
+            for i in p.has.iter() {
                 self.availability[i] -= 1;
                 if p.info.source == Source::SameRegion {
                     self.region_holders[i] -= 1;
+                    self.wait_changed(i);
                 }
             }
         }
+        self.in_flight -= p.in_flight.len();
         for &i in p.in_flight.keys() {
             self.asked[i].remove(&peer);
         }
     }
 
-    /// For every chunk, whether `ingress_node` picks this node among itself and its live
-    /// peers in the region, and among itself and every live peer.
-    fn work_out_ingress(&self) -> Vec<(usize, bool)> {
-        let names = |tiers: &[Source]| {
-            let mut v: Vec<String> = self
-                .peers
+    /// For every chunk: this node's rank among itself and its fetching peers in the
+    /// region, and whether it is the rendezvous pick among itself and the region's
+    /// fetching gateways, and among itself and every fetching gateway (the swarm's).
+    fn work_out_ingress(&self) -> Vec<Place> {
+        let salts = |keep: &dyn Fn(&Peer) -> bool| -> Vec<u64> {
+            self.peers
                 .values()
-                .filter(|p| p.info.fetching && tiers.contains(&p.info.source))
-                .map(|p| p.info.node.clone())
-                .collect();
-            v.push(self.me.clone());
-            v
+                .filter(|p| p.info.fetching && keep(p))
+                .map(|p| p.salt)
+                .collect()
         };
-        let region = names(&[Source::SameRegion]);
-        let swarm = names(&[Source::SameRegion, Source::OtherRegion]);
-        let me = Some(self.me.as_str());
+        let near = |p: &Peer| p.info.source == Source::SameRegion;
+        let region = salts(&near);
+        let gateways = salts(&|p| near(p) && p.info.gateway);
+        let swarm = salts(&|p| p.info.source != Source::Origin && p.info.gateway);
+        let me = self.my_salt;
         self.chunks
             .iter()
-            .map(|c| (rank(c, &self.me, &region), ingress_node(c, &swarm) == me))
+            .map(|c| Place {
+                turn: rank_salted(c, me, &region),
+                region_ingress: self.gateway && rank_salted(c, me, &gateways) == 0,
+                swarm_ingress: self.gateway && rank_salted(c, me, &swarm) == 0,
+            })
             .collect()
     }
 
     fn is_ingress(&self, i: usize) -> (bool, bool) {
-        let (rank, swarm) = self.place(i);
-        (rank == 0, swarm)
+        let p = self.place(i);
+        (p.region_ingress, p.swarm_ingress)
     }
 
-    fn place(&self, i: usize) -> (usize, bool) {
-        self.ingress.as_ref().map_or((usize::MAX, false), |v| v[i])
+    fn place(&self, i: usize) -> Place {
+        self.ingress.as_ref().map_or(
+            Place {
+                turn: usize::MAX,
+                region_ingress: false,
+                swarm_ingress: false,
+            },
+            |v| v[i],
+        )
+    }
+
+    /// When this node stops waiting for chunk `i`, held somewhere: for its turn in the
+    /// region if the region has it, for the region to get it if not.
+    fn wait_ends(&self, i: usize) -> Option<Instant> {
+        let held = self.first_held[i]?;
+        Some(if self.region_holders[i] > 0 {
+            held + self.cfg.turn_patience
+        } else {
+            held + self.cfg.cross_region_patience
+        })
+    }
+
+    /// Chunk `i`'s wait may have changed: its new end goes on the heap.
+    fn wait_changed(&mut self, i: usize) {
+        if let Some(t) = self.wait_ends(i).filter(|_| !self.have[i]) {
+            self.waits.push(Reverse((t, i)));
+        }
     }
 
     /// Whether chunk `i` has reached enough of the region for this node to fetch it
@@ -516,7 +578,7 @@ impl Fetch {
     /// has not come fetches other chunks meanwhile; after `turn_patience` anyone may.
     fn my_turn(&self, i: usize, now: Instant) -> bool {
         let holders = self.region_holders[i] as usize;
-        self.place(i).0 < holders.saturating_mul(self.cfg.fanout + 1)
+        self.place(i).turn < holders.saturating_mul(self.cfg.fanout + 1)
             || self.first_held[i]
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.turn_patience)
     }
@@ -549,7 +611,7 @@ impl Fetch {
         let chunk = &self.chunks[i];
         let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
         for (id, p) in &self.peers {
-            if !p.has.contains(&i)
+            if !p.has.contains(i)
                 || p.in_flight.len() >= self.cfg.per_peer
                 || self.asked[i].contains(id)
                 || p.busy_until.is_some_and(|t| t > now)
@@ -570,7 +632,7 @@ impl Fetch {
         let (source, _, _, _, id) = best?;
         // A nearer peer that has it but is busy is worth waiting for.
         let nearer_busy = self.peers.values().any(|p| {
-            p.info.source < source && p.has.contains(&i) && !self.asked[i].contains(&p.info.id)
+            p.info.source < source && p.has.contains(i) && !self.asked[i].contains(&p.info.id)
         });
         if nearer_busy || !self.may_ask(i, source, now) {
             return None;
@@ -580,7 +642,9 @@ impl Fetch {
 
     fn ask(&mut self, i: usize, peer: PeerId, now: Instant) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.in_flight.insert(i, now);
+            if p.in_flight.insert(i, now).is_none() {
+                self.in_flight += 1;
+            }
         }
         self.asked[i].insert(peer);
         self.actions.push_back(Action::Request {
@@ -589,65 +653,144 @@ impl Fetch {
         });
     }
 
+    /// Ask for whatever may be asked for now, rarest first, then the endgame's second
+    /// copies.
     fn schedule(&mut self, now: Instant) {
+        let every = (0..self.chunks.len()).collect();
+        if let Some(room) = self.schedule_among(now, every) {
+            self.endgame(now, room);
+        }
+    }
+
+    /// Ask for whatever of `candidates` may be asked for now, rarest first; the room for
+    /// requests left, if any.
+    fn schedule_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
         self.seen = self.seen.max(Some(now));
         if self.ingress.is_none() {
             self.ingress = Some(self.work_out_ingress());
         }
+        self.drop_stale_waits();
         if self.missing == 0 {
             if !self.done_said {
                 self.done_said = true;
                 self.actions.push_back(Action::Done);
             }
-            return;
+            return None;
         }
-        let mut room = self.cfg.total.saturating_sub(self.in_flight());
+        let mut room = self.cfg.total.saturating_sub(self.in_flight);
         if room == 0 {
-            return;
+            return None;
         }
         // Rarest first; the spread makes nodes with the same view choose differently.
-        let mut wanted: Vec<usize> = (0..self.chunks.len())
-            .filter(|&i| !self.have[i] && self.asked[i].is_empty())
-            .collect();
-        let me = salt(&self.me);
-        wanted.sort_by_cached_key(|&i| (self.availability[i], spread(&self.chunks[i], me)));
-        for i in wanted {
+        candidates.retain(|&i| !self.have[i] && self.asked[i].is_empty());
+        let me = self.my_salt;
+        candidates.sort_by_cached_key(|&i| (self.availability[i], spread(&self.chunks[i], me)));
+        for i in candidates {
             if room == 0 {
-                return;
+                return None;
             }
             if let Some(peer) = self.choose_peer(i, now) {
                 self.ask(i, peer, now);
                 room -= 1;
             }
         }
-        // Endgame: the last few chunks are all in flight; ask a second peer in the region
-        // for each (never a second copy across regions or from the origin).
+        Some(room)
+    }
+
+    /// Waits that ended, or whose chunk arrived or whose end moved, leave the heap.
+    fn drop_stale_waits(&mut self) {
+        while let Some(Reverse((t, i))) = self.waits.peek().copied() {
+            let stale = self.have[i] || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
+            if !stale {
+                return;
+            }
+            self.waits.pop();
+        }
+    }
+
+    /// The last few chunks are all in flight: ask a second peer in the region for each
+    /// (never a second copy across regions or from the origin).
+    fn endgame(&mut self, now: Instant, mut room: usize) {
         let all_asked = (0..self.chunks.len()).all(|i| self.have[i] || !self.asked[i].is_empty());
-        if all_asked && self.missing <= self.cfg.endgame_chunks {
-            let pending: Vec<usize> = (0..self.chunks.len())
-                .filter(|&i| !self.have[i] && self.asked[i].len() == 1)
-                .collect();
-            for i in pending {
-                if room == 0 {
-                    return;
-                }
-                let second = self.choose_peer(i, now).filter(|p| {
-                    self.peers
-                        .get(p)
-                        .is_some_and(|p| p.info.source == Source::SameRegion)
-                });
-                if let Some(peer) = second {
-                    self.ask(i, peer, now);
-                    room -= 1;
-                }
+        if !all_asked || self.missing > self.cfg.endgame_chunks {
+            return;
+        }
+        let pending: Vec<usize> = (0..self.chunks.len())
+            .filter(|&i| !self.have[i] && self.asked[i].len() == 1)
+            .collect();
+        for i in pending {
+            if room == 0 {
+                return;
+            }
+            let second = self.choose_peer(i, now).filter(|p| {
+                self.peers
+                    .get(p)
+                    .is_some_and(|p| p.info.source == Source::SameRegion)
+            });
+            if let Some(peer) = second {
+                self.ask(i, peer, now);
+                room -= 1;
             }
         }
+    }
+}
+
+/// This node's place for one chunk (see `Fetch::work_out_ingress`).
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    turn: usize,
+    region_ingress: bool,
+    swarm_ingress: bool,
+}
+
+/// A set of chunk indexes, one bit each: a peer's holdings, for thousands of peers.
+#[derive(Debug, Clone)]
+struct ChunkSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl ChunkSet {
+    fn new(len: usize) -> ChunkSet {
+        ChunkSet {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn fill(&mut self) {
+        for i in 0..self.len {
+            self.insert(i);
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Whether `i` was not in the set.
+    fn insert(&mut self, i: usize) -> bool {
+        let had = self.contains(i);
+        self.words[i / 64] |= 1 << (i % 64);
+        !had
+    }
+
+    /// Whether `i` was in the set.
+    fn remove(&mut self, i: usize) -> bool {
+        let had = self.contains(i);
+        self.words[i / 64] &= !(1 << (i % 64));
+        had
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len).filter(|&i| self.contains(i))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::{ingress_node, rank};
 
     /// The defaults, without the start's settling (its own test covers it).
     fn immediate() -> FetchConfig {
@@ -737,6 +880,7 @@ mod tests {
             node: format!("n{id}"),
             source,
             fetching: true,
+            gateway: true,
         }
     }
 

@@ -24,5 +24,9 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 pub const TRACKER_TTL: Duration = Duration::from_secs(60);
 pub const TRACKER_PEERS: usize = 50;
 
+/// Nodes per region that bring a release's chunks into the region (see
+/// `starling_core::tracker`): in a region of at most this many, every node does.
+pub const REGION_GATEWAYS: usize = 8;
+
 /// A peer connection silent this long is taken for gone (QUIC's idle timeout).
 pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);

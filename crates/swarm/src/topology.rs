@@ -8,34 +8,35 @@
 
 use starling_proto::ChunkHash;
 
-/// The weight of `node` for `chunk`: the first 8 bytes of BLAKE3(chunk ‖ node).
-fn weight(chunk: &ChunkHash, node: &str) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(chunk.as_bytes());
-    h.update(node.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    u64::from_be_bytes(first)
+/// The weight of the node whose [`salt`] is `node` for `chunk`. A splitmix64 mix of the
+/// chunk's hash and the name's salt: as good a spread as hashing both with BLAKE3, and
+/// cheap enough to run for every chunk and peer whenever a node's peers change.
+fn weight(chunk: &ChunkHash, node: u64) -> (u64, std::cmp::Reverse<u64>) {
+    (spread(chunk, node), std::cmp::Reverse(node))
 }
 
 /// The node among `region_nodes` that fetches `chunk` into the region; `None` for an
-/// empty list. Ties (equal weights) go to the smaller name, so the answer never depends
-/// on the order of the list.
+/// empty list. The answer never depends on the order of the list.
 pub fn ingress_node<'a>(chunk: &ChunkHash, region_nodes: &'a [String]) -> Option<&'a str> {
     region_nodes
         .iter()
-        .map(|n| (weight(chunk, n), n.as_str()))
-        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)))
-        .map(|(_, n)| n)
+        .max_by_key(|n| weight(chunk, salt(n)))
+        .map(String::as_str)
 }
 
 /// How many of `region_nodes` come before `node` in `chunk`'s rendezvous order (the
 /// [`ingress_node`] is 0): the order in which a new chunk spreads through the region.
 pub fn rank(chunk: &ChunkHash, node: &str, region_nodes: &[String]) -> usize {
-    let mine = (weight(chunk, node), std::cmp::Reverse(node));
+    let salts: Vec<u64> = region_nodes.iter().map(|n| salt(n)).collect();
+    rank_salted(chunk, salt(node), &salts)
+}
+
+/// [`rank`], with every name given by its [`salt`].
+pub(crate) fn rank_salted(chunk: &ChunkHash, node: u64, region_nodes: &[u64]) -> usize {
+    let mine = weight(chunk, node);
     region_nodes
         .iter()
-        .filter(|n| (weight(chunk, n), std::cmp::Reverse(n.as_str())) > mine)
+        .filter(|n| weight(chunk, **n) > mine)
         .count()
 }
 

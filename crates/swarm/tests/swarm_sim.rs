@@ -104,6 +104,7 @@ fn run(m: &Model) -> Outcome {
                     node: names[j].clone(),
                     source,
                     fetching: true,
+                    gateway: true,
                 };
                 nodes[k].fetch.handle_peer(t0, info);
             }
@@ -113,6 +114,7 @@ fn run(m: &Model) -> Outcome {
             node: "origin".into(),
             source: Source::Origin,
             fetching: false,
+            gateway: false,
         };
         nodes[k].fetch.handle_peer(t0, origin);
     }
