@@ -58,6 +58,11 @@ struct Shape {
     origin_mbit: Option<f64>,
     #[arg(long)]
     wan_mbit: Option<f64>,
+    /// One-way latency inside a region and between regions, milliseconds.
+    #[arg(long)]
+    near_ms: Option<f64>,
+    #[arg(long)]
+    far_ms: Option<f64>,
     /// Every node already holds all chunks but this many.
     #[arg(long)]
     new_chunks: Option<u64>,
@@ -96,6 +101,12 @@ impl Shape {
         }
         if let Some(m) = self.wan_mbit {
             sc.wan = mbit(m);
+        }
+        if let Some(ms) = self.near_ms {
+            sc.near_latency = (ms * 1e6) as u64;
+        }
+        if let Some(ms) = self.far_ms {
+            sc.far_latency = (ms * 1e6) as u64;
         }
         sc.new_chunks = self.new_chunks;
         sc.faults = Faults {

@@ -14,7 +14,8 @@ pub struct Row {
     pub last: f64,
     pub median: f64,
     pub bound: f64,
-    /// Payload copies each remote region received over its WAN link (largest, mean).
+    /// Copies of the payload each remote region received over its WAN link, counting
+    /// the bytes on the wire as the testbed's kernel counters do (largest, mean).
     pub wan_max: f64,
     pub wan_mean: f64,
     pub origin_copies: f64,

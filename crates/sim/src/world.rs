@@ -703,9 +703,8 @@ impl World {
             links.push(self.wan_out[sr]);
             links.push(self.wan_in[rr]);
         }
-        let (flow, changed) = self
-            .net
-            .start(self.now, links, self.sc.chunk_bytes, (u, req));
+        let bytes = (self.sc.chunk_bytes as f64 * self.sc.wire_overhead) as u64;
+        let (flow, changed) = self.net.start(self.now, links, bytes, (u, req));
         self.up[u as usize].active.push((req, flow));
         self.reschedule(changed);
     }

@@ -1088,6 +1088,53 @@ mod tests {
     }
 
     #[test]
+    fn only_gateways_cross_regions_or_ask_the_origin() {
+        let t0 = Instant::now();
+        let cs = chunks(30);
+        let cfg = FetchConfig {
+            per_peer: 100,
+            total: 100,
+            request_timeout: Duration::from_secs(3600),
+            ..immediate()
+        };
+        // A gateway of this region, one of another region holding every chunk, the
+        // origin; this node is not a gateway.
+        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
+        f.handle_gateway(t0, false);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        f.handle_have(t0, PeerId(2), &cs);
+        assert!(requests(&drain(&mut f)).is_empty(), "it waits for its gateway");
+        // What the gateway brings in, it fetches at once.
+        f.handle_have(t0, PeerId(1), &cs[..3]);
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 3);
+        assert!(asked.iter().all(|(p, _)| *p == PeerId(1)));
+        // A gateway that stalls costs the patience, not the release.
+        f.handle_timeout(t0 + cfg.cross_region_patience);
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), cs.len() - 3);
+        assert!(asked.iter().all(|(p, _)| *p == PeerId(2)));
+
+        // Made a gateway, it brings in its share across regions at once.
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        f.handle_gateway(t0, false);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_have(t0, PeerId(2), &cs);
+        assert!(requests(&drain(&mut f)).is_empty());
+        f.handle_gateway(t0, true);
+        let region = ["me".to_string(), "n1".to_string()];
+        let mine = cs
+            .iter()
+            .filter(|c| ingress_node(c, &region) == Some("me"))
+            .count();
+        let asked = requests(&drain(&mut f));
+        assert!(mine > 0 && asked.len() == mine, "{mine} {asked:?}");
+    }
+
+    #[test]
     fn the_origin_is_asked_once_per_chunk_across_the_swarm() {
         let t0 = Instant::now();
         let cs = chunks(30);
