@@ -703,11 +703,14 @@ async fn fetch(
     // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
-        // Halfway through the fetch's settling, then every 3 s: by then the peers that saw
-        // the goal at the same moment have announced, and the answer arrives in time.
-        let first = fetch_cfg.settle / 2;
+        // Halfway through the fetch's settling and at its end, then every 3 s: by then the
+        // peers that saw the goal at about the same moment have announced, and the answer
+        // arrives in time.
+        let half = fetch_cfg.settle / 2;
         tokio::spawn(async move {
-            let pauses = std::iter::once(first).chain(std::iter::repeat(TRACKER_ASK_EVERY));
+            let pauses = [half, half]
+                .into_iter()
+                .chain(std::iter::repeat(TRACKER_ASK_EVERY));
             for pause in pauses {
                 tokio::time::sleep(pause).await;
                 let answer = ask_trackers(&region, &members, &me, release).await;

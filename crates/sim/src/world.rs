@@ -13,7 +13,7 @@
 //! dead peer's connection timed out; `Timer` the fetch asked to be woken.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,7 @@ struct Node {
     far_pending: Vec<u32>,
     far_flush: bool,
     /// Peers connected or being connected to.
-    known: HashSet<u32>,
+    known: BTreeSet<u32>,
     started: Option<u64>,
     done: Option<u64>,
     timer: (u64, Option<u64>),
@@ -222,7 +222,7 @@ impl World {
                 far_wanting: Vec::new(),
                 far_pending: Vec::new(),
                 far_flush: false,
-                known: HashSet::new(),
+                known: BTreeSet::new(),
                 started: None,
                 done: None,
                 timer: (0, None),
@@ -473,23 +473,28 @@ impl World {
         let answer = self.tracker.peers(&name, &region, &self.release, now);
         self.tracker_time += clock.elapsed();
         self.tracker_answers += 1;
+        let n = self.nodes.len() as u32;
+        // Every answer names the gateways this node needs to know of: a known peer it
+        // does not name as one is none (any more).
+        let named: BTreeMap<u32, (bool, bool)> = answer
+            .peers
+            .iter()
+            .filter_map(|p| Some((*self.names.get(&p.node)?, (p.fetching, p.gateway))))
+            .collect();
         let x = &mut self.nodes[k as usize];
         if let Some(f) = x.fetch.as_mut() {
             f.handle_gateway(now, answer.gateway);
+            for &peer in x.known.iter().filter(|&&p| p < n) {
+                let (fetching, gateway) = named.get(&peer).copied().unwrap_or((false, false));
+                f.handle_role(now, PeerId(peer.into()), fetching, gateway);
+            }
         }
         let mut new = Vec::new();
         let mut far = false;
-        for p in answer.peers {
-            let Some(&peer) = self.names.get(&p.node) else {
-                continue;
-            };
+        for (&peer, &(_, gateway)) in &named {
             if x.known.insert(peer) {
                 far |= self.up[peer as usize].region != self.up[k as usize].region;
-                new.push((peer, p.gateway));
-            } else if p.fetching {
-                if let Some(f) = x.fetch.as_mut() {
-                    f.handle_fetching(now, PeerId(peer.into()));
-                }
+                new.push((peer, gateway));
             }
         }
         if !new.is_empty() {
@@ -500,10 +505,12 @@ impl World {
             };
             self.connect(self.now + rtt, k, new);
         }
+        // As the node daemon: halfway through the settling and at its end, then every
+        // few seconds.
         let started = self.nodes[k as usize].started.unwrap_or(self.now);
-        let first = started + ns(self.cfg.settle / 2);
-        let next = if self.now < first {
-            first
+        let half = ns(self.cfg.settle / 2);
+        let next = if self.now < started + 2 * half {
+            self.now + half
         } else {
             self.now + ns(TRACKER_ASK_EVERY)
         };

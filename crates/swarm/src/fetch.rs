@@ -186,6 +186,8 @@ pub struct Fetch {
     /// Peers dropped for this release: never used again.
     dropped: BTreeSet<PeerId>,
     actions: VecDeque<Action>,
+    /// Decisions the events since the last `poll_action` call for.
+    pending: Pending,
     done_said: bool,
     /// The latest time this fetch was told of.
     seen: Option<Instant>,
@@ -234,6 +236,7 @@ impl Fetch {
             peers: BTreeMap::new(),
             dropped: BTreeSet::new(),
             actions: VecDeque::new(),
+            pending: Pending::Nothing,
             done_said: false,
             seen: None,
             received: BTreeMap::new(),
@@ -300,14 +303,18 @@ impl Fetch {
         self.schedule(now);
     }
 
-    /// `peer`, first known as not fetching this release, has started to: from now on it
-    /// takes its share of bringing chunks into the region. (Nodes see a new goal a few
-    /// seconds apart; until every node's view holds every fetching peer, views of who is
-    /// a chunk's ingress differ and chunks cross regions twice.)
-    pub fn handle_fetching(&mut self, now: Instant, peer: PeerId) {
+    /// The tracker's latest word on `peer`: whether it is fetching this release (a peer
+    /// first known as idle that started to takes its place in the region's order from
+    /// now on; one that finished stays a partner) and whether it is a gateway of its
+    /// region now. (Nodes see a new goal a few seconds apart and the gateways are worked
+    /// out from the nodes announced so far; until every node's view agrees, views of who
+    /// is a chunk's ingress differ, and a chunk may cross twice, or wait.)
+    pub fn handle_role(&mut self, now: Instant, peer: PeerId, fetching: bool, gateway: bool) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            if !p.info.fetching {
-                p.info.fetching = true;
+            let fetching = p.info.fetching || fetching;
+            if (p.info.fetching, p.info.gateway) != (fetching, gateway) {
+                p.info.fetching = fetching;
+                p.info.gateway = gateway;
                 self.ingress = None;
                 self.schedule(now);
             }
@@ -454,11 +461,15 @@ impl Fetch {
         self.schedule(now);
     }
 
+    /// The next thing to do. Call it until it returns `None` after every event: the
+    /// decisions the events call for are made here.
     pub fn poll_action(&mut self) -> Option<Action> {
+        self.decide();
         self.actions.pop_front()
     }
 
-    /// When to call [`Fetch::handle_timeout`] next, if ever: when the oldest request
+    /// When to call [`Fetch::handle_timeout`] next, if ever (valid once `poll_action`
+    /// returned `None`): when the oldest request
     /// times out, the start's settling ends, a busy peer may be asked again, or a wait
     /// for a chunk to reach the region runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -605,6 +616,21 @@ impl Fetch {
         }
     }
 
+    /// Whether any peer may be asked for chunk `i`, asked of nobody yet: a quick answer
+    /// for most chunks, without looking at every peer. The nearest tier that holds it
+    /// is the only one `choose_peer` would take (a busy holder nearer is waited for), so
+    /// that tier must be allowed.
+    fn may_ask_anyone(&self, i: usize, now: Instant) -> bool {
+        let tier = if self.region_holders[i] > 0 {
+            Source::SameRegion
+        } else if self.availability[i] > 0 {
+            Source::OtherRegion
+        } else {
+            Source::Origin
+        };
+        self.may_ask(i, tier, now)
+    }
+
     /// The peer to ask for chunk `i`: the nearest tier allowed, then the least loaded,
     /// then a per-chunk spread; never one already asked for it.
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
@@ -653,19 +679,47 @@ impl Fetch {
         });
     }
 
-    /// Ask for whatever may be asked for now, rarest first, then the endgame's second
-    /// copies.
+    /// Decide again at the next `poll_action`, over every chunk.
     fn schedule(&mut self, now: Instant) {
-        let every = (0..self.chunks.len()).collect();
-        if let Some(room) = self.schedule_among(now, every) {
-            self.endgame(now, room);
+        self.seen = self.seen.max(Some(now));
+        self.pending = Pending::Every;
+    }
+
+    /// Decide again at the next `poll_action`, over `chunks` (unless over every chunk).
+    fn schedule_among(&mut self, now: Instant, chunks: Vec<usize>) {
+        self.seen = self.seen.max(Some(now));
+        match &mut self.pending {
+            Pending::Every => {}
+            Pending::Among(v) => v.extend(chunks),
+            Pending::Nothing => self.pending = Pending::Among(chunks),
         }
+    }
+
+    /// Make the decisions that events since the last ones call for: ask for whatever may
+    /// be asked for now, rarest first, then (over every chunk) the endgame's second
+    /// copies. Deciding once after a burst of events (a tracker answer's peers, a batch
+    /// of `Have`s) costs one pass instead of one per event.
+    fn decide(&mut self) {
+        let Some(now) = self.seen else {
+            return;
+        };
+        let candidates = match std::mem::replace(&mut self.pending, Pending::Nothing) {
+            Pending::Nothing => return,
+            Pending::Among(v) => v,
+            Pending::Every => {
+                let every = (0..self.chunks.len()).collect();
+                if let Some(room) = self.ask_among(now, every) {
+                    self.endgame(now, room);
+                }
+                return;
+            }
+        };
+        self.ask_among(now, candidates);
     }
 
     /// Ask for whatever of `candidates` may be asked for now, rarest first; the room for
     /// requests left, if any.
-    fn schedule_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
-        self.seen = self.seen.max(Some(now));
+    fn ask_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
         if self.ingress.is_none() {
             self.ingress = Some(self.work_out_ingress());
         }
@@ -682,12 +736,17 @@ impl Fetch {
             return None;
         }
         // Rarest first; the spread makes nodes with the same view choose differently.
+        candidates.sort_unstable();
+        candidates.dedup();
         candidates.retain(|&i| !self.have[i] && self.asked[i].is_empty());
         let me = self.my_salt;
         candidates.sort_by_cached_key(|&i| (self.availability[i], spread(&self.chunks[i], me)));
         for i in candidates {
             if room == 0 {
                 return None;
+            }
+            if !self.may_ask_anyone(i, now) {
+                continue;
             }
             if let Some(peer) = self.choose_peer(i, now) {
                 self.ask(i, peer, now);
@@ -733,6 +792,15 @@ impl Fetch {
             }
         }
     }
+}
+
+/// What the next `poll_action` must decide about.
+#[derive(Debug)]
+enum Pending {
+    Nothing,
+    /// These chunks only: a `Have` can make no other chunk worth asking for.
+    Among(Vec<usize>),
+    Every,
 }
 
 /// This node's place for one chunk (see `Fetch::work_out_ingress`).
@@ -1074,7 +1142,7 @@ mod tests {
             },
         );
         f.handle_peer(t0, peer(2, Source::OtherRegion));
-        f.handle_fetching(t0, PeerId(1));
+        f.handle_role(t0, PeerId(1), true, true);
         f.handle_have(t0, PeerId(2), &cs);
         let region = ["me".to_string(), "n1".to_string()];
         let mine: Vec<_> = cs
@@ -1105,7 +1173,10 @@ mod tests {
         f.handle_peer(t0, peer(2, Source::OtherRegion));
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
         f.handle_have(t0, PeerId(2), &cs);
-        assert!(requests(&drain(&mut f)).is_empty(), "it waits for its gateway");
+        assert!(
+            requests(&drain(&mut f)).is_empty(),
+            "it waits for its gateway"
+        );
         // What the gateway brings in, it fetches at once.
         f.handle_have(t0, PeerId(1), &cs[..3]);
         let asked = requests(&drain(&mut f));
