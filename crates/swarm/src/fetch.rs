@@ -173,8 +173,10 @@ pub struct Fetch {
     /// chunks into the region or out of the origin.
     gateway: bool,
     my_salt: u64,
-    /// Requests in flight, to all peers.
-    in_flight: usize,
+    /// Requests in flight, to all peers, by when they were made.
+    requests: BTreeSet<(Instant, PeerId, usize)>,
+    /// When peers that said they were busy may be asked again.
+    busy_ends: BinaryHeap<Reverse<Instant>>,
     /// When waits for chunks run out (see `wait_ends`), soonest first; entries that no
     /// longer hold are dropped as they come to the top.
     waits: BinaryHeap<Reverse<(Instant, usize)>>,
@@ -229,7 +231,8 @@ impl Fetch {
             ingress: None,
             gateway: true,
             my_salt: salt(me),
-            in_flight: 0,
+            requests: BTreeSet::new(),
+            busy_ends: BinaryHeap::new(),
             waits: BinaryHeap::new(),
             asked: vec![BTreeSet::new(); n],
             late: vec![BTreeSet::new(); n],
@@ -266,7 +269,7 @@ impl Fetch {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.requests.len()
     }
 
     /// Whether this node is a gateway of its region for this release (the tracker's
@@ -409,7 +412,9 @@ impl Fetch {
         };
         self.late[i].insert(peer);
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.busy_until = Some(now + self.cfg.busy_backoff);
+            let until = now + self.cfg.busy_backoff;
+            p.busy_until = Some(until);
+            self.busy_ends.push(Reverse(until));
         }
         self.schedule(now);
     }
@@ -418,8 +423,8 @@ impl Fetch {
     fn end_request(&mut self, peer: PeerId, chunk: &ChunkHash) -> Option<usize> {
         let i = *self.index.get(chunk)?;
         if let Some(p) = self.peers.get_mut(&peer) {
-            if p.in_flight.remove(&i).is_some() {
-                self.in_flight -= 1;
+            if let Some(at) = p.in_flight.remove(&i) {
+                self.requests.remove(&(at, peer, i));
             }
         }
         self.asked[i].remove(&peer);
@@ -436,14 +441,12 @@ impl Fetch {
     /// chunk to appear in the region may have run out.
     pub fn handle_timeout(&mut self, now: Instant) {
         let timeout = self.cfg.request_timeout;
-        let mut late = Vec::new();
-        for (id, p) in &self.peers {
-            for (&i, &at) in &p.in_flight {
-                if now.saturating_duration_since(at) >= timeout {
-                    late.push((*id, i));
-                }
-            }
-        }
+        let late: Vec<(PeerId, usize)> = self
+            .requests
+            .iter()
+            .take_while(|(at, _, _)| now.saturating_duration_since(*at) >= timeout)
+            .map(|&(_, peer, i)| (peer, i))
+            .collect();
         for (peer, i) in late {
             let chunk = self.chunks[i];
             self.end_request(peer, &chunk);
@@ -477,16 +480,14 @@ impl Fetch {
             return None;
         }
         let oldest_request = self
-            .peers
-            .values()
-            .flat_map(|p| p.in_flight.values())
-            .min()
-            .map(|at| *at + self.cfg.request_timeout);
+            .requests
+            .first()
+            .map(|(at, _, _)| *at + self.cfg.request_timeout);
         // A chunk held somewhere: its wait for a turn in the region (if the region has
         // it) or for the region to get it runs out. (The soonest may be of a chunk asked
         // for meanwhile: waking for it does no harm.)
         let cross = self.waits.peek().map(|Reverse((t, _))| *t);
-        let busy = self.peers.values().filter_map(|p| p.busy_until);
+        let busy = self.busy_ends.peek().map(|Reverse(t)| *t);
         let waits = cross.into_iter().chain(busy).chain([
             self.started + self.cfg.settle,
             self.started + self.cfg.origin_patience,
@@ -516,8 +517,8 @@ impl Fetch {
                 }
             }
         }
-        self.in_flight -= p.in_flight.len();
-        for &i in p.in_flight.keys() {
+        for (&i, &at) in &p.in_flight {
+            self.requests.remove(&(at, peer, i));
             self.asked[i].remove(&peer);
         }
     }
@@ -668,9 +669,10 @@ impl Fetch {
 
     fn ask(&mut self, i: usize, peer: PeerId, now: Instant) {
         if let Some(p) = self.peers.get_mut(&peer) {
-            if p.in_flight.insert(i, now).is_none() {
-                self.in_flight += 1;
+            if let Some(before) = p.in_flight.insert(i, now) {
+                self.requests.remove(&(before, peer, i));
             }
+            self.requests.insert((now, peer, i));
         }
         self.asked[i].insert(peer);
         self.actions.push_back(Action::Request {
@@ -731,7 +733,7 @@ impl Fetch {
             }
             return None;
         }
-        let mut room = self.cfg.total.saturating_sub(self.in_flight);
+        let mut room = self.cfg.total.saturating_sub(self.requests.len());
         if room == 0 {
             return None;
         }
@@ -756,8 +758,15 @@ impl Fetch {
         Some(room)
     }
 
-    /// Waits that ended, or whose chunk arrived or whose end moved, leave the heap.
+    /// Waits that ended, or whose chunk arrived or whose end moved, leave the heaps.
     fn drop_stale_waits(&mut self) {
+        while self
+            .busy_ends
+            .peek()
+            .is_some_and(|Reverse(t)| Some(*t) <= self.seen)
+        {
+            self.busy_ends.pop();
+        }
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
             let stale = self.have[i] || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
             if !stale {
