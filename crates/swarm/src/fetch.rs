@@ -22,6 +22,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use starling_proto::ChunkHash;
@@ -156,7 +157,7 @@ pub struct Fetch {
     cfg: FetchConfig,
     started: Instant,
     chunks: Vec<ChunkHash>,
-    index: HashMap<ChunkHash, usize>,
+    index: HashMap<ChunkHash, usize, BuildHasherDefault<PrefixHasher>>,
     have: Vec<bool>,
     missing: usize,
     /// Non-origin peers holding each chunk.
@@ -208,7 +209,7 @@ impl Fetch {
         now: Instant,
     ) -> Fetch {
         let mut distinct = Vec::new();
-        let mut index = HashMap::new();
+        let mut index = HashMap::default();
         for c in chunks {
             index.entry(*c).or_insert_with(|| {
                 distinct.push(*c);
@@ -800,6 +801,25 @@ impl Fetch {
                 room -= 1;
             }
         }
+    }
+}
+
+/// Hashes a chunk hash by its first eight bytes. A BLAKE3 digest is uniform already, and
+/// finding many chunks that share 64 bits is out of reach, so hashing it again (SipHash,
+/// a third of the time of a `Have`) buys nothing.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(first);
     }
 }
 
