@@ -319,6 +319,7 @@ impl World {
             }
             self.now = at;
             self.events += 1;
+
             self.handle(ev);
             if self.unfinished == 0 {
                 break;

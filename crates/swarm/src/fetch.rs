@@ -390,9 +390,11 @@ impl Fetch {
 
     /// `peer` will not send `chunk` (it does not hold it after all, or is too busy).
     pub fn handle_refused(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
+        let was_full = self.requests.len() >= self.cfg.total;
         let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
+        let mut freed = vec![i];
         if let Some(p) = self.peers.get_mut(&peer) {
             if p.info.source != Source::Origin && p.has.remove(i) {
                 self.availability[i] -= 1;
@@ -400,14 +402,17 @@ impl Fetch {
                     self.region_holders[i] -= 1;
                 }
             }
+            // The peer is free to be asked for what else it holds.
+            freed.extend(p.has.iter());
         }
         self.wait_changed(i);
-        self.schedule(now);
+        self.schedule_after_request(now, was_full, freed);
     }
 
     /// `peer` holds `chunk` but has no upload slot free: ask someone else first, and this
     /// peer again only if nobody else can.
     pub fn handle_busy(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
+        let was_full = self.requests.len() >= self.cfg.total;
         let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
@@ -417,7 +422,19 @@ impl Fetch {
             p.busy_until = Some(until);
             self.busy_ends.push(Reverse(until));
         }
-        self.schedule(now);
+        self.schedule_after_request(now, was_full, vec![i]);
+    }
+
+    /// A request ended without its chunk. If the node had no room for requests, any
+    /// chunk may be asked for now; if it had, only `freed` can have become worth asking
+    /// for (the chunk, and what a peer that is free again holds). Near the end, the
+    /// endgame looks at every chunk.
+    fn schedule_after_request(&mut self, now: Instant, was_full: bool, freed: Vec<usize>) {
+        if was_full || self.missing <= self.cfg.endgame_chunks {
+            self.schedule(now);
+        } else {
+            self.schedule_among(now, freed);
+        }
     }
 
     /// The request for `chunk` to `peer` is over, however it ended; the chunk's index.
