@@ -27,7 +27,7 @@ use starling_proto::release::{Manifest, RunSpec};
 use starling_proto::{AppReport, AppState, ChunkHash, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
-use starling_swarm::pace::{ANNOUNCE_EVERY, TRACKER_ASK_EVERY};
+use starling_swarm::pace::{ANNOUNCE_EVERY, GOAL_POLL, TRACKER_ASK_EVERY};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 use tracing::Instrument;
@@ -846,10 +846,6 @@ fn collect_unreferenced(cfg: &NodeConfig, store: &FsChunkStore) -> Result<(), St
     }
     Ok(())
 }
-
-/// How long one read of the goals waits for a new one; also the longest time between
-/// two looks at the members and two announcements.
-const GOAL_POLL: Duration = Duration::from_secs(5);
 
 /// How long a node waits before it tries a member it could not connect to again.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(5);

@@ -10,6 +10,7 @@
 //! set-up is a round trip, chunks are all of one size, and a node's `Have`s are the only
 //! control traffic it sends.
 
+pub mod load;
 pub mod net;
 pub mod report;
 pub mod rng;

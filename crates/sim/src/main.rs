@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use starling_sim::load::{self, Load};
 use starling_sim::report::{peak_rss_mib, Row};
 use starling_sim::scenario::{mbit, Faults, Scenario};
 use starling_sim::world::World;
@@ -35,6 +36,9 @@ enum What {
         #[arg(long, default_value_t = 10_000)]
         per_region: usize,
     },
+    /// What fleets of 1,000 to 200,000 nodes ask of each control member; the tracker's
+    /// cost measured with the real tracker.
+    Load,
 }
 
 #[derive(clap::Args, Clone)]
@@ -145,6 +149,13 @@ fn main() -> anyhow::Result<()> {
         "starling-sim: {} cores; fair-share fluid links; times in model seconds",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    if let What::Load = cli.what {
+        println!("{}", Load::header());
+        for nodes in [1_000, 10_000, 100_000, 200_000] {
+            println!("{}", load::measure(nodes, 10, 20_000).line());
+        }
+        return Ok(());
+    }
     println!("{}", Row::header());
     match cli.what {
         What::Run(shape) => {
@@ -176,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             sc.name = "one new chunk to 100000".into();
             run(sc);
         }
+        What::Load => {}
         What::Faults { per_region } => {
             let gib = 1u64 << 30;
             let base = || Scenario::internet(10, per_region, gib, 4 << 20);

@@ -130,6 +130,8 @@ pub struct Outcome {
     /// Requests refused as busy, and chunks that failed verification.
     pub busy: u64,
     pub corrupt: u64,
+    /// Chunks stored (verified, new to their node) across the fleet.
+    pub delivered: u64,
 }
 
 pub struct World {
@@ -161,6 +163,7 @@ pub struct World {
     tracker_time: Duration,
     busy: u64,
     corrupt: u64,
+    delivered: u64,
 }
 
 fn ns(d: Duration) -> u64 {
@@ -267,6 +270,7 @@ impl World {
             tracker_time: Duration::ZERO,
             busy: 0,
             corrupt: 0,
+            delivered: 0,
             sc,
         };
         for k in 0..n {
@@ -337,6 +341,7 @@ impl World {
             tracker_time: self.tracker_time,
             busy: self.busy,
             corrupt: self.corrupt,
+            delivered: self.delivered,
         }
     }
 
@@ -791,6 +796,7 @@ impl World {
         let x = &mut self.nodes[to as usize];
         let fresh = verified && !x.held[chunk as usize];
         if fresh {
+            self.delivered += 1;
             x.held[chunk as usize] = true;
             if !x.near_wanting.is_empty() {
                 let at = self.now + self.sc.near_latency;

@@ -16,6 +16,10 @@ pub const FAR_HAVE_BATCH: Duration = Duration::from_millis(400);
 /// again halfway through the fetch's settling): peers that start later join the fetch.
 pub const TRACKER_ASK_EVERY: Duration = Duration::from_secs(3);
 
+/// How long one read of the goals (an HTTP long-poll) waits for a new one; also the
+/// longest time between a node's two looks at the members and two announcements.
+pub const GOAL_POLL: Duration = Duration::from_secs(5);
+
 /// A node announces itself this often when it is not fetching.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 
