@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum What {
     /// One scenario, shaped by flags.
-    Run(Shape),
+    Run(Box<Shape>),
     /// The namespace testbed's shapes (3 × 4 and 4 × 5, 48 MiB), to set beside its
     /// measured figures.
     Calibrate,
