@@ -82,6 +82,15 @@ struct Shape {
     corrupt: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Experiments with the swarm's settings (see `starling_swarm::FetchConfig`).
+    #[arg(long)]
+    fanout: Option<usize>,
+    #[arg(long)]
+    turn_ms: Option<u64>,
+    #[arg(long)]
+    per_peer: Option<usize>,
+    #[arg(long)]
+    settle_ms: Option<u64>,
 }
 
 impl Shape {
@@ -125,6 +134,15 @@ impl Shape {
             corrupt_nodes: self.corrupt,
         };
         sc.seed = self.seed;
+        let f = &mut sc.fetch;
+        f.fanout = self.fanout.unwrap_or(f.fanout);
+        f.per_peer = self.per_peer.unwrap_or(f.per_peer);
+        if let Some(ms) = self.turn_ms {
+            f.turn_patience = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.settle_ms {
+            f.settle = Duration::from_millis(ms);
+        }
         sc
     }
 }

@@ -1,14 +1,16 @@
 //! The model network: links with rates, and flows that share them.
 //!
-//! A flow crosses up to four links: its sender's upload, its receiver's download, and when
-//! it leaves a region, that region's WAN link out and the other region's WAN link in.
-//! Sharing is *bottleneck fair share*: every link divides its rate equally among the
-//! flows crossing it, and a flow runs at the smallest of its links' shares. This is
-//! max-min fairness whenever the flows at a link are all held back by that link (the
-//! common case: a node sends two chunks at a time from its upload, each at half of it),
-//! and pessimistic otherwise: a share that a flow cannot use because another link holds
-//! it back is not handed to the other flows of the link. When a flow starts or ends, the
-//! flows of its links are given new rates; nothing else moves.
+//! A flow crosses up to four links: its sender's upload first, then its receiver's
+//! download, and when it leaves a region, that region's WAN link out and the other
+//! region's WAN link in. Sharing is max-min fair at the sender and equal elsewhere:
+//! every other link divides its rate equally among its flows (its *share*), and a
+//! sender's upload is water-filled among its flows, each capped by the smallest share of
+//! its other links, so that what one flow cannot use (its receiver is busy with others)
+//! goes to the sender's other flows. A flow runs at the smaller of the two. This is
+//! max-min fairness except where a download or a WAN link carries flows held back
+//! elsewhere; there it is pessimistic (their unused share is not handed on). When a flow
+//! starts or ends, its sender's upload is filled again, and so is the upload of every
+//! sender whose flow crosses a link whose share changed; those flows get new rates.
 //!
 //! Time is in nanoseconds from the start of the run, rates in bytes per second.
 
@@ -22,6 +24,8 @@ struct Link {
     flows: Vec<FlowId>,
     /// Bytes that crossed it, counted when a flow ends.
     carried: f64,
+    /// For a sender's upload: the water level its flows are filled to.
+    level: f64,
 }
 
 #[derive(Debug)]
@@ -73,6 +77,7 @@ impl<T> Network<T> {
             rate,
             flows: Vec::new(),
             carried: 0.0,
+            level: f64::INFINITY,
         });
         (self.links.len() - 1) as LinkId
     }
@@ -82,8 +87,8 @@ impl<T> Network<T> {
         self.links[link as usize].carried
     }
 
-    /// Start sending `bytes` over `links` at `now`: the new flow, and the flows whose
-    /// finishing time changed, this one among them.
+    /// Start sending `bytes` over `links` (the sender's upload first) at `now`: the new
+    /// flow, and the flows whose finishing time changed, this one among them.
     pub fn start(
         &mut self,
         now: u64,
@@ -153,25 +158,64 @@ impl<T> Network<T> {
             .unwrap_or_else(|| unreachable!("flow {id} is live"))
     }
 
-    /// New rates for every flow of `links`.
-    fn reshare(&mut self, now: u64, links: &[LinkId]) -> Vec<Finish> {
-        let mut touched: Vec<FlowId> = links
+    /// A link's equal share.
+    fn share(&self, l: LinkId) -> f64 {
+        let link = &self.links[l as usize];
+        link.rate / link.flows.len().max(1) as f64
+    }
+
+    /// What a flow may get from every link but its sender's.
+    fn cap(&self, f: &Flow<T>) -> f64 {
+        f.links[1..]
             .iter()
-            .flat_map(|&l| self.links[l as usize].flows.iter().copied())
-            .collect();
+            .map(|&l| self.share(l))
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Water-fill sender link `l` among its flows, each capped by its other links.
+    fn fill(&mut self, l: LinkId) {
+        let link = &self.links[l as usize];
+        let mut caps: Vec<f64> = link.flows.iter().map(|&f| self.cap(self.flow(f))).collect();
+        caps.sort_by(f64::total_cmp);
+        let (mut left, n) = (link.rate, caps.len());
+        let mut level = f64::INFINITY;
+        for (i, c) in caps.iter().enumerate() {
+            let even = left / (n - i) as f64;
+            if *c >= even {
+                level = even;
+                break;
+            }
+            left -= c;
+        }
+        self.links[l as usize].level = level;
+    }
+
+    /// New rates after the flows of `links` (the sender's upload first) changed.
+    fn reshare(&mut self, now: u64, links: &[LinkId]) -> Vec<Finish> {
+        let Some((&sender, others)) = links.split_first() else {
+            return Vec::new();
+        };
+        let mut senders = vec![sender];
+        let mut touched: Vec<FlowId> = Vec::new();
+        for &l in others {
+            for &f in &self.links[l as usize].flows {
+                touched.push(f);
+                senders.push(self.flow(f).links[0]);
+            }
+        }
+        senders.sort_unstable();
+        senders.dedup();
+        for &l in &senders {
+            self.fill(l);
+            touched.extend(self.links[l as usize].flows.iter().copied());
+        }
         touched.sort_unstable();
         touched.dedup();
         let mut out = Vec::with_capacity(touched.len());
         for id in touched {
             let rate = {
                 let f = self.flow(id);
-                f.links
-                    .iter()
-                    .map(|&l| {
-                        let link = &self.links[l as usize];
-                        link.rate / link.flows.len() as f64
-                    })
-                    .fold(f64::INFINITY, f64::min)
+                self.links[f.links[0] as usize].level.min(self.cap(f))
             };
             let Some(f) = self.flows.get_mut(id as usize).and_then(Option::as_mut) else {
                 continue;
@@ -239,6 +283,22 @@ mod tests {
         let (_, moved, _) = n.end(fb.at, b).unwrap();
         assert!((moved - 100.0).abs() < 1e-6, "moved {moved}");
         assert!((n.carried(up) - 200.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_sender_gives_what_one_receiver_cannot_take_to_its_other_flow() {
+        let mut n: Network<u8> = Network::default();
+        let up = n.add_link(100.0);
+        let slow = n.add_link(20.0);
+        let fast = n.add_link(f64::INFINITY);
+        let (a, first) = n.start(0, vec![up, slow], 100, 1);
+        // `a` is held to 20 by its receiver.
+        assert_eq!(first[0].at, 5_000_000_000);
+        let (b, f) = n.start(0, vec![up, fast], 160, 2);
+        // `b` gets the other 80, and `a` keeps its 20.
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].flow, f[0].at), (b, 2_000_000_000));
+        assert!(n.is_current(&first[0]) && first[0].flow == a);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! What one run simulates: the fleet, its links, the release and the faults.
 
+use starling_swarm::FetchConfig;
+
 /// See [`Scenario::wire_overhead`].
 pub const WIRE_OVERHEAD: f64 = 1.055;
 
@@ -40,6 +42,8 @@ pub struct Scenario {
     pub new_chunks: Option<u64>,
     pub faults: Faults,
     pub seed: u64,
+    /// The swarm's settings: the node daemon's unless an experiment changes them.
+    pub fetch: FetchConfig,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -113,6 +117,7 @@ impl Scenario {
             new_chunks: None,
             faults: Faults::default(),
             seed: 1,
+            fetch: FetchConfig::default(),
         }
     }
 
@@ -142,6 +147,7 @@ impl Scenario {
             new_chunks: None,
             faults: Faults::default(),
             seed: 1,
+            fetch: FetchConfig::default(),
         }
     }
 }

@@ -245,7 +245,7 @@ impl World {
             });
         }
         let mut w = World {
-            cfg: FetchConfig::default(),
+            cfg: sc.fetch.clone(),
             t0: Instant::now(),
             now: 0,
             seq: 0,
@@ -317,13 +317,18 @@ impl World {
     pub fn run(mut self, limit: Duration) -> Outcome {
         let wall = Instant::now();
         let limit = ns(limit);
+        let trace = std::env::var_os("STARLING_SIM_TRACE").is_some();
+        let mut next_trace = 0;
         while let Some(Reverse((at, _, ev))) = self.queue.pop() {
             if at > limit {
                 break;
             }
+            if trace && at >= next_trace {
+                self.trace();
+                next_trace = at - at % 1_000_000_000 + 1_000_000_000;
+            }
             self.now = at;
             self.events += 1;
-
             self.handle(ev);
             if self.unfinished == 0 {
                 break;
@@ -343,6 +348,23 @@ impl World {
             corrupt: self.corrupt,
             delivered: self.delivered,
         }
+    }
+
+    /// One line of progress on standard error (`STARLING_SIM_TRACE` set): chunks stored,
+    /// nodes done, uploads running at nodes and at the origin, requests refused as busy.
+    fn trace(&self) {
+        let n = self.nodes.len();
+        let sending = self.up[..n].iter().filter(|u| !u.active.is_empty()).count();
+        let origin: usize = self.up[n..].iter().map(|u| u.active.len()).sum();
+        eprintln!(
+            "t={:>6.2}s stored {:>9} done {:>7} nodes sending {:>7} origin flows {:>3} busy {:>9}",
+            self.now as f64 / 1e9,
+            self.delivered,
+            n - self.unfinished,
+            sending,
+            origin,
+            self.busy
+        );
     }
 
     fn handle(&mut self, ev: Ev) {
