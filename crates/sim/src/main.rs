@@ -90,6 +90,10 @@ struct Shape {
     #[arg(long)]
     per_peer: Option<usize>,
     #[arg(long)]
+    total: Option<usize>,
+    #[arg(long)]
+    busy_ms: Option<u64>,
+    #[arg(long)]
     settle_ms: Option<u64>,
 }
 
@@ -137,8 +141,12 @@ impl Shape {
         let f = &mut sc.fetch;
         f.fanout = self.fanout.unwrap_or(f.fanout);
         f.per_peer = self.per_peer.unwrap_or(f.per_peer);
+        f.total = self.total.unwrap_or(f.total);
         if let Some(ms) = self.turn_ms {
             f.turn_patience = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.busy_ms {
+            f.busy_backoff = Duration::from_millis(ms);
         }
         if let Some(ms) = self.settle_ms {
             f.settle = Duration::from_millis(ms);

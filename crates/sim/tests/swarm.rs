@@ -22,9 +22,16 @@ fn assert_once(row: &Row, origin: f64) {
     let unfinished = row.healthy - row.finished;
     assert_eq!(unfinished, 0, "{unfinished} nodes unfinished");
     let most = 1.1 * WIRE_OVERHEAD;
-    assert!(row.wan_max <= most, "a region received {:.2} copies", row.wan_max);
+    assert!(
+        row.wan_max <= most,
+        "a region received {:.2} copies",
+        row.wan_max
+    );
     let sent = row.origin_copies;
-    assert!(sent <= origin * WIRE_OVERHEAD, "the origin sent {sent:.2} copies");
+    assert!(
+        sent <= origin * WIRE_OVERHEAD,
+        "the origin sent {sent:.2} copies"
+    );
 }
 
 #[test]
@@ -42,7 +49,10 @@ fn regions_larger_than_their_gateways_still_take_each_chunk_once() {
     // are differ for a moment, and the origin sends some chunks twice (1.20 copies here).
     assert_once(&row, 1.3);
     let (last, bound) = (row.last, row.bound);
-    assert!(last < 10.0 * bound, "{last:.1} s against a bound of {bound:.1} s");
+    assert!(
+        last < 10.0 * bound,
+        "{last:.1} s against a bound of {bound:.1} s"
+    );
 }
 
 #[test]
@@ -75,5 +85,9 @@ fn a_one_chunk_change_moves_one_chunk_per_node() {
     sc.new_chunks = Some(1);
     let (o, row) = run(&sc);
     assert_eq!(row.finished, row.healthy);
-    assert_eq!(o.delivered, sc.nodes() as u64, "chunks stored across the fleet");
+    assert_eq!(
+        o.delivered,
+        sc.nodes() as u64,
+        "chunks stored across the fleet"
+    );
 }

@@ -91,7 +91,10 @@ pub struct FetchConfig {
     pub fanout: usize,
     /// How long after a chunk is first held a node waits for its turn at most.
     pub turn_patience: Duration,
-    /// How long a peer that said it is busy is left alone.
+    /// How long a peer that said it is busy is left alone. In the simulator (10 regions
+    /// × 50 nodes, 1 GiB) 1 s instead of 200 ms cut the requests a node makes by a third
+    /// (the refused ones by more) and left the time to the last node as it was (19.2 s
+    /// against 18.8 s; the testbed's shapes 13.0 s against 13.0–13.5 s).
     pub busy_backoff: Duration,
     /// Timeouts a peer may cause before it is dropped.
     pub max_strikes: u32,
@@ -110,7 +113,7 @@ impl Default for FetchConfig {
             settle: Duration::from_secs(1),
             fanout: 2,
             turn_patience: Duration::from_secs(3),
-            busy_backoff: Duration::from_millis(200),
+            busy_backoff: Duration::from_secs(1),
             max_strikes: 3,
             endgame_chunks: 4,
         }
