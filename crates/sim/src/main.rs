@@ -172,7 +172,7 @@ fn run(sc: Scenario) -> Row {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     println!(
-        "starling-sim: {} cores; fair-share fluid links; times in model seconds",
+        "starling-sim: {} cores; fluid links, max-min at each sender and equal shares elsewhere; times in model seconds",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     if let What::Load = cli.what {

@@ -13,6 +13,8 @@ pub struct Row {
     pub healthy: usize,
     pub last: f64,
     pub median: f64,
+    /// The last of the nodes not killed whose links run at full rate.
+    pub last_full_rate: f64,
     pub bound: f64,
     /// Copies of the payload each remote region received over its WAN link, counting
     /// the bytes on the wire as the testbed's kernel counters do (largest, mean).
@@ -36,6 +38,13 @@ impl Row {
             .collect();
         times.sort_unstable();
         let healthy = o.killed.iter().filter(|k| !**k).count();
+        let full_rate = o
+            .done
+            .iter()
+            .zip(o.killed.iter().zip(&o.slow))
+            .filter(|(_, (k, s))| !**k && !**s)
+            .filter_map(|(d, _)| *d)
+            .max();
         let secs = |t: u64| t as f64 / 1e9;
         let payload = sc.payload_bytes() as f64;
         let remote: Vec<f64> = o.wan_in.iter().skip(1).map(|b| b / payload).collect();
@@ -46,6 +55,7 @@ impl Row {
             healthy,
             last: times.last().map_or(f64::NAN, |t| secs(*t)),
             median: times.get(times.len() / 2).map_or(f64::NAN, |t| secs(*t)),
+            last_full_rate: full_rate.map_or(f64::NAN, secs),
             bound: sc.bound(),
             wan_max: remote.iter().copied().fold(0.0, f64::max),
             wan_mean: if remote.is_empty() {
@@ -62,18 +72,19 @@ impl Row {
     }
 
     pub fn header() -> &'static str {
-        "| scenario | nodes | finished | last (s) | median (s) | bound (s) | × bound | WAN copies per remote region (max / mean) | origin copies | events | wall (s) | events/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| scenario | nodes | finished | last (s) | median (s) | last at full rate (s) | bound (s) | × bound | WAN copies per remote region (max / mean) | origin copies | events | wall (s) | events/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
 
     pub fn line(&self) -> String {
         format!(
-            "| {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {:.0} |",
             self.name,
             self.nodes,
             self.finished,
             self.healthy,
             self.last,
             self.median,
+            self.last_full_rate,
             self.bound,
             self.last / self.bound,
             self.wan_max,

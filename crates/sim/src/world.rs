@@ -118,6 +118,8 @@ pub struct Outcome {
     pub done: Vec<Option<u64>>,
     /// Per node: whether it was killed.
     pub killed: Vec<bool>,
+    /// Per node: whether its links run slow (a fault).
+    pub slow: Vec<bool>,
     /// Bytes each region received over its WAN link.
     pub wan_in: Vec<f64>,
     /// Bytes the origin host sent.
@@ -153,6 +155,7 @@ pub struct World {
     wan_out: Vec<LinkId>,
     origin_link: LinkId,
     killed: Vec<bool>,
+    slow: Vec<bool>,
     /// Peers to connect to, per pending `Connected`: (peer, it is a gateway).
     answers: Vec<Vec<(u32, bool)>>,
     free_answers: Vec<u32>,
@@ -200,9 +203,11 @@ impl World {
         let mut up = Vec::with_capacity(n + sc.members);
         let mut nodes = Vec::with_capacity(n);
         let mut names = HashMap::with_capacity(n + sc.members);
+        let mut slow_nodes = Vec::with_capacity(n);
         for k in 0..n {
             let region = k / sc.nodes_per_region;
             let slow = rng.chance(f.slow_share);
+            slow_nodes.push(slow);
             let factor = if slow { f.slow_factor } else { 1.0 };
             let name = format!("r{region}-n{k}");
             names.insert(name.clone(), k as u32);
@@ -262,6 +267,7 @@ impl World {
             wan_out,
             origin_link,
             killed: vec![false; n],
+            slow: slow_nodes,
             answers: Vec::new(),
             free_answers: Vec::new(),
             events: 0,
@@ -338,6 +344,7 @@ impl World {
         Outcome {
             done,
             killed: self.killed.clone(),
+            slow: self.slow.clone(),
             wan_in: self.wan_in.iter().map(|&l| self.net.carried(l)).collect(),
             origin_sent: self.net.carried(self.origin_link),
             events: self.events,
