@@ -657,18 +657,25 @@ impl Fetch {
     /// then a per-chunk spread; never one already asked for it.
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
+        let (asked, late) = (&self.asked[i], &self.late[i]);
         let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
+        // The nearest tier where a peer holds it (busy or not) and was not asked for it.
+        let mut nearest: Option<Source> = None;
         for (id, p) in &self.peers {
-            if !p.has.contains(i)
-                || p.in_flight.len() >= self.cfg.per_peer
-                || self.asked[i].contains(id)
+            if !p.has.contains(i) || asked.contains(id) {
+                continue;
+            }
+            let source = p.info.source;
+            nearest = Some(nearest.map_or(source, |n| n.min(source)));
+            if p.in_flight.len() >= self.cfg.per_peer
                 || p.busy_until.is_some_and(|t| t > now)
+                || best.as_ref().is_some_and(|b| source > b.0)
             {
                 continue;
             }
             let key = (
-                p.info.source,
-                self.late[i].contains(id),
+                source,
+                late.contains(id),
                 p.in_flight.len(),
                 spread(chunk, p.salt),
                 *id,
@@ -679,10 +686,7 @@ impl Fetch {
         }
         let (source, _, _, _, id) = best?;
         // A nearer peer that has it but is busy is worth waiting for.
-        let nearer_busy = self.peers.values().any(|p| {
-            p.info.source < source && p.has.contains(i) && !self.asked[i].contains(&p.info.id)
-        });
-        if nearer_busy || !self.may_ask(i, source, now) {
+        if nearest.is_some_and(|n| n < source) || !self.may_ask(i, source, now) {
             return None;
         }
         Some(id)
