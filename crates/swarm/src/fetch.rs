@@ -188,7 +188,7 @@ pub struct Fetch {
     asked: Vec<BTreeSet<PeerId>>,
     /// Peers a request for each chunk timed out at: asked again only if nobody else can.
     late: Vec<BTreeSet<PeerId>>,
-    peers: BTreeMap<PeerId, Peer>,
+    peers: Peers,
     /// Peers dropped for this release: never used again.
     dropped: BTreeSet<PeerId>,
     actions: VecDeque<Action>,
@@ -240,7 +240,7 @@ impl Fetch {
             waits: BinaryHeap::new(),
             asked: vec![BTreeSet::new(); n],
             late: vec![BTreeSet::new(); n],
-            peers: BTreeMap::new(),
+            peers: Peers::default(),
             dropped: BTreeSet::new(),
             actions: VecDeque::new(),
             pending: Pending::Nothing,
@@ -295,17 +295,14 @@ impl Fetch {
             has.fill();
         }
         let peer_salt = salt(&info.node);
-        self.peers.insert(
-            info.id,
-            Peer {
-                info,
-                has,
-                in_flight: BTreeMap::new(),
-                strikes: 0,
-                salt: peer_salt,
-                busy_until: None,
-            },
-        );
+        self.peers.insert(Peer {
+            info,
+            has,
+            in_flight: BTreeMap::new(),
+            strikes: 0,
+            salt: peer_salt,
+            busy_until: None,
+        });
         self.ingress = None;
         self.schedule(now);
     }
@@ -661,7 +658,8 @@ impl Fetch {
         let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
         // The nearest tier where a peer holds it (busy or not) and was not asked for it.
         let mut nearest: Option<Source> = None;
-        for (id, p) in &self.peers {
+        for p in self.peers.values() {
+            let id = &p.info.id;
             if !p.has.contains(i) || asked.contains(id) {
                 continue;
             }
@@ -844,6 +842,45 @@ impl Hasher for PrefixHasher {
         let n = bytes.len().min(8);
         first[..n].copy_from_slice(&bytes[..n]);
         self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(first);
+    }
+}
+
+/// The peers of a fetch in id order, in a vector: choosing a peer passes over all of
+/// them for every chunk weighed, which a vector serves far faster than a tree.
+#[derive(Debug, Default)]
+struct Peers(Vec<Peer>);
+
+impl Peers {
+    fn find(&self, id: &PeerId) -> Result<usize, usize> {
+        self.0.binary_search_by(|p| p.info.id.cmp(id))
+    }
+
+    fn contains_key(&self, id: &PeerId) -> bool {
+        self.find(id).is_ok()
+    }
+
+    fn get(&self, id: &PeerId) -> Option<&Peer> {
+        self.find(id).ok().map(|i| &self.0[i])
+    }
+
+    fn get_mut(&mut self, id: &PeerId) -> Option<&mut Peer> {
+        self.find(id).ok().map(|i| &mut self.0[i])
+    }
+
+    /// Add `peer`, or replace the one of its id.
+    fn insert(&mut self, peer: Peer) {
+        match self.find(&peer.info.id) {
+            Ok(i) => self.0[i] = peer,
+            Err(i) => self.0.insert(i, peer),
+        }
+    }
+
+    fn remove(&mut self, id: &PeerId) -> Option<Peer> {
+        self.find(id).ok().map(|i| self.0.remove(i))
+    }
+
+    fn values(&self) -> std::slice::Iter<'_, Peer> {
+        self.0.iter()
     }
 }
 
