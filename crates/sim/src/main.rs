@@ -94,6 +94,10 @@ struct Shape {
     #[arg(long)]
     busy_ms: Option<u64>,
     #[arg(long)]
+    cross_ms: Option<u64>,
+    #[arg(long)]
+    origin_ms: Option<u64>,
+    #[arg(long)]
     settle_ms: Option<u64>,
 }
 
@@ -144,6 +148,12 @@ impl Shape {
         f.total = self.total.unwrap_or(f.total);
         if let Some(ms) = self.turn_ms {
             f.turn_patience = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.cross_ms {
+            f.cross_region_patience = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.origin_ms {
+            f.origin_patience = Duration::from_millis(ms);
         }
         if let Some(ms) = self.busy_ms {
             f.busy_backoff = Duration::from_millis(ms);
