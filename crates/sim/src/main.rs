@@ -96,6 +96,8 @@ struct Shape {
     #[arg(long)]
     cross_ms: Option<u64>,
     #[arg(long)]
+    pace_ms: Option<u64>,
+    #[arg(long)]
     origin_ms: Option<u64>,
     #[arg(long)]
     settle_ms: Option<u64>,
@@ -148,6 +150,9 @@ impl Shape {
         f.total = self.total.unwrap_or(f.total);
         if let Some(ms) = self.turn_ms {
             f.turn_patience = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.pace_ms {
+            f.pace_window = Some(Duration::from_millis(ms));
         }
         if let Some(ms) = self.cross_ms {
             f.cross_region_patience = Duration::from_millis(ms);
