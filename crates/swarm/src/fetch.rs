@@ -1024,7 +1024,11 @@ mod tests {
             let (peer, chunk) = flying(&f)[0];
             f.handle_chunk(t, peer, &chunk, true);
             drain(&mut f);
-            assert_eq!(f.in_flight(), arrived.max(cfg.pace_floor), "after {arrived}");
+            assert_eq!(
+                f.in_flight(),
+                arrived.max(cfg.pace_floor),
+                "after {arrived}"
+            );
         }
         // Once they have left the window, requests end without new ones down to the floor.
         t += window + Duration::from_secs(1);
