@@ -240,7 +240,14 @@ impl Cluster {
         for id in 1..=self.members.len() as u64 {
             let _ = std::fs::copy(self.members.log_path(id), keep.join(format!("m{id}.log")));
         }
-        eprintln!("full member logs kept in {}", keep.display());
+        // The logs of the other processes the test started (workers, nodes) too.
+        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let _ = std::fs::copy(&path, keep.join(entry.file_name()));
+            }
+        }
+        eprintln!("full logs kept in {}", keep.display());
         for id in 1..=self.members.len() as u64 {
             let text = std::fs::read_to_string(self.members.log_path(id)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
