@@ -241,7 +241,11 @@ impl Cluster {
             let _ = std::fs::copy(self.members.log_path(id), keep.join(format!("m{id}.log")));
         }
         // The logs of the other processes the test started (workers, nodes) too.
-        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "log") {
                 let _ = std::fs::copy(&path, keep.join(entry.file_name()));
