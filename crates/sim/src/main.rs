@@ -23,8 +23,8 @@ enum What {
     /// The namespace testbed's shapes (3 × 4 and 4 × 5, 48 MiB), to set beside its
     /// measured figures.
     Calibrate,
-    /// 1 GiB to 10,000, 100,000 and 200,000 nodes in 10 regions, 10 GB to 100,000, and a
-    /// one-chunk change to 100,000.
+    /// 1 GiB to 10,000, 100,000 and 200,000 nodes in 10 regions (16 MiB units), 10 GB to
+    /// 100,000 (64 MiB units), and a one-chunk change to 100,000. Hours on 2 cores.
     Scale {
         /// Leave out the 200,000-node run.
         #[arg(long)]
@@ -216,14 +216,14 @@ fn main() -> anyhow::Result<()> {
                 sizes.push(20_000);
             }
             for per_region in sizes {
-                let mut sc = Scenario::internet(10, per_region, gib, 4 << 20);
+                let mut sc = Scenario::internet(10, per_region, gib, 16 << 20);
                 sc.name = format!("1 GiB to {}", 10 * per_region);
                 run(sc);
             }
-            let mut sc = Scenario::internet(10, 10_000, 10_000_000_000, 16 << 20);
+            let mut sc = Scenario::internet(10, 10_000, 10_000_000_000, 64 << 20);
             sc.name = "10 GB to 100000".into();
             run(sc);
-            let mut sc = Scenario::internet(10, 10_000, gib, 4 << 20);
+            let mut sc = Scenario::internet(10, 10_000, gib, 16 << 20);
             sc.new_chunks = Some(1);
             sc.name = "one new chunk to 100000".into();
             run(sc);
@@ -231,11 +231,11 @@ fn main() -> anyhow::Result<()> {
         What::Load => {}
         What::Faults { per_region } => {
             let gib = 1u64 << 30;
-            let base = || Scenario::internet(10, per_region, gib, 4 << 20);
+            let base = || Scenario::internet(10, per_region, gib, 16 << 20);
             let mut a = base();
             a.name = "5% killed mid-transfer".into();
             a.faults.fail_share = 0.05;
-            a.faults.fail_window = 5_000_000_000;
+            a.faults.fail_window = 10_000_000_000;
             run(a);
             let mut b = base();
             b.name = "region 3's WAN at a tenth".into();
