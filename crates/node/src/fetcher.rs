@@ -6,7 +6,7 @@
 //! cancellations, disconnections — and stores each verified chunk, announcing it to the
 //! peers this node serves. It decides nothing itself.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,30 +277,21 @@ pub async fn fetch_release(
             Some(answer) = more.recv() => {
                 let now = Instant::now().into_std();
                 fetch.handle_gateway(now, answer.gateway);
-                // Every answer names the gateways this node needs to know of: a known
-                // peer it does not name as one is none (any more).
-                let gateways: HashSet<&str> = answer
+                // The roles the answer gives the known peers, by id; the `Fetch` decides
+                // what an unnamed one is, and the specs follow for peers not connected
+                // yet (their `PeerInfo` is made from the spec).
+                let roles: HashMap<&str, (bool, bool)> = answer
                     .peers
                     .iter()
-                    .filter(|s| s.gateway)
-                    .map(|s| s.name.as_str())
+                    .map(|s| (s.name.as_str(), (s.fetching, s.gateway)))
                     .collect();
-                let fetching: HashSet<&str> = answer
-                    .peers
-                    .iter()
-                    .filter(|s| s.fetching)
-                    .map(|s| s.name.as_str())
-                    .collect();
+                let mut named = BTreeMap::new();
                 for (&id, k) in known.by_id.iter_mut().filter(|(_, k)| k.source != Source::Origin) {
-                    let role = (
-                        k.fetching || fetching.contains(k.name.as_str()),
-                        gateways.contains(k.name.as_str()),
-                    );
-                    if role != (k.fetching, k.gateway) {
-                        (k.fetching, k.gateway) = role;
-                        fetch.handle_role(now, id, role.0, role.1);
-                    }
+                    let (fetching, gateway) = roles.get(k.name.as_str()).copied().unwrap_or_default();
+                    (k.fetching, k.gateway) = (k.fetching || fetching, gateway);
+                    named.insert(id, (fetching, gateway));
                 }
+                fetch.handle_roles(now, &named);
                 for s in answer.peers {
                     if let Some(id) = known.add(&s) {
                         connect(id, s);

@@ -31,9 +31,6 @@ pub struct Load {
     pub tracker_cores: f64,
     /// Goal long-polls answered per second, if every node polls this member.
     pub polls: f64,
-    /// Connections held open: QUIC (every node) and HTTP (the nodes polling it).
-    pub quic_connections: usize,
-    pub http_connections: usize,
 }
 
 /// Build a tracker holding `nodes` nodes in `regions` regions, all fetching one release,
@@ -74,8 +71,6 @@ pub fn measure(nodes: usize, regions: usize, asks: usize) -> Load {
         answer_us: answer * 1e6,
         tracker_cores: asks_fetching * answer,
         polls: per(GOAL_POLL),
-        quic_connections: nodes,
-        http_connections: nodes,
     }
 }
 
@@ -93,8 +88,10 @@ impl Load {
             self.answer_us,
             self.tracker_cores,
             self.polls,
-            self.quic_connections,
-            self.http_connections,
+            // Every node holds a QUIC connection to every member, and an HTTP one to
+            // the member it polls (all of them, if they all poll this one).
+            self.nodes,
+            self.nodes,
         )
     }
 }

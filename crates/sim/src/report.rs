@@ -23,8 +23,6 @@ pub struct Row {
     pub origin_copies: f64,
     pub events: u64,
     pub wall: f64,
-    pub tracker_answers: u64,
-    pub tracker_ms: f64,
 }
 
 impl Row {
@@ -66,8 +64,6 @@ impl Row {
             origin_copies: o.origin_sent / payload,
             events: o.events,
             wall: o.wall.as_secs_f64(),
-            tracker_answers: o.tracker_answers,
-            tracker_ms: o.tracker_time.as_secs_f64() * 1e3,
         }
     }
 

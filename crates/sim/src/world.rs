@@ -126,11 +126,7 @@ pub struct Outcome {
     pub origin_sent: f64,
     pub events: u64,
     pub wall: Duration,
-    /// Tracker answers given and the time they took in all.
-    pub tracker_answers: u64,
-    pub tracker_time: Duration,
-    /// Requests refused as busy, and chunks that failed verification.
-    pub busy: u64,
+    /// Chunks that failed verification.
     pub corrupt: u64,
     /// Chunks stored (verified, new to their node) across the fleet.
     pub delivered: u64,
@@ -162,8 +158,7 @@ pub struct World {
     events: u64,
     /// Live nodes that do not hold the release yet.
     unfinished: usize,
-    tracker_answers: u64,
-    tracker_time: Duration,
+    /// Requests refused as busy (for the trace).
     busy: u64,
     corrupt: u64,
     delivered: u64,
@@ -272,8 +267,6 @@ impl World {
             free_answers: Vec::new(),
             events: 0,
             unfinished: n,
-            tracker_answers: 0,
-            tracker_time: Duration::ZERO,
             busy: 0,
             corrupt: 0,
             delivered: 0,
@@ -349,9 +342,6 @@ impl World {
             origin_sent: self.net.carried(self.origin_link),
             events: self.events,
             wall: wall.elapsed(),
-            tracker_answers: self.tracker_answers,
-            tracker_time: self.tracker_time,
-            busy: self.busy,
             corrupt: self.corrupt,
             delivered: self.delivered,
         }
@@ -504,29 +494,24 @@ impl World {
             self.push(self.now + ns(ANNOUNCE_EVERY), Ev::Ask(k));
             return;
         }
-        let clock = Instant::now();
         let answer = self.tracker.peers(&name, &region, &self.release, now);
-        self.tracker_time += clock.elapsed();
-        self.tracker_answers += 1;
-        let n = self.nodes.len() as u32;
-        // Every answer names the gateways this node needs to know of: a known peer it
-        // does not name as one is none (any more).
-        let named: BTreeMap<u32, (bool, bool)> = answer
+        let named: BTreeMap<PeerId, (bool, bool)> = answer
             .peers
             .iter()
-            .filter_map(|p| Some((*self.names.get(&p.node)?, (p.fetching, p.gateway))))
+            .filter_map(|p| {
+                let peer = *self.names.get(&p.node)?;
+                Some((PeerId(peer.into()), (p.fetching, p.gateway)))
+            })
             .collect();
         let x = &mut self.nodes[k as usize];
         if let Some(f) = x.fetch.as_mut() {
             f.handle_gateway(now, answer.gateway);
-            for &peer in x.known.iter().filter(|&&p| p < n) {
-                let (fetching, gateway) = named.get(&peer).copied().unwrap_or((false, false));
-                f.handle_role(now, PeerId(peer.into()), fetching, gateway);
-            }
+            f.handle_roles(now, &named);
         }
         let mut new = Vec::new();
         let mut far = false;
-        for (&peer, &(_, gateway)) in &named {
+        for (&PeerId(peer), &(_, gateway)) in &named {
+            let peer = peer as u32;
             if x.known.insert(peer) {
                 far |= self.up[peer as usize].region != self.up[k as usize].region;
                 new.push((peer, gateway));

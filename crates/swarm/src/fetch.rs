@@ -332,21 +332,32 @@ impl Fetch {
         self.schedule(now);
     }
 
-    /// The tracker's latest word on `peer`: whether it is fetching this release (a peer
-    /// first known as idle that started to takes its place in the region's order from
-    /// now on; one that finished stays a partner) and whether it is a gateway of its
-    /// region now. (Nodes see a new goal a few seconds apart and the gateways are worked
-    /// out from the nodes announced so far; until every node's view agrees, views of who
-    /// is a chunk's ingress differ, and a chunk may cross twice, or wait.)
-    pub fn handle_role(&mut self, now: Instant, peer: PeerId, fetching: bool, gateway: bool) {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            let fetching = p.info.fetching || fetching;
-            if (p.info.fetching, p.info.gateway) != (fetching, gateway) {
-                p.info.fetching = fetching;
-                p.info.gateway = gateway;
-                self.ingress = None;
-                self.schedule(now);
+    /// The tracker's latest answer: the peers it `named`, each with whether it is
+    /// fetching this release and whether it is a gateway of its region. Every answer
+    /// names the gateways this node needs to know of, so a known peer it does not name
+    /// as one is none (any more). A peer first known as idle that started to fetch takes
+    /// its place in the region's order from now on; one that finished stays a partner.
+    /// (Nodes see a new goal a few seconds apart and the gateways are worked out from the
+    /// nodes announced so far; until every node's view agrees, views of who is a chunk's
+    /// ingress differ, and a chunk may cross twice, or wait.)
+    pub fn handle_roles(&mut self, now: Instant, named: &BTreeMap<PeerId, (bool, bool)>) {
+        let mut changed = false;
+        for p in self
+            .peers
+            .0
+            .iter_mut()
+            .filter(|p| p.info.source != Source::Origin)
+        {
+            let (fetching, gateway) = named.get(&p.info.id).copied().unwrap_or_default();
+            let role = (p.info.fetching || fetching, gateway);
+            if (p.info.fetching, p.info.gateway) != role {
+                (p.info.fetching, p.info.gateway) = role;
+                changed = true;
             }
+        }
+        if changed {
+            self.ingress = None;
+            self.schedule(now);
         }
     }
 
@@ -1312,7 +1323,8 @@ mod tests {
             },
         );
         f.handle_peer(t0, peer(2, Source::OtherRegion));
-        f.handle_role(t0, PeerId(1), true, true);
+        let named = BTreeMap::from([(PeerId(1), (true, true)), (PeerId(2), (true, true))]);
+        f.handle_roles(t0, &named);
         f.handle_have(t0, PeerId(2), &cs);
         let region = ["me".to_string(), "n1".to_string()];
         let mine: Vec<_> = cs
