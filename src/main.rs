@@ -296,7 +296,10 @@ async fn run(cli: Cli) -> Result<()> {
     let token = token(&cli)?;
     match cli.cmd {
         Cmd::Control(a) => {
-            if !a.bootstrap && a.join.is_none() && !a.data_dir.join("log.redb").exists() {
+            if !a.bootstrap
+                && a.join.is_none()
+                && !starling_control::log_store::has_log(&a.data_dir)
+            {
                 bail!("a new member needs --bootstrap or --join URL");
             }
             let token = token

@@ -53,12 +53,7 @@ async fn full_disk_stops_the_member_until_restarted() {
     let Some(_mount) = Tmpfs::mount(&dir, "64m") else {
         return;
     };
-    for e in std::fs::read_dir(&aside).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-        }
-    }
+    copy_tree(&aside, &dir);
     c.spawn(f).await;
     let want = c.status(leader).await.and_then(|s| s.last_log_index);
     c.wait_until(
@@ -99,4 +94,18 @@ async fn full_disk_stops_the_member_until_restarted() {
     c.spawn(f).await;
     c.wait_caught_up(f, leader).await;
     c.assert_same_history(leader, f).await;
+}
+
+/// Copy the files under `from` into `to`, directories and all (the Raft log is `wal/`).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let kind = e.file_type().unwrap();
+        if kind.is_dir() {
+            std::fs::create_dir_all(to.join(e.file_name())).unwrap();
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else if kind.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }

@@ -19,6 +19,7 @@ pub mod serve;
 pub mod server;
 pub mod store;
 mod tables;
+pub mod wal;
 
 use starling_proto::{Command, Outcome};
 

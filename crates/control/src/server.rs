@@ -57,7 +57,7 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     cfg.advertise = Some(advertise.clone());
     write_listen_addr(&cfg.data_dir, bound)?;
-    let log = LogStore::new(files.log)?;
+    let log = LogStore::open(&cfg.data_dir)?;
     let metrics = Arc::new(ControlMetrics::new());
     let sm = StateMachineStore::open(files.state, files.snapshots, metrics.clone())?;
     let state = sm.shared();

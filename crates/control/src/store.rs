@@ -38,13 +38,12 @@ use starling_core::state::{ControlState, Records, Touched};
 /// open: loading it brings it within the history window, which moves the rest.
 pub const FILE_FORMAT: u32 = 2;
 
-/// A member's redb files, each with its own write lock and fsyncs:
-/// - `log.redb`: the Raft log, vote and purge marker — fsynced before every acknowledgement;
+/// A member's redb files, each with its own write lock and fsyncs (the Raft log is not
+/// one of them: it is a write-ahead log of its own, [`crate::log_store`]):
 /// - `state.redb`: the state machine's records — fsynced about once a second, because a
 ///   crash only costs re-applying the log from its `last_applied`;
 /// - `snapshots.redb`: where starling before format 2 kept snapshots; read on open only.
 pub struct Files {
-    pub log: Arc<Database>,
     pub state: Arc<Database>,
     pub snapshots: Arc<Database>,
 }
@@ -53,7 +52,6 @@ impl Files {
     pub fn open(dir: &Path) -> io::Result<Files> {
         std::fs::create_dir_all(dir)?;
         let files = Files {
-            log: open_file(&dir.join("log.redb"), LOG_CACHE, &[LOG], &[META])?,
             state: open_file(
                 &dir.join("state.redb"),
                 STATE_CACHE,
@@ -75,7 +73,6 @@ impl Files {
         crate::archive::create_tables(&txn)?;
         txn.commit().map_err(io::Error::other)?;
         for (name, db) in [
-            ("log.redb", &files.log),
             ("state.redb", &files.state),
             ("snapshots.redb", &files.snapshots),
         ] {
@@ -112,10 +109,8 @@ fn mark_format(db: &Database) -> io::Result<()> {
     txn.commit().map_err(io::Error::other)
 }
 
-/// How much of each file redb may cache in memory (its default is 1 GiB a file). The
-/// log is read back by followers that lag and on restart; the state file by history
-/// queries, whose indexes keep the pages they touch few.
-const LOG_CACHE: usize = 32 << 20;
+/// How much of the state file redb may cache in memory (its default is 1 GiB a file): it
+/// is read by history queries, whose indexes keep the pages they touch few.
 const STATE_CACHE: usize = 64 << 20;
 
 /// Open or create `path` with the given tables, so that readers never meet a missing one.
@@ -969,7 +964,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let files = Files::open(t.path()).unwrap();
         assert_eq!(
-            read_meta::<u32>(&files.log, K_FORMAT).unwrap(),
+            read_meta::<u32>(&files.state, K_FORMAT).unwrap(),
             Some(FILE_FORMAT)
         );
         // A file from a later starling:
