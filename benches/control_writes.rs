@@ -327,7 +327,7 @@ fn storage_floor(dir: &Path) {
         v[v.len() / 2]
     };
     let block = vec![7u8; 4096];
-    let mut timed = |name: &str, zeros: usize| {
+    let timed = |name: &str, zeros: usize| {
         let f = std::fs::File::create(dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
         f.write_all_at(&vec![0; zeros], 0)
             .and_then(|_| f.sync_all())
