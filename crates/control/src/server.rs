@@ -84,17 +84,14 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
             .map_err(|e| ControlError::Config(e.to_string()))?,
     );
     // openraft spawns its core, its state-machine worker and its replication tasks on the
-    // runtime `Raft::new` runs on: give them a thread of their own, so that HTTP readers
-    // (event replays, long-polls, chunk reads) can never delay a heartbeat or a vote.
-    let raft_rt = raft_runtime()?;
+    // runtime `Raft::new` runs on: this one, the HTTP API's, so that a write crosses no
+    // thread between the API, Raft and the answer (see ARCHITECTURE.md, "one runtime").
     let id = cfg.id;
     let trust = starling_pki::CaTrust::new(cfg.ca_fingerprint.clone());
     let network = PeerNetwork::new(cfg.cluster_key.clone(), cfg.tls, trust.clone())
         .map_err(|e| ControlError::Config(format!("Raft HTTP client: {e}")))?;
-    let raft = raft_rt
-        .spawn(async move { Raft::new(id, raft_cfg, network, log, sm).await })
+    let raft = Raft::new(id, raft_cfg, network, log, sm)
         .await
-        .map_err(|e| ControlError::Raft(e.to_string()))?
         .map_err(|e| ControlError::Raft(e.to_string()))?;
 
     let http = starling_client::http_builder(Some(trust.clone()))
@@ -179,7 +176,9 @@ pub async fn run(mut cfg: ControlConfig) -> Result<(), ControlError> {
     tokio::spawn(crate::collector::collect_chunks(member.clone()));
     tokio::spawn(ensure_cluster_ca(member.clone()));
     tokio::spawn(keep_https_identity(member.clone()));
-    tokio::spawn(serve_swarm(
+    // The fleet's traffic (tracker asks, origin reads) on a thread of its own: at fleet
+    // scale it is the heaviest load a member carries, and it must not delay Raft.
+    own_thread_runtime("swarm")?.spawn(serve_swarm(
         member.clone(),
         cfg.peer_listen.unwrap_or(bound),
     ));
@@ -248,15 +247,15 @@ async fn storage_failure(member: &Member) -> ControlError {
     }
 }
 
-/// A one-thread runtime for Raft's own tasks, alive as long as the process.
-fn raft_runtime() -> Result<tokio::runtime::Handle, ControlError> {
+/// A one-thread runtime on a thread of its own, alive as long as the process.
+fn own_thread_runtime(name: &str) -> Result<tokio::runtime::Handle, ControlError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("raft")
+        .thread_name(name)
         .build()?;
     let handle = rt.handle().clone();
     std::thread::Builder::new()
-        .name("raft".into())
+        .name(name.into())
         .spawn(move || rt.block_on(std::future::pending::<()>()))?;
     Ok(handle)
 }

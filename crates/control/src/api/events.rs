@@ -5,7 +5,8 @@
 //! reading a page of events and encoding it — is done by at most [`PAGE_WORKERS`] readers
 //! at a time, the others queue for their turn. Streams replay in pages of [`SSE_PAGE`]
 //! events and hold one page at a time, so a slow client stalls only its own stream. Raft
-//! runs on a thread of its own, so even a busy HTTP thread cannot delay a heartbeat.
+//! shares the HTTP runtime's thread, so these bounds are also what keep a crowd of
+//! readers from delaying a heartbeat.
 
 use std::convert::Infallible;
 use std::time::Duration;
