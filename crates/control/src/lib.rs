@@ -1,7 +1,7 @@
-//! One control-plane member: the Raft log and state machine (openraft on redb), the HTTP
-//! API every member serves, the webhooks, the lease reaper and retention, and this
-//! member's copy of the origin store and build logs — the I/O around the decisions of
-//! `starling-core`.
+//! One control-plane member: the Raft log (a write-ahead log of its own) and the state
+//! machine (redb) under openraft, the HTTP API every member serves, the webhooks, the lease
+//! reaper and retention, and this member's copy of the origin store and build logs — the
+//! I/O around the decisions of `starling-core`.
 //!
 //! It remembers and serves; it never runs a build, never trusts a body before the
 //! caller's credentials are checked, and never serves on once its storage has failed.
