@@ -354,6 +354,10 @@ async fn main() {
         std::fs::copy(&state_file, members.data_dir(id).join("state.redb"))
             .expect("copying the state file");
     }
+    // The copies are gigabytes of dirty pages: written back now, not under the restart and
+    // the queries that are measured next (a real member never copies its file).
+    let flushed = std::process::Command::new("sync").status();
+    assert!(flushed.is_ok_and(|s| s.success()), "sync");
     // The image a follower that needs a snapshot is sent: made from the state file.
     let (image_secs, image_mib) = {
         let files = Files::open(&members.data_dir(1)).expect("opening member 1's files");

@@ -75,6 +75,10 @@ pub async fn notify(member: Arc<Member>) {
         }
         looked = up_to;
         if !sent {
+            // Catching up on events that notify nobody awaits nothing: let the runtime's
+            // other tasks (Raft and the API among them) in between batches. Without this,
+            // a leader looking through 100,000 events held its thread for 0.7 s.
+            tokio::task::yield_now().await;
             continue;
         }
         let mark = Command::MarkNotified {

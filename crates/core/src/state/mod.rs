@@ -261,12 +261,10 @@ impl ControlState {
         let after = after.saturating_sub(self.records.marks.events_archived);
         let start = (after as usize).min(self.records.events.len());
         let end = start.saturating_add(limit).min(self.records.events.len());
-        self.records
-            .events
-            .clone()
-            .slice(start..end)
-            .into_iter()
-            .collect()
+        // Read in place: slicing a clone rebuilt the vector's nodes on every call, 5 µs an
+        // event, which a notifier catching up paid 100,000 times.
+        let mut focus = self.records.events.focus();
+        (start..end).map(|i| focus.index(i).clone()).collect()
     }
 
     pub fn queued_len(&self) -> usize {
