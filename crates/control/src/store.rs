@@ -283,18 +283,23 @@ fn sm_writer(
         // Rows alone wait for more until ROWS_WINDOW after the last commit; anything that
         // someone waits for goes at once, with the rows before it.
         let gather_until = last_commit + ROWS_WINDOW;
+        let mut awaited = !matches!(ops[0], SmWrite::Rows { .. });
         while ops.len() < 1024 {
             let op = match rx.try_recv() {
                 Ok(op) => op,
-                Err(_) if ops.iter().all(|op| matches!(op, SmWrite::Rows { .. })) => {
+                Err(_) if awaited => break,
+                Err(_) => {
                     let left = gather_until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
                     match rx.recv_timeout(left) {
-                        Ok(op) if !left.is_zero() => op,
-                        _ => break,
+                        Ok(op) => op,
+                        Err(_) => break,
                     }
                 }
-                Err(_) => break,
             };
+            awaited |= !matches!(op, SmWrite::Rows { .. });
             ops.push(op);
         }
         let sync = last_sync.elapsed() >= STATE_SYNC_INTERVAL
