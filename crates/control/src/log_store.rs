@@ -118,6 +118,19 @@ struct Mem {
     meta: Meta,
 }
 
+impl Mem {
+    /// Entries from `from` on are gone.
+    fn truncate(&mut self, from: u64) {
+        drop(self.entries.split_off(&from));
+    }
+
+    /// Entries up to and including `id` are gone, and `id` is the purge marker.
+    fn purge(&mut self, id: LogId) {
+        self.entries = self.entries.split_off(&(id.index() + 1));
+        self.meta.purged = Some(id);
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     mem: Arc<Mutex<Mem>>,
@@ -195,8 +208,8 @@ fn replay_records(replay: &wal::Replay, wal: &mut Wal) -> io::Result<Mem> {
             })?;
             match record {
                 Record::Start(meta) => {
-                    if let Some(p) = &meta.purged {
-                        mem.entries = mem.entries.split_off(&(p.index() + 1));
+                    if let Some(p) = meta.purged {
+                        mem.purge(p);
                     }
                     mem.meta = meta;
                 }
@@ -208,11 +221,8 @@ fn replay_records(replay: &wal::Replay, wal: &mut Wal) -> io::Result<Mem> {
                 }
                 Record::Vote(v) => mem.meta.vote = Some(v),
                 Record::Committed(c) => mem.meta.committed = c,
-                Record::Truncate(from) => drop(mem.entries.split_off(&from)),
-                Record::Purge(id) => {
-                    mem.entries = mem.entries.split_off(&(id.index() + 1));
-                    mem.meta.purged = Some(id);
-                }
+                Record::Truncate(from) => mem.truncate(from),
+                Record::Purge(id) => mem.purge(id),
             }
         }
     }
@@ -321,18 +331,17 @@ fn import_redb(old: &Path, dir: &Path) -> io::Result<()> {
         std::fs::remove_dir_all(&staging)?;
     }
     let (mut wal, _) = Wal::open(&staging, wal::SEGMENT_BYTES)?;
-    let mut frames = start_frame(&meta)?;
     let txn = db.begin_read().map_err(io::Error::other)?;
     let table = txn.open_table(LOG).map_err(io::Error::other)?;
-    let mut batch = Vec::new();
+    // The Start record rides with the first batch; each batch is one Entries record.
+    let mut frames = start_frame(&meta)?;
+    let mut batch = Vec::with_capacity(IMPORT_BATCH);
     let mut count = 0usize;
-    let mut rows = table.iter().map_err(io::Error::other)?;
-    loop {
-        let row = rows.next().transpose().map_err(io::Error::other)?;
-        if let Some((_, v)) = &row {
-            batch.push(dec::<Entry>(v.value())?);
-        }
-        if batch.len() == IMPORT_BATCH || (row.is_none() && !batch.is_empty()) {
+    let mut rows = table.iter().map_err(io::Error::other)?.peekable();
+    while let Some(row) = rows.next() {
+        let (_, v) = row.map_err(io::Error::other)?;
+        batch.push(dec::<Entry>(v.value())?);
+        if batch.len() == IMPORT_BATCH || rows.peek().is_none() {
             count += batch.len();
             let last = batch.last().map(|e| e.index());
             wal::frame(&mut frames, &encode(&RecordRef::Entries(&batch))?)?;
@@ -340,10 +349,8 @@ fn import_redb(old: &Path, dir: &Path) -> io::Result<()> {
             frames.clear();
             batch.clear();
         }
-        if row.is_none() {
-            break;
-        }
     }
+    // What is left (the Start record alone, for an empty log), then one sync for all.
     wal.append(&frames, None, true, || start_frame(&meta))?;
     drop(wal);
     let target = dir.join("wal");
@@ -360,23 +367,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let start = match range.start_bound() {
-            Bound::Included(s) => Bound::Included(*s),
-            Bound::Excluded(s) => Bound::Excluded(*s),
-            Bound::Unbounded => Bound::Unbounded,
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
         };
-        let end = match range.end_bound() {
-            Bound::Included(e) => Bound::Included(*e),
-            Bound::Excluded(e) => Bound::Excluded(*e),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        if matches!((start, end), (Bound::Included(s), Bound::Excluded(e)) if s >= e) {
-            return Ok(Vec::new());
-        }
+        // From the start while inside the range: an empty or reversed range is no panic.
         Ok(self
             .mem()
             .entries
-            .range((start, end))
-            .map(|(_, e)| e.clone())
+            .range(start..)
+            .map_while(|(k, e)| range.contains(k).then(|| e.clone()))
             .collect())
     }
 
@@ -452,16 +452,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        drop(self.mem().entries.split_off(&from));
+        self.mem().truncate(from);
         self.submit(|done| LogOp::Truncate { from, done }).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        {
-            let mut mem = self.mem();
-            mem.entries = mem.entries.split_off(&(log_id.index() + 1));
-            mem.meta.purged = Some(log_id);
-        }
+        self.mem().purge(log_id);
         self.submit(|done| LogOp::Purge { id: log_id, done }).await
     }
 }

@@ -1,6 +1,7 @@
-//! One control-plane member: opens its redb file, starts openraft, serves the HTTP API and
-//! Raft RPC on one port, bootstraps or joins the cluster, and runs the lease reaper while
-//! it leads.
+//! One control-plane member: opens its Raft log and redb files, starts openraft, serves
+//! the HTTP API and Raft RPC on one port (openraft on the same runtime thread), the swarm
+//! on a thread of its own, bootstraps or joins the cluster, and runs the lease reaper
+//! while it leads.
 
 use starling_swarm::pace::{REGION_GATEWAYS, TRACKER_PEERS, TRACKER_TTL};
 use std::collections::BTreeMap;

@@ -1,6 +1,7 @@
 //! The tables of a member's redb files, the JSON their records are kept in, and reading
-//! the working set back: what the state machine's store, its archive, the state image and
-//! the Raft log share.
+//! the working set back: what the state machine's store, its archive and the state image
+//! share, and the tables of a `log.redb` that an older starling kept its Raft log in
+//! (imported once by the log store).
 
 use std::io;
 

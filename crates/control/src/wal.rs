@@ -92,7 +92,8 @@ fn frames(bytes: &[u8]) -> (Vec<&[u8]>, Result<usize, usize>) {
                 },
             );
         };
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let len_bytes = [head[0], head[1], head[2], head[3]];
+        let len = u32::from_le_bytes(len_bytes) as usize;
         if len == 0 {
             return (out, Ok(at));
         }
@@ -100,7 +101,6 @@ fn frames(bytes: &[u8]) -> (Vec<&[u8]>, Result<usize, usize>) {
             Some(p) if len <= MAX_RECORD => p,
             _ => return (out, Err(at)),
         };
-        let len_bytes = [head[0], head[1], head[2], head[3]];
         if head[4..HEAD] != check(&len_bytes, payload) {
             return (out, Err(at));
         }
@@ -143,6 +143,24 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Create segment `seq` holding `first` (frames) and zeros after it, durably: the file,
+/// where the next frame goes, and where the zeros end.
+fn create_segment(dir: &Path, seq: u64, first: Vec<u8>) -> io::Result<(File, u64, u64)> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(seg_path(dir, seq))?;
+    let pos = first.len() as u64;
+    let zeroed_to = pos + EXTEND_STEP;
+    let mut bytes = first;
+    bytes.resize(zeroed_to as usize, 0);
+    file.write_all_at(&bytes, 0)?;
+    file.sync_data()?;
+    sync_dir(dir)?;
+    Ok((file, pos, zeroed_to))
+}
+
 impl Wal {
     /// Open the log in `dir` (created if missing) and read back every record. A directory
     /// without segments gets an empty first one.
@@ -164,7 +182,15 @@ impl Wal {
             torn: None,
         };
         let Some(&last) = seqs.last() else {
-            let wal = Wal::create(dir, segment_bytes, 1, Vec::new())?;
+            let (file, pos, zeroed_to) = create_segment(dir, 1, Vec::new())?;
+            let wal = Wal {
+                dir: dir.to_path_buf(),
+                segment_bytes,
+                segments: vec![Segment { seq: 1, mark: None }],
+                file,
+                pos,
+                zeroed_to,
+            };
             replay.segments.push((1, Vec::new()));
             return Ok((wal, replay));
         };
@@ -216,30 +242,6 @@ impl Wal {
         Ok((wal, replay))
     }
 
-    /// Create segment `seq` holding `first` (frames), zeros after it, durably.
-    fn create(dir: &Path, segment_bytes: u64, seq: u64, first: Vec<u8>) -> Result<Wal, WalError> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(seg_path(dir, seq))?;
-        let pos = first.len() as u64;
-        let zeroed_to = pos + EXTEND_STEP;
-        let mut bytes = first;
-        bytes.resize(zeroed_to as usize, 0);
-        file.write_all_at(&bytes, 0)?;
-        file.sync_data()?;
-        sync_dir(dir)?;
-        Ok(Wal {
-            dir: dir.to_path_buf(),
-            segment_bytes,
-            segments: vec![Segment { seq, mark: None }],
-            file,
-            pos,
-            zeroed_to,
-        })
-    }
-
     /// Does the last segment hold no record yet?
     pub fn segment_is_empty(&self) -> bool {
         self.pos == 0
@@ -265,10 +267,7 @@ impl Wal {
         let n = frames.len() as u64;
         if self.pos > 0 && self.pos + n > self.segment_bytes {
             let seq = self.segments.last().map_or(1, |s| s.seq + 1);
-            let next = Wal::create(&self.dir, self.segment_bytes, seq, start()?)?;
-            self.file = next.file;
-            self.pos = next.pos;
-            self.zeroed_to = next.zeroed_to;
+            (self.file, self.pos, self.zeroed_to) = create_segment(&self.dir, seq, start()?)?;
             self.segments.push(Segment { seq, mark: None });
         }
         let end = self.pos + n;

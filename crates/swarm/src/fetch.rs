@@ -344,8 +344,7 @@ impl Fetch {
         let mut changed = false;
         for p in self
             .peers
-            .0
-            .iter_mut()
+            .values_mut()
             .filter(|p| p.info.source != Source::Origin)
         {
             let (fetching, gateway) = named.get(&p.info.id).copied().unwrap_or_default();
@@ -934,6 +933,10 @@ impl Peers {
 
     fn values(&self) -> std::slice::Iter<'_, Peer> {
         self.0.iter()
+    }
+
+    fn values_mut(&mut self) -> std::slice::IterMut<'_, Peer> {
+        self.0.iter_mut()
     }
 }
 
