@@ -15,7 +15,8 @@ use crate::{AppReport, ChunkHash, ReleaseId};
 pub const ALPN: &[u8] = b"starling-peer/3";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5: `Hold`.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -110,6 +111,12 @@ pub enum Frame {
         release: ReleaseId,
         peers: Vec<PeerAddr>,
         gateway: bool,
+    },
+    /// On the control stream, from a fetching node: `hold` its requests that wait for
+    /// the receiver's upload slots (it receives as many chunks at once as it takes), or
+    /// send them again (`false`). Held requests keep their places in the queue.
+    Hold {
+        hold: bool,
     },
 }
 
@@ -303,6 +310,7 @@ mod tests {
                 }],
                 gateway: false,
             },
+            Frame::Hold { hold: true },
         ]
     }
 

@@ -17,7 +17,7 @@ use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
 use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -75,6 +75,8 @@ enum Event {
     Gone(PeerId),
     /// Could not connect: forgotten, so that the tracker's next answer tries it again.
     Unreachable(PeerId),
+    /// A chunk started arriving.
+    Arriving(PeerId, ChunkHash),
     /// A request ended: stored (verified), corrupt, or refused.
     Arrived(PeerId, ChunkHash),
     Corrupt(PeerId, ChunkHash),
@@ -180,6 +182,9 @@ pub async fn fetch_release(
         }
     }
     let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
+    // Per peer, the hold it was last told to have; a task per connection sends each
+    // change, in order.
+    let mut holds: HashMap<PeerId, watch::Sender<bool>> = HashMap::new();
     let mut requests: HashMap<(PeerId, ChunkHash), AbortHandle> = HashMap::new();
     let mut report = FetchReport::default();
     loop {
@@ -198,7 +203,10 @@ pub async fn fetch_release(
                     );
                     let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
                     let task = tokio::spawn(async move {
-                        let event = match conn.fetch(&chunk).await {
+                        let arriving = || {
+                            let _ = tx.send(Event::Arriving(peer, chunk));
+                        };
+                        let event = match conn.fetch(&chunk, arriving).await {
                             Ok(bytes) => {
                                 let put = tokio::task::spawn_blocking(move || {
                                     store.put_chunk(&chunk, &bytes)
@@ -235,7 +243,13 @@ pub async fn fetch_release(
                         t.abort();
                     }
                 }
+                Action::Hold { peer, hold } => {
+                    if let Some(h) = holds.get(&peer) {
+                        h.send_replace(hold);
+                    }
+                }
                 Action::Disconnect { peer, reason } => {
+                    holds.remove(&peer);
                     if let Some(c) = conns.remove(&peer) {
                         c.close(&reason);
                     }
@@ -322,6 +336,17 @@ pub async fn fetch_release(
                     fetching: spec.fetching,
                     gateway: spec.gateway,
                 };
+                let (hold, mut told) = watch::channel(false);
+                let writer = conn.clone();
+                tokio::spawn(async move {
+                    while told.changed().await.is_ok() {
+                        let hold = *told.borrow_and_update();
+                        if writer.hold(hold).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                holds.insert(id, hold);
                 conns.insert(id, conn);
                 fetch.handle_peer(now, info);
             }
@@ -329,8 +354,10 @@ pub async fn fetch_release(
             Event::Unreachable(id) => {
                 known.by_id.remove(&id);
             }
+            Event::Arriving(id, chunk) => fetch.handle_arriving(id, &chunk),
             Event::Gone(id) => {
                 conns.remove(&id);
+                holds.remove(&id);
                 fetch.handle_peer_gone(now, id);
             }
             Event::Arrived(id, chunk) => {

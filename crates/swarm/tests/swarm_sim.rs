@@ -171,7 +171,8 @@ fn run(m: &Model) -> Outcome {
                         }
                     }
                     Action::Done => nodes[k].done_at = Some(now),
-                    Action::Cancel { .. } | Action::Disconnect { .. } => {}
+                    // Uploads here have no queue to hold requests in.
+                    Action::Cancel { .. } | Action::Disconnect { .. } | Action::Hold { .. } => {}
                 }
             }
         }
