@@ -6,11 +6,15 @@
 //! answer (the node daemon does this at once, halfway through the settling, then every
 //! [`TRACKER_ASK_EVERY`]); `Connected` a QUIC connection to a peer is up and the peer's
 //! `Have`s of what it holds arrived; `Request` a `Get` reaches the uploader, whose
-//! upload queue sends it, queues it or refuses it as busy; `Flow` the chunk's last byte
-//! left; `Delivered` it arrived and was hashed (wrong bytes from a corrupting node);
+//! upload queue sends it, queues it or refuses it as busy; `Arriving` its first bytes
+//! reached the receiver; `Flow` the chunk's last byte left (the slot goes on: on a real
+//! node one round trip later, at the acknowledgement); `Delivered` it arrived and was
+//! hashed (wrong bytes from a corrupting node);
 //! `HaveNear`/`HaveFar` a stored chunk announced to the peers that want the release, at
 //! once inside the region and batched over [`FAR_HAVE_BATCH`] across regions; `Gone` a
-//! dead peer's connection timed out; `Timer` the fetch asked to be woken.
+//! dead peer's connection timed out; `Timer` the fetch asked to be woken. A `Hold` takes
+//! effect at the uploader at once (its frame would take a one-way latency, 1 ms inside
+//! a region at scale), which spares an event per frame: tens per chunk.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
