@@ -1,5 +1,6 @@
-//! The peer-to-peer wire protocol (version 1): what nodes, workers and control members
-//! (serving the origin store) say to each other over QUIC. Specified in `PROTOCOL.md`.
+//! The peer-to-peer wire protocol (version [`PROTOCOL_VERSION`]): what nodes, workers
+//! and control members (serving the origin store) say to each other over QUIC.
+//! Specified in `PROTOCOL.md`.
 //!
 //! Every message is a [`Frame`]: a 4-byte big-endian length, then that many bytes of
 //! postcard. A length over [`MAX_FRAME`] is refused before anything is buffered; bytes
