@@ -12,6 +12,9 @@
 //! starts or ends, its sender's upload is filled again, and so is the upload of every
 //! sender whose flow crosses a link whose share changed; those flows get new rates.
 //!
+//! [`Network::max_min_total`] computes exact max-min rates (progressive filling over
+//! every link) for the flows of the moment, to check this against.
+//!
 //! Time is in nanoseconds from the start of the run, rates in bytes per second.
 
 pub type LinkId = u32;
@@ -358,6 +361,19 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].flow, f[0].at), (b, 2_000_000_000));
         assert!(n.is_current(&first[0]) && first[0].flow == a);
+    }
+
+    #[test]
+    fn exact_max_min_hands_on_what_a_download_share_leaves_unused() {
+        let mut n: Network<u8> = Network::default();
+        let (slow_up, fast_up, down) = (n.add_link(20.0), n.add_link(1000.0), n.add_link(100.0));
+        n.start(0, vec![slow_up, down], 1000, 1);
+        n.start(0, vec![fast_up, down], 1000, 2);
+        // The model gives each flow half the download, and the slow sender's flow uses
+        // 20 of its 50; exact max-min gives the other flow the 30 left.
+        let (exact, model) = n.max_min_total();
+        assert!((model - 70.0).abs() < 1e-9, "model {model}");
+        assert!((exact - 100.0).abs() < 1e-6, "exact {exact}");
     }
 
     #[test]
