@@ -601,7 +601,7 @@ async fn serve_connection(
         serving.clone(),
         remote,
         far,
-        (held.clone(), slots.clone()),
+        PeerHold(held.clone(), slots.clone()),
     ));
     loop {
         let (send, recv) = conn.accept_bi().await?;
@@ -652,14 +652,23 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     held
 }
 
-/// Lets a peer's held requests go when its control stream ends, however it ends: they
-/// fail at once then (the connection is gone) and must not keep their places.
-struct Unhold(Arc<AtomicBool>, Arc<UploadSlots>);
+/// A connection's hold flag and the slots it is read by, as the control stream sets it.
+/// Dropped with the control stream, however it ends, it lets the peer's held requests
+/// go: they fail at once then (the connection is gone) and must not keep their places.
+struct PeerHold(Arc<AtomicBool>, Arc<UploadSlots>);
 
-impl Drop for Unhold {
+impl PeerHold {
+    fn set(&self, hold: bool) {
+        self.0.store(hold, Ordering::Relaxed);
+        if !hold {
+            self.1.resume();
+        }
+    }
+}
+
+impl Drop for PeerHold {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-        self.1.resume();
+        self.set(false);
     }
 }
 
@@ -673,9 +682,8 @@ async fn serve_control(
     serving: Serving,
     remote: Remote,
     far: bool,
-    (held, slots): (Arc<AtomicBool>, Arc<UploadSlots>),
+    hold: PeerHold,
 ) {
-    let _unhold = Unhold(held.clone(), slots.clone());
     let store = serving.store.clone();
     let mut stored = serving.stored.as_ref().map(broadcast::Sender::subscribe);
     let mut wanted: Vec<ReleaseId> = Vec::new();
@@ -762,12 +770,7 @@ async fn serve_control(
                         }
                     }
                 }
-                Ok(Frame::Hold { hold }) => {
-                    held.store(hold, Ordering::Relaxed);
-                    if !hold {
-                        slots.resume();
-                    }
-                }
+                Ok(Frame::Hold { hold: h }) => hold.set(h),
                 Ok(Frame::Goodbye { .. }) | Err(_) => return,
                 Ok(other) => {
                     tracing::debug!(frame = ?other, "unexpected on the control stream");

@@ -139,11 +139,6 @@ impl<T> Network<T> {
         (rate.iter().sum(), model)
     }
 
-    /// How many flows cross `link` now.
-    pub fn flow_count(&self, link: LinkId) -> usize {
-        self.links[link as usize].flows.len()
-    }
-
     /// Bytes that crossed `link` in flows that ended.
     pub fn carried(&self, link: LinkId) -> f64 {
         self.links[link as usize].carried

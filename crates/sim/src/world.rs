@@ -494,9 +494,7 @@ impl World {
                 }
                 // As its server: the dead peer's waiting requests, held or not, go (on a
                 // real node they fail once the connection has timed out).
-                let Uploader { queue, held, .. } = &mut self.up[node as usize];
-                held.remove(&peer);
-                queue.retain(|r| r.receiver != peer);
+                self.up[node as usize].queue.retain(|r| r.receiver != peer);
                 self.hold(node, peer, false);
                 let now = self.instant();
                 let x = &mut self.nodes[node as usize];

@@ -597,17 +597,7 @@ impl Fetch {
             let now = self.seen.unwrap_or(self.started);
             for peer in std::mem::take(&mut self.holding) {
                 self.actions.push_back(Action::Hold { peer, hold: false });
-                // Its waiting requests' clocks start now.
-                let Some(p) = self.peers.get_mut(&peer) else {
-                    continue;
-                };
-                for (&i, at) in p.in_flight.iter_mut() {
-                    if !self.arriving.contains(&(peer, i)) && self.requests.remove(&(*at, peer, i))
-                    {
-                        *at = now;
-                        self.requests.insert((now, peer, i));
-                    }
-                }
+                self.restart_waiting_clocks(peer, now);
             }
             return;
         }
@@ -622,6 +612,19 @@ impl Fetch {
             {
                 self.holding.insert(peer);
                 self.actions.push_back(Action::Hold { peer, hold: true });
+            }
+        }
+    }
+
+    /// The requests waiting at `peer` (not arriving) count their time from `now`.
+    fn restart_waiting_clocks(&mut self, peer: PeerId, now: Instant) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        for (&i, at) in p.in_flight.iter_mut() {
+            if !self.arriving.contains(&(peer, i)) && self.requests.remove(&(*at, peer, i)) {
+                *at = now;
+                self.requests.insert((now, peer, i));
             }
         }
     }
@@ -1172,23 +1175,13 @@ mod tests {
         f.handle_peer(t0, peer(7, Source::OtherRegion));
         let asked = requests(&drain(&mut f));
         assert_eq!(asked.len(), 6, "one request per peer of the region");
-        let holds = |actions: &[Action]| -> Vec<(PeerId, bool)> {
-            actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Hold { peer, hold } => Some((*peer, *hold)),
-                    _ => None,
-                })
-                .collect()
-        };
         // One chunk arriving: nothing held yet.
         f.handle_arriving(asked[0].0, &asked[0].1);
         assert!(holds(&drain(&mut f)).is_empty());
         // The limit reached: every other peer where a request waits is told to hold it.
         f.handle_arriving(asked[1].0, &asked[1].1);
         assert_eq!(max, 2);
-        let mut held = holds(&drain(&mut f));
-        held.sort();
+        let held = holds(&drain(&mut f));
         let mut waiting: Vec<(PeerId, bool)> = asked[2..].iter().map(|(p, _)| (*p, true)).collect();
         waiting.sort();
         assert_eq!(held, waiting);
@@ -1197,9 +1190,7 @@ mod tests {
         assert!(holds(&drain(&mut f)).is_empty());
         // A chunk arrives whole: fewer arrive now, and the held peers may send again.
         f.handle_chunk(t0, asked[0].0, &asked[0].1, true);
-        let actions = drain(&mut f);
-        let mut released = holds(&actions);
-        released.sort();
+        let released = holds(&drain(&mut f));
         let mut again: Vec<(PeerId, bool)> = asked[2..].iter().map(|(p, _)| (*p, false)).collect();
         again.sort();
         assert_eq!(released, again);
@@ -1349,6 +1340,19 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The holds among `actions`, by peer.
+    fn holds(actions: &[Action]) -> Vec<(PeerId, bool)> {
+        let mut out: Vec<(PeerId, bool)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Hold { peer, hold } => Some((*peer, *hold)),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// A node that knows no other node yet: the ingress node for every chunk.
