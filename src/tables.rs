@@ -412,6 +412,7 @@ mod tests {
                     error: error.map(str::to_string),
                     staged: None,
                     staged_at: None,
+                    fetching: None,
                 },
                 AppReport {
                     repo: "acme/api".into(),
@@ -421,6 +422,7 @@ mod tests {
                     error: None,
                     staged: None,
                     staged_at: None,
+                    fetching: None,
                 },
             ];
             let (release, activated_at, state, error) = NodeInfo::summary(&apps);

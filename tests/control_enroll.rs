@@ -102,6 +102,7 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
                     error: None,
                     staged: None,
                     staged_at: None,
+                    fetching: None,
                 }],
             };
             m.announce(&a).await.unwrap();

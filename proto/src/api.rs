@@ -467,6 +467,10 @@ pub struct AppReport {
     pub staged: Option<crate::ReleaseId>,
     #[serde(default)]
     pub staged_at: Option<Millis>,
+    /// The release it is fetching for this repository now, if any: how the tracker
+    /// tells which nodes a fetch of that release is still to hear from.
+    #[serde(default)]
+    pub fetching: Option<crate::ReleaseId>,
 }
 
 /// `GET /v1/goals?repo=`: what each repository's environments should run.

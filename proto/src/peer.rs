@@ -16,8 +16,9 @@ use crate::{AppReport, ChunkHash, ReleaseId};
 pub const ALPN: &[u8] = b"starling-peer/3";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
-/// Version 5: `Hold`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Version 5: `Hold`. Version 6: `Peers` says whether the view is `complete`, and each
+/// `AppReport` which release it is `fetching`.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -107,11 +108,14 @@ pub enum Frame {
         apps: Vec<AppReport>,
     },
     /// Peers to fetch `release` from: the asker's region first. `gateway`: the asker
-    /// is one of its region's gateways for the release.
+    /// is one of its region's gateways for the release. `complete`: every node that runs
+    /// the asker's repository has announced the release, so the gateways named are the
+    /// release's for good.
     Peers {
         release: ReleaseId,
         peers: Vec<PeerAddr>,
         gateway: bool,
+        complete: bool,
     },
     /// On the control stream, from a fetching node: `hold` its requests that wait for
     /// the receiver's upload slots (it receives as many chunks at once as it takes), or
@@ -298,6 +302,7 @@ mod tests {
                     error: Some("health: exit status 1".into()),
                     staged: None,
                     staged_at: None,
+                    fetching: None,
                 }],
             },
             Frame::Peers {
@@ -310,6 +315,7 @@ mod tests {
                     gateway: true,
                 }],
                 gateway: false,
+                complete: true,
             },
             Frame::Hold { hold: true },
         ]
@@ -371,6 +377,7 @@ mod tests {
                 error: Some("e".repeat(MAX_REASON + 1)),
                 staged: None,
                 staged_at: None,
+                fetching: None,
             }],
         };
         assert!(long_error.encode().is_err());

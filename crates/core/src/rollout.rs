@@ -217,6 +217,7 @@ mod tests {
                         error: None,
                         staged: None,
                         staged_at: None,
+                        fetching: None,
                     };
                     v.push((format!("{r}-{i}"), r.to_string(), report));
                 }

@@ -65,6 +65,11 @@ pub struct Answer {
     /// The asker is one of its region's gateways for the release.
     pub gateway: bool,
     pub peers: Vec<PeerEntry>,
+    /// Every node that runs the repository the asker fetches the release for announces
+    /// the release (fetching or holding it): the gateways are final, and so is every
+    /// node's view of who brings which chunk in. A fetch waits for this, or a while,
+    /// before it crosses regions.
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +92,9 @@ pub struct Tracker {
     nodes: BTreeMap<String, Entry>,
     /// Per release, per region: the nodes announcing it, in rendezvous order.
     order: HashMap<ReleaseId, BTreeMap<String, BTreeSet<Place>>>,
+    /// Per repository, how many nodes run it: what a release's announcers are counted
+    /// against.
+    repos: HashMap<String, usize>,
 }
 
 impl Tracker {
@@ -97,6 +105,7 @@ impl Tracker {
             gateways: gateways.max(1),
             nodes: BTreeMap::new(),
             order: HashMap::new(),
+            repos: HashMap::new(),
         }
     }
 
@@ -107,6 +116,11 @@ impl Tracker {
                 && e.announce.holds == a.holds
                 && e.announce.fetching == a.fetching
         });
+        let old_repos = self.nodes.get(&a.node).map(|e| repos(&e.announce));
+        if old_repos.as_ref() != Some(&repos(&a)) {
+            self.count_repos(old_repos.unwrap_or_default(), false);
+            self.count_repos(repos(&a), true);
+        }
         if !same {
             self.unindex(&a.node);
             for r in a.holds.iter().chain(&a.fetching) {
@@ -125,6 +139,14 @@ impl Tracker {
                 at: now,
             },
         );
+    }
+
+    fn count_repos(&mut self, names: BTreeSet<String>, add: bool) {
+        for name in names {
+            let n = self.repos.entry(name).or_default();
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        }
+        self.repos.retain(|_, n| *n > 0);
     }
 
     fn unindex(&mut self, node: &str) {
@@ -159,7 +181,9 @@ impl Tracker {
             .collect();
         for n in &stale {
             self.unindex(n);
-            self.nodes.remove(n);
+            if let Some(e) = self.nodes.remove(n) {
+                self.count_repos(repos(&e.announce), false);
+            }
         }
         stale.len()
     }
@@ -211,7 +235,19 @@ impl Tracker {
             fetching: a.fetching.contains(release) && !a.holds.contains(release),
             gateway,
         };
-        let mut answer = Answer::default();
+        let announcing: usize = regions.values().map(BTreeSet::len).sum();
+        let repo = self.nodes.get(asker).and_then(|e| {
+            e.announce
+                .apps
+                .iter()
+                .find(|a| a.fetching == Some(*release))
+        });
+        let mut answer = Answer {
+            complete: repo
+                .and_then(|a| self.repos.get(&a.repo))
+                .is_some_and(|&n| announcing >= n),
+            ..Answer::default()
+        };
         let mut named: BTreeSet<&str> = BTreeSet::from([asker]);
         let own = regions.get(region);
         if let Some(order) = own {
@@ -260,6 +296,11 @@ impl Tracker {
         }
         answer
     }
+}
+
+/// The repositories an announcement runs.
+fn repos(a: &Announce) -> BTreeSet<String> {
+    a.apps.iter().map(|r| r.repo.clone()).collect()
 }
 
 /// A node's rendezvous weight for a release (FNV-1a over both): stable, cheap, and
@@ -415,5 +456,73 @@ mod tests {
         let now = gateways(&t, "eu");
         assert_eq!(now.len(), 3);
         assert!(!now.contains(&eu[0]) && now.contains(&eu[1]) && now.contains(&eu[2]));
+    }
+
+    #[test]
+    fn the_view_is_complete_once_every_node_of_the_repository_announces_the_release() {
+        let t0 = Instant::now();
+        let (old, r) = (ReleaseId::of(b"old"), ReleaseId::of(b"r"));
+        let app = |fetching: Option<ReleaseId>| AppReport {
+            repo: "acme/web".into(),
+            release: Some(old),
+            activated_at: None,
+            state: starling_proto::AppState::Running,
+            error: None,
+            staged: None,
+            staged_at: None,
+            fetching,
+        };
+        let mut t = Tracker::new(Duration::from_secs(30), 10, 2);
+        // Three nodes run the repository; one more runs something else.
+        for n in ["eu-1", "eu-2", "us-1"] {
+            let region = &n[..2];
+            t.announce(
+                Announce {
+                    apps: vec![app(None)],
+                    ..a(n, region, &[old], &[])
+                },
+                t0,
+            );
+        }
+        t.announce(a("us-other", "us", &[], &[]), t0);
+        let fetching = |n: &str| Announce {
+            apps: vec![app(Some(r))],
+            ..a(n, &n[..2], &[old], &[r])
+        };
+        t.announce(fetching("eu-1"), t0);
+        t.announce(fetching("us-1"), t0);
+        assert!(
+            !t.peers("eu-1", "eu", &r, t0).complete,
+            "eu-2 has not announced r"
+        );
+        t.announce(fetching("eu-2"), t0);
+        assert!(t.peers("eu-1", "eu", &r, t0).complete);
+        // A node that finished still counts; one that left no longer needs to.
+        t.announce(
+            Announce {
+                apps: vec![app(None)],
+                ..a("us-1", "us", &[r], &[])
+            },
+            t0,
+        );
+        assert!(t.peers("eu-2", "eu", &r, t0).complete);
+        // An asker that does not say what it fetches the release for is never told so.
+        assert!(!t.peers("us-other", "us", &r, t0).complete);
+        // A node of the repository that stops announcing is forgotten with its count.
+        t.announce(
+            Announce {
+                apps: vec![app(None)],
+                ..a("eu-3", "eu", &[old], &[])
+            },
+            t0,
+        );
+        assert!(!t.peers("eu-1", "eu", &r, t0).complete);
+        let later = t0 + Duration::from_secs(20);
+        for n in ["eu-1", "eu-2", "us-1", "us-other"] {
+            let again = t.nodes.get(n).map(|e| e.announce.clone()).unwrap();
+            t.announce(again, later);
+        }
+        t.expire(later + Duration::from_secs(15));
+        assert!(t.peers("eu-1", "eu", &r, later).complete);
     }
 }

@@ -27,7 +27,7 @@ use starling_proto::release::{Manifest, RunSpec};
 use starling_proto::{AppReport, AppState, ChunkHash, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
-use starling_swarm::pace::{ANNOUNCE_EVERY, GOAL_POLL, TRACKER_ASK_EVERY};
+use starling_swarm::pace::{next_tracker_ask, ANNOUNCE_EVERY, GOAL_POLL};
 use starling_swarm::{FetchConfig, Source};
 use tokio::sync::broadcast;
 use tracing::Instrument;
@@ -443,6 +443,7 @@ impl App {
                 error: None,
                 staged: None,
                 staged_at: None,
+                fetching: None,
             },
             root,
             process,
@@ -596,6 +597,7 @@ async fn ask_trackers(
         let Some(answer) = answer else { continue };
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + OTHER_TRACKERS_GRACE);
         sources.gateway |= answer.gateway;
+        sources.complete |= answer.complete;
         for p in answer.peers {
             let Ok(addr) = p.addr.parse() else { continue };
             if sources.peers.iter().any(|s| s.name == p.node) {
@@ -662,9 +664,11 @@ async fn stage(
         None => {
             let before = apps[i].report.state;
             apps[i].report.state = AppState::Fetching;
+            apps[i].report.fetching = Some(release);
             let me = announcement(advertise, apps);
             let fetched = fetch(cfg, endpoint, members, store, stored, &me, release).await;
             apps[i].report.state = before;
+            apps[i].report.fetching = None;
             let manifest = fetched?;
             if !dest.exists() {
                 std::fs::create_dir_all(root.join("releases")).map_err(|e| e.to_string())?;
@@ -698,22 +702,19 @@ async fn fetch(
     let fetch_cfg = FetchConfig::default();
     // Where to fetch from: what the trackers say now, and again every few seconds while
     // the fetch runs (peers that start later join it), and the origins.
+    let asked_first = tokio::time::Instant::now();
     let mut sources = ask_trackers(&cfg.region, members, me, release).await;
     let (more_tx, more) = tokio::sync::mpsc::unbounded_channel();
     // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
-        // Halfway through the fetch's settling and at its end, then every 3 s: by then the
-        // peers that saw the goal at about the same moment have announced, and the answer
-        // arrives in time.
-        let half = fetch_cfg.settle / 2;
+        let (settle, mut complete) = (fetch_cfg.settle, sources.complete);
         tokio::spawn(async move {
-            let pauses = [half, half]
-                .into_iter()
-                .chain(std::iter::repeat(TRACKER_ASK_EVERY));
-            for pause in pauses {
-                tokio::time::sleep(pause).await;
+            loop {
+                let elapsed = asked_first.elapsed();
+                tokio::time::sleep(next_tracker_ask(elapsed, complete, settle)).await;
                 let answer = ask_trackers(&region, &members, &me, release).await;
+                complete |= answer.complete;
                 if more_tx.send(answer).is_err() {
                     return;
                 }

@@ -34,12 +34,27 @@ pub struct SourceSpec {
     pub gateway: bool,
 }
 
-/// What the trackers said: where to fetch from, and whether this node is a gateway of
-/// its region (one that brings chunks into it).
+/// What the trackers said: where to fetch from, whether this node is a gateway of its
+/// region (one that brings chunks into it), and whether every node of the repository
+/// has announced the release (so the gateways named are final).
 #[derive(Debug, Clone, Default)]
 pub struct TrackerSources {
     pub gateway: bool,
     pub peers: Vec<SourceSpec>,
+    pub complete: bool,
+}
+
+impl TrackerSources {
+    /// If the view is complete: the gateways named, as `known` numbers them.
+    fn final_gateways(&self, known: &Sources) -> Option<Vec<PeerId>> {
+        self.complete.then(|| {
+            self.peers
+                .iter()
+                .filter(|s| s.gateway)
+                .filter_map(|s| known.id(&s.name))
+                .collect()
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +118,13 @@ impl Sources {
         self.next += 1;
         self.by_id.insert(id, s.clone());
         Some(id)
+    }
+
+    fn id(&self, name: &str) -> Option<PeerId> {
+        self.by_id
+            .iter()
+            .find(|(_, s)| s.name == name)
+            .map(|(id, _)| *id)
     }
 
     fn name(&self, id: PeerId) -> &str {
@@ -176,10 +198,13 @@ pub async fn fetch_release(
         });
     };
     fetch.handle_gateway(started.into_std(), sources.gateway);
-    for s in sources.peers {
-        if let Some(id) = known.add(&s) {
-            connect(id, s);
+    for s in &sources.peers {
+        if let Some(id) = known.add(s) {
+            connect(id, s.clone());
         }
+    }
+    if let Some(gateways) = sources.final_gateways(&known) {
+        fetch.handle_view_complete(started.into_std(), gateways);
     }
     let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
     // Per peer, the hold it was last told to have; a task per connection sends each
@@ -306,10 +331,13 @@ pub async fn fetch_release(
                     named.insert(id, (fetching, gateway));
                 }
                 fetch.handle_roles(now, &named);
-                for s in answer.peers {
-                    if let Some(id) = known.add(&s) {
-                        connect(id, s);
+                for s in &answer.peers {
+                    if let Some(id) = known.add(s) {
+                        connect(id, s.clone());
                     }
+                }
+                if let Some(gateways) = answer.final_gateways(&known) {
+                    fetch.handle_view_complete(now, gateways);
                 }
                 continue;
             }

@@ -193,6 +193,7 @@ mod tests {
             error: None,
             staged: None,
             staged_at: None,
+            fetching: None,
         }]);
         let text = m.render().unwrap();
         for want in [

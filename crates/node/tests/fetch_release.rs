@@ -121,6 +121,7 @@ async fn run(corrupt_neighbour: bool) {
     let sources = TrackerSources {
         gateway: true,
         peers,
+        complete: false,
     };
     let mine = Arc::new(FsChunkStore::new(t.path().join("me")).unwrap());
     let (stored, mut heard) = broadcast::channel(4096);

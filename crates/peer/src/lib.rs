@@ -179,6 +179,9 @@ pub struct TrackerAnswer {
     pub peers: Vec<PeerAddr>,
     /// This node is one of its region's gateways for the release.
     pub gateway: bool,
+    /// Every node of the repository has announced the release: the gateways named are
+    /// final.
+    pub complete: bool,
 }
 
 /// What the other side said in its hello.
@@ -367,11 +370,13 @@ impl PeerEndpoint {
                         release,
                         peers,
                         gateway,
+                        complete,
                     }) => {
                         let _ = peers_tx.send(TrackerAnswer {
                             release,
                             peers,
                             gateway,
+                            complete,
                         });
                     }
                     Ok(Frame::Goodbye { .. }) | Err(_) => return,
@@ -760,6 +765,7 @@ async fn serve_control(
                                         })
                                         .collect(),
                                     gateway: answer.gateway,
+                                    complete: answer.complete,
                                 }
                             })
                             .collect()

@@ -12,9 +12,28 @@ use std::time::Duration;
 /// far peer fetches only the chunks its region brings in, where this little matters.
 pub const FAR_HAVE_BATCH: Duration = Duration::from_millis(400);
 
-/// While a node fetches, it asks the trackers for peers again this often (the first time
-/// again halfway through the fetch's settling): peers that start later join the fetch.
+/// While a node fetches, it asks the trackers for peers again this often (see
+/// [`next_tracker_ask`]): peers that start later join the fetch.
 pub const TRACKER_ASK_EVERY: Duration = Duration::from_secs(3);
+
+/// How long a fetch that started `elapsed` ago waits before it asks the trackers again:
+/// 100 ms and 400 ms after its start and when its settling (`settle`) ends, unless an
+/// answer said the view is `complete` (every node of the repository announced the
+/// release: `Fetch::handle_view_complete`), then every [`TRACKER_ASK_EVERY`]. A fleet
+/// that saw the goal within a few tens of milliseconds is complete at the first of
+/// these, and its fetches need not settle for the whole second; one that saw it over
+/// longer costs three asks per node in the first second instead of two.
+pub fn next_tracker_ask(elapsed: Duration, complete: bool, settle: Duration) -> Duration {
+    const SETTLING_ASKS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+    let next = SETTLING_ASKS
+        .into_iter()
+        .chain([settle])
+        .find(|&t| t > elapsed && t <= settle);
+    match next {
+        Some(t) if !complete => t - elapsed,
+        _ => TRACKER_ASK_EVERY,
+    }
+}
 
 /// How long one read of the goals (an HTTP long-poll) waits for a new one; also the
 /// longest time between a node's two looks at the members and two announcements.
@@ -34,3 +53,24 @@ pub const REGION_GATEWAYS: usize = 8;
 
 /// A peer connection silent this long is taken for gone (QUIC's idle timeout).
 pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asks_come_early_while_the_start_settles_and_stop_once_the_view_is_complete() {
+        let ms = Duration::from_millis;
+        let settle = Duration::from_secs(1);
+        let mut at = Duration::ZERO;
+        let mut asks = Vec::new();
+        while at < Duration::from_secs(5) {
+            at += next_tracker_ask(at, false, settle);
+            asks.push(at);
+        }
+        assert_eq!(asks, [ms(100), ms(400), ms(1000), ms(4000), ms(7000)]);
+        assert_eq!(next_tracker_ask(ms(100), true, settle), TRACKER_ASK_EVERY);
+        // A short settling is not outlived by its own asks.
+        assert_eq!(next_tracker_ask(ms(0), false, ms(50)), ms(50));
+    }
+}
