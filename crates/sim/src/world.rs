@@ -3,8 +3,8 @@
 //!
 //! What each event stands for on a real node: `Start` the node sees the goal and starts
 //! fetching (after its manifest); `Ask` it announces itself and reads the tracker's
-//! answer (the node daemon does this at once, halfway through the settling, then every
-//! [`TRACKER_ASK_EVERY`]); `Connected` a QUIC connection to a peer is up and the peer's
+//! answer (the node daemon does this at once, then as [`next_tracker_ask`] says: early
+//! while the start settles, then every few seconds); `Connected` a QUIC connection to a peer is up and the peer's
 //! `Have`s of what it holds arrived; `Request` a `Get` reaches the uploader, whose
 //! upload queue sends it, queues it or refuses it as busy; `Arriving` its first bytes
 //! reached the receiver; `Flow` the chunk's last byte left (the slot goes on: on a real
@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use starling_core::tracker::{Announce, Tracker};
-use starling_proto::{ChunkHash, ReleaseId};
+use starling_proto::{AppReport, AppState, ChunkHash, ReleaseId};
 use starling_swarm::pace::{
-    ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, REGION_GATEWAYS, TRACKER_ASK_EVERY,
+    next_tracker_ask, ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, REGION_GATEWAYS,
     TRACKER_PEERS, TRACKER_TTL,
 };
 use starling_swarm::upload::{Offer, UploadQueue};
@@ -128,6 +128,8 @@ struct Node {
     started: Option<u64>,
     done: Option<u64>,
     timer: (u64, Option<u64>),
+    /// A tracker answer said the view is complete.
+    complete: bool,
 }
 
 /// What a run measured.
@@ -249,6 +251,7 @@ impl World {
                 started: None,
                 done: None,
                 timer: (0, None),
+                complete: false,
             });
         }
         for m in 0..sc.members {
@@ -293,10 +296,16 @@ impl World {
             delivered: 0,
             sc,
         };
+        let before = w.instant();
         for k in 0..n {
             let mut at = rng.below(w.sc.start_spread.max(1));
             if rng.chance(w.sc.faults.late_share) {
                 at += w.sc.faults.late_by;
+            } else {
+                // In the fleet when the goal is set: the tracker counts it as a node of
+                // the repository from the start.
+                let a = w.announcement(k as u32, false);
+                w.tracker.announce(a, before);
             }
             w.push(at, Ev::Start(k as u32));
             if rng.chance(w.sc.faults.fail_share) {
@@ -547,15 +556,7 @@ impl World {
         }
         let now = self.instant();
         let fetching = self.nodes[k as usize].done.is_none();
-        let u = &self.up[k as usize];
-        let announce = Announce {
-            node: u.name.clone(),
-            region: format!("r{}", u.region),
-            addr: String::new(),
-            holds: if fetching { vec![] } else { vec![self.release] },
-            fetching: if fetching { vec![self.release] } else { vec![] },
-            apps: Vec::new(),
-        };
+        let announce = self.announcement(k, fetching);
         let (name, region) = (announce.node.clone(), announce.region.clone());
         self.tracker.announce(announce, now);
         if !fetching {
@@ -572,9 +573,14 @@ impl World {
             })
             .collect();
         let x = &mut self.nodes[k as usize];
+        x.complete |= answer.complete;
         if let Some(f) = x.fetch.as_mut() {
             f.handle_gateway(now, answer.gateway);
             f.handle_roles(now, &named);
+            if answer.complete {
+                let gateways = named.iter().filter(|(_, r)| r.1).map(|(p, _)| *p);
+                f.handle_view_complete(now, gateways.collect());
+            }
         }
         let mut new = Vec::new();
         let mut far = false;
@@ -593,17 +599,40 @@ impl World {
             };
             self.connect(self.now + rtt, k, new);
         }
-        // As the node daemon: halfway through the settling and at its end, then every
-        // few seconds.
-        let started = self.nodes[k as usize].started.unwrap_or(self.now);
-        let half = ns(self.cfg.settle / 2);
-        let next = if self.now < started + 2 * half {
-            self.now + half
-        } else {
-            self.now + ns(TRACKER_ASK_EVERY)
-        };
-        self.push(next, Ev::Ask(k));
+        // As the node daemon.
+        let x = &self.nodes[k as usize];
+        let elapsed = Duration::from_nanos(self.now - x.started.unwrap_or(self.now));
+        let pause = next_tracker_ask(elapsed, x.complete, self.cfg.settle);
+        self.push(self.now + ns(pause), Ev::Ask(k));
         self.act(k);
+    }
+
+    /// What node `k` tells the trackers: that it runs the repository, and fetches the
+    /// release or holds it.
+    fn announcement(&self, k: u32, fetching: bool) -> Announce {
+        let u = &self.up[k as usize];
+        let (holds, fetching) = match (fetching, self.nodes[k as usize].done) {
+            (true, _) => (vec![], vec![self.release]),
+            (false, Some(_)) => (vec![self.release], vec![]),
+            (false, None) => (vec![], vec![]),
+        };
+        Announce {
+            node: u.name.clone(),
+            region: format!("r{}", u.region),
+            addr: String::new(),
+            apps: vec![AppReport {
+                repo: "sim/app".into(),
+                release: None,
+                activated_at: None,
+                state: AppState::Idle,
+                error: None,
+                staged: None,
+                staged_at: None,
+                fetching: fetching.first().copied(),
+            }],
+            holds,
+            fetching,
+        }
     }
 
     /// Connections from `k` to `peers` come up at `at` (one event for the lot).
