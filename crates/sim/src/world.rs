@@ -346,15 +346,19 @@ impl World {
     pub fn run(mut self, limit: Duration) -> Outcome {
         let wall = Instant::now();
         let limit = ns(limit);
-        let trace = std::env::var_os("STARLING_SIM_TRACE").is_some();
+        // `STARLING_SIM_TRACE=1`: a line a second; `=0.1`: ten.
+        let trace_every = std::env::var("STARLING_SIM_TRACE").ok().map(|v| {
+            let s = v.parse::<f64>().ok().filter(|s| *s >= 0.001).unwrap_or(1.0);
+            (s * 1e9) as u64
+        });
         let mut next_trace = 0;
         while let Some(Reverse((at, _, ev))) = self.queue.pop() {
             if at > limit {
                 break;
             }
-            if trace && at >= next_trace {
+            if let Some(every) = trace_every.filter(|_| at >= next_trace) {
                 self.trace();
-                next_trace = at - at % 1_000_000_000 + 1_000_000_000;
+                next_trace = at - at % every + every;
             }
             self.now = at;
             self.events += 1;
