@@ -19,12 +19,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use starling_client::ControlClient;
-use starling_peer::{Announcement, PeerConfig, PeerConn, PeerEndpoint, Serving};
+use starling_peer::{Announcement, PeerConfig, PeerConn, PeerEndpoint, Serving, Stored};
 use starling_pki::Identity;
 use starling_proto::join_token::JoinToken;
 use starling_proto::peer::MAX_REASON;
 use starling_proto::release::{Manifest, RunSpec};
-use starling_proto::{AppReport, AppState, ChunkHash, EnrollRequest, ReleaseId};
+use starling_proto::{AppReport, AppState, EnrollRequest, ReleaseId};
 use starling_release::unpack::{activate, current, prune, unpack, unpacked};
 use starling_release::{ChunkStore, FsChunkStore, OriginStore};
 use starling_swarm::pace::{next_tracker_ask, ANNOUNCE_EVERY, GOAL_POLL};
@@ -647,7 +647,7 @@ async fn stage(
     endpoint: &Arc<PeerEndpoint>,
     members: &BTreeMap<String, Arc<PeerConn>>,
     store: &Arc<FsChunkStore>,
-    stored: &broadcast::Sender<ChunkHash>,
+    stored: &broadcast::Sender<Stored>,
     advertise: &str,
     apps: &mut [App],
     i: usize,
@@ -695,7 +695,7 @@ async fn fetch(
     endpoint: &Arc<PeerEndpoint>,
     members: &BTreeMap<String, Arc<PeerConn>>,
     store: &Arc<FsChunkStore>,
-    stored: &broadcast::Sender<ChunkHash>,
+    stored: &broadcast::Sender<Stored>,
     me: &Announcement,
     release: ReleaseId,
 ) -> Result<Manifest, String> {
@@ -867,6 +867,7 @@ const KEEP_RELEASES: usize = 3;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use starling_proto::ChunkHash;
 
     /// A node of `acme/web` with releases 1, 2, 3 unpacked (3 current, 2 the newest
     /// other) and a stray chunk; each release is one file of bytes of its own.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use starling_peer::{FetchError, PeerConn, PeerEndpoint};
+use starling_peer::{FetchError, PeerConn, PeerEndpoint, Stored};
 use starling_proto::peer::Refusal;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
@@ -147,7 +147,7 @@ pub async fn fetch_release(
     sources: TrackerSources,
     mut more: mpsc::UnboundedReceiver<TrackerSources>,
     store: Arc<dyn ChunkStore>,
-    stored: Option<broadcast::Sender<ChunkHash>>,
+    stored: Option<broadcast::Sender<Stored>>,
     cfg: FetchConfig,
     stall: Duration,
 ) -> Result<FetchReport, FetcherError> {
@@ -227,6 +227,10 @@ pub async fn fetch_release(
                         "asking"
                     );
                     let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
+                    let entered_region = known
+                        .by_id
+                        .get(&peer)
+                        .is_some_and(|s| s.source != Source::SameRegion);
                     let task = tokio::spawn(async move {
                         let arriving = || {
                             let _ = tx.send(Event::Arriving(peer, chunk));
@@ -240,7 +244,10 @@ pub async fn fetch_release(
                                 match put {
                                     Ok(Ok(())) => {
                                         if let Some(s) = &stored {
-                                            let _ = s.send(chunk);
+                                            let _ = s.send(Stored {
+                                                chunk,
+                                                entered_region,
+                                            });
                                         }
                                         Event::Arrived(peer, chunk)
                                     }

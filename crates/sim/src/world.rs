@@ -489,6 +489,9 @@ impl World {
                 let node = &mut self.nodes[from as usize];
                 node.far_flush = false;
                 let pending = std::mem::take(&mut node.far_pending);
+                if pending.is_empty() {
+                    return;
+                }
                 let wanting = std::mem::take(&mut node.far_wanting);
                 self.tell(from, &wanting, &pending);
                 self.nodes[from as usize].far_wanting = wanting;
@@ -950,12 +953,23 @@ impl World {
                 let at = self.now + self.sc.near_latency;
                 self.push(at, Ev::HaveNear { from: to, chunk });
             }
+            // As the node's server: at once if the chunk entered the region here (a
+            // later batch's event then finds less or nothing pending).
+            let entered_region = from as usize >= self.nodes.len()
+                || self.up[from as usize].region != self.up[to as usize].region;
             let x = &mut self.nodes[to as usize];
             x.far_pending.push(chunk);
-            if !x.far_flush && !x.far_wanting.is_empty() {
+            if !x.far_wanting.is_empty() && (entered_region || !x.far_flush) {
                 x.far_flush = true;
-                let at = self.now + ns(FAR_HAVE_BATCH) + self.sc.far_latency;
-                self.push(at, Ev::HaveFar { from: to });
+                let batch = if entered_region {
+                    0
+                } else {
+                    ns(FAR_HAVE_BATCH)
+                };
+                self.push(
+                    self.now + batch + self.sc.far_latency,
+                    Ev::HaveFar { from: to },
+                );
             }
         }
         let hash = self.chunks[chunk as usize];
