@@ -848,7 +848,13 @@ async fn serve_request(
         other => return Err(unexpected("Get or GetManifest", &other)),
     };
     let refuse = |why| Frame::Refuse { chunk, why };
-    let Some(_slot) = slots.acquire(&chunk, held).await else {
+    let slot = tokio::select! {
+        slot = slots.acquire(&chunk, held) => slot,
+        // The asker gave up while the request waited for a slot (it asked someone else):
+        // its place in the queue goes now, not when a slot reaches it.
+        _ = send.stopped() => return Ok(()),
+    };
+    let Some(_slot) = slot else {
         write_frame(&mut send, &refuse(Refusal::Busy)).await?;
         return send.finish().map_err(stream);
     };
