@@ -101,6 +101,10 @@ struct Shape {
     origin_ms: Option<u64>,
     #[arg(long)]
     settle_ms: Option<u64>,
+    #[arg(long)]
+    backup_ms: Option<u64>,
+    #[arg(long)]
+    far_queue_ms: Option<u64>,
 }
 
 impl Shape {
@@ -165,6 +169,12 @@ impl Shape {
         }
         if let Some(ms) = self.settle_ms {
             f.settle = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.backup_ms {
+            f.backup_ingress = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.far_queue_ms {
+            f.far_queue_patience = Duration::from_millis(ms);
         }
         sc
     }

@@ -133,10 +133,14 @@ pub struct FetchConfig {
     /// queue of a far holder that also serves its own region, and the whole region waits
     /// with it: in the simulator (10 × 200 nodes, 1 GiB) chunks still reached some region
     /// at 12 s of a 16.5 s run, and most nodes then starved for them. With
-    /// `far_queue_patience` (1 s) and this (6 s) 10 × 200 took 15.50, 15.91 and 16.19 s
-    /// (three seeds) against 16.51, 16.52 and 16.35 s, with 1.07–1.10 copies per region
-    /// against 1.05; at 4 s it was 15.49 s with 1.17 copies, at 2 s 1.47 copies. The
-    /// testbed's shapes, where crossings start at once, were unchanged.
+    /// `far_queue_patience` (1 s) and this at 6 s, 10 × 200 took 15.50, 15.91 and
+    /// 16.19 s (three seeds) against 16.51, 16.52 and 16.35 s, but crossed into a region
+    /// up to 1.10 times (1.15 at 10,000 nodes, 1.19 with a degraded region, 1.34 with
+    /// 5% of nodes killed), where the issue allows 1.1: a backup cannot tell an ingress
+    /// that has not started from one whose crossing is under way. At 10 s it costs no
+    /// copies (1.07 and 1.06 in the same faults) and gains nothing without faults (16.17
+    /// against 16.13 s): a safety net for an ingress that hangs, which `cross_region_patience`
+    /// (every gateway at once) is too late and too broad for. At 4 s: 15.49 s, 1.17 copies.
     pub backup_ingress: Duration,
     /// A request across regions that has not started arriving after this long (it waits
     /// in a busy holder's queue) is cancelled and asked of a holder there that is free,
@@ -175,7 +179,7 @@ impl Default for FetchConfig {
             endgame_chunks: 4,
             max_arriving: Some(2),
             origin_parallel: 8,
-            backup_ingress: Duration::from_secs(6),
+            backup_ingress: Duration::from_secs(10),
             far_queue_patience: Duration::from_secs(1),
         }
     }
@@ -1454,15 +1458,22 @@ mod tests {
         assert_eq!(requests(&drain(&mut f)).len(), 1);
     }
 
+    /// A fetch that has just started, knowing the origin and a peer of another region
+    /// (2) that holds half of `cs`.
+    fn settling(cs: &[ChunkHash], t0: Instant) -> Fetch {
+        let mut f = Fetch::new(FetchConfig::default(), "me", cs, |_| false, t0);
+        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
+        f.handle_peer(t0, peer(2, Source::OtherRegion));
+        f.handle_have(t0, PeerId(2), &cs[..cs.len() / 2]);
+        f
+    }
+
     #[test]
     fn nothing_crosses_regions_while_the_start_settles() {
         let t0 = Instant::now();
         let cs = chunks(40);
         let cfg = FetchConfig::default();
-        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
-        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
-        f.handle_peer(t0, peer(2, Source::OtherRegion));
-        f.handle_have(t0, PeerId(2), &cs[..20]);
+        let mut f = settling(&cs, t0);
         assert!(drain(&mut f).is_empty(), "asked before the start settled");
         assert_eq!(f.poll_timeout(), Some(t0 + cfg.settle));
         // A peer in the region may be asked at once.
@@ -1479,11 +1490,7 @@ mod tests {
     fn a_complete_view_ends_the_settling_once_its_gateways_are_connected() {
         let t0 = Instant::now();
         let cs = chunks(40);
-        let cfg = FetchConfig::default();
-        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
-        f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
-        f.handle_peer(t0, peer(2, Source::OtherRegion));
-        f.handle_have(t0, PeerId(2), &cs[..20]);
+        let mut f = settling(&cs, t0);
         let t1 = t0 + Duration::from_millis(100);
         // The tracker names gateway 3 too, not connected yet: still settling.
         f.handle_view_complete(t1, vec![PeerId(2), PeerId(3)]);
@@ -1612,6 +1619,8 @@ mod tests {
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
+            // Two periods within the request timeout.
+            backup_ingress: Duration::from_secs(4),
             ..immediate()
         };
         let region: Vec<String> = ["me", "n1", "n2"].map(String::from).to_vec();
