@@ -583,7 +583,7 @@ async fn ask_trackers(
             }
         })
         .collect();
-    let mut sources = TrackerSources::default();
+    let mut answers = Vec::new();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let next = match deadline {
@@ -596,8 +596,17 @@ async fn ask_trackers(
         let Some(answer) = next else { break };
         let Some(answer) = answer else { continue };
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + OTHER_TRACKERS_GRACE);
+        answers.push(answer);
+    }
+    // A complete answer's roles are final; a member whose tracker has not heard every
+    // node yet may name other gateways, and the two must not mix.
+    let complete = answers.iter().any(|a| a.complete);
+    let mut sources = TrackerSources {
+        complete,
+        ..TrackerSources::default()
+    };
+    for answer in answers.into_iter().filter(|a| a.complete == complete) {
         sources.gateway |= answer.gateway;
-        sources.complete |= answer.complete;
         for p in answer.peers {
             let Ok(addr) = p.addr.parse() else { continue };
             if sources.peers.iter().any(|s| s.name == p.node) {
