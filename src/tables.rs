@@ -405,25 +405,13 @@ mod tests {
         let node = |id: &str, state: AppState, error: Option<&str>| {
             let apps = vec![
                 AppReport {
-                    repo: "acme/web".into(),
                     release: Some(r),
                     activated_at: Some(1),
                     state,
                     error: error.map(str::to_string),
-                    staged: None,
-                    staged_at: None,
-                    fetching: None,
+                    ..AppReport::idle("acme/web")
                 },
-                AppReport {
-                    repo: "acme/api".into(),
-                    release: None,
-                    activated_at: None,
-                    state: AppState::Idle,
-                    error: None,
-                    staged: None,
-                    staged_at: None,
-                    fetching: None,
-                },
+                AppReport::idle("acme/api"),
             ];
             let (release, activated_at, state, error) = NodeInfo::summary(&apps);
             NodeInfo {

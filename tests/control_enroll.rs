@@ -95,14 +95,10 @@ async fn nodes_enroll_with_a_join_token_and_talk_mutual_tls() {
                 holds: vec![release],
                 fetching: vec![],
                 apps: vec![starling_proto::AppReport {
-                    repo: "acme/web".into(),
                     release: Some(release),
                     activated_at: Some(1_700_000_000_000),
                     state: starling_proto::AppState::Running,
-                    error: None,
-                    staged: None,
-                    staged_at: None,
-                    fetching: None,
+                    ..starling_proto::AppReport::idle("acme/web")
                 }],
             };
             m.announce(&a).await.unwrap();

@@ -473,6 +473,23 @@ pub struct AppReport {
     pub fetching: Option<crate::ReleaseId>,
 }
 
+impl AppReport {
+    /// `repo` with no release yet: the report other ones are built from
+    /// (`AppReport { state, ..AppReport::idle(repo) }`).
+    pub fn idle(repo: impl Into<String>) -> AppReport {
+        AppReport {
+            repo: repo.into(),
+            release: None,
+            activated_at: None,
+            state: AppState::Idle,
+            error: None,
+            staged: None,
+            staged_at: None,
+            fetching: None,
+        }
+    }
+}
+
 /// `GET /v1/goals?repo=`: what each repository's environments should run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GoalInfo {

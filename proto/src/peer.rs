@@ -295,14 +295,11 @@ mod tests {
                 holds: vec![r],
                 fetching: vec![],
                 apps: vec![AppReport {
-                    repo: "acme/web".into(),
                     release: Some(r),
                     activated_at: Some(1),
                     state: crate::AppState::Failed,
                     error: Some("health: exit status 1".into()),
-                    staged: None,
-                    staged_at: None,
-                    fetching: None,
+                    ..AppReport::idle("acme/web")
                 }],
             },
             Frame::Peers {
@@ -370,14 +367,9 @@ mod tests {
             holds: vec![],
             fetching: vec![],
             apps: vec![AppReport {
-                repo: "r".into(),
-                release: None,
-                activated_at: None,
                 state: crate::AppState::Failed,
                 error: Some("e".repeat(MAX_REASON + 1)),
-                staged: None,
-                staged_at: None,
-                fetching: None,
+                ..AppReport::idle("r")
             }],
         };
         assert!(long_error.encode().is_err());

@@ -210,14 +210,10 @@ mod tests {
             for r in regions {
                 for i in 0..per_region {
                     let report = AppReport {
-                        repo: "acme/web".into(),
                         release: Some(rel(1)),
                         activated_at: Some(0),
                         state: AppState::Running,
-                        error: None,
-                        staged: None,
-                        staged_at: None,
-                        fetching: None,
+                        ..AppReport::idle("acme/web")
                     };
                     v.push((format!("{r}-{i}"), r.to_string(), report));
                 }

@@ -116,10 +116,13 @@ impl Tracker {
                 && e.announce.holds == a.holds
                 && e.announce.fetching == a.fetching
         });
-        let old_repos = self.nodes.get(&a.node).map(|e| repos(&e.announce));
-        if old_repos.as_ref() != Some(&repos(&a)) {
-            self.count_repos(old_repos.unwrap_or_default(), false);
-            self.count_repos(repos(&a), true);
+        // Most announcements repeat the node's repositories: nothing to count then.
+        let old = self.nodes.get(&a.node).map(|e| &e.announce);
+        if !old.is_some_and(|o| repos(o).eq(repos(&a))) {
+            if let Some(o) = old {
+                count_repos(&mut self.repos, o, false);
+            }
+            count_repos(&mut self.repos, &a, true);
         }
         if !same {
             self.unindex(&a.node);
@@ -139,14 +142,6 @@ impl Tracker {
                 at: now,
             },
         );
-    }
-
-    fn count_repos(&mut self, names: BTreeSet<String>, add: bool) {
-        for name in names {
-            let n = self.repos.entry(name).or_default();
-            *n = if add { *n + 1 } else { n.saturating_sub(1) };
-        }
-        self.repos.retain(|_, n| *n > 0);
     }
 
     fn unindex(&mut self, node: &str) {
@@ -182,7 +177,7 @@ impl Tracker {
         for n in &stale {
             self.unindex(n);
             if let Some(e) = self.nodes.remove(n) {
-                self.count_repos(repos(&e.announce), false);
+                count_repos(&mut self.repos, &e.announce, false);
             }
         }
         stale.len()
@@ -298,9 +293,26 @@ impl Tracker {
     }
 }
 
-/// The repositories an announcement runs.
-fn repos(a: &Announce) -> BTreeSet<String> {
-    a.apps.iter().map(|r| r.repo.clone()).collect()
+/// The repositories an announcement runs (one report each).
+fn repos(a: &Announce) -> impl Iterator<Item = &str> {
+    a.apps.iter().map(|r| r.repo.as_str())
+}
+
+/// Count `a`'s repositories in `counts`, each once, or (`add` false) take them out.
+fn count_repos(counts: &mut HashMap<String, usize>, a: &Announce, add: bool) {
+    for (k, name) in repos(a).enumerate() {
+        if repos(a).take(k).any(|n| n == name) {
+            continue;
+        }
+        if add {
+            *counts.entry(name.to_string()).or_default() += 1;
+        } else if let Some(n) = counts.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(name);
+            }
+        }
+    }
 }
 
 /// A node's rendezvous weight for a release (FNV-1a over both): stable, cheap, and
@@ -463,14 +475,10 @@ mod tests {
         let t0 = Instant::now();
         let (old, r) = (ReleaseId::of(b"old"), ReleaseId::of(b"r"));
         let app = |fetching: Option<ReleaseId>| AppReport {
-            repo: "acme/web".into(),
             release: Some(old),
-            activated_at: None,
             state: starling_proto::AppState::Running,
-            error: None,
-            staged: None,
-            staged_at: None,
             fetching,
+            ..AppReport::idle("acme/web")
         };
         let mut t = Tracker::new(Duration::from_secs(30), 10, 2);
         // Three nodes run the repository; one more runs something else.

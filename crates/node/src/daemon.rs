@@ -432,7 +432,6 @@ impl App {
         let process = AppProcess::adopt(&root);
         App {
             report: AppReport {
-                repo: repo.to_string(),
                 release,
                 activated_at,
                 state: if release.is_some() {
@@ -440,10 +439,7 @@ impl App {
                 } else {
                     AppState::Idle
                 },
-                error: None,
-                staged: None,
-                staged_at: None,
-                fetching: None,
+                ..AppReport::idle(repo)
             },
             root,
             process,

@@ -111,7 +111,7 @@ struct Sources {
 impl Sources {
     /// Number `s` if no source of its name is known; the id it gets.
     fn add(&mut self, s: &SourceSpec) -> Option<PeerId> {
-        if self.by_id.values().any(|k| k.name == s.name) {
+        if self.id(&s.name).is_some() {
             return None;
         }
         let id = PeerId(self.next);
@@ -129,6 +129,46 @@ impl Sources {
 
     fn name(&self, id: PeerId) -> &str {
         self.by_id.get(&id).map_or("", |s| s.name.as_str())
+    }
+}
+
+/// Give `fetch` a tracker answer (the first, or a later one): whether this node is a
+/// gateway, the roles of the peers it knows, the peers it does not know yet (numbered in
+/// `known` and connected to), and whether the view is complete.
+fn take_answer(
+    fetch: &mut Fetch,
+    known: &mut Sources,
+    answer: &TrackerSources,
+    now: std::time::Instant,
+    connect: &impl Fn(PeerId, SourceSpec),
+) {
+    fetch.handle_gateway(now, answer.gateway);
+    // The roles the answer gives the known peers, by id; the `Fetch` decides what an
+    // unnamed one is, and the specs follow for peers not connected yet (their
+    // `PeerInfo` is made from the spec).
+    let roles: HashMap<&str, (bool, bool)> = answer
+        .peers
+        .iter()
+        .map(|s| (s.name.as_str(), (s.fetching, s.gateway)))
+        .collect();
+    let mut named = BTreeMap::new();
+    for (&id, k) in known
+        .by_id
+        .iter_mut()
+        .filter(|(_, k)| k.source != Source::Origin)
+    {
+        let (fetching, gateway) = roles.get(k.name.as_str()).copied().unwrap_or_default();
+        (k.fetching, k.gateway) = (k.fetching || fetching, gateway);
+        named.insert(id, (fetching, gateway));
+    }
+    fetch.handle_roles(now, &named);
+    for s in &answer.peers {
+        if let Some(id) = known.add(s) {
+            connect(id, s.clone());
+        }
+    }
+    if let Some(gateways) = answer.final_gateways(known) {
+        fetch.handle_view_complete(now, gateways);
     }
 }
 
@@ -197,15 +237,13 @@ pub async fn fetch_release(
             }
         });
     };
-    fetch.handle_gateway(started.into_std(), sources.gateway);
-    for s in &sources.peers {
-        if let Some(id) = known.add(s) {
-            connect(id, s.clone());
-        }
-    }
-    if let Some(gateways) = sources.final_gateways(&known) {
-        fetch.handle_view_complete(started.into_std(), gateways);
-    }
+    take_answer(
+        &mut fetch,
+        &mut known,
+        &sources,
+        started.into_std(),
+        &connect,
+    );
     let mut conns: HashMap<PeerId, Arc<PeerConn>> = HashMap::new();
     // Per peer, the hold it was last told to have; a task per connection sends each
     // change, in order.
@@ -321,31 +359,7 @@ pub async fn fetch_release(
         let event = tokio::select! {
             e = rx.recv() => e,
             Some(answer) = more.recv() => {
-                let now = Instant::now().into_std();
-                fetch.handle_gateway(now, answer.gateway);
-                // The roles the answer gives the known peers, by id; the `Fetch` decides
-                // what an unnamed one is, and the specs follow for peers not connected
-                // yet (their `PeerInfo` is made from the spec).
-                let roles: HashMap<&str, (bool, bool)> = answer
-                    .peers
-                    .iter()
-                    .map(|s| (s.name.as_str(), (s.fetching, s.gateway)))
-                    .collect();
-                let mut named = BTreeMap::new();
-                for (&id, k) in known.by_id.iter_mut().filter(|(_, k)| k.source != Source::Origin) {
-                    let (fetching, gateway) = roles.get(k.name.as_str()).copied().unwrap_or_default();
-                    (k.fetching, k.gateway) = (k.fetching || fetching, gateway);
-                    named.insert(id, (fetching, gateway));
-                }
-                fetch.handle_roles(now, &named);
-                for s in &answer.peers {
-                    if let Some(id) = known.add(s) {
-                        connect(id, s.clone());
-                    }
-                }
-                if let Some(gateways) = answer.final_gateways(&known) {
-                    fetch.handle_view_complete(now, gateways);
-                }
+                take_answer(&mut fetch, &mut known, &answer, Instant::now().into_std(), &connect);
                 continue;
             }
             _ = timer => {

@@ -186,14 +186,8 @@ mod tests {
         report.corrupt = 2;
         m.fetched(&report, Duration::from_millis(300));
         m.reports(&[AppReport {
-            repo: "acme/web".into(),
-            release: None,
-            activated_at: None,
             state: starling_proto::AppState::Running,
-            error: None,
-            staged: None,
-            staged_at: None,
-            fetching: None,
+            ..AppReport::idle("acme/web")
         }]);
         let text = m.render().unwrap();
         for want in [

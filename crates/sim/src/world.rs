@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use starling_core::tracker::{Announce, Tracker};
-use starling_proto::{AppReport, AppState, ChunkHash, ReleaseId};
+use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_swarm::pace::{
     next_tracker_ask, ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, REGION_GATEWAYS,
     TRACKER_PEERS, TRACKER_TTL,
@@ -628,14 +628,8 @@ impl World {
             region: format!("r{}", u.region),
             addr: String::new(),
             apps: vec![AppReport {
-                repo: "sim/app".into(),
-                release: None,
-                activated_at: None,
-                state: AppState::Idle,
-                error: None,
-                staged: None,
-                staged_at: None,
                 fetching: fetching.first().copied(),
+                ..AppReport::idle("sim/app")
             }],
             holds,
             fetching,

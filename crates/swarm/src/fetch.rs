@@ -630,52 +630,43 @@ impl Fetch {
     /// Time passed: requests that took too long go to someone else, and waits for a
     /// chunk to appear in the region may have run out.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let timeout = self.cfg.request_timeout;
-        // A request held at this node's word is not late (its clock starts again when
-        // the hold ends).
-        let late: Vec<(PeerId, usize)> = self
+        let (timeout, patience) = (self.cfg.request_timeout, self.cfg.far_queue_patience);
+        // The requests that end now, each once, and whether its peer gets a strike: one
+        // that timed out (unless held at this node's word: its clock starts again when
+        // the hold ends), or — no strike — a crossing still queued after
+        // `far_queue_patience` that a free holder there can take instead.
+        let ended: Vec<(PeerId, usize, bool)> = self
             .requests
             .iter()
-            .take_while(|(at, _, _)| now.saturating_duration_since(*at) >= timeout)
-            .filter(|(_, peer, _)| !self.holding.contains(peer))
-            .map(|&(_, peer, i)| (peer, i))
-            .collect();
-        // A crossing still queued after `far_queue_patience` moves to a holder that is
-        // free, if there is one; no strike.
-        let patience = self.cfg.far_queue_patience;
-        let queued: Vec<(PeerId, usize)> = self
-            .requests
-            .iter()
-            .take_while(|(at, _, _)| now.saturating_duration_since(*at) >= patience)
-            .filter(|(_, peer, i)| {
-                self.queued_across(*peer, *i)
-                    && self.peers.values().any(|q| {
-                        q.info.source == Source::OtherRegion
-                            && q.info.id != *peer
-                            && q.has.contains(*i)
-                            && q.in_flight.len() < self.cfg.per_peer
-                            && q.busy_until.is_none_or(|t| t <= now)
-                    })
+            .take_while(|(at, _, _)| now.saturating_duration_since(*at) >= timeout.min(patience))
+            .filter_map(|&(at, peer, i)| {
+                let waited = now.saturating_duration_since(at);
+                if waited >= timeout && !self.holding.contains(&peer) {
+                    Some((peer, i, true))
+                } else {
+                    let movable = waited >= patience
+                        && self.queued_across(peer, i)
+                        && self.peers.values().any(|q| {
+                            q.info.source == Source::OtherRegion
+                                && q.info.id != peer
+                                && q.has.contains(i)
+                                && self.is_free(q, now)
+                        });
+                    movable.then_some((peer, i, false))
+                }
             })
-            .map(|&(_, peer, i)| (peer, i))
             .collect();
-        for (peer, i) in queued {
-            let chunk = self.chunks[i];
-            self.end_request(peer, &chunk);
-            self.late[i].insert(peer);
-            self.actions.push_back(Action::Cancel { peer, chunk });
-        }
-        for (peer, i) in late {
+        for (peer, i, strike) in ended {
             let chunk = self.chunks[i];
             self.end_request(peer, &chunk);
             self.late[i].insert(peer);
             let Some(p) = self.peers.get_mut(&peer) else {
                 continue;
             };
-            p.strikes += 1;
+            p.strikes += u32::from(strike);
             let strikes = p.strikes;
             self.actions.push_back(Action::Cancel { peer, chunk });
-            if strikes >= self.cfg.max_strikes {
+            if strike && strikes >= self.cfg.max_strikes {
                 self.drop_peer(peer, format!("{strikes} requests timed out"));
             }
         }
@@ -840,6 +831,26 @@ impl Fetch {
             .collect()
     }
 
+    /// After the set of peers or their roles changed: this node's places, its share of
+    /// the origin, and the waits that depend on its place.
+    fn work_out_places(&mut self) {
+        self.ingress = Some(self.work_out_ingress());
+        let gateways = self
+            .peers
+            .values()
+            .filter(|p| p.info.source != Source::Origin && p.info.gateway && p.info.fetching)
+            .count()
+            + usize::from(self.gateway);
+        self.origin_limit = self.cfg.origin_parallel.div_ceil(gateways.max(1)).max(1);
+        // How long a chunk held elsewhere waits to reach the region depends on this
+        // node's rank among the region's gateways.
+        for i in 0..self.chunks.len() {
+            if self.region_holders[i] == 0 && self.first_held[i].is_some() {
+                self.wait_changed(i);
+            }
+        }
+    }
+
     fn is_ingress(&self, i: usize) -> (bool, bool) {
         let p = self.place(i);
         (p.region_rank == 0, p.swarm_ingress)
@@ -939,16 +950,6 @@ impl Fetch {
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
         let (asked, late) = (&self.asked[i], &self.late[i]);
-        // Only when no peer has it: counting the origin's requests costs a pass.
-        let origin_full = self.availability[i] == 0 && {
-            let at_origin: usize = self
-                .peers
-                .values()
-                .filter(|p| p.info.source == Source::Origin)
-                .map(|p| p.in_flight.len())
-                .sum();
-            at_origin >= self.origin_limit
-        };
         let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
         // The nearest tier where a peer holds it (busy or not) and was not asked for it.
         let mut nearest: Option<Source> = None;
@@ -959,11 +960,7 @@ impl Fetch {
             }
             let source = p.info.source;
             nearest = Some(nearest.map_or(source, |n| n.min(source)));
-            if p.in_flight.len() >= self.cfg.per_peer
-                || (source == Source::Origin && origin_full)
-                || p.busy_until.is_some_and(|t| t > now)
-                || best.as_ref().is_some_and(|b| source > b.0)
-            {
+            if !self.is_free(p, now) || best.as_ref().is_some_and(|b| source > b.0) {
                 continue;
             }
             let key = (
@@ -982,7 +979,26 @@ impl Fetch {
         if nearest.is_some_and(|n| n < source) || !self.may_ask(i, source, now) {
             return None;
         }
+        // The origin is the farthest tier: counted only when it is the choice.
+        if source == Source::Origin && self.origin_requests() >= self.origin_limit {
+            return None;
+        }
         Some(id)
+    }
+
+    /// Whether `p` may be asked now: it has room for a request and did not just say it
+    /// is busy.
+    fn is_free(&self, p: &Peer, now: Instant) -> bool {
+        p.in_flight.len() < self.cfg.per_peer && p.busy_until.is_none_or(|t| t <= now)
+    }
+
+    /// Requests in flight to the origin's members.
+    fn origin_requests(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.info.source == Source::Origin)
+            .map(|p| p.in_flight.len())
+            .sum()
     }
 
     fn ask(&mut self, i: usize, peer: PeerId, now: Instant) {
@@ -1042,21 +1058,7 @@ impl Fetch {
     /// requests left, if any.
     fn ask_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
         if self.ingress.is_none() {
-            self.ingress = Some(self.work_out_ingress());
-            // How long a chunk held elsewhere waits to reach the region depends on this
-            // node's place, which may have changed.
-            for i in 0..self.chunks.len() {
-                if self.region_holders[i] == 0 && self.first_held[i].is_some() {
-                    self.wait_changed(i);
-                }
-            }
-            let gateways = self
-                .peers
-                .values()
-                .filter(|p| p.info.source != Source::Origin && p.info.gateway && p.info.fetching)
-                .count()
-                + usize::from(self.gateway);
-            self.origin_limit = self.cfg.origin_parallel.div_ceil(gateways.max(1)).max(1);
+            self.work_out_places();
         }
         self.drop_stale_waits();
         if self.missing == 0 {
@@ -1282,6 +1284,17 @@ mod tests {
             settle: Duration::ZERO,
             pace_window: None,
             ..FetchConfig::default()
+        }
+    }
+
+    /// `immediate`, and every chunk this node may ask for is asked for at once, from the
+    /// origin too.
+    fn all_at_once() -> FetchConfig {
+        FetchConfig {
+            per_peer: 100,
+            total: 100,
+            origin_parallel: 1000,
+            ..immediate()
         }
     }
 
@@ -1748,13 +1761,7 @@ mod tests {
     fn only_the_ingress_node_crosses_regions_until_patience_runs_out() {
         let t0 = Instant::now();
         let cs = chunks(40);
-        let cfg = FetchConfig {
-            per_peer: 100,
-            total: 100,
-            // Every chunk this node brings in from the origin at once.
-            origin_parallel: 1000,
-            ..immediate()
-        };
+        let cfg = all_at_once();
         let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
         // A neighbour in the region ("n1") and a holder of everything elsewhere.
         f.handle_peer(t0, peer(1, Source::SameRegion));
@@ -1804,13 +1811,7 @@ mod tests {
     fn a_peer_that_is_not_fetching_takes_no_share_of_the_ingress() {
         let t0 = Instant::now();
         let cs = chunks(30);
-        let cfg = FetchConfig {
-            per_peer: 100,
-            total: 100,
-            // Every chunk this node brings in from the origin at once.
-            origin_parallel: 1000,
-            ..immediate()
-        };
+        let cfg = all_at_once();
         let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
         // A neighbour that holds an older release's chunks but fetches nothing.
         f.handle_peer(
@@ -1902,13 +1903,7 @@ mod tests {
     fn the_origin_is_asked_once_per_chunk_across_the_swarm() {
         let t0 = Instant::now();
         let cs = chunks(30);
-        let cfg = FetchConfig {
-            per_peer: 100,
-            total: 100,
-            // Every chunk this node brings in from the origin at once.
-            origin_parallel: 1000,
-            ..immediate()
-        };
+        let cfg = all_at_once();
         let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_peer(t0, peer(2, Source::OtherRegion));
