@@ -706,7 +706,14 @@ impl World {
         let now = self.instant();
         let hashes: Vec<ChunkHash> = chunks.iter().map(|&i| self.chunks[i as usize]).collect();
         for &s in wanting {
-            if !self.alive_node(s) {
+            // A `Have` of chunks a node holds changes none of its decisions
+            // (`Fetch::handle_have` passes over them): spare the call, most of the time
+            // at scale.
+            if !self.alive_node(s)
+                || chunks
+                    .iter()
+                    .all(|&c| self.nodes[s as usize].held[c as usize])
+            {
                 continue;
             }
             if let Some(f) = self.nodes[s as usize].fetch.as_mut() {

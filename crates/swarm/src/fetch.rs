@@ -215,8 +215,6 @@ pub enum Action {
 #[derive(Debug)]
 struct Peer {
     info: PeerInfo,
-    /// Chunk indexes it holds.
-    has: ChunkSet,
     /// Chunk index → when it was asked for.
     in_flight: BTreeMap<usize, Instant>,
     strikes: u32,
@@ -252,8 +250,10 @@ pub struct Fetch {
     arrivals: VecDeque<Instant>,
     /// Requests in flight, to all peers, by when they were made.
     requests: BTreeSet<(Instant, PeerId, usize)>,
+    /// Those of `requests` made to peers in other regions.
+    across: BTreeSet<(Instant, PeerId, usize)>,
     /// When peers that said they were busy may be asked again.
-    busy_ends: BinaryHeap<Reverse<Instant>>,
+    busy_ends: BinaryHeap<Reverse<(Instant, PeerId)>>,
     /// When waits for chunks run out (see `wait_ends`), soonest first; entries that no
     /// longer hold are dropped as they come to the top.
     waits: BinaryHeap<Reverse<(Instant, usize)>>,
@@ -262,6 +262,8 @@ pub struct Fetch {
     /// Peers a request for each chunk timed out at: asked again only if nobody else can.
     late: Vec<BTreeSet<PeerId>>,
     peers: Peers,
+    /// Which peers hold each chunk (the origin every one).
+    holders: Holders,
     /// Peers dropped for this release: never used again.
     dropped: BTreeSet<PeerId>,
     actions: VecDeque<Action>,
@@ -270,6 +272,8 @@ pub struct Fetch {
     done_said: bool,
     /// The latest time this fetch was told of.
     seen: Option<Instant>,
+    /// When every chunk was last weighed (see `decide`).
+    weighed_all: Option<Instant>,
     /// Chunks received, by where they came from.
     received: BTreeMap<Source, u64>,
     /// Requests whose chunk is arriving (the peer started sending it).
@@ -324,16 +328,19 @@ impl Fetch {
             my_salt: salt(me),
             arrivals: VecDeque::new(),
             requests: BTreeSet::new(),
+            across: BTreeSet::new(),
             busy_ends: BinaryHeap::new(),
             waits: BinaryHeap::new(),
             asked: vec![BTreeSet::new(); n],
             late: vec![BTreeSet::new(); n],
             peers: Peers::default(),
+            holders: Holders::new(n),
             dropped: BTreeSet::new(),
             actions: VecDeque::new(),
             pending: Pending::Nothing,
             done_said: false,
             seen: None,
+            weighed_all: None,
             received: BTreeMap::new(),
             arriving: BTreeSet::new(),
             holding: BTreeSet::new(),
@@ -395,19 +402,22 @@ impl Fetch {
         if self.dropped.contains(&info.id) || self.peers.contains_key(&info.id) {
             return;
         }
-        let mut has = ChunkSet::new(self.chunks.len());
-        if info.source == Source::Origin {
-            has.fill();
-        }
+        let (source, origin) = (info.source, info.source == Source::Origin);
         let peer_salt = salt(&info.node);
-        self.peers.insert(Peer {
+        let slot = self.peers.insert(Peer {
             info,
-            has,
             in_flight: BTreeMap::new(),
             strikes: 0,
             salt: peer_salt,
             busy_until: None,
         });
+        self.holders.make_room(slot);
+        self.holders.mark(Mark::Tier(source), slot, true);
+        if origin {
+            for i in 0..self.chunks.len() {
+                self.holders.insert(i, slot);
+            }
+        }
         self.ingress = None;
         self.check_settled();
         self.schedule(now);
@@ -472,13 +482,13 @@ impl Fetch {
 
     /// `peer` says it holds `chunks` (all it holds, or newly stored ones).
     pub fn handle_have(&mut self, now: Instant, peer: PeerId, chunks: &[ChunkHash]) {
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let Some((slot, p)) = self.peers.get_with_slot(&peer) else {
             return;
         };
         let mut news = Vec::new();
         for c in chunks {
             if let Some(&i) = self.index.get(c) {
-                if p.has.insert(i) && p.info.source != Source::Origin {
+                if self.holders.insert(i, slot) && p.info.source != Source::Origin {
                     self.availability[i] += 1;
                     self.first_held[i].get_or_insert(now);
                     if p.info.source == Source::SameRegion {
@@ -488,12 +498,16 @@ impl Fetch {
                 }
             }
         }
-        for &i in &news {
-            self.wait_changed(i);
+        // Only the chunks it names that this node lacks can have become worth asking
+        // for: the rest were weighed at the last event or timer, and nothing they depend
+        // on changed. (Near the end, the endgame looks at every chunk.)
+        news.retain(|&i| !self.have[i]);
+        if news.is_empty() {
+            return;
         }
-        // Only the chunks it names can have become worth asking for: the rest were
-        // weighed at the last event or timer, and nothing they depend on changed. (Near
-        // the end, the endgame looks at every chunk.)
+        for &i in &news {
+            self.wait_changed(i, now);
+        }
         if self.missing <= self.cfg.endgame_chunks {
             self.schedule(now);
         } else {
@@ -510,7 +524,11 @@ impl Fetch {
         if !verified {
             // Other requests to a dropped peer may still answer; it is dropped once.
             if self.peers.contains_key(&peer) {
-                self.drop_peer(peer, format!("sent chunk {chunk} with the wrong bytes"));
+                self.drop_peer(
+                    now,
+                    peer,
+                    format!("sent chunk {chunk} with the wrong bytes"),
+                );
             }
             self.schedule(now);
             return;
@@ -565,17 +583,17 @@ impl Fetch {
             return;
         };
         let mut freed = vec![i];
-        if let Some(p) = self.peers.get_mut(&peer) {
-            if p.info.source != Source::Origin && p.has.remove(i) {
+        if let Some((slot, p)) = self.peers.get_with_slot(&peer) {
+            if p.info.source != Source::Origin && self.holders.remove(i, slot) {
                 self.availability[i] -= 1;
                 if p.info.source == Source::SameRegion {
                     self.region_holders[i] -= 1;
                 }
             }
             // The peer is free to be asked for what else it holds.
-            freed.extend(p.has.iter());
+            freed.extend(self.holders.held_by(slot));
         }
-        self.wait_changed(i);
+        self.wait_changed(i, now);
         self.schedule_after_request(now, was_full, freed);
     }
 
@@ -590,7 +608,10 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             let until = now + self.cfg.busy_backoff;
             p.busy_until = Some(until);
-            self.busy_ends.push(Reverse(until));
+            self.busy_ends.push(Reverse((until, peer)));
+            if let Some(slot) = self.peers.slot(&peer) {
+                self.holders.mark(Mark::Busy, slot, true);
+            }
         }
         self.schedule_after_request(now, was_full, vec![i]);
     }
@@ -613,7 +634,9 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             if let Some(at) = p.in_flight.remove(&i) {
                 self.requests.remove(&(at, peer, i));
+                self.across.remove(&(at, peer, i));
             }
+            self.note_load(peer);
         }
         self.asked[i].remove(&peer);
         self.arriving.remove(&(peer, i));
@@ -623,7 +646,7 @@ impl Fetch {
 
     /// The connection to `peer` ended: what it was asked is asked of others.
     pub fn handle_peer_gone(&mut self, now: Instant, peer: PeerId) {
-        self.forget(peer);
+        self.forget(now, peer);
         self.schedule(now);
     }
 
@@ -646,11 +669,10 @@ impl Fetch {
                 } else {
                     let movable = waited >= patience
                         && self.queued_across(peer, i)
-                        && self.peers.values().any(|q| {
-                            q.info.source == Source::OtherRegion
-                                && q.info.id != peer
-                                && q.has.contains(i)
-                                && self.is_free(q, now)
+                        && self.holders.of(i, Source::OtherRegion, false).any(|slot| {
+                            self.peers
+                                .at(slot)
+                                .is_some_and(|q| q.info.id != peer && self.is_free(q, now))
                         });
                     movable.then_some((peer, i, false))
                 }
@@ -667,7 +689,7 @@ impl Fetch {
             let strikes = p.strikes;
             self.actions.push_back(Action::Cancel { peer, chunk });
             if strike && strikes >= self.cfg.max_strikes {
-                self.drop_peer(peer, format!("{strikes} requests timed out"));
+                self.drop_peer(now, peer, format!("{strikes} requests timed out"));
             }
         }
         self.schedule(now);
@@ -720,6 +742,9 @@ impl Fetch {
         };
         for (&i, at) in p.in_flight.iter_mut() {
             if !self.arriving.contains(&(peer, i)) && self.requests.remove(&(*at, peer, i)) {
+                if self.across.remove(&(*at, peer, i)) {
+                    self.across.insert((now, peer, i));
+                }
                 *at = now;
                 self.requests.insert((now, peer, i));
             }
@@ -740,15 +765,15 @@ impl Fetch {
             .find(|(_, peer, _)| !self.holding.contains(peer))
             .map(|(at, _, _)| *at + self.cfg.request_timeout);
         let oldest_queued_across = self
-            .requests
+            .across
             .iter()
-            .find(|(_, peer, i)| self.queued_across(*peer, *i))
+            .find(|(_, peer, i)| !self.arriving.contains(&(*peer, *i)))
             .map(|(at, _, _)| *at + self.cfg.far_queue_patience);
         // A chunk held somewhere: its wait for a turn in the region (if the region has
         // it) or for the region to get it runs out. (The soonest may be of a chunk asked
         // for meanwhile: waking for it does no harm.)
         let cross = self.waits.peek().map(|Reverse((t, _))| *t);
-        let busy = self.busy_ends.peek().map(|Reverse(t)| *t);
+        let busy = self.busy_ends.peek().map(|Reverse((t, _))| *t);
         let waits = cross
             .into_iter()
             .chain(busy)
@@ -772,28 +797,33 @@ impl Fetch {
                 .is_some_and(|p| p.info.source == Source::OtherRegion)
     }
 
-    fn drop_peer(&mut self, peer: PeerId, reason: String) {
-        self.forget(peer);
+    fn drop_peer(&mut self, now: Instant, peer: PeerId, reason: String) {
+        self.forget(now, peer);
         self.dropped.insert(peer);
         self.actions.push_back(Action::Disconnect { peer, reason });
     }
 
-    fn forget(&mut self, peer: PeerId) {
-        let Some(p) = self.peers.remove(&peer) else {
+    fn forget(&mut self, now: Instant, peer: PeerId) {
+        let Some((slot, p)) = self.peers.remove(&peer) else {
             return;
         };
         self.ingress = None;
-        if p.info.source != Source::Origin {
-            for i in p.has.iter() {
+        self.holders.clear_marks(slot);
+        let held: Vec<usize> = self.holders.held_by(slot).collect();
+        for i in held {
+            // The slot goes to the next peer empty.
+            self.holders.remove(i, slot);
+            if p.info.source != Source::Origin {
                 self.availability[i] -= 1;
                 if p.info.source == Source::SameRegion {
                     self.region_holders[i] -= 1;
-                    self.wait_changed(i);
+                    self.wait_changed(i, now);
                 }
             }
         }
         for (&i, &at) in &p.in_flight {
             self.requests.remove(&(at, peer, i));
+            self.across.remove(&(at, peer, i));
             self.asked[i].remove(&peer);
             self.arriving.remove(&(peer, i));
         }
@@ -833,7 +863,7 @@ impl Fetch {
 
     /// After the set of peers or their roles changed: this node's places, its share of
     /// the origin, and the waits that depend on its place.
-    fn work_out_places(&mut self) {
+    fn work_out_places(&mut self, now: Instant) {
         self.ingress = Some(self.work_out_ingress());
         let gateways = self
             .peers
@@ -846,7 +876,7 @@ impl Fetch {
         // node's rank among the region's gateways.
         for i in 0..self.chunks.len() {
             if self.region_holders[i] == 0 && self.first_held[i].is_some() {
-                self.wait_changed(i);
+                self.wait_changed(i, now);
             }
         }
     }
@@ -890,9 +920,11 @@ impl Fetch {
             .min(self.cfg.cross_region_patience)
     }
 
-    /// Chunk `i`'s wait may have changed: its new end goes on the heap.
-    fn wait_changed(&mut self, i: usize) {
-        if let Some(t) = self.wait_ends(i).filter(|_| !self.have[i]) {
+    /// Chunk `i`'s wait may have changed: its new end goes on the heap, unless it is
+    /// over already (then the chunk is weighed at the coming decision: every caller
+    /// schedules it).
+    fn wait_changed(&mut self, i: usize, now: Instant) {
+        if let Some(t) = self.wait_ends(i).filter(|t| !self.have[i] && *t > now) {
             self.waits.push(Reverse((t, i)));
         }
     }
@@ -946,25 +978,36 @@ impl Fetch {
     }
 
     /// The peer to ask for chunk `i`: the nearest tier allowed, then the least loaded,
-    /// then a per-chunk spread; never one already asked for it.
+    /// then a per-chunk spread; never one already asked for it. A nearer peer that has
+    /// it but is busy is worth waiting for: only the nearest tier where a peer holds it
+    /// (busy or not) and was not asked for it is looked at. Most calls find every holder
+    /// of that tier busy, which the masks tell without visiting one.
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
         let (asked, late) = (&self.asked[i], &self.late[i]);
-        let mut best: Option<(Source, bool, usize, u64, PeerId)> = None;
-        // The nearest tier where a peer holds it (busy or not) and was not asked for it.
-        let mut nearest: Option<Source> = None;
-        for p in self.peers.values() {
+        let tier = [Source::SameRegion, Source::OtherRegion, Source::Origin]
+            .into_iter()
+            .find(|&t| {
+                let mut holders = self.holders.of(i, t, false);
+                // A holder not asked: more holders than peers asked, or one of them.
+                asked.len() < self.holders.count(i, t)
+                    || holders.any(|slot| {
+                        self.peers
+                            .at(slot)
+                            .is_some_and(|p| !asked.contains(&p.info.id))
+                    })
+            })?;
+        let mut best: Option<(bool, usize, u64, PeerId)> = None;
+        for p in self
+            .holders
+            .of(i, tier, true)
+            .filter_map(|slot| self.peers.at(slot))
+        {
             let id = &p.info.id;
-            if !p.has.contains(i) || asked.contains(id) {
-                continue;
-            }
-            let source = p.info.source;
-            nearest = Some(nearest.map_or(source, |n| n.min(source)));
-            if !self.is_free(p, now) || best.as_ref().is_some_and(|b| source > b.0) {
+            if asked.contains(id) || !self.is_free(p, now) {
                 continue;
             }
             let key = (
-                source,
                 late.contains(id),
                 p.in_flight.len(),
                 spread(chunk, p.salt),
@@ -974,16 +1017,23 @@ impl Fetch {
                 best = Some(key);
             }
         }
-        let (source, _, _, _, id) = best?;
-        // A nearer peer that has it but is busy is worth waiting for.
-        if nearest.is_some_and(|n| n < source) || !self.may_ask(i, source, now) {
+        let (_, _, _, id) = best?;
+        if !self.may_ask(i, tier, now) {
             return None;
         }
         // The origin is the farthest tier: counted only when it is the choice.
-        if source == Source::Origin && self.origin_requests() >= self.origin_limit {
+        if tier == Source::Origin && self.origin_requests() >= self.origin_limit {
             return None;
         }
         Some(id)
+    }
+
+    /// Whether `peer` has as many requests as it may take from this node, for the masks.
+    fn note_load(&mut self, peer: PeerId) {
+        if let Some((slot, p)) = self.peers.get_with_slot(&peer) {
+            let full = p.in_flight.len() >= self.cfg.per_peer;
+            self.holders.mark(Mark::Full, slot, full);
+        }
     }
 
     /// Whether `p` may be asked now: it has room for a request and did not just say it
@@ -1005,8 +1055,13 @@ impl Fetch {
         if let Some(p) = self.peers.get_mut(&peer) {
             if let Some(before) = p.in_flight.insert(i, now) {
                 self.requests.remove(&(before, peer, i));
+                self.across.remove(&(before, peer, i));
             }
             self.requests.insert((now, peer, i));
+            if p.info.source == Source::OtherRegion {
+                self.across.insert((now, peer, i));
+            }
+            self.note_load(peer);
         }
         self.asked[i].insert(peer);
         self.holds_changed = true;
@@ -1040,10 +1095,18 @@ impl Fetch {
         let Some(now) = self.seen else {
             return;
         };
-        let candidates = match std::mem::replace(&mut self.pending, Pending::Nothing) {
+        let mut pending = std::mem::replace(&mut self.pending, Pending::Nothing);
+        // A wait that ran out makes any chunk worth weighing again. Its timer may not
+        // have come first: a real timer fires late, and an event of the same instant
+        // may come before it.
+        if matches!(pending, Pending::Among(_)) && self.a_wait_ended(now) {
+            pending = Pending::Every;
+        }
+        let candidates = match pending {
             Pending::Nothing => return,
             Pending::Among(v) => v,
             Pending::Every => {
+                self.weighed_all = Some(now);
                 let every = (0..self.chunks.len()).collect();
                 if let Some(room) = self.ask_among(now, every) {
                     self.endgame(now, room);
@@ -1058,7 +1121,7 @@ impl Fetch {
     /// requests left, if any.
     fn ask_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
         if self.ingress.is_none() {
-            self.work_out_places();
+            self.work_out_places(now);
         }
         self.drop_stale_waits();
         if self.missing == 0 {
@@ -1093,14 +1156,38 @@ impl Fetch {
         Some(room)
     }
 
+    /// Whether a wait ran out by `now` since every chunk was last weighed: a chunk's
+    /// (its entries that no longer hold leave the heap), a busy peer's, the start's
+    /// settling or the origin's patience.
+    fn a_wait_ended(&mut self, now: Instant) -> bool {
+        while let Some(Reverse((t, i))) = self.waits.peek().copied() {
+            if !self.have[i] && self.wait_ends(i) == Some(t) {
+                break;
+            }
+            self.waits.pop();
+        }
+        let crossed = |t: Instant| t <= now && self.weighed_all.is_none_or(|w| t > w);
+        self.waits.peek().is_some_and(|Reverse((t, _))| *t <= now)
+            || self
+                .busy_ends
+                .peek()
+                .is_some_and(|Reverse((t, _))| *t <= now)
+            || crossed(self.started + self.cfg.settle)
+            || crossed(self.started + self.cfg.origin_patience)
+    }
+
     /// Waits that ended, or whose chunk arrived or whose end moved, leave the heaps.
     fn drop_stale_waits(&mut self) {
-        while self
-            .busy_ends
-            .peek()
-            .is_some_and(|Reverse(t)| Some(*t) <= self.seen)
-        {
+        while let Some(Reverse((t, peer))) = self.busy_ends.peek().copied() {
+            if Some(t) > self.seen {
+                break;
+            }
             self.busy_ends.pop();
+            if let Some((slot, p)) = self.peers.get_with_slot(&peer) {
+                if p.busy_until.is_none_or(|t| Some(t) <= self.seen) {
+                    self.holders.mark(Mark::Busy, slot, false);
+                }
+            }
         }
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
             let stale = self.have[i] || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
@@ -1157,53 +1244,203 @@ impl Hasher for PrefixHasher {
     }
 }
 
-/// The peers of a fetch in id order, in a vector: choosing a peer passes over all of
-/// them for every chunk weighed, which a vector serves far faster than a tree. Their ids
-/// are kept apart, in the same order, for lookups: a binary search over the peers
-/// themselves touched a cache line per step, most of the time a `Have` took.
+/// The peers of a fetch, each in a slot of its own while it is known (a slot is reused
+/// once its peer is forgotten), so that the holders of a chunk can be a row of bits
+/// over the slots ([`Holders`]). Their ids are kept apart, sorted, with their slots,
+/// for lookups: a binary search over the peers themselves touched a cache line per step.
 #[derive(Debug, Default)]
-struct Peers(Vec<Peer>, Vec<PeerId>);
+struct Peers {
+    slots: Vec<Option<Peer>>,
+    ids: Vec<(PeerId, usize)>,
+}
 
 impl Peers {
-    fn find(&self, id: &PeerId) -> Result<usize, usize> {
-        self.1.binary_search(id)
+    fn slot(&self, id: &PeerId) -> Option<usize> {
+        let k = self.ids.binary_search_by_key(id, |(id, _)| *id).ok()?;
+        Some(self.ids[k].1)
     }
 
     fn contains_key(&self, id: &PeerId) -> bool {
-        self.find(id).is_ok()
+        self.slot(id).is_some()
+    }
+
+    fn at(&self, slot: usize) -> Option<&Peer> {
+        self.slots.get(slot)?.as_ref()
     }
 
     fn get(&self, id: &PeerId) -> Option<&Peer> {
-        self.find(id).ok().map(|i| &self.0[i])
+        self.at(self.slot(id)?)
     }
 
     fn get_mut(&mut self, id: &PeerId) -> Option<&mut Peer> {
-        self.find(id).ok().map(|i| &mut self.0[i])
+        let slot = self.slot(id)?;
+        self.slots[slot].as_mut()
     }
 
-    /// Add `peer`, or replace the one of its id.
-    fn insert(&mut self, peer: Peer) {
-        match self.find(&peer.info.id) {
-            Ok(i) => self.0[i] = peer,
-            Err(i) => {
-                self.1.insert(i, peer.info.id);
-                self.0.insert(i, peer);
+    fn get_with_slot(&self, id: &PeerId) -> Option<(usize, &Peer)> {
+        let slot = self.slot(id)?;
+        Some((slot, self.at(slot)?))
+    }
+
+    /// Add `peer` (whose id is not known yet); its slot.
+    fn insert(&mut self, peer: Peer) -> usize {
+        let id = peer.info.id;
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(free) => {
+                self.slots[free] = Some(peer);
+                free
             }
+            None => {
+                self.slots.push(Some(peer));
+                self.slots.len() - 1
+            }
+        };
+        if let Err(k) = self.ids.binary_search_by_key(&id, |(id, _)| *id) {
+            self.ids.insert(k, (id, slot));
+        }
+        slot
+    }
+
+    fn remove(&mut self, id: &PeerId) -> Option<(usize, Peer)> {
+        let k = self.ids.binary_search_by_key(id, |(id, _)| *id).ok()?;
+        let (_, slot) = self.ids.remove(k);
+        Some((slot, self.slots[slot].take()?))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Peer> {
+        self.slots.iter().flatten()
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
+        self.slots.iter_mut().flatten()
+    }
+}
+
+/// Which peer slots hold each chunk: a row of bits per chunk; and masks over the slots:
+/// each tier's, and the slots that may not be asked now (full of this node's requests,
+/// or busy). Choosing a peer for a chunk visits its free holders of one tier only, not
+/// every peer (a node knows a hundred or more).
+#[derive(Debug)]
+struct Holders {
+    /// Words per chunk's row, and per mask.
+    words: usize,
+    bits: Vec<u64>,
+    chunks: usize,
+    /// By `Mark::index`.
+    masks: [Vec<u64>; 5],
+}
+
+/// A mask over the peer slots (see `Holders`).
+#[derive(Debug, Clone, Copy)]
+enum Mark {
+    Tier(Source),
+    Full,
+    Busy,
+}
+
+impl Mark {
+    fn index(self) -> usize {
+        match self {
+            Mark::Tier(t) => t as usize,
+            Mark::Full => 3,
+            Mark::Busy => 4,
+        }
+    }
+}
+
+impl Holders {
+    fn new(chunks: usize) -> Holders {
+        Holders {
+            words: 1,
+            bits: vec![0; chunks],
+            chunks,
+            masks: std::array::from_fn(|_| vec![0]),
         }
     }
 
-    fn remove(&mut self, id: &PeerId) -> Option<Peer> {
-        let i = self.find(id).ok()?;
-        self.1.remove(i);
-        Some(self.0.remove(i))
+    /// Widen the rows, if need be, to hold `slot`.
+    fn make_room(&mut self, slot: usize) {
+        let words = (slot + 1).div_ceil(64);
+        if words <= self.words {
+            return;
+        }
+        let mut bits = vec![0; self.chunks * words];
+        for (i, row) in self.bits.chunks(self.words).enumerate() {
+            bits[i * words..i * words + self.words].copy_from_slice(row);
+        }
+        for m in &mut self.masks {
+            m.resize(words, 0);
+        }
+        (self.words, self.bits) = (words, bits);
     }
 
-    fn values(&self) -> std::slice::Iter<'_, Peer> {
-        self.0.iter()
+    fn mark(&mut self, mark: Mark, slot: usize, on: bool) {
+        let word = &mut self.masks[mark.index()][slot / 64];
+        if on {
+            *word |= 1 << (slot % 64);
+        } else {
+            *word &= !(1 << (slot % 64));
+        }
     }
 
-    fn values_mut(&mut self) -> std::slice::IterMut<'_, Peer> {
-        self.0.iter_mut()
+    fn clear_marks(&mut self, slot: usize) {
+        for m in &mut self.masks {
+            m[slot / 64] &= !(1 << (slot % 64));
+        }
+    }
+
+    /// Word `w` of chunk `i`'s holders in `tier`, only those free to be asked if `free`.
+    fn word(&self, i: usize, w: usize, tier: Source, free: bool) -> u64 {
+        let m = |mark: Mark| self.masks[mark.index()][w];
+        let mut word = self.bits[i * self.words + w] & m(Mark::Tier(tier));
+        if free {
+            word &= !(m(Mark::Full) | m(Mark::Busy));
+        }
+        word
+    }
+
+    /// How many slots of `tier` hold chunk `i`.
+    fn count(&self, i: usize, tier: Source) -> usize {
+        (0..self.words)
+            .map(|w| self.word(i, w, tier, false).count_ones() as usize)
+            .sum()
+    }
+
+    fn contains(&self, i: usize, slot: usize) -> bool {
+        self.bits[i * self.words + slot / 64] & (1 << (slot % 64)) != 0
+    }
+
+    /// Whether `slot` did not hold `i` before.
+    fn insert(&mut self, i: usize, slot: usize) -> bool {
+        let had = self.contains(i, slot);
+        self.bits[i * self.words + slot / 64] |= 1 << (slot % 64);
+        !had
+    }
+
+    /// Whether `slot` held `i`.
+    fn remove(&mut self, i: usize, slot: usize) -> bool {
+        let had = self.contains(i, slot);
+        self.bits[i * self.words + slot / 64] &= !(1 << (slot % 64));
+        had
+    }
+
+    /// The slots of `tier` that hold chunk `i`, only those free to be asked if `free`.
+    fn of(&self, i: usize, tier: Source, free: bool) -> impl Iterator<Item = usize> + '_ {
+        (0..self.words).flat_map(move |w| {
+            let mut word = self.word(i, w, tier, free);
+            std::iter::from_fn(move || {
+                (word != 0).then(|| {
+                    let bit = word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    w * 64 + bit
+                })
+            })
+        })
+    }
+
+    /// The chunks `slot` holds.
+    fn held_by(&self, slot: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.chunks).filter(move |&i| self.contains(i, slot))
     }
 }
 
@@ -1224,52 +1461,6 @@ struct Place {
     /// region ingress); `usize::MAX` if this node is no gateway.
     region_rank: usize,
     swarm_ingress: bool,
-}
-
-/// A set of chunk indexes, one bit each: a peer's holdings, for thousands of peers. Up
-/// to 128 chunks the bits live in the peer itself, so that passing over the peers to
-/// choose one reads no memory elsewhere.
-#[derive(Debug, Clone)]
-struct ChunkSet {
-    words: smallvec::SmallVec<[u64; 2]>,
-    len: usize,
-}
-
-impl ChunkSet {
-    fn new(len: usize) -> ChunkSet {
-        ChunkSet {
-            words: smallvec::smallvec![0; len.div_ceil(64)],
-            len,
-        }
-    }
-
-    fn fill(&mut self) {
-        for i in 0..self.len {
-            self.insert(i);
-        }
-    }
-
-    fn contains(&self, i: usize) -> bool {
-        self.words[i / 64] & (1 << (i % 64)) != 0
-    }
-
-    /// Whether `i` was not in the set.
-    fn insert(&mut self, i: usize) -> bool {
-        let had = self.contains(i);
-        self.words[i / 64] |= 1 << (i % 64);
-        !had
-    }
-
-    /// Whether `i` was in the set.
-    fn remove(&mut self, i: usize) -> bool {
-        let had = self.contains(i);
-        self.words[i / 64] &= !(1 << (i % 64));
-        had
-    }
-
-    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.len).filter(|&i| self.contains(i))
-    }
 }
 
 #[cfg(test)]
@@ -1469,6 +1660,38 @@ mod tests {
         assert_eq!(f.poll_timeout(), Some(t0 + cfg.turn_patience));
         f.handle_timeout(t0 + cfg.turn_patience);
         assert_eq!(requests(&drain(&mut f)).len(), 1);
+    }
+
+    #[test]
+    fn a_wait_that_ran_out_is_acted_on_even_if_another_event_comes_before_its_timer() {
+        let t0 = Instant::now();
+        let cfg = FetchConfig {
+            endgame_chunks: 0,
+            ..immediate()
+        };
+        let mut region: Vec<String> = (1..=8).map(|i| format!("n{i}")).collect();
+        region.push("me".into());
+        let cs = chunks(100);
+        let late = *cs
+            .iter()
+            .find(|c| rank(c, "me", &region) >= 6)
+            .expect("some chunk ranks this node late");
+        let other = *cs
+            .iter()
+            .find(|c| rank(c, "me", &region) == 0)
+            .expect("some chunk ranks this node first");
+        let mut f = Fetch::new(cfg.clone(), "me", &[late, other], |_| false, t0);
+        for id in 1..=8 {
+            f.handle_peer(t0, peer(id, Source::SameRegion));
+        }
+        f.handle_have(t0, PeerId(1), &[late]);
+        assert!(requests(&drain(&mut f)).is_empty());
+        // A real timer fires late: a `Have` of another chunk comes first.
+        let after = t0 + cfg.turn_patience + Duration::from_millis(1);
+        f.handle_have(after, PeerId(2), &[other]);
+        let asked: Vec<ChunkHash> = requests(&drain(&mut f)).iter().map(|r| r.1).collect();
+        assert!(asked.contains(&late), "the turn's wait ran out: {asked:?}");
+        assert!(asked.contains(&other));
     }
 
     /// A fetch that has just started, knowing the origin and a peer of another region
