@@ -1244,20 +1244,40 @@ impl Hasher for PrefixHasher {
     }
 }
 
+/// Hashes a peer id by multiplying it by a large odd constant: ids are small counters,
+/// and a hash table files keys by both ends of their hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// The peers of a fetch, each in a slot of its own while it is known (a slot is reused
 /// once its peer is forgotten), so that the holders of a chunk can be a row of bits
-/// over the slots ([`Holders`]). Their ids are kept apart, sorted, with their slots,
-/// for lookups: a binary search over the peers themselves touched a cache line per step.
+/// over the slots ([`Holders`]). Ids find their slots through a hash table: a `Have`
+/// looks its sender up, and a binary search touched a cache line per step.
 #[derive(Debug, Default)]
 struct Peers {
     slots: Vec<Option<Peer>>,
-    ids: Vec<(PeerId, usize)>,
+    ids: HashMap<PeerId, usize, BuildHasherDefault<IdHasher>>,
 }
 
 impl Peers {
     fn slot(&self, id: &PeerId) -> Option<usize> {
-        let k = self.ids.binary_search_by_key(id, |(id, _)| *id).ok()?;
-        Some(self.ids[k].1)
+        self.ids.get(id).copied()
     }
 
     fn contains_key(&self, id: &PeerId) -> bool {
@@ -1295,15 +1315,12 @@ impl Peers {
                 self.slots.len() - 1
             }
         };
-        if let Err(k) = self.ids.binary_search_by_key(&id, |(id, _)| *id) {
-            self.ids.insert(k, (id, slot));
-        }
+        self.ids.insert(id, slot);
         slot
     }
 
     fn remove(&mut self, id: &PeerId) -> Option<(usize, Peer)> {
-        let k = self.ids.binary_search_by_key(id, |(id, _)| *id).ok()?;
-        let (_, slot) = self.ids.remove(k);
+        let slot = self.ids.remove(id)?;
         Some((slot, self.slots[slot].take()?))
     }
 
