@@ -230,18 +230,13 @@ pub struct Fetch {
     started: Instant,
     chunks: Vec<ChunkHash>,
     index: HashMap<ChunkHash, usize, BuildHasherDefault<PrefixHasher>>,
-    have: Vec<bool>,
+    /// What this node knows of each chunk, in one place: a `Have` reads and writes
+    /// most of it, for a node that is not in any cache.
+    per_chunk: Vec<ChunkState>,
     missing: usize,
-    /// Non-origin peers holding each chunk.
-    availability: Vec<u32>,
-    /// Peers in this node's region holding each chunk.
-    region_holders: Vec<u32>,
-    /// When each chunk was first known to be held by a peer.
-    first_held: Vec<Option<Instant>>,
-    /// Per chunk: this node's place in the region's order for it, and whether it is the
-    /// region's and the swarm's ingress. Worked out again after the set of peers changed
-    /// (`None`).
-    ingress: Option<Vec<Place>>,
+    /// Every chunk's `ChunkState::place` is worked out; again after the set of peers or
+    /// their roles changed.
+    places_known: bool,
     /// This node is a gateway of its region (the tracker says so): only gateways bring
     /// chunks into the region or out of the origin.
     gateway: bool,
@@ -257,10 +252,6 @@ pub struct Fetch {
     /// When waits for chunks run out (see `wait_ends`), soonest first; entries that no
     /// longer hold are dropped as they come to the top.
     waits: BinaryHeap<Reverse<(Instant, usize)>>,
-    /// Peers each chunk is asked of now.
-    asked: Vec<BTreeSet<PeerId>>,
-    /// Peers a request for each chunk timed out at: asked again only if nobody else can.
-    late: Vec<BTreeSet<PeerId>>,
     peers: Peers,
     /// Which peers hold each chunk (the origin every one).
     holders: Holders,
@@ -310,20 +301,28 @@ impl Fetch {
                 distinct.len() - 1
             });
         }
-        let have: Vec<bool> = distinct.iter().map(held).collect();
-        let missing = have.iter().filter(|h| !**h).count();
+        let per_chunk: Vec<ChunkState> = distinct
+            .iter()
+            .map(|c| ChunkState {
+                have: held(c),
+                availability: 0,
+                region_holders: 0,
+                first_held: None,
+                place: Place::UNKNOWN,
+                asked: BTreeSet::new(),
+                late: BTreeSet::new(),
+            })
+            .collect();
+        let missing = per_chunk.iter().filter(|c| !c.have).count();
         let n = distinct.len();
         let mut f = Fetch {
             cfg,
             started: now,
             chunks: distinct,
             index,
-            have,
+            per_chunk,
             missing,
-            availability: vec![0; n],
-            region_holders: vec![0; n],
-            first_held: vec![None; n],
-            ingress: None,
+            places_known: false,
             gateway: true,
             my_salt: salt(me),
             arrivals: VecDeque::new(),
@@ -331,8 +330,6 @@ impl Fetch {
             across: BTreeSet::new(),
             busy_ends: BinaryHeap::new(),
             waits: BinaryHeap::new(),
-            asked: vec![BTreeSet::new(); n],
-            late: vec![BTreeSet::new(); n],
             peers: Peers::default(),
             holders: Holders::new(n),
             dropped: BTreeSet::new(),
@@ -369,7 +366,9 @@ impl Fetch {
 
     /// How many peers (not counting the origin) are known to hold `chunk`.
     pub fn holders(&self, chunk: &ChunkHash) -> u32 {
-        self.index.get(chunk).map_or(0, |&i| self.availability[i])
+        self.index
+            .get(chunk)
+            .map_or(0, |&i| self.per_chunk[i].availability)
     }
 
     /// Requests in flight.
@@ -393,7 +392,7 @@ impl Fetch {
     pub fn handle_gateway(&mut self, now: Instant, gateway: bool) {
         if self.gateway != gateway {
             self.gateway = gateway;
-            self.ingress = None;
+            self.places_known = false;
             self.schedule(now);
         }
     }
@@ -418,7 +417,7 @@ impl Fetch {
                 self.holders.insert(i, slot);
             }
         }
-        self.ingress = None;
+        self.places_known = false;
         self.check_settled();
         self.schedule(now);
     }
@@ -475,7 +474,7 @@ impl Fetch {
             }
         }
         if changed {
-            self.ingress = None;
+            self.places_known = false;
             self.schedule(now);
         }
     }
@@ -489,10 +488,10 @@ impl Fetch {
         for c in chunks {
             if let Some(&i) = self.index.get(c) {
                 if self.holders.insert(i, slot) && p.info.source != Source::Origin {
-                    self.availability[i] += 1;
-                    self.first_held[i].get_or_insert(now);
+                    self.per_chunk[i].availability += 1;
+                    self.per_chunk[i].first_held.get_or_insert(now);
                     if p.info.source == Source::SameRegion {
-                        self.region_holders[i] += 1;
+                        self.per_chunk[i].region_holders += 1;
                     }
                     news.push(i);
                 }
@@ -501,7 +500,7 @@ impl Fetch {
         // Only the chunks it names that this node lacks can have become worth asking
         // for: the rest were weighed at the last event or timer, and nothing they depend
         // on changed. (Near the end, the endgame looks at every chunk.)
-        news.retain(|&i| !self.have[i]);
+        news.retain(|&i| !self.per_chunk[i].have);
         if news.is_empty() {
             return;
         }
@@ -533,8 +532,8 @@ impl Fetch {
             self.schedule(now);
             return;
         }
-        if !self.have[i] {
-            self.have[i] = true;
+        if !self.per_chunk[i].have {
+            self.per_chunk[i].have = true;
             self.missing -= 1;
             if let Some(w) = self.cfg.pace_window {
                 self.arrivals.push_back(now);
@@ -550,7 +549,7 @@ impl Fetch {
                 *self.received.entry(p.info.source).or_default() += 1;
             }
             // The endgame's other copies are no longer wanted.
-            for other in self.asked[i].clone() {
+            for other in self.per_chunk[i].asked.clone() {
                 self.end_request(other, chunk);
                 self.actions.push_back(Action::Cancel {
                     peer: other,
@@ -585,9 +584,9 @@ impl Fetch {
         let mut freed = vec![i];
         if let Some((slot, p)) = self.peers.get_with_slot(&peer) {
             if p.info.source != Source::Origin && self.holders.remove(i, slot) {
-                self.availability[i] -= 1;
+                self.per_chunk[i].availability -= 1;
                 if p.info.source == Source::SameRegion {
-                    self.region_holders[i] -= 1;
+                    self.per_chunk[i].region_holders -= 1;
                 }
             }
             // The peer is free to be asked for what else it holds.
@@ -604,7 +603,7 @@ impl Fetch {
         let Some(i) = self.end_request(peer, chunk) else {
             return;
         };
-        self.late[i].insert(peer);
+        self.per_chunk[i].late.insert(peer);
         if let Some(p) = self.peers.get_mut(&peer) {
             let until = now + self.cfg.busy_backoff;
             p.busy_until = Some(until);
@@ -638,7 +637,7 @@ impl Fetch {
             }
             self.note_load(peer);
         }
-        self.asked[i].remove(&peer);
+        self.per_chunk[i].asked.remove(&peer);
         self.arriving.remove(&(peer, i));
         self.holds_changed = true;
         Some(i)
@@ -681,7 +680,7 @@ impl Fetch {
         for (peer, i, strike) in ended {
             let chunk = self.chunks[i];
             self.end_request(peer, &chunk);
-            self.late[i].insert(peer);
+            self.per_chunk[i].late.insert(peer);
             let Some(p) = self.peers.get_mut(&peer) else {
                 continue;
             };
@@ -807,16 +806,16 @@ impl Fetch {
         let Some((slot, p)) = self.peers.remove(&peer) else {
             return;
         };
-        self.ingress = None;
+        self.places_known = false;
         self.holders.clear_marks(slot);
         let held: Vec<usize> = self.holders.held_by(slot).collect();
         for i in held {
             // The slot goes to the next peer empty.
             self.holders.remove(i, slot);
             if p.info.source != Source::Origin {
-                self.availability[i] -= 1;
+                self.per_chunk[i].availability -= 1;
                 if p.info.source == Source::SameRegion {
-                    self.region_holders[i] -= 1;
+                    self.per_chunk[i].region_holders -= 1;
                     self.wait_changed(i, now);
                 }
             }
@@ -824,7 +823,7 @@ impl Fetch {
         for (&i, &at) in &p.in_flight {
             self.requests.remove(&(at, peer, i));
             self.across.remove(&(at, peer, i));
-            self.asked[i].remove(&peer);
+            self.per_chunk[i].asked.remove(&peer);
             self.arriving.remove(&(peer, i));
         }
         self.holding.remove(&peer);
@@ -864,7 +863,11 @@ impl Fetch {
     /// After the set of peers or their roles changed: this node's places, its share of
     /// the origin, and the waits that depend on its place.
     fn work_out_places(&mut self, now: Instant) {
-        self.ingress = Some(self.work_out_ingress());
+        let places = self.work_out_ingress();
+        for (c, place) in self.per_chunk.iter_mut().zip(places) {
+            c.place = place;
+        }
+        self.places_known = true;
         let gateways = self
             .peers
             .values()
@@ -875,7 +878,7 @@ impl Fetch {
         // How long a chunk held elsewhere waits to reach the region depends on this
         // node's rank among the region's gateways.
         for i in 0..self.chunks.len() {
-            if self.region_holders[i] == 0 && self.first_held[i].is_some() {
+            if self.per_chunk[i].region_holders == 0 && self.per_chunk[i].first_held.is_some() {
                 self.wait_changed(i, now);
             }
         }
@@ -887,21 +890,18 @@ impl Fetch {
     }
 
     fn place(&self, i: usize) -> Place {
-        self.ingress.as_ref().map_or(
-            Place {
-                turn: usize::MAX,
-                region_rank: usize::MAX,
-                swarm_ingress: false,
-            },
-            |v| v[i],
-        )
+        if self.places_known {
+            self.per_chunk[i].place
+        } else {
+            Place::UNKNOWN
+        }
     }
 
     /// When this node stops waiting for chunk `i`, held somewhere: for its turn in the
     /// region if the region has it, for the region to get it if not.
     fn wait_ends(&self, i: usize) -> Option<Instant> {
-        let held = self.first_held[i]?;
-        Some(if self.region_holders[i] > 0 {
+        let held = self.per_chunk[i].first_held?;
+        Some(if self.per_chunk[i].region_holders > 0 {
             held + self.cfg.turn_patience
         } else {
             held + self.cross_wait(i)
@@ -924,7 +924,10 @@ impl Fetch {
     /// over already (then the chunk is weighed at the coming decision: every caller
     /// schedules it).
     fn wait_changed(&mut self, i: usize, now: Instant) {
-        if let Some(t) = self.wait_ends(i).filter(|t| !self.have[i] && *t > now) {
+        if let Some(t) = self
+            .wait_ends(i)
+            .filter(|t| !self.per_chunk[i].have && *t > now)
+        {
             self.waits.push(Reverse((t, i)));
         }
     }
@@ -935,9 +938,10 @@ impl Fetch {
     /// as a tree, instead of every node queueing at its first holder. A node whose turn
     /// has not come fetches other chunks meanwhile; after `turn_patience` anyone may.
     fn my_turn(&self, i: usize, now: Instant) -> bool {
-        let holders = self.region_holders[i] as usize;
+        let holders = self.per_chunk[i].region_holders as usize;
         self.place(i).turn < holders.saturating_mul(self.cfg.fanout + 1)
-            || self.first_held[i]
+            || self.per_chunk[i]
+                .first_held
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.turn_patience)
     }
 
@@ -950,12 +954,13 @@ impl Fetch {
             Source::SameRegion => self.my_turn(i, now),
             Source::OtherRegion => {
                 self.is_ingress(i).0
-                    || self.first_held[i]
+                    || self.per_chunk[i]
+                        .first_held
                         .is_some_and(|t| now.saturating_duration_since(t) >= self.cross_wait(i))
             }
             // The origin only for what no peer anywhere has.
             Source::Origin => {
-                self.availability[i] == 0
+                self.per_chunk[i].availability == 0
                     && (self.is_ingress(i).1
                         || now.saturating_duration_since(self.started) >= self.cfg.origin_patience)
             }
@@ -967,9 +972,9 @@ impl Fetch {
     /// is the only one `choose_peer` would take (a busy holder nearer is waited for), so
     /// that tier must be allowed.
     fn may_ask_anyone(&self, i: usize, now: Instant) -> bool {
-        let tier = if self.region_holders[i] > 0 {
+        let tier = if self.per_chunk[i].region_holders > 0 {
             Source::SameRegion
-        } else if self.availability[i] > 0 {
+        } else if self.per_chunk[i].availability > 0 {
             Source::OtherRegion
         } else {
             Source::Origin
@@ -984,7 +989,7 @@ impl Fetch {
     /// of that tier busy, which the masks tell without visiting one.
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
-        let (asked, late) = (&self.asked[i], &self.late[i]);
+        let (asked, late) = (&self.per_chunk[i].asked, &self.per_chunk[i].late);
         let tier = [Source::SameRegion, Source::OtherRegion, Source::Origin]
             .into_iter()
             .find(|&t| {
@@ -1063,7 +1068,7 @@ impl Fetch {
             }
             self.note_load(peer);
         }
-        self.asked[i].insert(peer);
+        self.per_chunk[i].asked.insert(peer);
         self.holds_changed = true;
         self.actions.push_back(Action::Request {
             peer,
@@ -1120,7 +1125,7 @@ impl Fetch {
     /// Ask for whatever of `candidates` may be asked for now, rarest first; the room for
     /// requests left, if any.
     fn ask_among(&mut self, now: Instant, mut candidates: Vec<usize>) -> Option<usize> {
-        if self.ingress.is_none() {
+        if !self.places_known {
             self.work_out_places(now);
         }
         self.drop_stale_waits();
@@ -1138,9 +1143,10 @@ impl Fetch {
         // Rarest first; the spread makes nodes with the same view choose differently.
         candidates.sort_unstable();
         candidates.dedup();
-        candidates.retain(|&i| !self.have[i] && self.asked[i].is_empty());
+        candidates.retain(|&i| !self.per_chunk[i].have && self.per_chunk[i].asked.is_empty());
         let me = self.my_salt;
-        candidates.sort_by_cached_key(|&i| (self.availability[i], spread(&self.chunks[i], me)));
+        candidates
+            .sort_by_cached_key(|&i| (self.per_chunk[i].availability, spread(&self.chunks[i], me)));
         for i in candidates {
             if room == 0 {
                 return None;
@@ -1161,7 +1167,7 @@ impl Fetch {
     /// settling or the origin's patience.
     fn a_wait_ended(&mut self, now: Instant) -> bool {
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
-            if !self.have[i] && self.wait_ends(i) == Some(t) {
+            if !self.per_chunk[i].have && self.wait_ends(i) == Some(t) {
                 break;
             }
             self.waits.pop();
@@ -1190,7 +1196,8 @@ impl Fetch {
             }
         }
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
-            let stale = self.have[i] || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
+            let stale =
+                self.per_chunk[i].have || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
             if !stale {
                 return;
             }
@@ -1201,12 +1208,13 @@ impl Fetch {
     /// The last few chunks are all in flight: ask a second peer in the region for each
     /// (never a second copy across regions or from the origin).
     fn endgame(&mut self, now: Instant, mut room: usize) {
-        let all_asked = (0..self.chunks.len()).all(|i| self.have[i] || !self.asked[i].is_empty());
+        let all_asked = (0..self.chunks.len())
+            .all(|i| self.per_chunk[i].have || !self.per_chunk[i].asked.is_empty());
         if !all_asked || self.missing > self.cfg.endgame_chunks {
             return;
         }
         let pending: Vec<usize> = (0..self.chunks.len())
-            .filter(|&i| !self.have[i] && self.asked[i].len() == 1)
+            .filter(|&i| !self.per_chunk[i].have && self.per_chunk[i].asked.len() == 1)
             .collect();
         for i in pending {
             if room == 0 {
@@ -1343,8 +1351,8 @@ struct Holders {
     words: usize,
     bits: Vec<u64>,
     chunks: usize,
-    /// By `Mark::index`.
-    masks: [Vec<u64>; 5],
+    /// `MARKS` masks of `words` each, by `Mark::index`.
+    masks: Vec<u64>,
 }
 
 /// A mask over the peer slots (see `Holders`).
@@ -1354,6 +1362,8 @@ enum Mark {
     Full,
     Busy,
 }
+
+const MARKS: usize = 5;
 
 impl Mark {
     fn index(self) -> usize {
@@ -1371,7 +1381,7 @@ impl Holders {
             words: 1,
             bits: vec![0; chunks],
             chunks,
-            masks: std::array::from_fn(|_| vec![0]),
+            masks: vec![0; MARKS],
         }
     }
 
@@ -1381,18 +1391,19 @@ impl Holders {
         if words <= self.words {
             return;
         }
-        let mut bits = vec![0; self.chunks * words];
-        for (i, row) in self.bits.chunks(self.words).enumerate() {
-            bits[i * words..i * words + self.words].copy_from_slice(row);
-        }
-        for m in &mut self.masks {
-            m.resize(words, 0);
-        }
-        (self.words, self.bits) = (words, bits);
+        let widen = |old: &[u64], rows: usize| {
+            let mut new = vec![0; rows * words];
+            for (i, row) in old.chunks(self.words).enumerate() {
+                new[i * words..i * words + self.words].copy_from_slice(row);
+            }
+            new
+        };
+        (self.bits, self.masks) = (widen(&self.bits, self.chunks), widen(&self.masks, MARKS));
+        self.words = words;
     }
 
     fn mark(&mut self, mark: Mark, slot: usize, on: bool) {
-        let word = &mut self.masks[mark.index()][slot / 64];
+        let word = &mut self.masks[mark.index() * self.words + slot / 64];
         if on {
             *word |= 1 << (slot % 64);
         } else {
@@ -1401,14 +1412,14 @@ impl Holders {
     }
 
     fn clear_marks(&mut self, slot: usize) {
-        for m in &mut self.masks {
-            m[slot / 64] &= !(1 << (slot % 64));
+        for mark in 0..MARKS {
+            self.masks[mark * self.words + slot / 64] &= !(1 << (slot % 64));
         }
     }
 
     /// Word `w` of chunk `i`'s holders in `tier`, only those free to be asked if `free`.
     fn word(&self, i: usize, w: usize, tier: Source, free: bool) -> u64 {
-        let m = |mark: Mark| self.masks[mark.index()][w];
+        let m = |mark: Mark| self.masks[mark.index() * self.words + w];
         let mut word = self.bits[i * self.words + w] & m(Mark::Tier(tier));
         if free {
             word &= !(m(Mark::Full) | m(Mark::Busy));
@@ -1470,6 +1481,25 @@ enum Pending {
     Every,
 }
 
+/// What a fetch knows of one chunk.
+#[derive(Debug)]
+struct ChunkState {
+    have: bool,
+    /// Non-origin peers holding it.
+    availability: u32,
+    /// Peers in this node's region holding it.
+    region_holders: u32,
+    /// When it was first known to be held by a peer.
+    first_held: Option<Instant>,
+    /// This node's place in the region's order for it, and whether it is the region's
+    /// and the swarm's ingress (see `Fetch::places_known`).
+    place: Place,
+    /// Peers it is asked of now.
+    asked: BTreeSet<PeerId>,
+    /// Peers a request for it timed out at: asked again only if nobody else can.
+    late: BTreeSet<PeerId>,
+}
+
 /// This node's place for one chunk (see `Fetch::work_out_ingress`).
 #[derive(Debug, Clone, Copy)]
 struct Place {
@@ -1478,6 +1508,15 @@ struct Place {
     /// region ingress); `usize::MAX` if this node is no gateway.
     region_rank: usize,
     swarm_ingress: bool,
+}
+
+impl Place {
+    /// Before the peers are known: last in every order.
+    const UNKNOWN: Place = Place {
+        turn: usize::MAX,
+        region_rank: usize::MAX,
+        swarm_ingress: false,
+    };
 }
 
 #[cfg(test)]
