@@ -264,11 +264,7 @@ pub async fn fetch_release(
                         after_ms = started.elapsed().as_millis() as u64,
                         "asking"
                     );
-                    let (tx, store, stored) = (tx.clone(), store.clone(), stored.clone());
-                    let entered_region = known
-                        .by_id
-                        .get(&peer)
-                        .is_some_and(|s| s.source != Source::SameRegion);
+                    let (tx, store) = (tx.clone(), store.clone());
                     let task = tokio::spawn(async move {
                         let arriving = || {
                             let _ = tx.send(Event::Arriving(peer, chunk));
@@ -280,15 +276,7 @@ pub async fn fetch_release(
                                 })
                                 .await;
                                 match put {
-                                    Ok(Ok(())) => {
-                                        if let Some(s) = &stored {
-                                            let _ = s.send(Stored {
-                                                chunk,
-                                                entered_region,
-                                            });
-                                        }
-                                        Event::Arrived(peer, chunk)
-                                    }
+                                    Ok(Ok(())) => Event::Arrived(peer, chunk),
                                     // Another peer would not help a full or failing disk:
                                     // the fetch ends, and the node reports why.
                                     Ok(Err(e)) => Event::StoreFailed(e),
@@ -411,6 +399,18 @@ pub async fn fetch_release(
             }
             Event::Arrived(id, chunk) => {
                 requests.remove(&(id, chunk));
+                if let Some(s) = &stored {
+                    let holders = fetch.holders_of(&chunk).map(|p| known.name(p).to_string());
+                    let entered_region = known
+                        .by_id
+                        .get(&id)
+                        .is_some_and(|s| s.source != Source::SameRegion);
+                    let _ = s.send(Stored {
+                        chunk,
+                        entered_region,
+                        holders: holders.collect(),
+                    });
+                }
                 fetch.handle_chunk(now, id, &chunk, true);
                 if let Some(spec) = known.by_id.get(&id) {
                     let bytes = sizes.get(&chunk).copied().unwrap_or(0);

@@ -213,7 +213,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// A chunk this node just stored, for its server to announce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub chunk: ChunkHash,
     /// It came from outside the node's region (the origin or another region): the node
@@ -223,6 +223,11 @@ pub struct Stored {
     /// from 12.12, 12.02 and 12.39 s to 11.92, 11.83 and 12.14 s (3 × 4, 4 × 5, 3 × 8)
     /// and 10 × 200 nodes from 16.92 to 16.51 s.
     pub entered_region: bool,
+    /// The nodes this node knows to hold the chunk already (their `Have`s said so): they
+    /// are not told, since a `Have` of a chunk a node holds changes nothing there. Late
+    /// in a release most peers hold what a node stores, so this spares most `Have`s,
+    /// which cross regions too.
+    pub holders: Arc<[String]>,
 }
 
 /// What a node tells a control member about itself.
@@ -799,13 +804,21 @@ async fn serve_control(
                 }
             },
             Some(first) = announced => {
-                let mut urgent = first.entered_region;
-                pending.push(first.chunk);
+                let mut urgent = false;
+                let mut news = |s: Stored| {
+                    if !s.holders.contains(&remote.node) {
+                        urgent |= s.entered_region;
+                        pending.push(s.chunk);
+                    }
+                };
+                news(first);
                 if let Some(rx) = stored.as_mut() {
                     while let Ok(more) = rx.try_recv() {
-                        urgent |= more.entered_region;
-                        pending.push(more.chunk);
+                        news(more);
                     }
+                }
+                if pending.is_empty() {
+                    continue;
                 }
                 if far && !urgent {
                     flush_at.get_or_insert(tokio::time::Instant::now() + FAR_HAVE_BATCH);

@@ -1,6 +1,7 @@
 //! Real QUIC on loopback: a chunk goes from one peer to another and is verified; a peer
 //! without a certificate from the cluster CA gets nothing; corrupted bytes are caught; a
-//! malformed request closes only its own connection.
+//! malformed request closes only its own connection; a stored chunk is announced only to
+//! the peers not known to hold it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -260,4 +261,76 @@ async fn manifests_are_fetched_verified_and_the_tracker_answers_announcements() 
         ),
         ("eu-1-a", "10.0.0.1:7000", false)
     );
+}
+
+#[tokio::test]
+async fn a_stored_chunk_is_announced_to_peers_not_known_to_hold_it() {
+    use starling_peer::Stored;
+    use starling_proto::release::{ChunkRef, Manifest, MANIFEST_VERSION};
+    let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsChunkStore::new(dir.path()).unwrap();
+    let chunk = |n: u8| ChunkHash::of(&[n; 10]);
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        archive_size: 30,
+        files: Vec::new(),
+        chunks: (0..3)
+            .map(|n| ChunkRef {
+                hash: chunk(n),
+                size: 10,
+            })
+            .collect(),
+        run: None,
+    };
+    let (release, encoded) = manifest.encode_with_id().unwrap();
+    store.put_manifest(&release, &encoded).unwrap();
+    store.put_chunk(&chunk(0), &[0; 10]).unwrap();
+    let (stored, _) = tokio::sync::broadcast::channel(16);
+    let server = Arc::new(
+        PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), config(&ca, "eu-1-s")).unwrap(),
+    );
+    let addr = server.local_addr().unwrap();
+    let s = server.clone();
+    let serving = Serving {
+        store: Arc::new(store),
+        stored: Some(stored.clone()),
+        tracker: None,
+    };
+    tokio::spawn(async move { s.serve(serving).await });
+    let wait = std::time::Duration::from_secs(10);
+    let mut conns = Vec::new();
+    for name in ["eu-1-a", "eu-1-b"] {
+        let conn = client(&ca, name).connect(addr, "eu-1-s").await.unwrap();
+        conn.want(&release).await.unwrap();
+        // The answer to `Want` (what the server holds) says the server took it.
+        let (r, first) = tokio::time::timeout(wait, conn.next_have())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r, first), (release, vec![chunk(0)]));
+        conns.push(conn);
+    }
+    // A is known to hold chunk 1; nobody is known to hold chunk 2.
+    for (n, holders) in [(1, vec!["eu-1-a".to_string()]), (2, vec![])] {
+        stored
+            .send(Stored {
+                chunk: chunk(n),
+                entered_region: false,
+                holders: holders.into(),
+            })
+            .unwrap();
+    }
+    let expected = [("a", vec![chunk(2)]), ("b", vec![chunk(1), chunk(2)])];
+    for (conn, (name, expected)) in conns.iter().zip(expected) {
+        let mut told = Vec::new();
+        while !told.contains(&chunk(2)) {
+            let (_, have) = tokio::time::timeout(wait, conn.next_have())
+                .await
+                .unwrap()
+                .unwrap();
+            told.extend(have);
+        }
+        assert_eq!(told, expected, "told {name}");
+    }
 }

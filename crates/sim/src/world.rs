@@ -707,8 +707,9 @@ impl World {
         let hashes: Vec<ChunkHash> = chunks.iter().map(|&i| self.chunks[i as usize]).collect();
         for &s in wanting {
             // A `Have` of chunks a node holds changes none of its decisions
-            // (`Fetch::handle_have` passes over them): spare the call, most of the time
-            // at scale.
+            // (`Fetch::handle_have` passes over them), and a real node leaves out those
+            // it knows the peer holds (`Stored::holders`): spare the call, most of the
+            // time at scale.
             if !self.alive_node(s)
                 || chunks
                     .iter()

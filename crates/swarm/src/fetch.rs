@@ -371,6 +371,18 @@ impl Fetch {
             .map_or(0, |&i| self.per_chunk[i].availability)
     }
 
+    /// The peers known to hold `chunk`, the origin's members among them.
+    pub fn holders_of(&self, chunk: &ChunkHash) -> impl Iterator<Item = PeerId> + '_ {
+        let i = self.index.get(chunk).copied();
+        [Source::SameRegion, Source::OtherRegion, Source::Origin]
+            .into_iter()
+            .flat_map(move |tier| {
+                i.into_iter()
+                    .flat_map(move |i| self.holders.of(i, tier, false))
+            })
+            .filter_map(|slot| self.peers.at(slot).map(|p| p.info.id))
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.requests.len()
