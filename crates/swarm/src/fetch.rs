@@ -309,6 +309,7 @@ impl Fetch {
                 region_holders: 0,
                 first_held: None,
                 place: Place::UNKNOWN,
+                ranked_at: None,
                 asked: BTreeSet::new(),
                 late: BTreeSet::new(),
             })
@@ -877,6 +878,9 @@ impl Fetch {
     fn work_out_places(&mut self, now: Instant) {
         let places = self.work_out_ingress();
         for (c, place) in self.per_chunk.iter_mut().zip(places) {
+            if c.place.region_rank != place.region_rank {
+                c.ranked_at = Some(now);
+            }
             c.place = place;
         }
         self.places_known = true;
@@ -913,16 +917,27 @@ impl Fetch {
     /// region if the region has it, for the region to get it if not.
     fn wait_ends(&self, i: usize) -> Option<Instant> {
         let held = self.per_chunk[i].first_held?;
-        Some(if self.per_chunk[i].region_holders > 0 {
-            held + self.cfg.turn_patience
+        if self.per_chunk[i].region_holders > 0 {
+            Some(held + self.cfg.turn_patience)
         } else {
-            held + self.cross_wait(i)
-        })
+            self.cross_wait_ends(i)
+        }
     }
 
-    /// How long after chunk `i` is first held somewhere this node waits for it to reach
-    /// the region before fetching it across regions itself: not at all if it is the
-    /// region's ingress for it, `backup_ingress` times its rank among the region's
+    /// When this node may fetch chunk `i`, held somewhere, across regions itself. A
+    /// backup counts from when the gateways above it took their ranks: when the ingress
+    /// dies the next one takes over at once, and the one after it waits a period from
+    /// then, not from when the chunk was first held (with 5% of 2,000 simulated nodes
+    /// killed, both crossed at the same instant, as every peer notices a death at once).
+    fn cross_wait_ends(&self, i: usize) -> Option<Instant> {
+        let c = &self.per_chunk[i];
+        let held = c.first_held?;
+        Some(held.max(c.ranked_at.unwrap_or(held)) + self.cross_wait(i))
+    }
+
+    /// How long this node waits for chunk `i`, held somewhere, to reach the region
+    /// before fetching it across regions itself (see `wait_ends`): not at all if it is
+    /// the region's ingress for it, `backup_ingress` times its rank among the region's
     /// gateways if it is another gateway, `cross_region_patience` at most.
     fn cross_wait(&self, i: usize) -> Duration {
         let rank = u32::try_from(self.place(i).region_rank).unwrap_or(u32::MAX);
@@ -965,10 +980,7 @@ impl Fetch {
         match source {
             Source::SameRegion => self.my_turn(i, now),
             Source::OtherRegion => {
-                self.is_ingress(i).0
-                    || self.per_chunk[i]
-                        .first_held
-                        .is_some_and(|t| now.saturating_duration_since(t) >= self.cross_wait(i))
+                self.is_ingress(i).0 || self.cross_wait_ends(i).is_some_and(|t| now >= t)
             }
             // The origin only for what no peer anywhere has.
             Source::Origin => {
@@ -1490,6 +1502,8 @@ struct ChunkState {
     /// This node's place in the region's order for it, and whether it is the region's
     /// and the swarm's ingress (see `Fetch::places_known`).
     place: Place,
+    /// When its rank among the region's gateways last changed.
+    ranked_at: Option<Instant>,
     /// Peers it is asked of now.
     asked: BTreeSet<PeerId>,
     /// Peers a request for it timed out at: asked again only if nobody else can.
@@ -1942,6 +1956,42 @@ mod tests {
         assert!(crossed(&mut f).is_empty());
         f.handle_timeout(t0 + cfg.cross_region_patience);
         assert_eq!(crossed(&mut f).len(), cs.len());
+    }
+
+    #[test]
+    fn when_the_ingress_dies_the_next_backup_waits_a_period_from_then() {
+        let t0 = Instant::now();
+        let cs = chunks(60);
+        let cfg = FetchConfig {
+            per_peer: 100,
+            total: 100,
+            backup_ingress: Duration::from_secs(4),
+            ..immediate()
+        };
+        let region: Vec<String> = ["me", "n1", "n2"].map(String::from).to_vec();
+        let last: BTreeSet<ChunkHash> = cs
+            .iter()
+            .filter(|c| crate::topology::rank(c, "me", &region) == 2)
+            .copied()
+            .collect();
+        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
+        f.handle_peer(t0, peer(1, Source::SameRegion));
+        f.handle_peer(t0, peer(2, Source::SameRegion));
+        f.handle_peer(t0, peer(7, Source::OtherRegion));
+        f.handle_have(t0, PeerId(7), &cs);
+        let crossed = |f: &mut Fetch| -> BTreeSet<ChunkHash> {
+            requests(&drain(f)).into_iter().map(|(_, c)| c).collect()
+        };
+        crossed(&mut f);
+        f.handle_timeout(t0 + cfg.backup_ingress);
+        crossed(&mut f);
+        // n1 dies: this node moves up to second in line for the chunks it was last for,
+        // and the first in line (n2) takes them over now.
+        let gone = t0 + cfg.backup_ingress * 3 / 2;
+        f.handle_peer_gone(gone, PeerId(1));
+        assert!(crossed(&mut f).is_disjoint(&last), "a backup at once");
+        f.handle_timeout(gone + cfg.backup_ingress);
+        assert_eq!(crossed(&mut f), last, "a period after n2 took over");
     }
 
     #[test]
