@@ -127,9 +127,18 @@ struct Node {
     known: BTreeSet<u32>,
     started: Option<u64>,
     done: Option<u64>,
-    timer: (u64, Option<u64>),
+    timer: Timer,
     /// A tracker answer said the view is complete.
     complete: bool,
+}
+
+/// A node's timer: when its fetch wants waking, and the one timer event queued for it
+/// (`version` tells it from stale ones).
+#[derive(Debug, Default)]
+struct Timer {
+    version: u64,
+    queued: Option<u64>,
+    wanted: Option<u64>,
 }
 
 /// What a run measured.
@@ -250,7 +259,7 @@ impl World {
                 known: BTreeSet::new(),
                 started: None,
                 done: None,
-                timer: (0, None),
+                timer: Timer::default(),
                 complete: false,
             });
         }
@@ -438,15 +447,24 @@ impl World {
             Ev::Ask(k) => self.ask(k),
             Ev::Timer(k, version) => {
                 let now = self.instant();
-                let node = &mut self.nodes[k as usize];
-                if node.timer.0 != version || !self.up[k as usize].alive {
+                let t = &mut self.nodes[k as usize].timer;
+                if t.version != version || !self.up[k as usize].alive {
                     return;
                 }
-                node.timer.1 = None;
-                if let Some(f) = node.fetch.as_mut() {
-                    f.handle_timeout(now);
+                t.queued = None;
+                match t.wanted {
+                    Some(w) if w <= self.now => {
+                        t.wanted = None;
+                        if let Some(f) = self.nodes[k as usize].fetch.as_mut() {
+                            f.handle_timeout(now);
+                        }
+                        self.act(k);
+                    }
+                    // The fetch wants waking later than this event, queued for an
+                    // earlier want.
+                    Some(w) => self.arm(k, w),
+                    None => {}
                 }
-                self.act(k);
             }
             Ev::Request { to, from, chunk } => self.request(to, from, chunk),
             Ev::Flow(finish) => self.flow_done(finish),
@@ -771,15 +789,23 @@ impl World {
             .as_ref()
             .and_then(Fetch::poll_timeout)
             .map(|t| ns(t.saturating_duration_since(self.t0)).max(self.now));
-        let node = &mut self.nodes[k as usize];
-        if wake != node.timer.1 {
-            node.timer.0 += 1;
-            node.timer.1 = wake;
-            if let Some(at) = wake {
-                let v = node.timer.0;
-                self.push(at, Ev::Timer(k, v));
-            }
+        let t = &mut self.nodes[k as usize].timer;
+        t.wanted = wake;
+        // A timer queued for earlier stays: it is armed again for the want when it
+        // comes. (Most wants move later — the oldest request's timeout, each time it
+        // ends — and a timer event for each filled the queue with millions.)
+        if let Some(w) = wake.filter(|&w| t.queued.is_none_or(|q| w < q)) {
+            self.arm(k, w);
         }
+    }
+
+    /// Queue node `k`'s timer event for `at`; any queued before goes stale.
+    fn arm(&mut self, k: u32, at: u64) {
+        let t = &mut self.nodes[k as usize].timer;
+        t.version += 1;
+        t.queued = Some(at);
+        let v = t.version;
+        self.push(at, Ev::Timer(k, v));
     }
 
     fn request(&mut self, to: u32, from: u32, chunk: u32) {
