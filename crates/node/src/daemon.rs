@@ -704,7 +704,7 @@ async fn fetch(
     me: &Announcement,
     release: ReleaseId,
 ) -> Result<Manifest, String> {
-    let fetch_cfg = FetchConfig::default();
+    let settle = FetchConfig::default().settle;
     // Where to fetch from: what the trackers say now, and again every few seconds while
     // the fetch runs (peers that start later join it), and the origins.
     let asked_first = tokio::time::Instant::now();
@@ -713,7 +713,7 @@ async fn fetch(
     // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
-        let (settle, mut complete) = (fetch_cfg.settle, sources.complete);
+        let mut complete = sources.complete;
         tokio::spawn(async move {
             loop {
                 let elapsed = asked_first.elapsed();
@@ -746,7 +746,7 @@ async fn fetch(
         more,
         store.clone() as Arc<dyn ChunkStore>,
         Some(stored.clone()),
-        fetch_cfg,
+        FetchConfig::default().for_release(manifest.archive_size),
         Duration::from_secs(60),
     )
     .await;

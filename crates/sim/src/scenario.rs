@@ -99,11 +99,12 @@ impl Scenario {
     /// node and origin uploads, unshaped downloads, a 100 Mbit/s WAN link per region,
     /// three members on the origin host, no added latency.
     pub fn testbed(regions: usize, per_region: usize, size_mib: u64) -> Scenario {
+        let release_bytes = size_mib << 20;
         Scenario {
             name: format!("testbed {regions}×{per_region}"),
             regions,
             nodes_per_region: per_region,
-            release_bytes: size_mib << 20,
+            release_bytes,
             chunk_bytes: 256 << 10,
             node_up: mbit(40.0),
             node_down: f64::INFINITY,
@@ -117,7 +118,7 @@ impl Scenario {
             new_chunks: None,
             faults: Faults::default(),
             seed: 1,
-            fetch: FetchConfig::default(),
+            fetch: FetchConfig::default().for_release(release_bytes),
         }
     }
 
@@ -147,7 +148,7 @@ impl Scenario {
             new_chunks: None,
             faults: Faults::default(),
             seed: 1,
-            fetch: FetchConfig::default(),
+            fetch: FetchConfig::default().for_release(release_bytes),
         }
     }
 }
