@@ -1703,16 +1703,22 @@ mod tests {
         assert!(drain(&mut f).iter().any(cancels_held));
     }
 
-    #[test]
-    fn a_new_chunk_spreads_through_the_region_as_a_tree() {
-        let t0 = Instant::now();
-        // No endgame: one request shows that this node asks.
+    /// `immediate` without the endgame (one request shows that this node asks), and a
+    /// region of nine: n1 to n8 and this node.
+    fn region_of_nine() -> (FetchConfig, Vec<String>) {
         let cfg = FetchConfig {
             endgame_chunks: 0,
             ..immediate()
         };
         let mut region: Vec<String> = (1..=8).map(|i| format!("n{i}")).collect();
         region.push("me".into());
+        (cfg, region)
+    }
+
+    #[test]
+    fn a_new_chunk_spreads_through_the_region_as_a_tree() {
+        let t0 = Instant::now();
+        let (cfg, region) = region_of_nine();
         // A chunk for which this node comes late in the region's order.
         let c = *chunks(100)
             .iter()
@@ -1753,12 +1759,7 @@ mod tests {
     #[test]
     fn a_wait_that_ran_out_is_acted_on_even_if_another_event_comes_before_its_timer() {
         let t0 = Instant::now();
-        let cfg = FetchConfig {
-            endgame_chunks: 0,
-            ..immediate()
-        };
-        let mut region: Vec<String> = (1..=8).map(|i| format!("n{i}")).collect();
-        region.push("me".into());
+        let (cfg, region) = region_of_nine();
         let cs = chunks(100);
         let late = *cs
             .iter()
@@ -1936,30 +1937,42 @@ mod tests {
         assert_eq!(at_origin(&mut f), 1);
     }
 
-    #[test]
-    fn the_backups_of_a_slow_ingress_come_one_at_a_time_and_a_non_gateway_waits_longest() {
-        let t0 = Instant::now();
+    /// A gateway ("me") of a region of three gateways (n1, n2), with a backup period of
+    /// 4 s (two within the request timeout), whose 60 chunks a peer of another region
+    /// (7) holds; the chunks for which this node has `rank` in the region's order.
+    fn three_gateways(t0: Instant) -> (FetchConfig, Fetch, impl Fn(usize) -> BTreeSet<ChunkHash>) {
         let cs = chunks(60);
         let cfg = FetchConfig {
             per_peer: 100,
             total: 100,
-            // Two periods within the request timeout.
             backup_ingress: Duration::from_secs(4),
             ..immediate()
         };
-        let region: Vec<String> = ["me", "n1", "n2"].map(String::from).to_vec();
-        let rank_of = |c: &ChunkHash| crate::topology::rank(c, "me", &region);
         let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
         f.handle_peer(t0, peer(1, Source::SameRegion));
         f.handle_peer(t0, peer(2, Source::SameRegion));
         f.handle_peer(t0, peer(7, Source::OtherRegion));
         f.handle_have(t0, PeerId(7), &cs);
-        let crossed = |f: &mut Fetch| -> BTreeSet<ChunkHash> {
-            requests(&drain(f)).into_iter().map(|(_, c)| c).collect()
+        let region: Vec<String> = ["me", "n1", "n2"].map(String::from).to_vec();
+        let by_rank = move |r: usize| -> BTreeSet<ChunkHash> {
+            cs.iter()
+                .filter(|c| crate::topology::rank(c, "me", &region) == r)
+                .copied()
+                .collect()
         };
-        let by_rank = |r: usize| -> BTreeSet<ChunkHash> {
-            cs.iter().filter(|c| rank_of(c) == r).copied().collect()
-        };
+        (cfg, f, by_rank)
+    }
+
+    /// The chunks asked for since the last call.
+    fn crossed(f: &mut Fetch) -> BTreeSet<ChunkHash> {
+        requests(&drain(f)).into_iter().map(|(_, c)| c).collect()
+    }
+
+    #[test]
+    fn the_backups_of_a_slow_ingress_come_one_at_a_time_and_a_non_gateway_waits_longest() {
+        let t0 = Instant::now();
+        let (cfg, mut f, by_rank) = three_gateways(t0);
+        let cs = chunks(60);
         assert_eq!(crossed(&mut f), by_rank(0));
         f.handle_timeout(t0 + cfg.backup_ingress);
         assert_eq!(
@@ -1983,27 +1996,7 @@ mod tests {
     #[test]
     fn when_the_ingress_dies_the_next_backup_waits_a_period_from_then() {
         let t0 = Instant::now();
-        let cs = chunks(60);
-        let cfg = FetchConfig {
-            per_peer: 100,
-            total: 100,
-            backup_ingress: Duration::from_secs(4),
-            ..immediate()
-        };
-        let region: Vec<String> = ["me", "n1", "n2"].map(String::from).to_vec();
-        let last: BTreeSet<ChunkHash> = cs
-            .iter()
-            .filter(|c| crate::topology::rank(c, "me", &region) == 2)
-            .copied()
-            .collect();
-        let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
-        f.handle_peer(t0, peer(1, Source::SameRegion));
-        f.handle_peer(t0, peer(2, Source::SameRegion));
-        f.handle_peer(t0, peer(7, Source::OtherRegion));
-        f.handle_have(t0, PeerId(7), &cs);
-        let crossed = |f: &mut Fetch| -> BTreeSet<ChunkHash> {
-            requests(&drain(f)).into_iter().map(|(_, c)| c).collect()
-        };
+        let (cfg, mut f, by_rank) = three_gateways(t0);
         crossed(&mut f);
         f.handle_timeout(t0 + cfg.backup_ingress);
         crossed(&mut f);
@@ -2011,9 +2004,9 @@ mod tests {
         // and the first in line (n2) takes them over now.
         let gone = t0 + cfg.backup_ingress * 3 / 2;
         f.handle_peer_gone(gone, PeerId(1));
-        assert!(crossed(&mut f).is_disjoint(&last), "a backup at once");
+        assert!(crossed(&mut f).is_disjoint(&by_rank(2)), "a backup at once");
         f.handle_timeout(gone + cfg.backup_ingress);
-        assert_eq!(crossed(&mut f), last, "a period after n2 took over");
+        assert_eq!(crossed(&mut f), by_rank(2), "a period after n2 took over");
     }
 
     #[test]
