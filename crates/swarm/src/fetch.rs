@@ -396,13 +396,10 @@ impl Fetch {
 
     /// The peers known to hold `chunk`, the origin's members among them.
     pub fn holders_of(&self, chunk: &ChunkHash) -> impl Iterator<Item = PeerId> + '_ {
-        let i = self.index.get(chunk).copied();
-        [Source::SameRegion, Source::OtherRegion, Source::Origin]
+        self.index
+            .get(chunk)
             .into_iter()
-            .flat_map(move |tier| {
-                i.into_iter()
-                    .flat_map(move |i| self.holders.of(i, tier, false))
-            })
+            .flat_map(|&i| self.holders.all(i))
             .filter_map(|slot| self.peers.at(slot).map(|p| p.info.id))
     }
 
@@ -528,14 +525,16 @@ impl Fetch {
                     if p.info.source == Source::SameRegion {
                         self.per_chunk[i].region_holders += 1;
                     }
-                    news.push(i);
+                    // Only the chunks it names that this node lacks can have become
+                    // worth asking for: the rest were weighed at the last event or
+                    // timer, and nothing they depend on changed. (Near the end, the
+                    // endgame looks at every chunk.)
+                    if !self.per_chunk[i].have {
+                        news.push(i);
+                    }
                 }
             }
         }
-        // Only the chunks it names that this node lacks can have become worth asking
-        // for: the rest were weighed at the last event or timer, and nothing they depend
-        // on changed. (Near the end, the endgame looks at every chunk.)
-        news.retain(|&i| !self.per_chunk[i].have);
         if news.is_empty() {
             return;
         }
@@ -639,13 +638,13 @@ impl Fetch {
             return;
         };
         self.per_chunk[i].late.insert(peer);
-        if let Some(p) = self.peers.get_mut(&peer) {
+        if let Some(slot) = self.peers.slot(&peer) {
             let until = now + self.cfg.busy_backoff;
-            p.busy_until = Some(until);
-            self.busy_ends.push(Reverse((until, peer)));
-            if let Some(slot) = self.peers.slot(&peer) {
-                self.holders.mark(Mark::Busy, slot, true);
+            if let Some(p) = self.peers.slots[slot].as_mut() {
+                p.busy_until = Some(until);
             }
+            self.busy_ends.push(Reverse((until, peer)));
+            self.holders.mark(Mark::Busy, slot, true);
         }
         self.schedule_after_request(now, was_full, vec![i]);
     }
@@ -1036,18 +1035,16 @@ impl Fetch {
     fn choose_peer(&self, i: usize, now: Instant) -> Option<PeerId> {
         let chunk = &self.chunks[i];
         let (asked, late) = (&self.per_chunk[i].asked, &self.per_chunk[i].late);
+        let not_asked = |slot: usize| {
+            asked.is_empty()
+                || self
+                    .peers
+                    .at(slot)
+                    .is_some_and(|p| !asked.contains(&p.info.id))
+        };
         let tier = [Source::SameRegion, Source::OtherRegion, Source::Origin]
             .into_iter()
-            .find(|&t| {
-                let mut holders = self.holders.of(i, t, false);
-                // A holder not asked: more holders than peers asked, or one of them.
-                asked.len() < self.holders.count(i, t)
-                    || holders.any(|slot| {
-                        self.peers
-                            .at(slot)
-                            .is_some_and(|p| !asked.contains(&p.info.id))
-                    })
-            })?;
+            .find(|&t| self.holders.of(i, t, false).any(not_asked))?;
         let mut best: Option<(bool, usize, u64, PeerId)> = None;
         for p in self
             .holders
@@ -1055,7 +1052,9 @@ impl Fetch {
             .filter_map(|slot| self.peers.at(slot))
         {
             let id = &p.info.id;
-            if asked.contains(id) || !self.is_free(p, now) {
+            // The masks left out the peers that may not be asked now.
+            debug_assert!(self.is_free(p, now));
+            if asked.contains(id) {
                 continue;
             }
             let key = (
@@ -1213,7 +1212,7 @@ impl Fetch {
     /// settling or the origin's patience.
     fn a_wait_ended(&mut self, now: Instant) -> bool {
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
-            if !self.per_chunk[i].have && self.wait_ends(i) == Some(t) {
+            if self.wait_holds(t, i) {
                 break;
             }
             self.waits.pop();
@@ -1226,6 +1225,12 @@ impl Fetch {
                 .is_some_and(|Reverse((t, _))| *t <= now)
             || crossed(self.started + self.cfg.settle)
             || crossed(self.started + self.cfg.origin_patience)
+    }
+
+    /// Whether the wait for chunk `i` that ends at `t` still holds: the chunk has not
+    /// arrived and the wait's end has not moved.
+    fn wait_holds(&self, t: Instant, i: usize) -> bool {
+        !self.per_chunk[i].have && self.wait_ends(i) == Some(t)
     }
 
     /// Waits that ended, or whose chunk arrived or whose end moved, leave the heaps.
@@ -1242,9 +1247,7 @@ impl Fetch {
             }
         }
         while let Some(Reverse((t, i))) = self.waits.peek().copied() {
-            let stale =
-                self.per_chunk[i].have || Some(t) <= self.seen || self.wait_ends(i) != Some(t);
-            if !stale {
+            if Some(t) > self.seen && self.wait_holds(t, i) {
                 return;
             }
             self.waits.pop();
@@ -1457,13 +1460,6 @@ impl Holders {
         word
     }
 
-    /// How many slots of `tier` hold chunk `i`.
-    fn count(&self, i: usize, tier: Source) -> usize {
-        (0..self.words)
-            .map(|w| self.word(i, w, tier, false).count_ones() as usize)
-            .sum()
-    }
-
     fn contains(&self, i: usize, slot: usize) -> bool {
         self.bits[i * self.words + slot / 64] & (1 << (slot % 64)) != 0
     }
@@ -1484,22 +1480,35 @@ impl Holders {
 
     /// The slots of `tier` that hold chunk `i`, only those free to be asked if `free`.
     fn of(&self, i: usize, tier: Source, free: bool) -> impl Iterator<Item = usize> + '_ {
-        (0..self.words).flat_map(move |w| {
-            let mut word = self.word(i, w, tier, free);
-            std::iter::from_fn(move || {
-                (word != 0).then(|| {
-                    let bit = word.trailing_zeros() as usize;
-                    word &= word - 1;
-                    w * 64 + bit
-                })
-            })
-        })
+        set_bits((0..self.words).map(move |w| self.word(i, w, tier, free)))
+    }
+
+    /// The slots that hold chunk `i`.
+    fn all(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        set_bits(
+            self.bits[i * self.words..(i + 1) * self.words]
+                .iter()
+                .copied(),
+        )
     }
 
     /// The chunks `slot` holds.
     fn held_by(&self, slot: usize) -> impl Iterator<Item = usize> + '_ {
         (0..self.chunks).filter(move |&i| self.contains(i, slot))
     }
+}
+
+/// The positions of the bits set in `words`, 64 a word.
+fn set_bits(words: impl Iterator<Item = u64>) -> impl Iterator<Item = usize> {
+    words.enumerate().flat_map(|(w, mut word)| {
+        std::iter::from_fn(move || {
+            (word != 0).then(|| {
+                let bit = word.trailing_zeros() as usize;
+                word &= word - 1;
+                w * 64 + bit
+            })
+        })
+    })
 }
 
 /// What the next `poll_action` must decide about.
