@@ -6,20 +6,33 @@
 //! Nothing here goes through Raft; after a restart the tracker fills again within one
 //! announce interval.
 //!
-//! **Gateways.** Of each region's nodes that announce a release, the [`Tracker::gateways`]
-//! with the highest rendezvous weight for the release are its *gateways*: they alone
-//! bring the release's chunks into the region (across the WAN, or from the origin), and
-//! the region's other nodes fetch from each other and from them. Every node of the region
-//! computes the same gateways' shares of the chunks only if it sees the same gateways,
-//! so every answer names all of its region's gateways, and a gateway's answer names every
-//! region's gateways too; the rest of an answer is a sample of the asker's region (then
-//! of the others, when its region is small), different for every asker, so that no node
-//! is everyone's first choice. With at most `gateways` nodes per region every node is a
-//! gateway and every answer names everyone (up to [`Tracker::max_peers`]).
+//! **Gateways.** Of each region's nodes that run a release's repository, the
+//! [`Tracker::gateways`] with the highest rendezvous weight for the release are its
+//! *gateways*: they alone bring the release's chunks into the region (across the WAN, or
+//! from the origin), and the region's other nodes fetch from each other and from them.
+//! Every node of the region computes the same gateways' shares of the chunks only if it
+//! sees the same gateways, so every answer names all of its region's gateways, and a
+//! gateway's answer names every region's gateways too; the rest of an answer is a sample
+//! of the nodes announcing the release in the asker's region (then in the others, when
+//! its region is small), different for every asker, so that no node is everyone's first
+//! choice. With at most `gateways` nodes per region every node is a gateway and every
+//! answer names everyone (up to [`Tracker::max_peers`]).
+//!
+//! The gateways come from the repository's nodes, not from those that announced the
+//! release so far, so that they are known from the first answer: every node of the
+//! repository fetches its goal's release, and nodes see a new goal up to a second or so
+//! apart. When the gateways were drawn from the announcers, no answer was final until the
+//! last node had announced, and until then no node crossed regions and the origin idled
+//! (about 1.1 s of every run at scale). A node of the repository that has not announced
+//! the release [`Tracker::start_grace`] after the first node did is passed over: it may
+//! be stuck, and a gateway that never fetches holds its region's share back. An asker
+//! that does not say which repository it fetches the release for gets the gateways among
+//! the release's announcers, and no final view.
 //!
 //! Cost: an answer takes O(log N + peers) with N nodes announcing the release: nodes are
 //! kept per release and region in rendezvous order, and the sample is a run of that
-//! order from a point that depends on the asker.
+//! order from a point that depends on the asker. A region's gateways among a repository's
+//! nodes take O(M) for its M nodes once per release, then again only when they change.
 //!
 //! Load: a node announces once per interval (the node daemon uses 10 s, 3 s while it
 //! fetches), one small request per node, so 1,000 nodes cost a member 100 to 333
@@ -65,10 +78,10 @@ pub struct Answer {
     /// The asker is one of its region's gateways for the release.
     pub gateway: bool,
     pub peers: Vec<PeerEntry>,
-    /// Every node that runs the repository the asker fetches the release for announces
-    /// the release (fetching or holding it): the gateways are final, and so is every
-    /// node's view of who brings which chunk in. A fetch waits for this, or a while,
-    /// before it crosses regions.
+    /// The gateways named are final (drawn from the nodes of the repository the asker
+    /// fetches the release for; they change only as nodes join, leave or fail to start),
+    /// and so is every node's view of who brings which chunk in. A fetch waits for this,
+    /// or a while, before it crosses regions.
     pub complete: bool,
 }
 
@@ -81,6 +94,29 @@ struct Entry {
 /// A node's place in a release's rendezvous order: (weight, name), highest first.
 type Place = (u64, String);
 
+/// The nodes of one region that run one repository.
+#[derive(Debug, Clone, Default)]
+struct Members {
+    nodes: BTreeSet<String>,
+    /// Drawn anew from `Tracker::changes` whenever `nodes` changes: cached rankings of an
+    /// older one are stale.
+    version: u64,
+}
+
+/// The first of a region's `Members` in a release's rendezvous order, highest first.
+#[derive(Debug, Clone)]
+struct Ranked {
+    version: u64,
+    nodes: Vec<String>,
+}
+
+/// How many of a region's nodes a cached ranking keeps, per gateway: enough to pass over
+/// the few that have not started without ranking the region again.
+const RANKED_PER_GATEWAY: usize = 4;
+
+/// Cached rankings kept at most (per release and region); past it the cache starts over.
+const RANKED_MAX: usize = 4096;
+
 #[derive(Debug, Clone)]
 pub struct Tracker {
     /// How long an announcement counts.
@@ -89,12 +125,20 @@ pub struct Tracker {
     pub max_peers: usize,
     /// Gateways per region and release.
     pub gateways: usize,
+    /// How long after a release's first announcement a node of its repository that has
+    /// not announced it may still be one of its gateways.
+    pub start_grace: Duration,
     nodes: BTreeMap<String, Entry>,
     /// Per release, per region: the nodes announcing it, in rendezvous order.
     order: HashMap<ReleaseId, BTreeMap<String, BTreeSet<Place>>>,
-    /// Per repository, how many nodes run it: what a release's announcers are counted
-    /// against.
-    repos: HashMap<String, usize>,
+    /// Per release announced: when a node first announced it.
+    since: HashMap<ReleaseId, Instant>,
+    /// Per repository, per region: the nodes that run it.
+    members: HashMap<String, BTreeMap<String, Members>>,
+    /// Membership changes so far (what `Members::version` is drawn from).
+    changes: u64,
+    /// Per release and region: its repository's nodes there, ranked.
+    ranked: HashMap<(ReleaseId, String), Ranked>,
 }
 
 impl Tracker {
@@ -103,9 +147,13 @@ impl Tracker {
             ttl,
             max_peers,
             gateways: gateways.max(1),
+            start_grace: Duration::from_secs(3),
             nodes: BTreeMap::new(),
             order: HashMap::new(),
-            repos: HashMap::new(),
+            since: HashMap::new(),
+            members: HashMap::new(),
+            changes: 0,
+            ranked: HashMap::new(),
         }
     }
 
@@ -116,17 +164,21 @@ impl Tracker {
                 && e.announce.holds == a.holds
                 && e.announce.fetching == a.fetching
         });
-        // Most announcements repeat the node's repositories: nothing to count then.
-        let old = self.nodes.get(&a.node).map(|e| &e.announce);
-        if !old.is_some_and(|o| repos(o).eq(repos(&a))) {
-            if let Some(o) = old {
-                count_repos(&mut self.repos, o, false);
+        // Most announcements repeat the node's region and repositories: nothing to change.
+        let old = self.nodes.get(&a.node).map(|e| e.announce.clone());
+        if !old
+            .as_ref()
+            .is_some_and(|o| o.region == a.region && repos(o).eq(repos(&a)))
+        {
+            if let Some(o) = &old {
+                self.enrol(o, false);
             }
-            count_repos(&mut self.repos, &a, true);
+            self.enrol(&a, true);
         }
         if !same {
             self.unindex(&a.node);
             for r in a.holds.iter().chain(&a.fetching) {
+                self.since.entry(*r).or_insert(now);
                 self.order
                     .entry(*r)
                     .or_default()
@@ -161,6 +213,40 @@ impl Tracker {
             }
             if regions.is_empty() {
                 self.order.remove(r);
+                self.since.remove(r);
+            }
+        }
+    }
+
+    /// Count `a`'s node among the members of its repositories (each once), or (`add`
+    /// false) take it out.
+    fn enrol(&mut self, a: &Announce, add: bool) {
+        for (k, repo) in repos(a).enumerate() {
+            if repos(a).take(k).any(|n| n == repo) {
+                continue;
+            }
+            self.changes += 1;
+            let version = self.changes;
+            if add {
+                let m = self
+                    .members
+                    .entry(repo.to_string())
+                    .or_default()
+                    .entry(a.region.clone())
+                    .or_default();
+                m.nodes.insert(a.node.clone());
+                m.version = version;
+            } else if let Some(regions) = self.members.get_mut(repo) {
+                if let Some(m) = regions.get_mut(&a.region) {
+                    m.nodes.remove(&a.node);
+                    m.version = version;
+                    if m.nodes.is_empty() {
+                        regions.remove(&a.region);
+                    }
+                }
+                if regions.is_empty() {
+                    self.members.remove(repo);
+                }
             }
         }
     }
@@ -177,7 +263,7 @@ impl Tracker {
         for n in &stale {
             self.unindex(n);
             if let Some(e) = self.nodes.remove(n) {
-                count_repos(&mut self.repos, &e.announce, false);
+                self.enrol(&e.announce, false);
             }
         }
         stale.len()
@@ -195,7 +281,7 @@ impl Tracker {
         now.saturating_duration_since(e.at) < self.ttl
     }
 
-    /// The live announcement of `node`, if it names `release`.
+    /// The live announcement of `node`.
     fn entry(&self, node: &str, now: Instant) -> Option<&Announce> {
         self.nodes
             .get(node)
@@ -203,25 +289,106 @@ impl Tracker {
             .map(|e| &e.announce)
     }
 
-    /// `region`'s gateways for `release`, highest weight first.
-    fn gateways_of<'a>(
-        &'a self,
-        order: &'a BTreeSet<Place>,
+    /// The names of `region`'s gateways for `release`, highest weight first: among the
+    /// region's nodes of `repo` when it is known (passing over those that have not
+    /// announced the release after `start_grace`), else among the release's announcers.
+    fn gateways_of(
+        &mut self,
+        repo: Option<&str>,
+        release: &ReleaseId,
+        region: &str,
         now: Instant,
-    ) -> impl Iterator<Item = &'a Announce> + 'a {
-        order
+    ) -> Vec<String> {
+        let Some(members) = repo
+            .and_then(|r| self.members.get(r))
+            .and_then(|m| m.get(region))
+        else {
+            let order = self.order.get(release).and_then(|o| o.get(region));
+            return order
+                .into_iter()
+                .flat_map(|o| o.iter().rev())
+                .filter(|(_, n)| self.entry(n, now).is_some())
+                .take(self.gateways)
+                .map(|(_, n)| n.clone())
+                .collect();
+        };
+        let key = (*release, region.to_string());
+        if self
+            .ranked
+            .get(&key)
+            .is_none_or(|r| r.version != members.version)
+        {
+            if self.ranked.len() >= RANKED_MAX {
+                self.ranked.clear();
+            }
+            let nodes = ranked(release, &members.nodes, self.gateways * RANKED_PER_GATEWAY);
+            let version = members.version;
+            self.ranked.insert(key.clone(), Ranked { version, nodes });
+        }
+        let in_grace = self
+            .since
+            .get(release)
+            .is_none_or(|s| now.saturating_duration_since(*s) < self.start_grace);
+        let eligible = |n: &String| {
+            self.entry(n, now).is_some_and(|a| {
+                in_grace || a.holds.contains(release) || a.fetching.contains(release)
+            })
+        };
+        let cached = &self.ranked[&key].nodes;
+        let found: Vec<String> = cached
             .iter()
-            .rev()
-            .filter_map(move |(_, n)| self.entry(n, now))
+            .filter(|n| eligible(n))
             .take(self.gateways)
+            .cloned()
+            .collect();
+        if found.len() == self.gateways || cached.len() == members.nodes.len() {
+            return found;
+        }
+        // More of the first nodes have not started than the cache holds: rank them all.
+        ranked(release, &members.nodes, members.nodes.len())
+            .into_iter()
+            .filter(|n| eligible(n))
+            .take(self.gateways)
+            .collect()
     }
 
     /// Peers for `asker` (in `region`) to fetch `release` from, never the asker itself:
     /// its region's gateways (every region's, if it is one), then a sample of its region,
     /// then of the others, up to `max_peers` besides the gateways.
-    pub fn peers(&self, asker: &str, region: &str, release: &ReleaseId, now: Instant) -> Answer {
-        let Some(regions) = self.order.get(release) else {
-            return Answer::default();
+    pub fn peers(
+        &mut self,
+        asker: &str,
+        region: &str,
+        release: &ReleaseId,
+        now: Instant,
+    ) -> Answer {
+        let repo = self.nodes.get(asker).and_then(|e| {
+            e.announce
+                .apps
+                .iter()
+                .find(|a| a.fetching == Some(*release))
+                .map(|a| a.repo.clone())
+        });
+        let repo = repo.filter(|r| self.members.contains_key(r));
+        let own = self.gateways_of(repo.as_deref(), release, region, now);
+        let mut gateways = Vec::new();
+        if own.iter().any(|n| n == asker) {
+            let regions: Vec<String> = match &repo {
+                Some(r) => self.members[r].keys().cloned().collect(),
+                None => self
+                    .order
+                    .get(release)
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default(),
+            };
+            for r in regions.iter().filter(|r| r.as_str() != region) {
+                gateways.extend(self.gateways_of(repo.as_deref(), release, r, now));
+            }
+        }
+        let mut answer = Answer {
+            gateway: own.iter().any(|n| n == asker),
+            complete: repo.is_some(),
+            ..Answer::default()
         };
         let entry = |a: &Announce, gateway: bool| PeerEntry {
             node: a.node.clone(),
@@ -230,41 +397,18 @@ impl Tracker {
             fetching: a.fetching.contains(release) && !a.holds.contains(release),
             gateway,
         };
-        let announcing: usize = regions.values().map(BTreeSet::len).sum();
-        let repo = self.nodes.get(asker).and_then(|e| {
-            e.announce
-                .apps
-                .iter()
-                .find(|a| a.fetching == Some(*release))
-        });
-        let mut answer = Answer {
-            complete: repo
-                .and_then(|a| self.repos.get(&a.repo))
-                .is_some_and(|&n| announcing >= n),
-            ..Answer::default()
-        };
         let mut named: BTreeSet<&str> = BTreeSet::from([asker]);
-        let own = regions.get(region);
-        if let Some(order) = own {
-            for a in self.gateways_of(order, now) {
-                if a.node == asker {
-                    answer.gateway = true;
-                } else if named.insert(&a.node) {
-                    answer.peers.push(entry(a, true));
-                }
+        for n in own.iter().chain(&gateways) {
+            if let Some(a) = self.entry(n, now).filter(|_| named.insert(n)) {
+                answer.peers.push(entry(a, true));
             }
         }
-        if answer.gateway {
-            for (_, order) in regions.iter().filter(|(r, _)| r.as_str() != region) {
-                for a in self.gateways_of(order, now) {
-                    if named.insert(&a.node) {
-                        answer.peers.push(entry(a, true));
-                    }
-                }
-            }
-        }
+        let Some(regions) = self.order.get(release) else {
+            return answer;
+        };
         let mut room = self.max_peers;
         let from = spread(asker, release);
+        let own = regions.get(region);
         let others = regions.iter().filter(|(r, _)| r.as_str() != region);
         for (_, order) in own
             .into_iter()
@@ -298,21 +442,16 @@ fn repos(a: &Announce) -> impl Iterator<Item = &str> {
     a.apps.iter().map(|r| r.repo.as_str())
 }
 
-/// Count `a`'s repositories in `counts`, each once, or (`add` false) take them out.
-fn count_repos(counts: &mut HashMap<String, usize>, a: &Announce, add: bool) {
-    for (k, name) in repos(a).enumerate() {
-        if repos(a).take(k).any(|n| n == name) {
-            continue;
-        }
-        if add {
-            *counts.entry(name.to_string()).or_default() += 1;
-        } else if let Some(n) = counts.get_mut(name) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(name);
-            }
-        }
+/// The first `n` of `nodes` in `release`'s rendezvous order, highest weight first.
+fn ranked(release: &ReleaseId, nodes: &BTreeSet<String>, n: usize) -> Vec<String> {
+    let mut by_weight: Vec<(u64, &String)> =
+        nodes.iter().map(|x| (weight(release, x), x)).collect();
+    if n < by_weight.len() {
+        by_weight.select_nth_unstable_by(n, |a, b| b.cmp(a));
+        by_weight.truncate(n);
     }
+    by_weight.sort_unstable_by(|a, b| b.cmp(a));
+    by_weight.into_iter().map(|(_, x)| x.clone()).collect()
 }
 
 /// A node's rendezvous weight for a release (FNV-1a over both): stable, cheap, and
@@ -410,7 +549,7 @@ mod tests {
             t.announce(a(&format!("n{i}"), "eu", &[r], &[]), t0);
         }
         // Besides the region's gateways, five.
-        let sample = |n: &str| -> Vec<PeerEntry> {
+        let mut sample = |n: &str| -> Vec<PeerEntry> {
             let a = t.peers(n, "eu", &r, t0);
             a.peers.into_iter().filter(|p| !p.gateway).collect()
         };
@@ -428,13 +567,13 @@ mod tests {
             t.announce(a(&format!("eu-{i}"), "eu", &[], &[r]), t0);
             t.announce(a(&format!("us-{i}"), "us", &[], &[r]), t0);
         }
-        let gateways = |t: &Tracker, region: &str| -> Vec<String> {
+        let gateways = |t: &mut Tracker, region: &str| -> Vec<String> {
             (0..100)
                 .map(|i| format!("{region}-{i}"))
                 .filter(|n| t.peers(n, region, &r, t0).gateway)
                 .collect()
         };
-        let (eu, us) = (gateways(&t, "eu"), gateways(&t, "us"));
+        let (eu, us) = (gateways(&mut t, "eu"), gateways(&mut t, "us"));
         assert_eq!((eu.len(), us.len()), (3, 3));
         for i in 0..100 {
             let n = format!("eu-{i}");
@@ -465,72 +604,128 @@ mod tests {
         }
         // A gateway that leaves is replaced by the next in the order.
         t.announce(a(&eu[0], "eu", &[], &[]), t0);
-        let now = gateways(&t, "eu");
+        let now = gateways(&mut t, "eu");
         assert_eq!(now.len(), 3);
         assert!(!now.contains(&eu[0]) && now.contains(&eu[1]) && now.contains(&eu[2]));
     }
 
-    #[test]
-    fn the_view_is_complete_once_every_node_of_the_repository_announces_the_release() {
-        let t0 = Instant::now();
-        let (old, r) = (ReleaseId::of(b"old"), ReleaseId::of(b"r"));
-        let app = |fetching: Option<ReleaseId>| AppReport {
-            release: Some(old),
-            state: starling_proto::AppState::Running,
-            fetching,
-            ..AppReport::idle("acme/web")
-        };
-        let mut t = Tracker::new(Duration::from_secs(30), 10, 2);
-        // Three nodes run the repository; one more runs something else.
-        for n in ["eu-1", "eu-2", "us-1"] {
-            let region = &n[..2];
+    /// Nodes of `acme/web` holding `old`, in `eu` and `us`, announced at `t0`.
+    fn fleet(t: &mut Tracker, nodes: &[&str], old: ReleaseId, t0: Instant) {
+        for n in nodes {
             t.announce(
                 Announce {
-                    apps: vec![app(None)],
-                    ..a(n, region, &[old], &[])
+                    apps: vec![web(old, None)],
+                    ..a(n, &n[..2], &[old], &[])
                 },
                 t0,
             );
         }
-        t.announce(a("us-other", "us", &[], &[]), t0);
-        let fetching = |n: &str| Announce {
-            apps: vec![app(Some(r))],
-            ..a(n, &n[..2], &[old], &[r])
-        };
-        t.announce(fetching("eu-1"), t0);
-        t.announce(fetching("us-1"), t0);
-        assert!(
-            !t.peers("eu-1", "eu", &r, t0).complete,
-            "eu-2 has not announced r"
-        );
-        t.announce(fetching("eu-2"), t0);
-        assert!(t.peers("eu-1", "eu", &r, t0).complete);
-        // A node that finished still counts; one that left no longer needs to.
-        t.announce(
-            Announce {
-                apps: vec![app(None)],
-                ..a("us-1", "us", &[r], &[])
-            },
-            t0,
-        );
-        assert!(t.peers("eu-2", "eu", &r, t0).complete);
-        // An asker that does not say what it fetches the release for is never told so.
-        assert!(!t.peers("us-other", "us", &r, t0).complete);
-        // A node of the repository that stops announcing is forgotten with its count.
-        t.announce(
-            Announce {
-                apps: vec![app(None)],
-                ..a("eu-3", "eu", &[old], &[])
-            },
-            t0,
-        );
-        assert!(!t.peers("eu-1", "eu", &r, t0).complete);
-        let later = t0 + Duration::from_secs(20);
-        for n in ["eu-1", "eu-2", "us-1", "us-other"] {
-            let again = t.nodes.get(n).map(|e| e.announce.clone()).unwrap();
-            t.announce(again, later);
+    }
+
+    fn web(old: ReleaseId, fetching: Option<ReleaseId>) -> AppReport {
+        AppReport {
+            release: Some(old),
+            state: starling_proto::AppState::Running,
+            fetching,
+            ..AppReport::idle("acme/web")
         }
-        t.expire(later + Duration::from_secs(15));
-        assert!(t.peers("eu-1", "eu", &r, later).complete);
+    }
+
+    fn fetching(n: &str, old: ReleaseId, r: ReleaseId) -> Announce {
+        Announce {
+            apps: vec![web(old, Some(r))],
+            ..a(n, &n[..2], &[old], &[r])
+        }
+    }
+
+    fn gateway_names(answer: &Answer) -> BTreeSet<String> {
+        let named = answer.peers.iter().filter(|p| p.gateway);
+        named.map(|p| p.node.clone()).collect()
+    }
+
+    #[test]
+    fn the_gateways_are_final_from_the_first_answer_drawn_from_the_repositorys_nodes() {
+        let t0 = Instant::now();
+        let (old, r) = (ReleaseId::of(b"old"), ReleaseId::of(b"r"));
+        let mut t = Tracker::new(Duration::from_secs(30), 10, 2);
+        let eu: Vec<String> = (0..6).map(|i| format!("eu-{i}")).collect();
+        let us: Vec<String> = (0..6).map(|i| format!("us-{i}")).collect();
+        let all: Vec<&str> = eu.iter().chain(&us).map(String::as_str).collect();
+        fleet(&mut t, &all, old, t0);
+        t.announce(a("eu-other", "eu", &[], &[r]), t0);
+        // The first node to see the goal hears of its region's final gateways at once.
+        t.announce(fetching("eu-0", old, r), t0);
+        let first = t.peers("eu-0", "eu", &r, t0);
+        assert!(first.complete, "the repository's nodes are known");
+        // Every node of the region gets the same gateways, whenever it asks.
+        let mut want = gateway_names(&first);
+        if first.gateway {
+            want.retain(|n| n.starts_with("eu"));
+            want.insert("eu-0".into());
+        }
+        assert_eq!(want.len(), 2, "{want:?}");
+        assert!(!want.contains("eu-other"), "it does not run the repository");
+        for n in &eu {
+            t.announce(fetching(n, old, r), t0);
+            let answer = t.peers(n, "eu", &r, t0);
+            let mut got: BTreeSet<String> = gateway_names(&answer)
+                .into_iter()
+                .filter(|g| g.starts_with("eu"))
+                .collect();
+            if answer.gateway {
+                got.insert(n.clone());
+            }
+            assert_eq!(got, want, "{n}");
+            assert!(answer.complete);
+        }
+        // An asker that does not say what it fetches the release for is never told so,
+        // and gets the gateways among those announcing the release.
+        let other = t.peers("eu-other", "eu", &r, t0);
+        assert!(!other.complete);
+    }
+
+    #[test]
+    fn a_node_that_has_not_started_after_the_grace_is_passed_over_until_it_does() {
+        let t0 = Instant::now();
+        let (old, r) = (ReleaseId::of(b"old"), ReleaseId::of(b"r"));
+        let mut t = Tracker::new(Duration::from_secs(30), 10, 1);
+        let nodes: Vec<String> = (0..20).map(|i| format!("eu-{i}")).collect();
+        let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        fleet(&mut t, &names, old, t0);
+        // The region's gateway by weight, and a node that starts at once.
+        let top = ranked(&r, &nodes.iter().cloned().collect(), 1)[0].clone();
+        let asker = nodes.iter().find(|n| **n != top).unwrap().clone();
+        t.announce(fetching(&asker, old, r), t0);
+        let gateways = |t: &mut Tracker, now: Instant| {
+            let answer = t.peers(&asker, "eu", &r, now);
+            let mut g = gateway_names(&answer);
+            if answer.gateway {
+                g.insert(asker.clone());
+            }
+            g
+        };
+        assert_eq!(gateways(&mut t, t0), BTreeSet::from([top.clone()]));
+        // The top node has not started when the grace ends: the next one takes its place.
+        let late = t0 + t.start_grace;
+        t.announce(fetching(&asker, old, r), late);
+        let next = gateways(&mut t, late);
+        assert_eq!(next.len(), 1);
+        assert!(!next.contains(&top));
+        // Once it starts, it is the gateway again.
+        t.announce(fetching(&top, old, r), late);
+        assert_eq!(gateways(&mut t, late), BTreeSet::from([top.clone()]));
+        // A node of the repository that stops announcing is forgotten with its place.
+        let (renewed, gone) = (
+            late + Duration::from_secs(20),
+            late + Duration::from_secs(31),
+        );
+        for n in nodes.iter().filter(|n| **n != top) {
+            let again = t.nodes.get(n.as_str()).map(|e| e.announce.clone()).unwrap();
+            t.announce(again, renewed);
+        }
+        assert_eq!(t.expire(gone), 1);
+        let after = gateways(&mut t, gone);
+        assert_eq!(after.len(), 1);
+        assert!(!after.contains(&top));
     }
 }

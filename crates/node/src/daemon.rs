@@ -713,13 +713,11 @@ async fn fetch(
     // Stopped as soon as the fetch ends: a late "fetching" must not follow "running".
     let refresher = {
         let (region, members, me) = (cfg.region.clone(), members.clone(), me.clone());
-        let mut complete = sources.complete;
         tokio::spawn(async move {
             loop {
                 let elapsed = asked_first.elapsed();
-                tokio::time::sleep(next_tracker_ask(elapsed, complete, settle)).await;
+                tokio::time::sleep(next_tracker_ask(elapsed, settle)).await;
                 let answer = ask_trackers(&region, &members, &me, release).await;
-                complete |= answer.complete;
                 if more_tx.send(answer).is_err() {
                     return;
                 }

@@ -149,9 +149,15 @@ impl UploadSlots {
         self.hand_on(&mut q, next);
     }
 
-    /// A slot to send `chunk` to a peer whose hold flag is `held`; `None` if every slot
-    /// is taken and the queue is full.
-    async fn acquire(self: &Arc<Self>, chunk: &ChunkHash, held: &Arc<AtomicBool>) -> Option<Slot> {
+    /// A slot to send `chunk` to a peer whose hold flag is `held` (`far`: in another
+    /// region); `None` if every slot is taken and the queue is full, or a request from
+    /// another region took this one's place in it.
+    async fn acquire(
+        self: &Arc<Self>,
+        chunk: &ChunkHash,
+        held: &Arc<AtomicBool>,
+        far: bool,
+    ) -> Option<Slot> {
         let rx = {
             let mut q = self.lock();
             // Waiters that gave up still hold a place until a slot passes them by.
@@ -162,10 +168,11 @@ impl UploadSlots {
                 held: held.clone(),
             };
             let ready = waiter.ready();
-            match q.offer(chunk, waiter, ready) {
+            match q.offer(chunk, waiter, ready, far) {
                 Offer::Send(_) => return Some(Slot(Some(self.clone()))),
                 Offer::Busy(_) => return None,
-                Offer::Queued => rx,
+                // The refused waiter's channel closes with it: its task answers busy.
+                Offer::Bumped(_) | Offer::Queued => rx,
             }
         };
         rx.await.ok()
@@ -631,7 +638,7 @@ async fn serve_connection(
         let (store, slots, conn) = (serving.store.clone(), slots.clone(), conn.clone());
         let held = held.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_request(send, recv, store, slots, &held).await {
+            if let Err(e) = serve_request(send, recv, store, slots, &held, far).await {
                 // A malformed request ends the connection it came on, nothing else.
                 tracing::debug!(error = %e, "bad request; closing the connection");
                 conn.close(quinn::VarInt::from_u32(1), b"protocol");
@@ -854,6 +861,7 @@ async fn serve_request(
     store: Arc<dyn ChunkStore>,
     slots: Arc<UploadSlots>,
     held: &Arc<AtomicBool>,
+    far: bool,
 ) -> Result<(), PeerError> {
     let chunk = match timed(read_frame(&mut recv), "a request").await? {
         Frame::Get { chunk } => chunk,
@@ -862,7 +870,7 @@ async fn serve_request(
     };
     let refuse = |why| Frame::Refuse { chunk, why };
     let slot = tokio::select! {
-        slot = slots.acquire(&chunk, held) => slot,
+        slot = slots.acquire(&chunk, held, far) => slot,
         // The asker gave up while the request waited for a slot (it asked someone else):
         // its place in the queue goes now, not when a slot reaches it.
         _ = send.stopped() => return Ok(()),
@@ -926,14 +934,14 @@ mod tests {
             ChunkHash::of(b"c"),
         );
         // `common` has been asked for once already and holds the one slot.
-        drop(s.acquire(&common, &go).await);
-        let held = s.acquire(&common, &go).await.expect("a free slot");
-        let mut first = Box::pin(s.acquire(&common, &go));
-        let mut second = Box::pin(s.acquire(&fresh, &go));
+        drop(s.acquire(&common, &go, false).await);
+        let held = s.acquire(&common, &go, false).await.expect("a free slot");
+        let mut first = Box::pin(s.acquire(&common, &go, false));
+        let mut second = Box::pin(s.acquire(&fresh, &go, false));
         // Both wait; the queue is full now.
         assert!(futures_poll(&mut first).is_none() && futures_poll(&mut second).is_none());
         assert!(
-            s.acquire(&other, &go).await.is_none(),
+            s.acquire(&other, &go, false).await.is_none(),
             "a third waiter is refused"
         );
         drop(held);
@@ -943,9 +951,9 @@ mod tests {
         drop(fresh_slot);
         assert!(first.await.is_some());
         // A waiter that gave up passes its turn on.
-        let held = s.acquire(&other, &go).await.expect("a free slot");
-        let mut gave_up = Box::pin(s.acquire(&fresh, &go));
-        let mut next = Box::pin(s.acquire(&other, &go));
+        let held = s.acquire(&other, &go, false).await.expect("a free slot");
+        let mut gave_up = Box::pin(s.acquire(&fresh, &go, false));
+        let mut next = Box::pin(s.acquire(&other, &go, false));
         assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
         drop(gave_up);
         drop(held);
@@ -960,9 +968,9 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(true)),
         );
-        let sending = s.acquire(&c, &go).await.expect("a free slot");
-        let mut held = Box::pin(s.acquire(&c, &hold));
-        let mut other = Box::pin(s.acquire(&c, &go));
+        let sending = s.acquire(&c, &go, false).await.expect("a free slot");
+        let mut held = Box::pin(s.acquire(&c, &hold, false));
+        let mut other = Box::pin(s.acquire(&c, &go, false));
         assert!(futures_poll(&mut held).is_none() && futures_poll(&mut other).is_none());
         // The slot passes the held peer by, though it came first.
         drop(sending);
@@ -974,6 +982,24 @@ mod tests {
         hold.store(false, Ordering::Relaxed);
         s.resume();
         assert!(held.await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_request_from_another_region_takes_the_place_of_a_waiting_one_of_this_region() {
+        let s = slots(1, 1);
+        let go = Arc::new(AtomicBool::new(false));
+        let c = ChunkHash::of(b"c");
+        let sending = s.acquire(&c, &go, false).await.expect("a free slot");
+        let mut near = Box::pin(s.acquire(&c, &go, false));
+        assert!(futures_poll(&mut near).is_none(), "it waits");
+        let mut far = Box::pin(s.acquire(&c, &go, true));
+        assert!(
+            futures_poll(&mut far).is_none(),
+            "it waits in the near one's place"
+        );
+        assert!(near.await.is_none(), "the near one is refused as busy");
+        drop(sending);
+        assert!(far.await.is_some());
     }
 
     /// Poll once: the output if it is ready.

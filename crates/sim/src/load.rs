@@ -3,7 +3,7 @@
 //!
 //! Rates follow from the node daemon's timings ([`starling_swarm::pace`]): every node
 //! announces itself to every member every [`ANNOUNCE_EVERY`], and while it fetches asks
-//! every member's tracker at once, half a second and a second later, then every
+//! every member's tracker at once, 0.1, 0.4, 0.8 and 1 s later, then every
 //! [`TRACKER_ASK_EVERY`]; it keeps one QUIC connection to each member and one goal
 //! long-poll (HTTP) to one member, renewed every [`GOAL_POLL`]. Reports ride on the
 //! announcements (soft state): nothing a node does is a Raft write. The tracker's cost
@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use starling_core::tracker::{Announce, Tracker};
-use starling_proto::ReleaseId;
+use starling_proto::{AppReport, ReleaseId};
 use starling_swarm::pace::{
     ANNOUNCE_EVERY, GOAL_POLL, REGION_GATEWAYS, TRACKER_ASK_EVERY, TRACKER_PEERS, TRACKER_TTL,
 };
@@ -45,7 +45,10 @@ pub fn measure(nodes: usize, regions: usize, asks: usize) -> Load {
         addr: format!("10.{}.{}.{}:7000", k >> 16, (k >> 8) & 255, k & 255),
         holds: Vec::new(),
         fetching: vec![release],
-        apps: Vec::new(),
+        apps: vec![AppReport {
+            fetching: Some(release),
+            ..AppReport::idle("load/app")
+        }],
     };
     for k in 0..nodes {
         t.announce(announce(k), t0);

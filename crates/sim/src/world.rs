@@ -128,8 +128,6 @@ struct Node {
     started: Option<u64>,
     done: Option<u64>,
     timer: Timer,
-    /// A tracker answer said the view is complete.
-    complete: bool,
 }
 
 /// A node's timer: when its fetch wants waking, and the one timer event queued for it
@@ -260,7 +258,6 @@ impl World {
                 started: None,
                 done: None,
                 timer: Timer::default(),
-                complete: false,
             });
         }
         for m in 0..sc.members {
@@ -391,7 +388,8 @@ impl World {
     }
 
     /// One line of progress on standard error (`STARLING_SIM_TRACE` set): chunks stored,
-    /// nodes done, uploads running at nodes and at the origin, requests refused as busy.
+    /// nodes done, uploads running at nodes and at the origin, requests refused as busy;
+    /// with `STARLING_SIM_REGIONS` set, the chunks each region holds.
     fn trace(&self) {
         let n = self.nodes.len();
         let sending = self.up[..n].iter().filter(|u| !u.active.is_empty()).count();
@@ -420,6 +418,21 @@ impl World {
                     }
                 }
             }
+        }
+        if std::env::var_os("STARLING_SIM_REGIONS").is_some() {
+            // How many chunks have reached each region, and the swarm at all.
+            let mut present = vec![vec![false; self.chunks.len()]; self.sc.regions];
+            for (node, up) in self.nodes.iter().zip(&self.up) {
+                for (p, held) in present[up.region].iter_mut().zip(&node.held) {
+                    *p |= *held;
+                }
+            }
+            let count = |r: &Vec<bool>| r.iter().filter(|p| **p).count();
+            let anywhere = (0..self.chunks.len())
+                .filter(|&i| present.iter().any(|r| r[i]))
+                .count();
+            let per: Vec<usize> = present.iter().map(count).collect();
+            eprintln!("  chunks in the swarm {anywhere}, in each region {per:?}");
         }
         if std::env::var_os("STARLING_SIM_MAXMIN").is_some() {
             let (exact, model) = self.net.max_min_total();
@@ -598,7 +611,6 @@ impl World {
             })
             .collect();
         let x = &mut self.nodes[k as usize];
-        x.complete |= answer.complete;
         if let Some(f) = x.fetch.as_mut() {
             f.handle_gateway(now, answer.gateway);
             f.handle_roles(now, &named);
@@ -627,7 +639,7 @@ impl World {
         // As the node daemon.
         let x = &self.nodes[k as usize];
         let elapsed = Duration::from_nanos(self.now - x.started.unwrap_or(self.now));
-        let pause = next_tracker_ask(elapsed, x.complete, self.cfg.settle);
+        let pause = next_tracker_ask(elapsed, self.cfg.settle);
         self.push(self.now + ns(pause), Ev::Ask(k));
         self.act(k);
     }
@@ -831,24 +843,27 @@ impl World {
             chunk,
         };
         let hash = self.chunks[chunk as usize];
+        let far = !is_node || self.up[to as usize].region != self.up[from as usize].region;
         let x = &mut self.up[to as usize];
-        match x.queue.offer(&hash, req, !x.held.contains(&from)) {
-            Offer::Send(req) => self.send(to, req),
-            Offer::Queued => {}
-            Offer::Busy(_) => {
-                self.busy += 1;
-                let at = self.now + self.latency(to, from);
-                self.push(
-                    at,
-                    Ev::Reply {
-                        to: from,
-                        from: to,
-                        chunk,
-                        answer: Answer::Busy,
-                    },
-                );
+        let refused = match x.queue.offer(&hash, req, !x.held.contains(&from), far) {
+            Offer::Send(req) => {
+                self.send(to, req);
+                return;
             }
-        }
+            Offer::Queued => return,
+            Offer::Bumped(req) | Offer::Busy(req) => req,
+        };
+        self.busy += 1;
+        let at = self.now + self.latency(to, refused.receiver);
+        self.push(
+            at,
+            Ev::Reply {
+                to: refused.receiver,
+                from: to,
+                chunk: refused.chunk,
+                answer: Answer::Busy,
+            },
+        );
     }
 
     fn send(&mut self, u: u32, req: Req) {

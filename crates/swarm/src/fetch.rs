@@ -53,9 +53,9 @@ pub struct PeerInfo {
     /// in the order in which a new chunk spreads through the region. A peer that merely
     /// holds some chunks (of an older release, say) is a source, not a partner.
     pub fetching: bool,
-    /// The peer is a gateway of its region for this release (the tracker says so): if
-    /// it is fetching, it shares the work of bringing chunks into its region and out of
-    /// the origin. In a region of a few nodes every node is one.
+    /// The peer is a gateway of its region for this release (the tracker says so): it
+    /// shares the work of bringing chunks into its region and out of the origin, from
+    /// when it starts to fetch. In a region of a few nodes every node is one.
     pub gateway: bool,
 }
 
@@ -866,17 +866,20 @@ impl Fetch {
 
     /// For every chunk: this node's rank among itself and its fetching peers in the
     /// region, and whether it is the rendezvous pick among itself and the region's
-    /// fetching gateways, and among itself and every fetching gateway (the swarm's).
+    /// gateways, and among itself and every gateway (the swarm's). A gateway counts
+    /// before it starts to fetch: the tracker names the final gateways from the first
+    /// answer, and a view of who brings which chunk in that waited for each of them to
+    /// start would change as they did.
     fn work_out_ingress(&self) -> Vec<Place> {
         let salts = |keep: &dyn Fn(&Peer) -> bool| -> Vec<u64> {
             self.peers
                 .values()
-                .filter(|p| p.info.fetching && keep(p))
+                .filter(|p| keep(p))
                 .map(|p| p.salt)
                 .collect()
         };
         let near = |p: &Peer| p.info.source == Source::SameRegion;
-        let region = salts(&near);
+        let region = salts(&|p| near(p) && p.info.fetching);
         let gateways = salts(&|p| near(p) && p.info.gateway);
         let swarm = salts(&|p| p.info.source != Source::Origin && p.info.gateway);
         let me = self.my_salt;
@@ -2157,34 +2160,28 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_that_is_not_fetching_takes_no_share_of_the_ingress() {
+    fn a_gateway_takes_its_share_of_the_ingress_even_before_it_fetches() {
         let t0 = Instant::now();
         let cs = chunks(30);
         let cfg = all_at_once();
+        let idle = PeerInfo {
+            fetching: false,
+            gateway: false,
+            ..peer(1, Source::SameRegion)
+        };
         let mut f = Fetch::new(cfg.clone(), "me", &cs, |_| false, t0);
-        // A neighbour that holds an older release's chunks but fetches nothing.
-        f.handle_peer(
-            t0,
-            PeerInfo {
-                fetching: false,
-                ..peer(1, Source::SameRegion)
-            },
-        );
+        // A neighbour that holds an older release's chunks and is no gateway.
+        f.handle_peer(t0, idle.clone());
         f.handle_peer(t0, peer(ORIGIN.0, Source::Origin));
         let asked = requests(&drain(&mut f));
         assert_eq!(asked.len(), cs.len(), "this node brings in every chunk");
 
-        // Once it fetches too, it brings in its share, and this node only the rest.
+        // Named a gateway, it brings in its share from when it starts, and this node
+        // only the rest from now on.
         let mut f = Fetch::new(cfg, "me", &cs, |_| false, t0);
-        f.handle_peer(
-            t0,
-            PeerInfo {
-                fetching: false,
-                ..peer(1, Source::SameRegion)
-            },
-        );
+        f.handle_peer(t0, idle);
         f.handle_peer(t0, peer(2, Source::OtherRegion));
-        let named = BTreeMap::from([(PeerId(1), (true, true)), (PeerId(2), (true, true))]);
+        let named = BTreeMap::from([(PeerId(1), (false, true)), (PeerId(2), (true, true))]);
         f.handle_roles(t0, &named);
         f.handle_have(t0, PeerId(2), &cs);
         let region = ["me".to_string(), "n1".to_string()];

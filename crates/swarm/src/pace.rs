@@ -18,16 +18,14 @@ pub const TRACKER_ASK_EVERY: Duration = Duration::from_secs(3);
 
 /// How long a fetch that started `elapsed` ago waits before it asks the trackers again:
 /// 100 ms, 400 ms and 800 ms after its start and when its settling (`settle`, 1 s) ends,
-/// unless an answer said the view is `complete` (every node of the repository announced
-/// the release: `Fetch::handle_view_complete`), then every [`TRACKER_ASK_EVERY`]. A
-/// fleet that saw the goal within a few tens of milliseconds is complete at the first of
-/// these, and its fetches need not settle for the whole second; one that saw it over
-/// longer costs four asks per node in the first second instead of two. The ask 200 ms
-/// before the end is what a large fleet's views agree by: in the simulator (10 × 200
-/// nodes seeing the goal over 1 s) the origin sent 1.05–1.17 copies with it and
-/// 1.65–1.71 without (the answer at the end connects too late to count), in about the
-/// same time (16.8–17.5 s against 16.4–17.3 s).
-pub fn next_tracker_ask(elapsed: Duration, complete: bool, settle: Duration) -> Duration {
+/// then every [`TRACKER_ASK_EVERY`]. The early asks are how a node that saw the goal
+/// among the first meets the nodes of its region that saw it later (its first answer
+/// names the gateways, but few others have announced the release yet); four asks per
+/// node in the first second. The ask 200 ms before the end was what a large fleet's views
+/// agreed by when the gateways were drawn from the release's announcers: in the
+/// simulator (10 × 200 nodes seeing the goal over 1 s) the origin sent 1.05–1.17 copies
+/// with it and 1.65–1.71 without.
+pub fn next_tracker_ask(elapsed: Duration, settle: Duration) -> Duration {
     const SETTLING_ASKS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
     // The last in time for its answer's connections to be up when the settling ends.
     let last = settle.saturating_sub(Duration::from_millis(200));
@@ -36,8 +34,8 @@ pub fn next_tracker_ask(elapsed: Duration, complete: bool, settle: Duration) -> 
         .chain([last, settle])
         .find(|&t| t > elapsed && t <= settle);
     match next {
-        Some(t) if !complete => t - elapsed,
-        _ => TRACKER_ASK_EVERY,
+        Some(t) => t - elapsed,
+        None => TRACKER_ASK_EVERY,
     }
 }
 
@@ -65,21 +63,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn asks_come_early_while_the_start_settles_and_stop_once_the_view_is_complete() {
+    fn asks_come_early_while_the_start_settles() {
         let ms = Duration::from_millis;
         let settle = Duration::from_secs(1);
         let mut at = Duration::ZERO;
         let mut asks = Vec::new();
         while at < Duration::from_secs(5) {
-            at += next_tracker_ask(at, false, settle);
+            at += next_tracker_ask(at, settle);
             asks.push(at);
         }
         assert_eq!(
             asks,
             [ms(100), ms(400), ms(800), ms(1000), ms(4000), ms(7000)]
         );
-        assert_eq!(next_tracker_ask(ms(100), true, settle), TRACKER_ASK_EVERY);
         // A short settling is not outlived by its own asks.
-        assert_eq!(next_tracker_ask(ms(0), false, ms(50)), ms(50));
+        assert_eq!(next_tracker_ask(ms(0), ms(50)), ms(50));
     }
 }

@@ -1,11 +1,19 @@
 //! The uploading side's one decision: which request gets a free upload slot.
 //!
 //! A peer sends a few chunks at once (each at the link's full speed, whole early and
-//! ready to be passed on) and lets a few more requests wait. A freed slot goes to the
-//! waiting request whose chunk this peer has been asked for the fewest times, then the
-//! oldest: a chunk it alone holds, just fetched, goes out before one it has already given
-//! to many, so that new chunks start spreading at once instead of waiting behind common
-//! ones. A request beyond the queue is refused as busy and asked of someone else.
+//! ready to be passed on) and lets a few more requests wait. A freed slot goes to a
+//! request from another region first: it brings a chunk into a region, which waits for
+//! it as a whole. Then to the waiting request whose chunk this peer has been asked for
+//! the fewest times, then the oldest: a chunk it alone holds, just fetched, goes out
+//! before one it has already given to many, so that new chunks start spreading at once
+//! instead of waiting behind common ones. A request beyond the queue is refused as busy
+//! and asked of someone else; one from another region takes the place of the last
+//! waiting request of this region instead, which is refused.
+//!
+//! In the simulator (10 regions × 200 nodes, 1 GiB), once every node started fetching
+//! within a few milliseconds of seeing the goal, the holders' queues were full of their
+//! own regions' requests, and a region's ingress was refused as busy by every holder of
+//! a chunk for seconds: one chunk reached the last region 11 s after the origin sent it.
 //!
 //! Sans-IO like [`crate::Fetch`]: the driver says a request came (`offer`) and a send
 //! ended (`sent`); what waits is the driver's own token `W` (a channel to the waiting
@@ -26,6 +34,8 @@ pub enum Offer<W> {
     Send(W),
     /// It waits for a slot.
     Queued,
+    /// It waits for a slot, in the place of this waiter of this node's region, refused.
+    Bumped(W),
     /// Every slot is taken and the queue is full.
     Busy(W),
 }
@@ -34,8 +44,8 @@ pub enum Offer<W> {
 pub struct UploadQueue<W> {
     free: usize,
     max_waiting: usize,
-    /// (times asked, arrival, chunk) → who waits.
-    waiting: BTreeMap<(u64, u64, ChunkHash), W>,
+    /// (near, times asked, arrival, chunk) → who waits; `near`: from this node's region.
+    waiting: BTreeMap<(bool, u64, u64, ChunkHash), W>,
     arrivals: u64,
     asked: HashMap<ChunkHash, u64>,
 }
@@ -54,8 +64,8 @@ impl<W> UploadQueue<W> {
 
     /// A request for `chunk` came; `waiter` is what to hand the slot to; `ready`: its
     /// receiver takes chunks now (see [`UploadQueue::sent`]); one that does not waits
-    /// even for a free slot.
-    pub fn offer(&mut self, chunk: &ChunkHash, waiter: W, ready: bool) -> Offer<W> {
+    /// even for a free slot. `far`: the asker is in another region.
+    pub fn offer(&mut self, chunk: &ChunkHash, waiter: W, ready: bool, far: bool) -> Offer<W> {
         if self.asked.len() >= MAX_COUNTED {
             self.asked.clear();
         }
@@ -66,12 +76,25 @@ impl<W> UploadQueue<W> {
             self.free -= 1;
             return Offer::Send(waiter);
         }
+        let mut bumped = None;
         if self.waiting.len() >= self.max_waiting {
-            return Offer::Busy(waiter);
+            let last_near = self
+                .waiting
+                .last_key_value()
+                .map(|(k, _)| *k)
+                .filter(|k| k.0);
+            match last_near.filter(|_| far) {
+                Some(k) => bumped = self.waiting.remove(&k),
+                None => return Offer::Busy(waiter),
+            }
         }
         self.arrivals += 1;
-        self.waiting.insert((before, self.arrivals, *chunk), waiter);
-        Offer::Queued
+        self.waiting
+            .insert((!far, before, self.arrivals, *chunk), waiter);
+        match bumped {
+            Some(w) => Offer::Bumped(w),
+            None => Offer::Queued,
+        }
     }
 
     /// A send ended and its slot is free: the waiter it goes to, or `None` (the slot is
@@ -106,7 +129,7 @@ impl<W> UploadQueue<W> {
         let key = self
             .waiting
             .iter()
-            .find(|((_, _, c), w)| c == chunk && is(w))
+            .find(|((_, _, _, c), w)| c == chunk && is(w))
             .map(|(k, _)| *k);
         key.is_some_and(|k| self.waiting.remove(&k).is_some())
     }
@@ -128,11 +151,11 @@ mod tests {
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
-        assert_eq!(q.offer(&common, 1, true), Offer::Send(1));
-        assert_eq!(q.offer(&common, 2, true), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 3, true), Offer::Queued);
+        assert_eq!(q.offer(&common, 1, true, false), Offer::Send(1));
+        assert_eq!(q.offer(&common, 2, true, false), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 3, true, false), Offer::Queued);
         assert_eq!(
-            q.offer(&other, 4, true),
+            q.offer(&other, 4, true, false),
             Offer::Busy(4),
             "the queue is full"
         );
@@ -141,9 +164,9 @@ mod tests {
         assert_eq!(q.sent(|_| true), Some(2));
         assert_eq!(q.sent(|_| true), None);
         // The slot is free again.
-        assert_eq!(q.offer(&other, 5, true), Offer::Send(5));
-        assert_eq!(q.offer(&other, 6, true), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 7, true), Offer::Queued);
+        assert_eq!(q.offer(&other, 5, true, false), Offer::Send(5));
+        assert_eq!(q.offer(&other, 6, true, false), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 7, true, false), Offer::Queued);
         // `fresh` was asked once before, `other` once: the older goes first.
         q.retain(|w| *w != 6);
         assert_eq!(q.waiting(), 1);
@@ -156,9 +179,9 @@ mod tests {
         let mut q = UploadQueue::new(1, 4);
         let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
         // A held receiver waits even for a free slot.
-        assert_eq!(q.offer(&a, "held", false), Offer::Queued);
-        assert_eq!(q.offer(&a, "ready", true), Offer::Send("ready"));
-        assert_eq!(q.offer(&b, "held-too", false), Offer::Queued);
+        assert_eq!(q.offer(&a, "held", false, false), Offer::Queued);
+        assert_eq!(q.offer(&a, "ready", true, false), Offer::Send("ready"));
+        assert_eq!(q.offer(&b, "held-too", false, false), Offer::Queued);
         // The slot comes free: nobody is ready, so it stays free.
         assert_eq!(q.sent(|w| !w.starts_with("held")), None);
         assert_eq!(q.waiting(), 2);
@@ -166,5 +189,31 @@ mod tests {
         assert_eq!(q.resume(|w| *w == "held-too"), Some("held-too"));
         assert_eq!(q.resume(|_| true), None, "no slot is free");
         assert_eq!(q.sent(|_| true), Some("held"));
+    }
+
+    #[test]
+    fn a_request_from_another_region_goes_first_and_takes_a_full_queues_last_place() {
+        let mut q = UploadQueue::new(1, 2);
+        let (a, b, c) = (
+            ChunkHash::of(b"a"),
+            ChunkHash::of(b"b"),
+            ChunkHash::of(b"c"),
+        );
+        assert_eq!(q.offer(&a, "sending", true, false), Offer::Send("sending"));
+        assert_eq!(q.offer(&b, "near", true, false), Offer::Queued);
+        assert_eq!(q.offer(&c, "near-later", true, false), Offer::Queued);
+        // The queue is full: a request of this region is refused, one from another
+        // region takes the last place (and goes first, though its chunk is common).
+        assert_eq!(
+            q.offer(&a, "near-refused", true, false),
+            Offer::Busy("near-refused")
+        );
+        assert_eq!(q.offer(&a, "far", true, true), Offer::Bumped("near-later"));
+        assert_eq!(q.offer(&a, "far-2", true, true), Offer::Bumped("near"));
+        // Only far requests wait now: a third is refused.
+        assert_eq!(q.offer(&b, "far-3", true, true), Offer::Busy("far-3"));
+        assert_eq!(q.sent(|_| true), Some("far"));
+        assert_eq!(q.sent(|_| true), Some("far-2"));
+        assert_eq!(q.sent(|_| true), None);
     }
 }
