@@ -17,8 +17,9 @@ pub const ALPN: &[u8] = b"starling-peer/3";
 /// Sent in [`Frame::Hello`]; a peer speaking another version is closed with a reason.
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
 /// Version 5: `Hold`. Version 6: `Peers` says whether the view is `complete`, and each
-/// `AppReport` which release it is `fetching`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// `AppReport` which release it is `fetching`. Version 7: `Get` says how much of its
+/// release the asker holds.
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
@@ -67,8 +68,11 @@ pub enum Frame {
         release: ReleaseId,
         chunks: Vec<ChunkHash>,
     },
+    /// Send `chunk`. `progress`: how much of the release being fetched the sender
+    /// holds, in 256ths; an uploader serves those that hold least first.
     Get {
         chunk: ChunkHash,
+        progress: u8,
     },
     /// `len` bytes of `chunk` follow.
     Chunk {
@@ -272,7 +276,10 @@ mod tests {
                 release: r,
                 chunks: vec![c, ChunkHash::of(b"d")],
             },
-            Frame::Get { chunk: c },
+            Frame::Get {
+                chunk: c,
+                progress: 7,
+            },
             Frame::Chunk {
                 chunk: c,
                 len: 1 << 20,

@@ -387,8 +387,8 @@ async fn serve_swarm(member: Arc<Member>, addr: std::net::SocketAddr) {
         region: "origin".into(),
         ca_cert_pem: ca.cert_pem,
         identity,
-        upload_slots: 2,
-        upload_queue: 32,
+        upload_slots: starling_swarm::pace::ORIGIN_UPLOAD_SLOTS,
+        upload_queue: starling_swarm::pace::ORIGIN_UPLOAD_QUEUE,
     };
     let endpoint = match starling_peer::PeerEndpoint::bind(addr, cfg) {
         Ok(e) => e,

@@ -200,8 +200,8 @@ pub async fn run(cfg: NodeConfig, control: ControlClient) -> Result<(), NodeErro
             region: cfg.region.clone(),
             ca_cert_pem,
             identity,
-            upload_slots: 2,
-            upload_queue: 4,
+            upload_slots: starling_swarm::pace::NODE_UPLOAD_SLOTS,
+            upload_queue: starling_swarm::pace::NODE_UPLOAD_QUEUE,
         },
     )?);
     let advertise = match &cfg.advertise {

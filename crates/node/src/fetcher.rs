@@ -265,11 +265,12 @@ pub async fn fetch_release(
                         "asking"
                     );
                     let (tx, store) = (tx.clone(), store.clone());
+                    let progress = fetch.progress();
                     let task = tokio::spawn(async move {
                         let arriving = || {
                             let _ = tx.send(Event::Arriving(peer, chunk));
                         };
-                        let event = match conn.fetch(&chunk, arriving).await {
+                        let event = match conn.fetch(&chunk, progress, arriving).await {
                             Ok(bytes) => {
                                 let put = tokio::task::spawn_blocking(move || {
                                     store.put_chunk(&chunk, &bytes)

@@ -23,7 +23,7 @@ use starling_proto::release::Manifest;
 use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
 use starling_swarm::pace::{FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT};
-use starling_swarm::upload::{Offer, UploadQueue};
+use starling_swarm::upload::{Asker, Offer, UploadQueue};
 use tokio::sync::{broadcast, mpsc, Mutex};
 
 /// How long a peer has to say hello, or to send a request's first frame.
@@ -149,14 +149,14 @@ impl UploadSlots {
         self.hand_on(&mut q, next);
     }
 
-    /// A slot to send `chunk` to a peer whose hold flag is `held` (`far`: in another
-    /// region); `None` if every slot is taken and the queue is full, or a request from
-    /// another region took this one's place in it.
+    /// A slot to send `chunk` to `asker`, whose hold flag is `held`; `None` if every
+    /// slot is taken and the queue is full, or a request that goes first took this
+    /// one's place in it.
     async fn acquire(
         self: &Arc<Self>,
         chunk: &ChunkHash,
         held: &Arc<AtomicBool>,
-        far: bool,
+        asker: Asker,
     ) -> Option<Slot> {
         let rx = {
             let mut q = self.lock();
@@ -168,7 +168,7 @@ impl UploadSlots {
                 held: held.clone(),
             };
             let ready = waiter.ready();
-            match q.offer(chunk, waiter, ready, far) {
+            match q.offer(chunk, waiter, ready, asker) {
                 Offer::Send(_) => return Some(Slot(Some(self.clone()))),
                 Offer::Busy(_) => return None,
                 // The refused waiter's channel closes with it: its task answers busy.
@@ -516,14 +516,20 @@ impl PeerConn {
     }
 
     /// Fetch `chunk` and check its bytes against its name; `arriving` is called once the
-    /// peer starts sending it.
+    /// peer starts sending it. `progress`: how much of its release this node holds, in
+    /// 256ths ([`starling_swarm::Fetch::progress`]).
     pub async fn fetch(
         &self,
         chunk: &ChunkHash,
+        progress: u8,
         arriving: impl FnOnce(),
     ) -> Result<Vec<u8>, FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
-        write_frame(&mut send, &Frame::Get { chunk: *chunk }).await?;
+        let get = Frame::Get {
+            chunk: *chunk,
+            progress,
+        };
+        write_frame(&mut send, &get).await?;
         send.finish().map_err(stream)?;
         // No time limit of its own: a request may wait in the peer's queue, held or not,
         // and the fetch's request timeout covers a peer that never answers.
@@ -863,14 +869,14 @@ async fn serve_request(
     held: &Arc<AtomicBool>,
     far: bool,
 ) -> Result<(), PeerError> {
-    let chunk = match timed(read_frame(&mut recv), "a request").await? {
-        Frame::Get { chunk } => chunk,
+    let (chunk, progress) = match timed(read_frame(&mut recv), "a request").await? {
+        Frame::Get { chunk, progress } => (chunk, progress),
         Frame::GetManifest { release } => return serve_manifest(send, store, release).await,
         other => return Err(unexpected("Get or GetManifest", &other)),
     };
     let refuse = |why| Frame::Refuse { chunk, why };
     let slot = tokio::select! {
-        slot = slots.acquire(&chunk, held, far) => slot,
+        slot = slots.acquire(&chunk, held, Asker { far, progress }) => slot,
         // The asker gave up while the request waited for a slot (it asked someone else):
         // its place in the queue goes now, not when a slot reaches it.
         _ = send.stopped() => return Ok(()),
@@ -934,14 +940,14 @@ mod tests {
             ChunkHash::of(b"c"),
         );
         // `common` has been asked for once already and holds the one slot.
-        drop(s.acquire(&common, &go, false).await);
-        let held = s.acquire(&common, &go, false).await.expect("a free slot");
-        let mut first = Box::pin(s.acquire(&common, &go, false));
-        let mut second = Box::pin(s.acquire(&fresh, &go, false));
+        drop(s.acquire(&common, &go, NEAR).await);
+        let held = s.acquire(&common, &go, NEAR).await.expect("a free slot");
+        let mut first = Box::pin(s.acquire(&common, &go, NEAR));
+        let mut second = Box::pin(s.acquire(&fresh, &go, NEAR));
         // Both wait; the queue is full now.
         assert!(futures_poll(&mut first).is_none() && futures_poll(&mut second).is_none());
         assert!(
-            s.acquire(&other, &go, false).await.is_none(),
+            s.acquire(&other, &go, NEAR).await.is_none(),
             "a third waiter is refused"
         );
         drop(held);
@@ -951,9 +957,9 @@ mod tests {
         drop(fresh_slot);
         assert!(first.await.is_some());
         // A waiter that gave up passes its turn on.
-        let held = s.acquire(&other, &go, false).await.expect("a free slot");
-        let mut gave_up = Box::pin(s.acquire(&fresh, &go, false));
-        let mut next = Box::pin(s.acquire(&other, &go, false));
+        let held = s.acquire(&other, &go, NEAR).await.expect("a free slot");
+        let mut gave_up = Box::pin(s.acquire(&fresh, &go, NEAR));
+        let mut next = Box::pin(s.acquire(&other, &go, NEAR));
         assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
         drop(gave_up);
         drop(held);
@@ -968,9 +974,9 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(true)),
         );
-        let sending = s.acquire(&c, &go, false).await.expect("a free slot");
-        let mut held = Box::pin(s.acquire(&c, &hold, false));
-        let mut other = Box::pin(s.acquire(&c, &go, false));
+        let sending = s.acquire(&c, &go, NEAR).await.expect("a free slot");
+        let mut held = Box::pin(s.acquire(&c, &hold, NEAR));
+        let mut other = Box::pin(s.acquire(&c, &go, NEAR));
         assert!(futures_poll(&mut held).is_none() && futures_poll(&mut other).is_none());
         // The slot passes the held peer by, though it came first.
         drop(sending);
@@ -989,10 +995,10 @@ mod tests {
         let s = slots(1, 1);
         let go = Arc::new(AtomicBool::new(false));
         let c = ChunkHash::of(b"c");
-        let sending = s.acquire(&c, &go, false).await.expect("a free slot");
-        let mut near = Box::pin(s.acquire(&c, &go, false));
+        let sending = s.acquire(&c, &go, NEAR).await.expect("a free slot");
+        let mut near = Box::pin(s.acquire(&c, &go, NEAR));
         assert!(futures_poll(&mut near).is_none(), "it waits");
-        let mut far = Box::pin(s.acquire(&c, &go, true));
+        let mut far = Box::pin(s.acquire(&c, &go, FAR));
         assert!(
             futures_poll(&mut far).is_none(),
             "it waits in the near one's place"
@@ -1001,6 +1007,15 @@ mod tests {
         drop(sending);
         assert!(far.await.is_some());
     }
+
+    const NEAR: Asker = Asker {
+        far: false,
+        progress: 0,
+    };
+    const FAR: Asker = Asker {
+        far: true,
+        progress: 0,
+    };
 
     /// Poll once: the output if it is ready.
     fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {

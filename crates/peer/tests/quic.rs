@@ -71,8 +71,11 @@ async fn a_chunk_crosses_verified_and_a_missing_one_is_refused() {
     let me = client(&ca, "eu-1-n1");
     let conn = me.connect(served.addr, "origin-1").await.unwrap();
     assert_eq!(conn.remote.node, "origin-1");
-    assert_eq!(conn.fetch(&hash, || ()).await.unwrap(), bytes);
-    match conn.fetch(&ChunkHash::of(b"nobody has this"), || ()).await {
+    assert_eq!(conn.fetch(&hash, 0, || ()).await.unwrap(), bytes);
+    match conn
+        .fetch(&ChunkHash::of(b"nobody has this"), 0, || ())
+        .await
+    {
         Err(FetchError::Refused(Refusal::NotHeld)) => {}
         other => panic!("{other:?}"),
     }
@@ -81,7 +84,7 @@ async fn a_chunk_crosses_verified_and_a_missing_one_is_refused() {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let conn = conn.clone();
-        set.spawn(async move { conn.fetch(&hash, || ()).await });
+        set.spawn(async move { conn.fetch(&hash, 0, || ()).await });
     }
     while let Some(got) = set.join_next().await {
         assert_eq!(got.unwrap().unwrap(), bytes);
@@ -163,7 +166,7 @@ async fn corrupted_bytes_are_caught() {
     let (served, _, hash) = serve(&ca, true);
     let me = client(&ca, "eu-1-n1");
     let conn = me.connect(served.addr, "origin-1").await.unwrap();
-    match conn.fetch(&hash, || ()).await {
+    match conn.fetch(&hash, 0, || ()).await {
         Err(FetchError::Corrupt { expected, .. }) => assert_eq!(expected, hash),
         other => panic!("{:?}", other.map(|b| b.len())),
     }
@@ -191,7 +194,7 @@ async fn a_malformed_request_closes_only_its_connection() {
     // Everyone else is served as before.
     let me = client(&ca, "eu-1-n1");
     let good = me.connect(served.addr, "origin-1").await.unwrap();
-    assert_eq!(good.fetch(&hash, || ()).await.unwrap(), bytes);
+    assert_eq!(good.fetch(&hash, 0, || ()).await.unwrap(), bytes);
 }
 
 #[tokio::test]

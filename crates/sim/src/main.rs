@@ -105,6 +105,14 @@ struct Shape {
     backup_ms: Option<u64>,
     #[arg(long)]
     far_queue_ms: Option<u64>,
+    /// Chunks a node takes at once before it holds its other requests.
+    #[arg(long)]
+    arriving: Option<usize>,
+    /// Upload slots of each node and of each control member.
+    #[arg(long)]
+    node_slots: Option<usize>,
+    #[arg(long)]
+    origin_slots: Option<usize>,
 }
 
 impl Shape {
@@ -176,6 +184,11 @@ impl Shape {
         if let Some(ms) = self.far_queue_ms {
             f.far_queue_patience = Duration::from_millis(ms);
         }
+        if let Some(n) = self.arriving {
+            f.max_arriving = Some(n);
+        }
+        sc.node_slots = self.node_slots.unwrap_or(sc.node_slots);
+        sc.origin_slots = self.origin_slots.unwrap_or(sc.origin_slots);
         sc
     }
 }

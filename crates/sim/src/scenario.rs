@@ -1,5 +1,6 @@
 //! What one run simulates: the fleet, its links, the release and the faults.
 
+use starling_swarm::pace::{NODE_UPLOAD_SLOTS, ORIGIN_UPLOAD_SLOTS};
 use starling_swarm::FetchConfig;
 
 /// See [`Scenario::wire_overhead`].
@@ -44,6 +45,10 @@ pub struct Scenario {
     pub seed: u64,
     /// The swarm's settings: the node daemon's unless an experiment changes them.
     pub fetch: FetchConfig,
+    /// Upload slots of a node and of a member (the daemons' unless an experiment
+    /// changes them).
+    pub node_slots: usize,
+    pub origin_slots: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -119,6 +124,8 @@ impl Scenario {
             faults: Faults::default(),
             seed: 1,
             fetch: FetchConfig::default().for_release(release_bytes),
+            node_slots: NODE_UPLOAD_SLOTS,
+            origin_slots: ORIGIN_UPLOAD_SLOTS,
         }
     }
 
@@ -149,6 +156,8 @@ impl Scenario {
             faults: Faults::default(),
             seed: 1,
             fetch: FetchConfig::default().for_release(release_bytes),
+            node_slots: NODE_UPLOAD_SLOTS,
+            origin_slots: ORIGIN_UPLOAD_SLOTS,
         }
     }
 }

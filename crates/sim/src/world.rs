@@ -24,21 +24,15 @@ use std::time::{Duration, Instant};
 use starling_core::tracker::{Announce, Tracker};
 use starling_proto::{AppReport, ChunkHash, ReleaseId};
 use starling_swarm::pace::{
-    next_tracker_ask, ANNOUNCE_EVERY, FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT, REGION_GATEWAYS,
-    TRACKER_PEERS, TRACKER_TTL,
+    next_tracker_ask, ANNOUNCE_EVERY, FAR_HAVE_BATCH, NODE_UPLOAD_QUEUE, ORIGIN_UPLOAD_QUEUE,
+    PEER_IDLE_TIMEOUT, REGION_GATEWAYS, TRACKER_PEERS, TRACKER_TTL,
 };
-use starling_swarm::upload::{Offer, UploadQueue};
+use starling_swarm::upload::{Asker, Offer, UploadQueue};
 use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
 
 use crate::net::{Finish, FlowId, LinkId, Network};
 use crate::rng::Rng;
 use crate::scenario::Scenario;
-
-/// The node daemon's and the members' upload slots and queues.
-const NODE_SLOTS: usize = 2;
-const NODE_QUEUE: usize = 4;
-const MEMBER_SLOTS: usize = 2;
-const MEMBER_QUEUE: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
@@ -46,11 +40,12 @@ enum Ev {
     Fail(u32),
     Ask(u32),
     Timer(u32, u64),
-    /// `from` asks uploader `to` for `chunk`.
+    /// `from` asks uploader `to` for `chunk`, holding `progress` 256ths of the release.
     Request {
         to: u32,
         from: u32,
         chunk: u32,
+        progress: u8,
     },
     Flow(Finish),
     /// The first bytes of `chunk` from `from` reached `to`.
@@ -238,7 +233,7 @@ impl World {
                 name,
                 region,
                 up: net.add_link(sc.node_up * factor),
-                queue: UploadQueue::new(NODE_SLOTS, NODE_QUEUE),
+                queue: UploadQueue::new(sc.node_slots, NODE_UPLOAD_QUEUE),
                 held: BTreeSet::new(),
                 active: Vec::new(),
                 alive: true,
@@ -267,7 +262,7 @@ impl World {
                 name,
                 region: 0,
                 up: origin_link,
-                queue: UploadQueue::new(MEMBER_SLOTS, MEMBER_QUEUE),
+                queue: UploadQueue::new(sc.origin_slots, ORIGIN_UPLOAD_QUEUE),
                 held: BTreeSet::new(),
                 active: Vec::new(),
                 alive: true,
@@ -389,7 +384,8 @@ impl World {
 
     /// One line of progress on standard error (`STARLING_SIM_TRACE` set): chunks stored,
     /// nodes done, uploads running at nodes and at the origin, requests refused as busy;
-    /// with `STARLING_SIM_REGIONS` set, the chunks each region holds.
+    /// with `STARLING_SIM_REGIONS` set, the chunks each region holds; with
+    /// `STARLING_SIM_SPREAD`, how many the nodes hold (percentiles).
     fn trace(&self) {
         let n = self.nodes.len();
         let sending = self.up[..n].iter().filter(|u| !u.active.is_empty()).count();
@@ -433,6 +429,28 @@ impl World {
                 .count();
             let per: Vec<usize> = present.iter().map(count).collect();
             eprintln!("  chunks in the swarm {anywhere}, in each region {per:?}");
+        }
+        if std::env::var_os("STARLING_SIM_SPREAD").is_some() {
+            // How far behind the laggards are: chunks held by the nodes that started.
+            let mut held: Vec<usize> = self
+                .nodes
+                .iter()
+                .filter(|x| x.started.is_some())
+                .map(|x| x.held.iter().filter(|h| **h).count())
+                .collect();
+            held.sort_unstable();
+            if let Some(last) = held.len().checked_sub(1) {
+                let q = |f: f64| held[(last as f64 * f) as usize];
+                eprintln!(
+                    "  chunks held: min {} p1 {} p10 {} median {} p90 {} max {}",
+                    q(0.0),
+                    q(0.01),
+                    q(0.1),
+                    q(0.5),
+                    q(0.9),
+                    q(1.0)
+                );
+            }
         }
         if std::env::var_os("STARLING_SIM_MAXMIN").is_some() {
             let (exact, model) = self.net.max_min_total();
@@ -479,7 +497,12 @@ impl World {
                     None => {}
                 }
             }
-            Ev::Request { to, from, chunk } => self.request(to, from, chunk),
+            Ev::Request {
+                to,
+                from,
+                chunk,
+                progress,
+            } => self.request(to, from, chunk, progress),
             Ev::Flow(finish) => self.flow_done(finish),
             Ev::Arriving { to, from, chunk } => {
                 if !self.alive_node(to) {
@@ -765,7 +788,20 @@ impl World {
                 Action::Request { peer, chunk } => {
                     let (to, chunk) = (peer.0 as u32, self.index[&chunk]);
                     let at = self.now + self.latency(k, to);
-                    self.push(at, Ev::Request { to, from: k, chunk });
+                    let progress = self.nodes[k as usize]
+                        .fetch
+                        .as_ref()
+                        .map_or(0, Fetch::progress);
+                    let from = k;
+                    self.push(
+                        at,
+                        Ev::Request {
+                            to,
+                            from,
+                            chunk,
+                            progress,
+                        },
+                    );
                 }
                 Action::Cancel { peer, chunk } => {
                     let chunk = self.index[&chunk];
@@ -820,7 +856,7 @@ impl World {
         self.push(at, Ev::Timer(k, v));
     }
 
-    fn request(&mut self, to: u32, from: u32, chunk: u32) {
+    fn request(&mut self, to: u32, from: u32, chunk: u32, progress: u8) {
         if !self.up[to as usize].alive || !self.alive_node(from) {
             return;
         }
@@ -845,7 +881,8 @@ impl World {
         let hash = self.chunks[chunk as usize];
         let far = !is_node || self.up[to as usize].region != self.up[from as usize].region;
         let x = &mut self.up[to as usize];
-        let refused = match x.queue.offer(&hash, req, !x.held.contains(&from), far) {
+        let asker = Asker { far, progress };
+        let refused = match x.queue.offer(&hash, req, !x.held.contains(&from), asker) {
             Offer::Send(req) => {
                 self.send(to, req);
                 return;

@@ -378,6 +378,13 @@ impl Fetch {
         self.missing
     }
 
+    /// How much of the release this node holds, in 256ths: what its requests tell an
+    /// uploader, which serves those that hold least first.
+    pub fn progress(&self) -> u8 {
+        let n = self.chunks.len().max(1);
+        ((n - self.missing.min(n)) * 255 / n) as u8
+    }
+
     pub fn is_done(&self) -> bool {
         self.missing == 0
     }

@@ -55,6 +55,17 @@ pub const TRACKER_PEERS: usize = 50;
 /// `starling_core::tracker`): in a region of at most this many, every node does.
 pub const REGION_GATEWAYS: usize = 8;
 
+/// A node's upload slots (chunks it sends at once) and the requests it lets wait for
+/// them ([`crate::upload::UploadQueue`]); `Hold` pairs senders and receivers by the
+/// slot count ([`crate::FetchConfig::max_arriving`]).
+pub const NODE_UPLOAD_SLOTS: usize = 2;
+pub const NODE_UPLOAD_QUEUE: usize = 4;
+
+/// A control member's upload slots and queue, serving the origin store: every gateway
+/// of every region may wait there.
+pub const ORIGIN_UPLOAD_SLOTS: usize = 2;
+pub const ORIGIN_UPLOAD_QUEUE: usize = 32;
+
 /// A peer connection silent this long is taken for gone (QUIC's idle timeout).
 pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
