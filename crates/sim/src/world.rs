@@ -125,6 +125,15 @@ struct Node {
     timer: Timer,
 }
 
+/// A peer as a tracker answer named it (as the node daemon knows it): whether it is
+/// fetching the release and whether it is a gateway.
+#[derive(Debug, Clone, Copy)]
+struct Named {
+    peer: u32,
+    fetching: bool,
+    gateway: bool,
+}
+
 /// A node's timer: when its fetch wants waking, and the one timer event queued for it
 /// (`version` tells it from stale ones).
 #[derive(Debug, Default)]
@@ -176,7 +185,7 @@ pub struct World {
     killed: Vec<bool>,
     slow: Vec<bool>,
     /// Peers to connect to, per pending `Connected`: (peer, it is a gateway).
-    answers: Vec<Vec<(u32, bool)>>,
+    answers: Vec<Vec<Named>>,
     free_answers: Vec<u32>,
     events: u64,
     /// Live nodes that do not hold the release yet.
@@ -553,8 +562,8 @@ impl World {
             Ev::Connected { node, answer } => {
                 let peers = std::mem::take(&mut self.answers[answer as usize]);
                 self.free_answers.push(answer);
-                for &(peer, gateway) in &peers {
-                    self.connected(node, peer, gateway);
+                for &named in &peers {
+                    self.connected(node, named);
                 }
                 self.act(node);
             }
@@ -597,12 +606,16 @@ impl World {
         node.fetch = Some(fetch);
         // The origins: every member, known from the start.
         let n = self.nodes.len() as u32;
-        let members: Vec<(u32, bool)> = (0..self.sc.members as u32)
-            .map(|m| (n + m, false))
+        let members: Vec<Named> = (0..self.sc.members as u32)
+            .map(|m| Named {
+                peer: n + m,
+                fetching: false,
+                gateway: false,
+            })
             .collect();
         self.nodes[k as usize]
             .known
-            .extend(members.iter().map(|m| m.0));
+            .extend(members.iter().map(|m| m.peer));
         let at = self.now + 2 * self.latency(k, n);
         self.connect(at, k, members);
         self.push(self.now, Ev::Ask(k));
@@ -644,11 +657,15 @@ impl World {
         }
         let mut new = Vec::new();
         let mut far = false;
-        for (&PeerId(peer), &(_, gateway)) in &named {
+        for (&PeerId(peer), &(fetching, gateway)) in &named {
             let peer = peer as u32;
             if x.known.insert(peer) {
                 far |= self.up[peer as usize].region != self.up[k as usize].region;
-                new.push((peer, gateway));
+                new.push(Named {
+                    peer,
+                    fetching,
+                    gateway,
+                });
             }
         }
         if !new.is_empty() {
@@ -690,7 +707,7 @@ impl World {
     }
 
     /// Connections from `k` to `peers` come up at `at` (one event for the lot).
-    fn connect(&mut self, at: u64, k: u32, peers: Vec<(u32, bool)>) {
+    fn connect(&mut self, at: u64, k: u32, peers: Vec<Named>) {
         let answer = match self.free_answers.pop() {
             Some(i) => {
                 self.answers[i as usize] = peers;
@@ -704,7 +721,12 @@ impl World {
         self.push(at, Ev::Connected { node: k, answer });
     }
 
-    fn connected(&mut self, k: u32, peer: u32, gateway: bool) {
+    fn connected(&mut self, k: u32, named: Named) {
+        let Named {
+            peer,
+            fetching,
+            gateway,
+        } = named;
         if !self.alive_node(k) {
             return;
         }
@@ -722,7 +744,6 @@ impl World {
         } else {
             Source::OtherRegion
         };
-        let fetching = !is_origin && self.nodes[peer as usize].done.is_none();
         let info = PeerInfo {
             id: PeerId(peer.into()),
             node: self.up[peer as usize].name.clone(),
