@@ -168,7 +168,7 @@ impl UploadSlots {
                 held: held.clone(),
             };
             let ready = waiter.ready();
-            match q.offer(chunk, waiter, ready, asker) {
+            match q.offer(chunk, waiter, ready, asker, Waiter::ready) {
                 Offer::Send(_) => return Some(Slot(Some(self.clone()))),
                 Offer::Busy(_) => return None,
                 // The refused waiter's channel closes with it: its task answers busy.

@@ -903,7 +903,13 @@ impl World {
         let far = !is_node || self.up[to as usize].region != self.up[from as usize].region;
         let x = &mut self.up[to as usize];
         let asker = Asker { far, progress };
-        let refused = match x.queue.offer(&hash, req, !x.held.contains(&from), asker) {
+        let held = &x.held;
+        let offer = x
+            .queue
+            .offer(&hash, req, !held.contains(&from), asker, |w| {
+                !held.contains(&w.receiver)
+            });
+        let refused = match offer {
             Offer::Send(req) => {
                 self.send(to, req);
                 return;

@@ -78,8 +78,15 @@ impl<W> UploadQueue<W> {
 
     /// A request for `chunk` came from `asker`; `waiter` is what to hand the slot to;
     /// `ready`: its receiver takes chunks now (see [`UploadQueue::sent`]); one that does
-    /// not waits even for a free slot.
-    pub fn offer(&mut self, chunk: &ChunkHash, waiter: W, ready: bool, asker: Asker) -> Offer<W> {
+    /// not waits even for a free slot. `is_ready` says the same of a waiter.
+    pub fn offer(
+        &mut self,
+        chunk: &ChunkHash,
+        waiter: W,
+        ready: bool,
+        asker: Asker,
+        mut is_ready: impl FnMut(&W) -> bool,
+    ) -> Offer<W> {
         if self.asked.len() >= MAX_COUNTED {
             self.asked.clear();
         }
@@ -100,11 +107,19 @@ impl<W> UploadQueue<W> {
         );
         let mut bumped = None;
         if self.waiting.len() >= self.max_waiting {
-            // Only a request of a class ahead of the last one's takes its place: among
-            // equals, the first come keeps it.
+            // A waiter whose receiver holds its requests (it takes as much as it can from
+            // others) gives its place to one that takes chunks now: a queue full of held
+            // waiters refused every ready asker while its slots went idle. Else only a
+            // request of a class ahead of the last one's takes its place: among equals,
+            // the first come keeps it.
+            let held = ready
+                .then(|| self.waiting.iter().rev().find(|(_, w)| !is_ready(w)))
+                .flatten()
+                .map(|(k, _)| *k);
             let last = self.waiting.last_key_value().map(|(k, _)| *k);
-            match last.filter(|l| (place.0, place.1) < (l.0, l.1)) {
-                Some(l) => bumped = self.waiting.remove(&l),
+            let ahead = last.filter(|l| (place.0, place.1) < (l.0, l.1));
+            match held.or(ahead) {
+                Some(k) => bumped = self.waiting.remove(&k),
                 None => return Offer::Busy(waiter),
             }
         }
@@ -178,11 +193,11 @@ mod tests {
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
-        assert_eq!(q.offer(&common, 1, true, NEAR), Offer::Send(1));
-        assert_eq!(q.offer(&common, 2, true, NEAR), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 3, true, NEAR), Offer::Queued);
+        assert_eq!(q.offer(&common, 1, true, NEAR, |_| true), Offer::Send(1));
+        assert_eq!(q.offer(&common, 2, true, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 3, true, NEAR, |_| true), Offer::Queued);
         assert_eq!(
-            q.offer(&other, 4, true, NEAR),
+            q.offer(&other, 4, true, NEAR, |_| true),
             Offer::Busy(4),
             "the queue is full"
         );
@@ -191,9 +206,9 @@ mod tests {
         assert_eq!(q.sent(|_| true), Some(2));
         assert_eq!(q.sent(|_| true), None);
         // The slot is free again.
-        assert_eq!(q.offer(&other, 5, true, NEAR), Offer::Send(5));
-        assert_eq!(q.offer(&other, 6, true, NEAR), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 7, true, NEAR), Offer::Queued);
+        assert_eq!(q.offer(&other, 5, true, NEAR, |_| true), Offer::Send(5));
+        assert_eq!(q.offer(&other, 6, true, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 7, true, NEAR, |_| true), Offer::Queued);
         // `fresh` was asked once before, `other` once: the older goes first.
         q.retain(|w| *w != 6);
         assert_eq!(q.waiting(), 1);
@@ -206,9 +221,15 @@ mod tests {
         let mut q = UploadQueue::new(1, 4);
         let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
         // A held receiver waits even for a free slot.
-        assert_eq!(q.offer(&a, "held", false, NEAR), Offer::Queued);
-        assert_eq!(q.offer(&a, "ready", true, NEAR), Offer::Send("ready"));
-        assert_eq!(q.offer(&b, "held-too", false, NEAR), Offer::Queued);
+        assert_eq!(q.offer(&a, "held", false, NEAR, |_| true), Offer::Queued);
+        assert_eq!(
+            q.offer(&a, "ready", true, NEAR, |_| true),
+            Offer::Send("ready")
+        );
+        assert_eq!(
+            q.offer(&b, "held-too", false, NEAR, |_| true),
+            Offer::Queued
+        );
         // The slot comes free: nobody is ready, so it stays free.
         assert_eq!(q.sent(|w| !w.starts_with("held")), None);
         assert_eq!(q.waiting(), 2);
@@ -226,19 +247,34 @@ mod tests {
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
-        assert_eq!(q.offer(&a, "sending", true, NEAR), Offer::Send("sending"));
-        assert_eq!(q.offer(&b, "near", true, NEAR), Offer::Queued);
-        assert_eq!(q.offer(&c, "near-later", true, NEAR), Offer::Queued);
+        assert_eq!(
+            q.offer(&a, "sending", true, NEAR, |_| true),
+            Offer::Send("sending")
+        );
+        assert_eq!(q.offer(&b, "near", true, NEAR, |_| true), Offer::Queued);
+        assert_eq!(
+            q.offer(&c, "near-later", true, NEAR, |_| true),
+            Offer::Queued
+        );
         // The queue is full: a request of this region is refused, one from another
         // region takes the last place (and goes first, though its chunk is common).
         assert_eq!(
-            q.offer(&a, "near-refused", true, NEAR),
+            q.offer(&a, "near-refused", true, NEAR, |_| true),
             Offer::Busy("near-refused")
         );
-        assert_eq!(q.offer(&a, "far", true, FAR), Offer::Bumped("near-later"));
-        assert_eq!(q.offer(&a, "far-2", true, FAR), Offer::Bumped("near"));
+        assert_eq!(
+            q.offer(&a, "far", true, FAR, |_| true),
+            Offer::Bumped("near-later")
+        );
+        assert_eq!(
+            q.offer(&a, "far-2", true, FAR, |_| true),
+            Offer::Bumped("near")
+        );
         // Only far requests wait now: a third is refused.
-        assert_eq!(q.offer(&b, "far-3", true, FAR), Offer::Busy("far-3"));
+        assert_eq!(
+            q.offer(&b, "far-3", true, FAR, |_| true),
+            Offer::Busy("far-3")
+        );
         assert_eq!(q.sent(|_| true), Some("far"));
         assert_eq!(q.sent(|_| true), Some("far-2"));
         assert_eq!(q.sent(|_| true), None);
@@ -253,19 +289,52 @@ mod tests {
             progress,
         };
         assert_eq!(
-            q.offer(&common, "sending", true, at(0)),
+            q.offer(&common, "sending", true, at(0), |_| true),
             Offer::Send("sending")
         );
-        assert_eq!(q.offer(&fresh, "ahead", true, at(200)), Offer::Queued);
-        assert_eq!(q.offer(&common, "behind", true, at(100)), Offer::Queued);
-        // In the same sixteenth as the last waiter: the first come keeps its place.
-        assert_eq!(q.offer(&fresh, "tie", true, at(207)), Offer::Busy("tie"));
         assert_eq!(
-            q.offer(&fresh, "last", true, at(10)),
+            q.offer(&fresh, "ahead", true, at(200), |_| true),
+            Offer::Queued
+        );
+        assert_eq!(
+            q.offer(&common, "behind", true, at(100), |_| true),
+            Offer::Queued
+        );
+        // In the same sixteenth as the last waiter: the first come keeps its place.
+        assert_eq!(
+            q.offer(&fresh, "tie", true, at(207), |_| true),
+            Offer::Busy("tie")
+        );
+        assert_eq!(
+            q.offer(&fresh, "last", true, at(10), |_| true),
             Offer::Bumped("ahead")
         );
         // The one that holds least first, whatever it asks for.
         assert_eq!(q.sent(|_| true), Some("last"));
         assert_eq!(q.sent(|_| true), Some("behind"));
+    }
+
+    #[test]
+    fn a_held_waiter_gives_a_full_queues_place_to_a_ready_asker() {
+        let mut q = UploadQueue::new(1, 2);
+        let c = ChunkHash::of(b"c");
+        let ready = |w: &&str| !w.starts_with("held");
+        assert_eq!(
+            q.offer(&c, "sending", true, NEAR, ready),
+            Offer::Send("sending")
+        );
+        assert_eq!(q.offer(&c, "held", false, NEAR, ready), Offer::Queued);
+        assert_eq!(q.offer(&c, "waits", true, NEAR, ready), Offer::Queued);
+        // Full: a ready asker takes the held one's place; a held one is refused.
+        assert_eq!(
+            q.offer(&c, "ready", true, NEAR, ready),
+            Offer::Bumped("held")
+        );
+        assert_eq!(
+            q.offer(&c, "held-2", false, NEAR, ready),
+            Offer::Busy("held-2")
+        );
+        assert_eq!(q.sent(ready), Some("waits"));
+        assert_eq!(q.sent(ready), Some("ready"));
     }
 }
