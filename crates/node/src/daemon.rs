@@ -594,8 +594,9 @@ async fn ask_trackers(
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + OTHER_TRACKERS_GRACE);
         answers.push(answer);
     }
-    // A complete answer's roles are final; a member whose tracker has not heard every
-    // node yet may name other gateways, and the two must not mix.
+    // A complete answer's roles are final; a member whose tracker does not know the
+    // asker's repository (it restarted, say) names other gateways, and the two must not
+    // mix.
     let complete = answers.iter().any(|a| a.complete);
     let mut sources = TrackerSources {
         complete,

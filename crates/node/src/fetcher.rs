@@ -35,8 +35,8 @@ pub struct SourceSpec {
 }
 
 /// What the trackers said: where to fetch from, whether this node is a gateway of its
-/// region (one that brings chunks into it), and whether every node of the repository
-/// has announced the release (so the gateways named are final).
+/// region (one that brings chunks into it), and whether the gateways named are final
+/// (drawn from the repository's nodes).
 #[derive(Debug, Clone, Default)]
 pub struct TrackerSources {
     pub gateway: bool,

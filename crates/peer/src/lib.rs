@@ -186,8 +186,7 @@ pub struct TrackerAnswer {
     pub peers: Vec<PeerAddr>,
     /// This node is one of its region's gateways for the release.
     pub gateway: bool,
-    /// Every node of the repository has announced the release: the gateways named are
-    /// final.
+    /// The gateways named are final: drawn from the repository's nodes.
     pub complete: bool,
 }
 
@@ -940,14 +939,17 @@ mod tests {
             ChunkHash::of(b"c"),
         );
         // `common` has been asked for once already and holds the one slot.
-        drop(s.acquire(&common, &go, NEAR).await);
-        let held = s.acquire(&common, &go, NEAR).await.expect("a free slot");
-        let mut first = Box::pin(s.acquire(&common, &go, NEAR));
-        let mut second = Box::pin(s.acquire(&fresh, &go, NEAR));
+        drop(s.acquire(&common, &go, Asker::default()).await);
+        let held = s
+            .acquire(&common, &go, Asker::default())
+            .await
+            .expect("a free slot");
+        let mut first = Box::pin(s.acquire(&common, &go, Asker::default()));
+        let mut second = Box::pin(s.acquire(&fresh, &go, Asker::default()));
         // Both wait; the queue is full now.
         assert!(futures_poll(&mut first).is_none() && futures_poll(&mut second).is_none());
         assert!(
-            s.acquire(&other, &go, NEAR).await.is_none(),
+            s.acquire(&other, &go, Asker::default()).await.is_none(),
             "a third waiter is refused"
         );
         drop(held);
@@ -957,9 +959,12 @@ mod tests {
         drop(fresh_slot);
         assert!(first.await.is_some());
         // A waiter that gave up passes its turn on.
-        let held = s.acquire(&other, &go, NEAR).await.expect("a free slot");
-        let mut gave_up = Box::pin(s.acquire(&fresh, &go, NEAR));
-        let mut next = Box::pin(s.acquire(&other, &go, NEAR));
+        let held = s
+            .acquire(&other, &go, Asker::default())
+            .await
+            .expect("a free slot");
+        let mut gave_up = Box::pin(s.acquire(&fresh, &go, Asker::default()));
+        let mut next = Box::pin(s.acquire(&other, &go, Asker::default()));
         assert!(futures_poll(&mut gave_up).is_none() && futures_poll(&mut next).is_none());
         drop(gave_up);
         drop(held);
@@ -974,9 +979,12 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(true)),
         );
-        let sending = s.acquire(&c, &go, NEAR).await.expect("a free slot");
-        let mut held = Box::pin(s.acquire(&c, &hold, NEAR));
-        let mut other = Box::pin(s.acquire(&c, &go, NEAR));
+        let sending = s
+            .acquire(&c, &go, Asker::default())
+            .await
+            .expect("a free slot");
+        let mut held = Box::pin(s.acquire(&c, &hold, Asker::default()));
+        let mut other = Box::pin(s.acquire(&c, &go, Asker::default()));
         assert!(futures_poll(&mut held).is_none() && futures_poll(&mut other).is_none());
         // The slot passes the held peer by, though it came first.
         drop(sending);
@@ -995,10 +1003,20 @@ mod tests {
         let s = slots(1, 1);
         let go = Arc::new(AtomicBool::new(false));
         let c = ChunkHash::of(b"c");
-        let sending = s.acquire(&c, &go, NEAR).await.expect("a free slot");
-        let mut near = Box::pin(s.acquire(&c, &go, NEAR));
+        let sending = s
+            .acquire(&c, &go, Asker::default())
+            .await
+            .expect("a free slot");
+        let mut near = Box::pin(s.acquire(&c, &go, Asker::default()));
         assert!(futures_poll(&mut near).is_none(), "it waits");
-        let mut far = Box::pin(s.acquire(&c, &go, FAR));
+        let mut far = Box::pin(s.acquire(
+            &c,
+            &go,
+            Asker {
+                far: true,
+                ..Asker::default()
+            },
+        ));
         assert!(
             futures_poll(&mut far).is_none(),
             "it waits in the near one's place"
@@ -1007,15 +1025,6 @@ mod tests {
         drop(sending);
         assert!(far.await.is_some());
     }
-
-    const NEAR: Asker = Asker {
-        far: false,
-        progress: 0,
-    };
-    const FAR: Asker = Asker {
-        far: true,
-        progress: 0,
-    };
 
     /// Poll once: the output if it is ready.
     fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {

@@ -9,9 +9,9 @@
 //! origin sends each chunk about once, spread evenly over the regions' nodes, and each
 //! chunk crosses into each region about once. Ingress is computed over live peers: when
 //! a node goes, the chunks it brought in pass to others by themselves. Those views agree
-//! only once every node knows the others: a fetch asks no one outside its region for its
-//! first `settle`, or until the tracker says every node of the release has announced it
-//! and this node is connected to the gateways it named.
+//! only once every node knows the gateways: a fetch asks no one outside its region for
+//! its first `settle`, or until the tracker says the gateways it named are final (drawn
+//! from the repository's nodes) and this node is connected to them.
 //!
 //! Inside the region a new chunk spreads in its rendezvous order: `fanout` more nodes may
 //! fetch it per node holding it, so that it travels as a tree and no holder is asked by
@@ -461,12 +461,11 @@ impl Fetch {
         self.schedule(now);
     }
 
-    /// The tracker says every node that fetches this release has announced it, and that
-    /// these are the gateways (of this node's region, and of every region if this node
-    /// is one). Once each of them is connected, every node's view of who brings which
-    /// chunk in agrees for good, and the start has settled: on a small fleet that
-    /// announced within a few tens of milliseconds, the origin need not idle for the
-    /// whole of `settle`.
+    /// The tracker says these are the final gateways (of this node's region, and of every
+    /// region if this node is one), drawn from the repository's nodes whether or not they
+    /// have seen the goal yet. Once each of them is connected, every node's view of who
+    /// brings which chunk in agrees, and the start has settled: the origin need not idle
+    /// for the whole of `settle`.
     pub fn handle_view_complete(&mut self, now: Instant, gateways: Vec<PeerId>) {
         if self.settled {
             return;
@@ -495,9 +494,9 @@ impl Fetch {
     /// names the gateways this node needs to know of, so a known peer it does not name
     /// as one is none (any more). A peer first known as idle that started to fetch takes
     /// its place in the region's order from now on; one that finished stays a partner.
-    /// (Nodes see a new goal a few seconds apart and the gateways are worked out from the
-    /// nodes announced so far; until every node's view agrees, views of who is a chunk's
-    /// ingress differ, and a chunk may cross twice, or wait.)
+    /// (The gateways change only as nodes join, leave or fail to start; until every
+    /// node's view agrees again, views of who is a chunk's ingress differ, and a chunk
+    /// may cross twice, or wait.)
     pub fn handle_roles(&mut self, now: Instant, named: &BTreeMap<PeerId, (bool, bool)>) {
         let mut changed = false;
         for p in self

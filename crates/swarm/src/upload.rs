@@ -42,8 +42,9 @@ pub enum Offer<W> {
     Busy(W),
 }
 
-/// What the queue's order knows of an asker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the queue's order knows of an asker (by default: of this node's region, holding
+/// nothing yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Asker {
     /// It is in another region than this node (or this node is the origin).
     pub far: bool,
