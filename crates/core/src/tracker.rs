@@ -371,8 +371,9 @@ impl Tracker {
         });
         let repo = repo.filter(|r| self.members.contains_key(r));
         let own = self.gateways_of(repo.as_deref(), release, region, now);
+        let is_gateway = own.iter().any(|n| n == asker);
         let mut gateways = Vec::new();
-        if own.iter().any(|n| n == asker) {
+        if is_gateway {
             let regions: Vec<String> = match &repo {
                 Some(r) => self.members[r].keys().cloned().collect(),
                 None => self
@@ -386,7 +387,7 @@ impl Tracker {
             }
         }
         let mut answer = Answer {
-            gateway: own.iter().any(|n| n == asker),
+            gateway: is_gateway,
             complete: repo.is_some(),
             ..Answer::default()
         };
