@@ -94,6 +94,14 @@ struct Entry {
 /// A node's place in a release's rendezvous order: (weight, name), highest first.
 type Place = (u64, String);
 
+/// The nodes announcing one release, per region in rendezvous order, and when the
+/// first of them did.
+#[derive(Debug, Clone)]
+struct Announcers {
+    since: Instant,
+    regions: BTreeMap<String, BTreeSet<Place>>,
+}
+
 /// The nodes of one region that run one repository.
 #[derive(Debug, Clone, Default)]
 struct Members {
@@ -114,8 +122,8 @@ struct Ranked {
 /// the few that have not started without ranking the region again.
 const RANKED_PER_GATEWAY: usize = 4;
 
-/// Cached rankings kept at most (per release and region); past it the cache starts over.
-const RANKED_MAX: usize = 4096;
+/// Releases whose rankings are cached at most; past it the cache starts over.
+const RANKED_MAX: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct Tracker {
@@ -129,16 +137,14 @@ pub struct Tracker {
     /// not announced it may still be one of its gateways.
     pub start_grace: Duration,
     nodes: BTreeMap<String, Entry>,
-    /// Per release, per region: the nodes announcing it, in rendezvous order.
-    order: HashMap<ReleaseId, BTreeMap<String, BTreeSet<Place>>>,
-    /// Per release announced: when a node first announced it.
-    since: HashMap<ReleaseId, Instant>,
+    /// Per release: the nodes announcing it.
+    order: HashMap<ReleaseId, Announcers>,
     /// Per repository, per region: the nodes that run it.
     members: HashMap<String, BTreeMap<String, Members>>,
     /// Membership changes so far (what `Members::version` is drawn from).
     changes: u64,
     /// Per release and region: its repository's nodes there, ranked.
-    ranked: HashMap<(ReleaseId, String), Ranked>,
+    ranked: HashMap<ReleaseId, HashMap<String, Ranked>>,
 }
 
 impl Tracker {
@@ -150,7 +156,6 @@ impl Tracker {
             start_grace: Duration::from_secs(3),
             nodes: BTreeMap::new(),
             order: HashMap::new(),
-            since: HashMap::new(),
             members: HashMap::new(),
             changes: 0,
             ranked: HashMap::new(),
@@ -165,23 +170,26 @@ impl Tracker {
                 && e.announce.fetching == a.fetching
         });
         // Most announcements repeat the node's region and repositories: nothing to change.
-        let old = self.nodes.get(&a.node).map(|e| e.announce.clone());
-        if !old
-            .as_ref()
-            .is_some_and(|o| o.region == a.region && repos(o).eq(repos(&a)))
-        {
-            if let Some(o) = &old {
-                self.enrol(o, false);
+        let moved = !self
+            .nodes
+            .get(&a.node)
+            .is_some_and(|e| e.announce.region == a.region && repos(&e.announce).eq(repos(&a)));
+        if moved {
+            if let Some(old) = self.nodes.get(&a.node).map(|e| e.announce.clone()) {
+                self.enrol(&old, false);
             }
             self.enrol(&a, true);
         }
         if !same {
             self.unindex(&a.node);
             for r in a.holds.iter().chain(&a.fetching) {
-                self.since.entry(*r).or_insert(now);
                 self.order
                     .entry(*r)
-                    .or_default()
+                    .or_insert_with(|| Announcers {
+                        since: now,
+                        regions: BTreeMap::new(),
+                    })
+                    .regions
                     .entry(a.region.clone())
                     .or_default()
                     .insert((weight(r, &a.node), a.node.clone()));
@@ -202,7 +210,7 @@ impl Tracker {
         };
         let a = &old.announce;
         for r in a.holds.iter().chain(&a.fetching) {
-            let Some(regions) = self.order.get_mut(r) else {
+            let Some(regions) = self.order.get_mut(r).map(|o| &mut o.regions) else {
                 continue;
             };
             if let Some(set) = regions.get_mut(&a.region) {
@@ -213,7 +221,6 @@ impl Tracker {
             }
             if regions.is_empty() {
                 self.order.remove(r);
-                self.since.remove(r);
             }
         }
     }
@@ -303,7 +310,7 @@ impl Tracker {
             .and_then(|r| self.members.get(r))
             .and_then(|m| m.get(region))
         else {
-            let order = self.order.get(release).and_then(|o| o.get(region));
+            let order = self.order.get(release).and_then(|o| o.regions.get(region));
             return order
                 .into_iter()
                 .flat_map(|o| o.iter().rev())
@@ -312,29 +319,26 @@ impl Tracker {
                 .map(|(_, n)| n.clone())
                 .collect();
         };
-        let key = (*release, region.to_string());
-        if self
-            .ranked
-            .get(&key)
-            .is_none_or(|r| r.version != members.version)
-        {
+        let cached = self.ranked.get(release).and_then(|m| m.get(region));
+        if cached.is_none_or(|r| r.version != members.version) {
             if self.ranked.len() >= RANKED_MAX {
                 self.ranked.clear();
             }
             let nodes = ranked(release, &members.nodes, self.gateways * RANKED_PER_GATEWAY);
             let version = members.version;
-            self.ranked.insert(key.clone(), Ranked { version, nodes });
+            let by_region = self.ranked.entry(*release).or_default();
+            by_region.insert(region.to_string(), Ranked { version, nodes });
         }
         let in_grace = self
-            .since
+            .order
             .get(release)
-            .is_none_or(|s| now.saturating_duration_since(*s) < self.start_grace);
+            .is_none_or(|o| now.saturating_duration_since(o.since) < self.start_grace);
         let eligible = |n: &String| {
             self.entry(n, now).is_some_and(|a| {
                 in_grace || a.holds.contains(release) || a.fetching.contains(release)
             })
         };
-        let cached = &self.ranked[&key].nodes;
+        let cached = &self.ranked[release][region].nodes;
         let found: Vec<String> = cached
             .iter()
             .filter(|n| eligible(n))
@@ -379,7 +383,7 @@ impl Tracker {
                 None => self
                     .order
                     .get(release)
-                    .map(|o| o.keys().cloned().collect())
+                    .map(|o| o.regions.keys().cloned().collect())
                     .unwrap_or_default(),
             };
             for r in regions.iter().filter(|r| r.as_str() != region) {
@@ -404,7 +408,7 @@ impl Tracker {
                 answer.peers.push(entry(a, true));
             }
         }
-        let Some(regions) = self.order.get(release) else {
+        let Some(regions) = self.order.get(release).map(|o| &o.regions) else {
             return answer;
         };
         let mut room = self.max_peers;

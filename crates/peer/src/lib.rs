@@ -167,8 +167,7 @@ impl UploadSlots {
                 slot: tx,
                 held: held.clone(),
             };
-            let ready = waiter.ready();
-            match q.offer(chunk, waiter, ready, asker, Waiter::ready) {
+            match q.offer(chunk, waiter, asker, Waiter::ready) {
                 Offer::Send(_) => return Some(Slot(Some(self.clone()))),
                 Offer::Busy(_) => return None,
                 // The refused waiter's channel closes with it: its task answers busy.

@@ -813,12 +813,11 @@ impl World {
                         .fetch
                         .as_ref()
                         .map_or(0, Fetch::progress);
-                    let from = k;
                     self.push(
                         at,
                         Ev::Request {
                             to,
-                            from,
+                            from: k,
                             chunk,
                             progress,
                         },
@@ -906,9 +905,7 @@ impl World {
         let held = &x.held;
         let offer = x
             .queue
-            .offer(&hash, req, !held.contains(&from), asker, |w| {
-                !held.contains(&w.receiver)
-            });
+            .offer(&hash, req, asker, |w| !held.contains(&w.receiver));
         let refused = match offer {
             Offer::Send(req) => {
                 self.send(to, req);

@@ -16,7 +16,7 @@
 //! within a few milliseconds of seeing the goal, the holders' queues were full of their
 //! own regions' requests, and a region's ingress was refused as busy by every holder of
 //! a chunk for seconds: one chunk reached the last region 11 s after the origin sent it.
-
+//!
 //! Sans-IO like [`crate::Fetch`]: the driver says a request came (`offer`) and a send
 //! ended (`sent`); what waits is the driver's own token `W` (a channel to the waiting
 //! task over QUIC, a request record in the simulator).
@@ -77,17 +77,17 @@ impl<W> UploadQueue<W> {
         }
     }
 
-    /// A request for `chunk` came from `asker`; `waiter` is what to hand the slot to;
-    /// `ready`: its receiver takes chunks now (see [`UploadQueue::sent`]); one that does
-    /// not waits even for a free slot. `is_ready` says the same of a waiter.
+    /// A request for `chunk` came from `asker`; `waiter` is what to hand the slot to.
+    /// `is_ready` says whether a waiter's receiver takes chunks now (see
+    /// [`UploadQueue::sent`]); one that does not waits even for a free slot.
     pub fn offer(
         &mut self,
         chunk: &ChunkHash,
         waiter: W,
-        ready: bool,
         asker: Asker,
         mut is_ready: impl FnMut(&W) -> bool,
     ) -> Offer<W> {
+        let ready = is_ready(&waiter);
         if self.asked.len() >= MAX_COUNTED {
             self.asked.clear();
         }
@@ -194,11 +194,11 @@ mod tests {
             ChunkHash::of(b"b"),
             ChunkHash::of(b"c"),
         );
-        assert_eq!(q.offer(&common, 1, true, NEAR, |_| true), Offer::Send(1));
-        assert_eq!(q.offer(&common, 2, true, NEAR, |_| true), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 3, true, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&common, 1, NEAR, |_| true), Offer::Send(1));
+        assert_eq!(q.offer(&common, 2, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 3, NEAR, |_| true), Offer::Queued);
         assert_eq!(
-            q.offer(&other, 4, true, NEAR, |_| true),
+            q.offer(&other, 4, NEAR, |_| true),
             Offer::Busy(4),
             "the queue is full"
         );
@@ -207,9 +207,9 @@ mod tests {
         assert_eq!(q.sent(|_| true), Some(2));
         assert_eq!(q.sent(|_| true), None);
         // The slot is free again.
-        assert_eq!(q.offer(&other, 5, true, NEAR, |_| true), Offer::Send(5));
-        assert_eq!(q.offer(&other, 6, true, NEAR, |_| true), Offer::Queued);
-        assert_eq!(q.offer(&fresh, 7, true, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&other, 5, NEAR, |_| true), Offer::Send(5));
+        assert_eq!(q.offer(&other, 6, NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&fresh, 7, NEAR, |_| true), Offer::Queued);
         // `fresh` was asked once before, `other` once: the older goes first.
         q.retain(|w| *w != 6);
         assert_eq!(q.waiting(), 1);
@@ -221,16 +221,11 @@ mod tests {
     fn held_waiters_keep_their_places_and_a_slot_waits_for_a_ready_one() {
         let mut q = UploadQueue::new(1, 4);
         let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        let ready = |w: &&str| !w.starts_with("held");
         // A held receiver waits even for a free slot.
-        assert_eq!(q.offer(&a, "held", false, NEAR, |_| true), Offer::Queued);
-        assert_eq!(
-            q.offer(&a, "ready", true, NEAR, |_| true),
-            Offer::Send("ready")
-        );
-        assert_eq!(
-            q.offer(&b, "held-too", false, NEAR, |_| true),
-            Offer::Queued
-        );
+        assert_eq!(q.offer(&a, "held", NEAR, ready), Offer::Queued);
+        assert_eq!(q.offer(&a, "ready", NEAR, ready), Offer::Send("ready"));
+        assert_eq!(q.offer(&b, "held-too", NEAR, ready), Offer::Queued);
         // The slot comes free: nobody is ready, so it stays free.
         assert_eq!(q.sent(|w| !w.starts_with("held")), None);
         assert_eq!(q.waiting(), 2);
@@ -249,33 +244,24 @@ mod tests {
             ChunkHash::of(b"c"),
         );
         assert_eq!(
-            q.offer(&a, "sending", true, NEAR, |_| true),
+            q.offer(&a, "sending", NEAR, |_| true),
             Offer::Send("sending")
         );
-        assert_eq!(q.offer(&b, "near", true, NEAR, |_| true), Offer::Queued);
-        assert_eq!(
-            q.offer(&c, "near-later", true, NEAR, |_| true),
-            Offer::Queued
-        );
+        assert_eq!(q.offer(&b, "near", NEAR, |_| true), Offer::Queued);
+        assert_eq!(q.offer(&c, "near-later", NEAR, |_| true), Offer::Queued);
         // The queue is full: a request of this region is refused, one from another
         // region takes the last place (and goes first, though its chunk is common).
         assert_eq!(
-            q.offer(&a, "near-refused", true, NEAR, |_| true),
+            q.offer(&a, "near-refused", NEAR, |_| true),
             Offer::Busy("near-refused")
         );
         assert_eq!(
-            q.offer(&a, "far", true, FAR, |_| true),
+            q.offer(&a, "far", FAR, |_| true),
             Offer::Bumped("near-later")
         );
-        assert_eq!(
-            q.offer(&a, "far-2", true, FAR, |_| true),
-            Offer::Bumped("near")
-        );
+        assert_eq!(q.offer(&a, "far-2", FAR, |_| true), Offer::Bumped("near"));
         // Only far requests wait now: a third is refused.
-        assert_eq!(
-            q.offer(&b, "far-3", true, FAR, |_| true),
-            Offer::Busy("far-3")
-        );
+        assert_eq!(q.offer(&b, "far-3", FAR, |_| true), Offer::Busy("far-3"));
         assert_eq!(q.sent(|_| true), Some("far"));
         assert_eq!(q.sent(|_| true), Some("far-2"));
         assert_eq!(q.sent(|_| true), None);
@@ -290,24 +276,18 @@ mod tests {
             progress,
         };
         assert_eq!(
-            q.offer(&common, "sending", true, at(0), |_| true),
+            q.offer(&common, "sending", at(0), |_| true),
             Offer::Send("sending")
         );
-        assert_eq!(
-            q.offer(&fresh, "ahead", true, at(200), |_| true),
-            Offer::Queued
-        );
-        assert_eq!(
-            q.offer(&common, "behind", true, at(100), |_| true),
-            Offer::Queued
-        );
+        assert_eq!(q.offer(&fresh, "ahead", at(200), |_| true), Offer::Queued);
+        assert_eq!(q.offer(&common, "behind", at(100), |_| true), Offer::Queued);
         // In the same sixteenth as the last waiter: the first come keeps its place.
         assert_eq!(
-            q.offer(&fresh, "tie", true, at(207), |_| true),
+            q.offer(&fresh, "tie", at(207), |_| true),
             Offer::Busy("tie")
         );
         assert_eq!(
-            q.offer(&fresh, "last", true, at(10), |_| true),
+            q.offer(&fresh, "last", at(10), |_| true),
             Offer::Bumped("ahead")
         );
         // The one that holds least first, whatever it asks for.
@@ -320,21 +300,12 @@ mod tests {
         let mut q = UploadQueue::new(1, 2);
         let c = ChunkHash::of(b"c");
         let ready = |w: &&str| !w.starts_with("held");
-        assert_eq!(
-            q.offer(&c, "sending", true, NEAR, ready),
-            Offer::Send("sending")
-        );
-        assert_eq!(q.offer(&c, "held", false, NEAR, ready), Offer::Queued);
-        assert_eq!(q.offer(&c, "waits", true, NEAR, ready), Offer::Queued);
+        assert_eq!(q.offer(&c, "sending", NEAR, ready), Offer::Send("sending"));
+        assert_eq!(q.offer(&c, "held", NEAR, ready), Offer::Queued);
+        assert_eq!(q.offer(&c, "waits", NEAR, ready), Offer::Queued);
         // Full: a ready asker takes the held one's place; a held one is refused.
-        assert_eq!(
-            q.offer(&c, "ready", true, NEAR, ready),
-            Offer::Bumped("held")
-        );
-        assert_eq!(
-            q.offer(&c, "held-2", false, NEAR, ready),
-            Offer::Busy("held-2")
-        );
+        assert_eq!(q.offer(&c, "ready", NEAR, ready), Offer::Bumped("held"));
+        assert_eq!(q.offer(&c, "held-2", NEAR, ready), Offer::Busy("held-2"));
         assert_eq!(q.sent(ready), Some("waits"));
         assert_eq!(q.sent(ready), Some("ready"));
     }
