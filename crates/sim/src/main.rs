@@ -56,6 +56,13 @@ struct Shape {
     /// The transfer unit (chunk) size in KiB.
     #[arg(long)]
     chunk_kib: Option<u64>,
+    /// Model each unit as a run of chunks of this size that relays pass on one by one
+    /// (see `Scenario::piece_bytes`); 0 passes units on whole.
+    #[arg(long)]
+    piece_kib: Option<u64>,
+    /// Nodes see the goal spread evenly over this long, ms.
+    #[arg(long)]
+    start_ms: Option<u64>,
     #[arg(long)]
     node_mbit: Option<f64>,
     #[arg(long)]
@@ -124,6 +131,12 @@ impl Shape {
         };
         if let Some(k) = self.chunk_kib {
             sc.chunk_bytes = k << 10;
+        }
+        if let Some(k) = self.piece_kib {
+            sc.piece_bytes = (k > 0).then_some(k << 10);
+        }
+        if let Some(ms) = self.start_ms {
+            sc.start_spread = ms * 1_000_000;
         }
         if let Some(m) = self.node_mbit {
             sc.node_up = mbit(m);

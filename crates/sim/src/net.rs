@@ -139,6 +139,11 @@ impl<T> Network<T> {
         (rate.iter().sum(), model)
     }
 
+    /// The link's rate, bytes per second.
+    pub fn rate_of(&self, link: LinkId) -> f64 {
+        self.links[link as usize].rate
+    }
+
     /// Bytes that crossed `link` in flows that ended.
     pub fn carried(&self, link: LinkId) -> f64 {
         self.links[link as usize].carried
@@ -185,6 +190,11 @@ impl<T> Network<T> {
             .get(finish.flow as usize)
             .and_then(Option::as_ref)
             .is_some_and(|f| f.version == finish.version)
+    }
+
+    /// The flow's rate now, bytes per second.
+    pub fn rate(&self, flow: FlowId) -> Option<f64> {
+        Some(self.flows.get(flow as usize)?.as_ref()?.rate)
     }
 
     pub fn payload(&self, flow: FlowId) -> Option<&T> {

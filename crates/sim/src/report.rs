@@ -15,6 +15,9 @@ pub struct Row {
     pub median: f64,
     /// The last of the nodes not killed whose links run at full rate.
     pub last_full_rate: f64,
+    /// The fluid bound counted from the start of the run, and from the start of the
+    /// last node not killed (see [`Scenario::bound_from`]).
+    pub bound_at_zero: f64,
     pub bound: f64,
     /// Copies of the payload each remote region received over its WAN link, counting
     /// the bytes on the wire as the testbed's kernel counters do (largest, mean).
@@ -44,6 +47,14 @@ impl Row {
             .filter_map(|(d, _)| *d)
             .max();
         let secs = |t: u64| t as f64 / 1e9;
+        let last_start = o
+            .started
+            .iter()
+            .zip(&o.killed)
+            .filter(|(_, k)| !**k)
+            .filter_map(|(s, _)| *s)
+            .max()
+            .map_or(0.0, secs);
         let payload = sc.payload_bytes() as f64;
         let remote: Vec<f64> = o.wan_in.iter().skip(1).map(|b| b / payload).collect();
         Row {
@@ -54,7 +65,8 @@ impl Row {
             last: times.last().map_or(f64::NAN, |t| secs(*t)),
             median: times.get(times.len() / 2).map_or(f64::NAN, |t| secs(*t)),
             last_full_rate: full_rate.map_or(f64::NAN, secs),
-            bound: sc.bound(),
+            bound_at_zero: sc.bound(),
+            bound: sc.bound_from(last_start),
             wan_max: remote.iter().copied().fold(0.0, f64::max),
             wan_mean: if remote.is_empty() {
                 0.0
@@ -68,12 +80,12 @@ impl Row {
     }
 
     pub fn header() -> &'static str {
-        "| scenario | nodes | finished | last (s) | median (s) | last at full rate (s) | bound (s) | × bound | WAN copies per remote region (max / mean) | origin copies | events | wall (s) | events/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| scenario | nodes | finished | last (s) | median (s) | last at full rate (s) | bound (s), from 0 / from the last start | × bound, from 0 / from the last start | WAN copies per remote region (max / mean) | origin copies | events | wall (s) | events/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     }
 
     pub fn line(&self) -> String {
         format!(
-            "| {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {} | {:.1} | {:.0} |",
             self.name,
             self.nodes,
             self.finished,
@@ -81,7 +93,9 @@ impl Row {
             self.last,
             self.median,
             self.last_full_rate,
+            self.bound_at_zero,
             self.bound,
+            self.last / self.bound_at_zero,
             self.last / self.bound,
             self.wan_max,
             self.wan_mean,

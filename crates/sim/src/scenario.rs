@@ -20,6 +20,12 @@ pub struct Scenario {
     /// 256 KiB; a large run may model bigger transfer units, see the crate doc).
     pub release_bytes: u64,
     pub chunk_bytes: u64,
+    /// A unit larger than the release format's chunks stands for a run of them, and a
+    /// node passes each chunk on once it holds it whole: so a relay may send a unit on
+    /// once this many bytes of it arrived (its first chunk), and its copy ends no sooner
+    /// than this many bytes after the unit is whole at the relay. `None`: a unit is
+    /// passed on only once it is whole (as a single chunk is).
+    pub piece_bytes: Option<u64>,
     /// Bytes per second. Download `f64::INFINITY`: unshaped (as on the testbed).
     pub node_up: f64,
     pub node_down: f64,
@@ -100,6 +106,13 @@ impl Scenario {
         b.max(s / self.node_down)
     }
 
+    /// [`Scenario::bound`] for a run whose last node started `last_start` seconds in:
+    /// it cannot receive before it sees the goal.
+    pub fn bound_from(&self, last_start: f64) -> f64 {
+        let s = self.payload_bytes() as f64;
+        self.bound().max(last_start + s / self.node_down)
+    }
+
     /// The namespace testbed's shape (`cargo bench --bench distribution`): 40 Mbit/s
     /// node and origin uploads, unshaped downloads, a 100 Mbit/s WAN link per region,
     /// three members on the origin host, no added latency.
@@ -111,6 +124,7 @@ impl Scenario {
             nodes_per_region: per_region,
             release_bytes,
             chunk_bytes: 256 << 10,
+            piece_bytes: None,
             node_up: mbit(40.0),
             node_down: f64::INFINITY,
             origin_up: mbit(40.0),
@@ -143,6 +157,7 @@ impl Scenario {
             nodes_per_region: per_region,
             release_bytes,
             chunk_bytes,
+            piece_bytes: None,
             node_up: mbit(1000.0),
             node_down: mbit(1000.0),
             origin_up: mbit(10_000.0),

@@ -54,6 +54,13 @@ enum Ev {
         from: u32,
         chunk: u32,
     },
+    /// The first piece of `chunk` from `from` reached `to` (see
+    /// [`Scenario::piece_bytes`]): `to` may pass it on.
+    Piece {
+        to: u32,
+        from: u32,
+        chunk: u32,
+    },
     Delivered {
         to: u32,
         from: u32,
@@ -111,7 +118,13 @@ struct Uploader {
 
 struct Node {
     fetch: Option<Fetch>,
+    /// Chunks it holds whole, and those it serves: held, or with their first piece
+    /// here (see [`Scenario::piece_bytes`]).
     held: Vec<bool>,
+    serving: Vec<bool>,
+    /// Its sends whose bytes all went out before the chunk was whole here: each ends
+    /// (is delivered, and its slot goes on) a piece after the chunk is.
+    relaying: Vec<Req>,
     down: LinkId,
     /// Peers that connected to this node and want the release: its `Have`s go to them.
     near_wanting: Vec<u32>,
@@ -148,6 +161,8 @@ struct Timer {
 pub struct Outcome {
     /// Per node: when it held every chunk, ns from the start; `None` if it never did.
     pub done: Vec<Option<u64>>,
+    /// Per node: when it saw the goal and started fetching; `None` if it never did.
+    pub started: Vec<Option<u64>>,
     /// Per node: whether it was killed.
     pub killed: Vec<bool>,
     /// Per node: whether its links run slow (a fault).
@@ -248,11 +263,14 @@ impl World {
                 alive: true,
                 corrupt: false,
             });
+            let held: Vec<bool> = (0..chunks.len())
+                .map(|i| held_before.is_some_and(|h| i < h))
+                .collect();
             nodes.push(Node {
                 fetch: None,
-                held: (0..chunks.len())
-                    .map(|i| held_before.is_some_and(|h| i < h))
-                    .collect(),
+                serving: held.clone(),
+                held,
+                relaying: Vec::new(),
                 down: net.add_link(sc.node_down * factor),
                 near_wanting: Vec::new(),
                 far_wanting: Vec::new(),
@@ -380,6 +398,7 @@ impl World {
         let done = self.nodes.iter().map(|x| x.done).collect();
         Outcome {
             done,
+            started: self.nodes.iter().map(|x| x.started).collect(),
             killed: self.killed.clone(),
             slow: self.slow.clone(),
             wan_in: self.wan_in.iter().map(|&l| self.net.carried(l)).collect(),
@@ -517,12 +536,25 @@ impl World {
                 if !self.alive_node(to) {
                     return;
                 }
+                if let Some(piece) = self.sc.piece_bytes.filter(|p| *p < self.sc.chunk_bytes) {
+                    let rate = self.up[from as usize]
+                        .active
+                        .iter()
+                        .find(|(r, _)| r.receiver == to && r.chunk == chunk)
+                        .and_then(|(_, f)| self.net.rate(*f));
+                    if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                        let wire = piece as f64 * self.sc.wire_overhead;
+                        let at = self.now + (wire / rate * 1e9) as u64;
+                        self.push(at, Ev::Piece { to, from, chunk });
+                    }
+                }
                 let hash = self.chunks[chunk as usize];
                 if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
                     f.handle_arriving(PeerId(from.into()), &hash);
                 }
                 self.act(to);
             }
+            Ev::Piece { to, from, chunk } => self.piece(to, from, chunk),
             Ev::Delivered { to, from, chunk } => self.delivered(to, from, chunk),
             Ev::Reply {
                 to,
@@ -760,7 +792,7 @@ impl World {
             } else {
                 p.far_wanting.push(k);
             }
-            p.held
+            p.serving
                 .iter()
                 .enumerate()
                 .filter(|(_, h)| **h)
@@ -881,7 +913,7 @@ impl World {
             return;
         }
         let is_node = (to as usize) < self.nodes.len();
-        if is_node && !self.nodes[to as usize].held[chunk as usize] {
+        if is_node && !self.nodes[to as usize].serving[chunk as usize] {
             let at = self.now + self.latency(to, from);
             self.push(
                 at,
@@ -1004,6 +1036,12 @@ impl World {
         self.up[u as usize]
             .active
             .retain(|(_, f)| *f != finish.flow);
+        if let Some(relay) = self.nodes.get_mut(u as usize) {
+            if !relay.held[req.chunk as usize] {
+                relay.relaying.push(req);
+                return;
+            }
+        }
         let at = self.now + self.latency(u, req.receiver);
         self.push(
             at,
@@ -1024,6 +1062,14 @@ impl World {
             .withdraw(&hash, |r| r.receiver == receiver)
         {
             return;
+        }
+        let req = Req { receiver, chunk };
+        if let Some(relay) = self.nodes.get_mut(u as usize) {
+            if let Some(pos) = relay.relaying.iter().position(|r| *r == req) {
+                relay.relaying.swap_remove(pos);
+                self.next_send(u);
+                return;
+            }
         }
         let Some(pos) = self.up[u as usize]
             .active
@@ -1049,38 +1095,76 @@ impl World {
             self.corrupt += 1;
         }
         let x = &mut self.nodes[to as usize];
-        let fresh = verified && !x.held[chunk as usize];
-        if fresh {
+        if verified && !x.held[chunk as usize] {
             self.delivered += 1;
             x.held[chunk as usize] = true;
-            if !x.near_wanting.is_empty() {
-                let at = self.now + self.sc.near_latency;
-                self.push(at, Ev::HaveNear { from: to, chunk });
-            }
-            // As the node's server: at once if the chunk entered the region here (a
-            // later batch's event then finds less or nothing pending).
-            let entered_region = from as usize >= self.nodes.len()
-                || self.up[from as usize].region != self.up[to as usize].region;
-            let x = &mut self.nodes[to as usize];
-            x.far_pending.push(chunk);
-            if !x.far_wanting.is_empty() && (entered_region || !x.far_flush) {
-                x.far_flush = true;
-                let batch = if entered_region {
-                    0
-                } else {
-                    ns(FAR_HAVE_BATCH)
-                };
-                self.push(
-                    self.now + batch + self.sc.far_latency,
-                    Ev::HaveFar { from: to },
-                );
-            }
+            self.serve(to, from, chunk);
+            self.relay(to, chunk);
         }
         let hash = self.chunks[chunk as usize];
         if let Some(f) = self.nodes[to as usize].fetch.as_mut() {
             f.handle_chunk(now, PeerId(from.into()), &hash, verified);
         }
         self.act(to);
+    }
+
+    /// The first piece of `chunk` from `from` reached `to`, which serves it from now on
+    /// if it checks (the rest of it is on its way).
+    fn piece(&mut self, to: u32, from: u32, chunk: u32) {
+        let sending = self.up[from as usize]
+            .active
+            .iter()
+            .any(|(r, _)| r.receiver == to && r.chunk == chunk);
+        if self.alive_node(to) && sending && !self.up[from as usize].corrupt {
+            self.serve(to, from, chunk);
+        }
+    }
+
+    /// `k` serves `chunk` (received from `from`) from now on: a `Have` to the peers
+    /// that want the release.
+    fn serve(&mut self, k: u32, from: u32, chunk: u32) {
+        let x = &mut self.nodes[k as usize];
+        if std::mem::replace(&mut x.serving[chunk as usize], true) {
+            return;
+        }
+        if !x.near_wanting.is_empty() {
+            let at = self.now + self.sc.near_latency;
+            self.push(at, Ev::HaveNear { from: k, chunk });
+        }
+        // As the node's server: at once if the chunk entered the region here (a later
+        // batch's event then finds less or nothing pending).
+        let entered_region = from as usize >= self.nodes.len()
+            || self.up[from as usize].region != self.up[k as usize].region;
+        let x = &mut self.nodes[k as usize];
+        x.far_pending.push(chunk);
+        if !x.far_wanting.is_empty() && (entered_region || !x.far_flush) {
+            x.far_flush = true;
+            let batch = if entered_region {
+                0
+            } else {
+                ns(FAR_HAVE_BATCH)
+            };
+            self.push(
+                self.now + batch + self.sc.far_latency,
+                Ev::HaveFar { from: k },
+            );
+        }
+    }
+
+    /// `chunk` is whole at `k`: the sends of it that went out ahead end a piece later.
+    fn relay(&mut self, k: u32, chunk: u32) {
+        let relaying = std::mem::take(&mut self.nodes[k as usize].relaying);
+        let (ended, waiting): (Vec<Req>, Vec<Req>) =
+            relaying.into_iter().partition(|r| r.chunk == chunk);
+        self.nodes[k as usize].relaying = waiting;
+        let piece = self.sc.piece_bytes.unwrap_or(0) as f64 * self.sc.wire_overhead;
+        let slot_rate = self.net.rate_of(self.up[k as usize].up) / self.sc.node_slots as f64;
+        for req in ended {
+            let at = self.now + (piece / slot_rate * 1e9) as u64 + self.latency(k, req.receiver);
+            let to = req.receiver;
+            self.push(at, Ev::Delivered { to, from: k, chunk });
+            self.next_send(k);
+        }
     }
 
     fn fail(&mut self, k: u32) {
