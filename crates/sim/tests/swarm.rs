@@ -91,3 +91,33 @@ fn a_one_chunk_change_moves_one_chunk_per_node() {
         "chunks stored across the fleet"
     );
 }
+
+/// Units modelled as runs of smaller chunks (`Scenario::piece_bytes`): relays pass a
+/// unit on before it is whole, every node still ends with every unit, each crossing
+/// happens about once, and the relay tree's hops cost a piece rather than a unit.
+#[test]
+fn relays_that_pass_pieces_on_shorten_the_hops_and_keep_the_crossings() {
+    let whole = Scenario {
+        name: "whole units".into(),
+        ..Scenario::internet(3, 12, 64 << 20, 8 << 20)
+    };
+    let pieces = Scenario {
+        name: "pieces".into(),
+        piece_bytes: Some(256 << 10),
+        ..whole.clone()
+    };
+    let (_, a) = run(&whole);
+    let (o, b) = run(&pieces);
+    assert_once(&b, 1.1);
+    assert_eq!(
+        o.delivered,
+        (pieces.nodes() as u64) * pieces.chunks(),
+        "units stored across the fleet"
+    );
+    assert!(
+        b.last < a.last,
+        "{:.2} s with pieces against {:.2} s with whole units",
+        b.last,
+        a.last
+    );
+}
