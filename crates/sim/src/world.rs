@@ -380,6 +380,8 @@ impl World {
             (s * 1e9) as u64
         });
         let mut next_trace = 0;
+        let count_kinds = std::env::var_os("STARLING_SIM_KINDS").is_some();
+        let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         while let Some(Reverse((at, _, ev))) = self.queue.pop() {
             if at > limit {
                 break;
@@ -390,10 +392,18 @@ impl World {
             }
             self.now = at;
             self.events += 1;
+            if count_kinds {
+                let name = format!("{ev:?}");
+                let name = name.split([' ', '(']).next().unwrap_or("").to_string();
+                *kinds.entry(name).or_insert(0u64) += 1;
+            }
             self.handle(ev);
             if self.unfinished == 0 {
                 break;
             }
+        }
+        if count_kinds {
+            eprintln!("events by kind: {kinds:?}");
         }
         let done = self.nodes.iter().map(|x| x.done).collect();
         Outcome {

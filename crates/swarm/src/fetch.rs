@@ -18,7 +18,7 @@
 //! everyone at once. Among the chunks it may ask for, a node asks for the rarest first
 //! (fewest peers hold it), ties broken differently on every node; a peer gets at most
 //! `per_peer` requests at once and the node at most `total`, and a peer that said it is
-//! busy is left alone for `busy_backoff`. When every missing chunk is in flight, the
+//! busy is left alone for a few of this node's chunk times (`busy_backoff`). When every missing chunk is in flight, the
 //! endgame asks a second peer for each, and cancels the loser.
 
 use std::cmp::Reverse;
@@ -58,6 +58,10 @@ pub struct PeerInfo {
     /// when it starts to fetch. In a region of a few nodes every node is one.
     pub gateway: bool,
 }
+
+/// A busy peer is left alone for this many of this node's chunk times (see
+/// [`FetchConfig::busy_backoff`]).
+pub const BUSY_CHUNK_TIMES: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -104,11 +108,18 @@ pub struct FetchConfig {
     pub fanout: usize,
     /// How long after a chunk is first held a node waits for its turn at most.
     pub turn_patience: Duration,
-    /// How long a peer that said it is busy is left alone. In the simulator (10 regions
-    /// × 50 nodes, 1 GiB) 1 s instead of 200 ms cut the requests a node makes by a third
-    /// (the refused ones by more) and left the time to the last node as it was (19.2 s
-    /// against 18.8 s; the testbed's shapes 13.0 s against 13.0–13.5 s).
+    /// How long a peer that said it is busy is left alone at most, and at least. In
+    /// between, [`BUSY_CHUNK_TIMES`] times the mean time between this node's last
+    /// arrivals (over `pace_window`; the most until two arrived, or without pacing): a busy peer's queue
+    /// drains in a few of its chunks' times, which is what the arrivals measure, and that
+    /// is 2 ms for a 256 KiB chunk at 1 Gbit/s but 134 ms for 16 MiB or 52 ms at
+    /// 40 Mbit/s. In the simulator (10 regions × 50 nodes, 1 GiB in 4 MiB units) 1 s
+    /// instead of 200 ms cut the requests a node makes by a third and left the time as
+    /// it was (19.2 s against 18.8 s), but with the release format's 256 KiB chunks at
+    /// 1 Gbit/s (10 × 20 nodes, 256 MiB) a flat second left refused nodes idle for
+    /// hundreds of chunk times: 5.25 s, against 4.05 s with 100 ms.
     pub busy_backoff: Duration,
+    pub busy_backoff_floor: Duration,
     /// Timeouts a peer may cause before it is dropped.
     pub max_strikes: u32,
     /// The endgame starts when this few chunks are missing and all of them are asked for.
@@ -197,6 +208,7 @@ impl Default for FetchConfig {
             fanout: 2,
             turn_patience: Duration::from_secs(3),
             busy_backoff: Duration::from_secs(1),
+            busy_backoff_floor: Duration::from_millis(50),
             max_strikes: 3,
             endgame_chunks: 4,
             max_arriving: Some(2),
@@ -413,6 +425,20 @@ impl Fetch {
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.requests.len()
+    }
+
+    /// How long a peer that said it is busy is left alone (see
+    /// [`FetchConfig::busy_backoff`]).
+    fn busy_backoff(&self) -> Duration {
+        let (Some(first), Some(last)) = (self.arrivals.front(), self.arrivals.back()) else {
+            return self.cfg.busy_backoff;
+        };
+        let gaps = self.arrivals.len().saturating_sub(1) as u32;
+        if gaps == 0 {
+            return self.cfg.busy_backoff;
+        }
+        let chunk_time = last.saturating_duration_since(*first) / gaps;
+        (chunk_time * BUSY_CHUNK_TIMES).clamp(self.cfg.busy_backoff_floor, self.cfg.busy_backoff)
     }
 
     /// How many requests may be in flight now.
@@ -645,7 +671,7 @@ impl Fetch {
         };
         self.per_chunk[i].late.insert(peer);
         if let Some(slot) = self.peers.slot(&peer) {
-            let until = now + self.cfg.busy_backoff;
+            let until = now + self.busy_backoff();
             if let Some(p) = self.peers.slots[slot].as_mut() {
                 p.busy_until = Some(until);
             }
@@ -2360,6 +2386,48 @@ mod tests {
             !next.is_empty() && next.iter().all(|(p, _)| *p == PeerId(2)),
             "{next:?}"
         );
+    }
+
+    /// A busy peer is left alone for a few of this node's chunk times: the floor when
+    /// chunks come every 2 ms, the most when they come every 200 ms.
+    #[test]
+    fn a_busy_peer_is_left_alone_for_a_few_chunk_times() {
+        let t0 = Instant::now();
+        // The arrivals are measured over the pacing window.
+        let cfg = FetchConfig {
+            endgame_chunks: 0,
+            pace_window: FetchConfig::default().pace_window,
+            ..immediate()
+        };
+        for (every, backoff) in [
+            (Duration::from_millis(2), cfg.busy_backoff_floor),
+            (
+                Duration::from_millis(50),
+                Duration::from_millis(50) * BUSY_CHUNK_TIMES,
+            ),
+            (Duration::from_millis(200), cfg.busy_backoff),
+        ] {
+            let cs = chunks(6);
+            let mut f = alone(&cs, cfg.clone(), t0);
+            f.handle_peer(t0, peer(1, Source::SameRegion));
+            f.handle_have(t0, PeerId(1), &cs);
+            let mut now = t0;
+            let mut asked = requests(&drain(&mut f));
+            for _ in 0..4 {
+                let &(_, c) = asked.first().expect("a chunk is asked for");
+                now += every;
+                f.handle_chunk(now, PeerId(1), &c, true);
+                asked = requests(&drain(&mut f));
+            }
+            let &(_, c) = asked.first().expect("a chunk is asked for");
+            f.handle_busy(now, PeerId(1), &c);
+            assert!(requests(&drain(&mut f)).is_empty());
+            assert_eq!(
+                f.poll_timeout(),
+                Some(now + backoff),
+                "chunks every {every:?}"
+            );
+        }
     }
 
     #[test]
