@@ -18,12 +18,15 @@ pub const ALPN: &[u8] = b"starling-peer/3";
 /// Version 2: `Announce` reports each repository (`apps`) instead of one `current`.
 /// Version 5: `Hold`. Version 6: `Peers` says whether the view is `complete`, and each
 /// `AppReport` which release it is `fetching`. Version 7: `Get` says how much of its
-/// release the asker holds.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// release the asker holds. Version 8: `Have` and `Get` name units (runs of chunks,
+/// `starling_swarm::units`), and `Get` lists the unit's chunks the asker lacks.
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame body.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Most chunk names one [`Frame::Have`] carries (about 530 KiB encoded).
 pub const MAX_HAVE: usize = 16 * 1024;
+/// Most chunks one [`Frame::Get`] asks for.
+pub const MAX_GET_CHUNKS: usize = 64;
 /// Largest chunk a peer sends or accepts: the FastCDC maximum with room to spare, as the
 /// origin store accepts.
 pub const MAX_CHUNK_BYTES: u32 = 8 * 1024 * 1024;
@@ -62,16 +65,18 @@ pub enum Frame {
     Want {
         release: ReleaseId,
     },
-    /// The sender holds these chunks of `release` (all of them at first, then as they
-    /// arrive), at most [`MAX_HAVE`] per frame.
+    /// The sender holds these units of `release` whole (all of them at first, then as
+    /// they arrive), at most [`MAX_HAVE`] per frame.
     Have {
         release: ReleaseId,
         chunks: Vec<ChunkHash>,
     },
-    /// Send `chunk`. `progress`: how much of the release being fetched the sender
+    /// Send `chunks` (at most [`MAX_GET_CHUNKS`], in this order), which are of the unit
+    /// named `chunk`. `progress`: how much of the release being fetched the sender
     /// holds, in 256ths; an uploader serves those that hold least first.
     Get {
         chunk: ChunkHash,
+        chunks: Vec<ChunkHash>,
         progress: u8,
     },
     /// `len` bytes of `chunk` follow.
@@ -162,6 +167,9 @@ impl Frame {
             }
             Frame::Have { chunks, .. } if chunks.len() > MAX_HAVE => {
                 Err(WireError::Limit("more than 16384 chunks in one Have"))
+            }
+            Frame::Get { chunks, .. } if chunks.is_empty() || chunks.len() > MAX_GET_CHUNKS => {
+                Err(WireError::Limit("a Get of no chunk or of more than 64"))
             }
             Frame::Chunk { len, .. } if *len > MAX_CHUNK_BYTES => {
                 Err(WireError::Limit("chunk over 8 MiB"))
@@ -278,6 +286,7 @@ mod tests {
             },
             Frame::Get {
                 chunk: c,
+                chunks: vec![c, ChunkHash::of(b"e")],
                 progress: 7,
             },
             Frame::Chunk {
@@ -358,6 +367,14 @@ mod tests {
             chunks: vec![ChunkHash::of(b"c"); MAX_HAVE + 1],
         };
         assert!(too_many.encode().is_err());
+        for n in [0, MAX_GET_CHUNKS + 1] {
+            let get = Frame::Get {
+                chunk: ChunkHash::of(b"u"),
+                chunks: vec![ChunkHash::of(b"c"); n],
+                progress: 0,
+            };
+            assert!(get.encode().is_err(), "a Get of {n} chunks");
+        }
         let big = Frame::Chunk {
             chunk: ChunkHash::of(b"c"),
             len: MAX_CHUNK_BYTES + 1,

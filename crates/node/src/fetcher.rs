@@ -1,10 +1,11 @@
 //! One release fetched from the swarm: the driver that runs a [`Fetch`] over QUIC.
 //!
 //! It connects to the sources it is given, tells each that it wants the release and
-//! feeds their `Have`s, the chunks that arrive (verified by `starling-peer`) and the
-//! passing time to the `Fetch`; it carries out what the `Fetch` answers — requests,
-//! cancellations, disconnections — and stores each verified chunk, announcing it to the
-//! peers this node serves. It decides nothing itself.
+//! feeds their `Have`s, the units that arrive (runs of chunks, each verified by
+//! `starling-peer`; see [`starling_swarm::units`]) and the passing time to the `Fetch`;
+//! it carries out what the `Fetch` answers — requests, cancellations, disconnections —
+//! and stores each verified chunk, announcing each whole unit to the peers this node
+//! serves. It decides nothing itself.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use starling_proto::peer::Refusal;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
-use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
+use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source, Units};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -70,7 +71,7 @@ pub enum FetcherError {
 /// What a finished fetch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchReport {
-    /// Chunks received from each kind of source.
+    /// Units received from each kind of source.
     pub received: BTreeMap<Source, u64>,
     /// Chunk bytes received (verified) from each kind of source.
     pub received_bytes: BTreeMap<Source, u64>,
@@ -90,10 +91,11 @@ enum Event {
     Gone(PeerId),
     /// Could not connect: forgotten, so that the tracker's next answer tries it again.
     Unreachable(PeerId),
-    /// A chunk started arriving.
+    /// A unit started arriving.
     Arriving(PeerId, ChunkHash),
-    /// A request ended: stored (verified), corrupt, or refused.
-    Arrived(PeerId, ChunkHash),
+    /// A request ended: the unit stored (verified; so many bytes came), corrupt (the
+    /// chunks of it that checked are stored), or refused.
+    Arrived(PeerId, ChunkHash, u64),
     Corrupt(PeerId, ChunkHash),
     Refused(PeerId, ChunkHash),
     Busy(PeerId, ChunkHash),
@@ -193,20 +195,28 @@ pub async fn fetch_release(
 ) -> Result<FetchReport, FetcherError> {
     // The manifest first: from now on this node can tell others what it holds.
     store.put_manifest(&release, &manifest.encode()?)?;
-    let chunks: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+    let units = Arc::new(Units::of(
+        manifest.chunks.iter().map(|c| (c.hash, u64::from(c.size))),
+    ));
     let sizes: HashMap<ChunkHash, u64> = manifest
         .chunks
         .iter()
         .map(|c| (c.hash, u64::from(c.size)))
         .collect();
+    let sizes = Arc::new(sizes);
     let started = Instant::now();
     let mut fetch = {
-        let store = store.clone();
+        let (store, units) = (store.clone(), units.clone());
+        let ids: Vec<ChunkHash> = units.ids().collect();
         Fetch::new(
             cfg,
             me,
-            &chunks,
-            move |c| store.has_chunk(c).unwrap_or(false),
+            &ids,
+            move |u| {
+                units
+                    .get(u)
+                    .is_some_and(|u| u.chunks.iter().all(|c| store.has_chunk(c).unwrap_or(false)))
+            },
             started.into_std(),
         )
     };
@@ -265,34 +275,12 @@ pub async fn fetch_release(
                         "asking"
                     );
                     let (tx, store) = (tx.clone(), store.clone());
+                    let (units, sizes) = (units.clone(), sizes.clone());
                     let progress = fetch.progress();
                     let task = tokio::spawn(async move {
-                        let arriving = || {
-                            let _ = tx.send(Event::Arriving(peer, chunk));
-                        };
-                        let event = match conn.fetch(&chunk, progress, arriving).await {
-                            Ok(bytes) => {
-                                let put = tokio::task::spawn_blocking(move || {
-                                    store.put_chunk(&chunk, &bytes)
-                                })
+                        let event =
+                            fetch_unit(&conn, peer, chunk, progress, &units, &sizes, store, &tx)
                                 .await;
-                                match put {
-                                    Ok(Ok(())) => Event::Arrived(peer, chunk),
-                                    // Another peer would not help a full or failing disk:
-                                    // the fetch ends, and the node reports why.
-                                    Ok(Err(e)) => Event::StoreFailed(e),
-                                    Err(e) => Event::StoreFailed(ReleaseError::Store(format!(
-                                        "the storing task failed: {e}"
-                                    ))),
-                                }
-                            }
-                            Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, chunk),
-                            Err(FetchError::Refused(Refusal::Busy)) => Event::Busy(peer, chunk),
-                            Err(FetchError::Refused(_) | FetchError::NoManifest) => {
-                                Event::Refused(peer, chunk)
-                            }
-                            Err(FetchError::Peer(_)) => Event::Gone(peer),
-                        };
                         let _ = tx.send(event);
                     });
                     requests.insert((peer, chunk), task.abort_handle());
@@ -398,7 +386,7 @@ pub async fn fetch_release(
                 holds.remove(&id);
                 fetch.handle_peer_gone(now, id);
             }
-            Event::Arrived(id, chunk) => {
+            Event::Arrived(id, chunk, bytes) => {
                 requests.remove(&(id, chunk));
                 if let Some(s) = &stored {
                     let holders = fetch.holders_of(&chunk).map(|p| known.name(p).to_string());
@@ -414,15 +402,14 @@ pub async fn fetch_release(
                 }
                 fetch.handle_chunk(now, id, &chunk, true);
                 if let Some(spec) = known.by_id.get(&id) {
-                    let bytes = sizes.get(&chunk).copied().unwrap_or(0);
                     *report.received_bytes.entry(spec.source).or_default() += bytes;
                 }
                 tracing::debug!(
-                    %chunk,
+                    unit = %chunk,
                     from = known.name(id),
                     after_ms = started.elapsed().as_millis() as u64,
                     missing = fetch.missing(),
-                    "chunk stored"
+                    "unit stored"
                 );
             }
             Event::Corrupt(id, chunk) => {
@@ -445,5 +432,73 @@ pub async fn fetch_release(
                 return Err(FetcherError::Store(e));
             }
         }
+    }
+}
+
+/// Fetch the chunks of `unit` this node lacks from `conn` and store them: what became
+/// of the request, as the fetch loop hears of it.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_unit(
+    conn: &PeerConn,
+    peer: PeerId,
+    unit: ChunkHash,
+    progress: u8,
+    units: &Units,
+    sizes: &HashMap<ChunkHash, u64>,
+    store: Arc<dyn ChunkStore>,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Event {
+    let Some(chunks) = units.get(&unit).map(|u| u.chunks.clone()) else {
+        return Event::Refused(peer, unit);
+    };
+    // Those held already (from another release) are not asked for.
+    let need = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            chunks
+                .into_iter()
+                .filter(|c| !store.has_chunk(c).unwrap_or(false))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let mut got: Vec<(ChunkHash, Vec<u8>)> = Vec::with_capacity(need.len());
+    let fetched = if need.is_empty() {
+        Ok(())
+    } else {
+        let arriving = || {
+            let _ = tx.send(Event::Arriving(peer, unit));
+        };
+        conn.fetch(&unit, &need, progress, arriving, |c, bytes| {
+            got.push((c, bytes));
+            Ok(())
+        })
+        .await
+    };
+    // What checked is kept, whatever became of the rest.
+    let bytes: u64 = got
+        .iter()
+        .map(|(c, _)| sizes.get(c).copied().unwrap_or(0))
+        .sum();
+    let put = tokio::task::spawn_blocking(move || {
+        got.iter().try_for_each(|(c, b)| store.put_chunk(c, b))
+    })
+    .await;
+    match put {
+        Ok(Ok(())) => {}
+        // Another peer would not help a full or failing disk: the fetch ends, and the
+        // node reports why.
+        Ok(Err(e)) => return Event::StoreFailed(e),
+        Err(e) => {
+            return Event::StoreFailed(ReleaseError::Store(format!("the storing task failed: {e}")))
+        }
+    }
+    match fetched {
+        Ok(()) => Event::Arrived(peer, unit, bytes),
+        Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, unit),
+        Err(FetchError::Refused(Refusal::Busy)) => Event::Busy(peer, unit),
+        Err(FetchError::Refused(_) | FetchError::NoManifest) => Event::Refused(peer, unit),
+        Err(FetchError::Peer(_)) => Event::Gone(peer),
     }
 }

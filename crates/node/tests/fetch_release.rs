@@ -1,7 +1,8 @@
 //! A release fetched over real QUIC on loopback from several peers at once: an origin
 //! and two nodes that each hold part of it. The fetcher's store ends with every chunk,
 //! each verified; a peer in the region is preferred to the origin; a corrupting peer is
-//! cut off and the release still arrives whole.
+//! cut off and the release still arrives whole — with a unit per chunk and with units of
+//! several chunks.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,11 +15,12 @@ use starling_pki::ClusterCa;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{create_release, ChunkSizes, ChunkStore, FsChunkStore};
-use starling_swarm::{FetchConfig, Source};
+use starling_swarm::{FetchConfig, Source, Units};
 use tokio::sync::broadcast;
 
-/// A release of a few MiB of random files in small chunks, in an origin store.
-fn make_release(dir: &Path) -> (FsChunkStore, ReleaseId, Manifest) {
+/// A release of a few MiB of random files in small chunks (`avg` bytes on average), in
+/// an origin store.
+fn make_release(dir: &Path, avg: u32) -> (FsChunkStore, ReleaseId, Manifest) {
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -28,9 +30,9 @@ fn make_release(dir: &Path) -> (FsChunkStore, ReleaseId, Manifest) {
     }
     let origin = FsChunkStore::new(dir.join("origin")).unwrap();
     let sizes = ChunkSizes {
-        min: 16 * 1024,
-        avg: 64 * 1024,
-        max: 256 * 1024,
+        min: avg / 4,
+        avg,
+        max: avg * 4,
     };
     let (id, manifest, _) = create_release(&out, &origin, sizes).unwrap();
     assert!(
@@ -58,7 +60,11 @@ fn serve(e: &Arc<PeerEndpoint>, store: Arc<dyn ChunkStore>) {
     tokio::spawn(async move { e.serve(Serving::store(store)).await });
 }
 
-/// A node holding the manifest and every `keep`-th chunk (from `offset`).
+fn units(m: &Manifest) -> Units {
+    Units::of(m.chunks.iter().map(|c| (c.hash, u64::from(c.size))))
+}
+
+/// A node holding the manifest and every other unit (from `offset`).
 fn partial(
     dir: &Path,
     origin: &FsChunkStore,
@@ -69,17 +75,28 @@ fn partial(
     let s = FsChunkStore::new(dir).unwrap();
     s.put_manifest(id, &origin.get_manifest(id).unwrap())
         .unwrap();
-    for c in m.chunks.iter().skip(offset).step_by(2) {
-        s.put_chunk(&c.hash, &origin.get_chunk(&c.hash).unwrap())
-            .unwrap();
+    for u in units(m).iter().skip(offset).step_by(2) {
+        for c in &u.chunks {
+            s.put_chunk(c, &origin.get_chunk(c).unwrap()).unwrap();
+        }
     }
     s
 }
 
-async fn run(corrupt_neighbour: bool) {
+async fn run(corrupt_neighbour: bool, avg_chunk: u32) {
     let t = tempfile::tempdir().unwrap();
     let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
-    let (origin, id, manifest) = make_release(t.path());
+    let (origin, id, manifest) = make_release(t.path(), avg_chunk);
+    let units = units(&manifest);
+    let longest = units.iter().map(|u| u.chunks.len()).max().unwrap_or(0);
+    eprintln!(
+        "{} chunks in {} units of up to {longest} chunks",
+        manifest.chunks.len(),
+        units.len()
+    );
+    if avg_chunk < 16 * 1024 {
+        assert!(longest > 1, "units of one chunk");
+    }
     let a = partial(&t.path().join("a"), &origin, &id, &manifest, 0);
     let b = partial(&t.path().join("b"), &origin, &id, &manifest, 1);
     let (eo, ea, eb) = (
@@ -164,19 +181,18 @@ async fn run(corrupt_neighbour: bool) {
         assert!(from(Source::SameRegion) > 0, "{report:?}");
         // The neighbours hold everything between them: the origin is asked only for what
         // was asked before their first Have arrived.
-        assert!(
-            from(Source::Origin) * 4 < manifest.chunks.len() as u64,
-            "{report:?}"
-        );
+        assert!(from(Source::Origin) * 4 < units.len() as u64, "{report:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_arrives_whole_from_several_peers() {
-    run(false).await;
+    run(false, 64 * 1024).await;
+    run(false, 4 * 1024).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupting_peer_is_cut_off_and_the_release_still_arrives() {
-    run(true).await;
+    run(true, 64 * 1024).await;
+    run(true, 4 * 1024).await;
 }

@@ -1,6 +1,7 @@
 //! The peer protocol (`proto/PROTOCOL.md`) over QUIC: serving chunks from a
-//! [`ChunkStore`] and fetching them from other peers, every connection mutually
-//! authenticated by the cluster CA.
+//! [`ChunkStore`] and fetching them from other peers, a unit (a run of chunks,
+//! [`starling_swarm::units`]) per request, every connection mutually authenticated by the
+//! cluster CA.
 //!
 //! It owns sockets, connections and streams, and the limits on what they carry. It never
 //! decides what to fetch from whom (that is `starling-swarm`), and it never hands on a
@@ -21,9 +22,10 @@ use starling_proto::peer::{
 };
 use starling_proto::release::Manifest;
 use starling_proto::{AppReport, ChunkHash, ReleaseId};
-use starling_release::{ChunkStore, ReleaseError};
+use starling_release::ChunkStore;
 use starling_swarm::pace::{FAR_HAVE_BATCH, PEER_IDLE_TIMEOUT};
 use starling_swarm::upload::{Asker, Offer, UploadQueue};
+use starling_swarm::Units;
 use tokio::sync::{broadcast, mpsc, Mutex};
 
 /// How long a peer has to say hello, or to send a request's first frame.
@@ -513,41 +515,54 @@ impl PeerConn {
         self.conn.closed().await;
     }
 
-    /// Fetch `chunk` and check its bytes against its name; `arriving` is called once the
-    /// peer starts sending it. `progress`: how much of its release this node holds, in
-    /// 256ths ([`starling_swarm::Fetch::progress`]).
+    /// Fetch `chunks` of the unit named `unit` and check each one's bytes against its
+    /// name before it goes to `each`, in order; `arriving` is called once the peer
+    /// starts sending. `progress`: how much of its release this node holds, in 256ths
+    /// ([`starling_swarm::Fetch::progress`]). The chunks that `each` took before an
+    /// error are kept by the caller: a corrupt chunk spoils only itself.
     pub async fn fetch(
         &self,
-        chunk: &ChunkHash,
+        unit: &ChunkHash,
+        chunks: &[ChunkHash],
         progress: u8,
         arriving: impl FnOnce(),
-    ) -> Result<Vec<u8>, FetchError> {
+        mut each: impl FnMut(ChunkHash, Vec<u8>) -> Result<(), FetchError>,
+    ) -> Result<(), FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
         let get = Frame::Get {
-            chunk: *chunk,
+            chunk: *unit,
+            chunks: chunks.to_vec(),
             progress,
         };
         write_frame(&mut send, &get).await?;
         send.finish().map_err(stream)?;
-        // No time limit of its own: a request may wait in the peer's queue, held or not,
-        // and the fetch's request timeout covers a peer that never answers.
-        match read_frame(&mut recv).await? {
-            Frame::Chunk { chunk: c, len } if c == *chunk && len <= MAX_CHUNK_BYTES => {
-                arriving();
-                let mut bytes = vec![0u8; len as usize];
-                recv.read_exact(&mut bytes).await.map_err(stream)?;
-                let actual = ChunkHash::of(&bytes);
-                if actual != *chunk {
-                    return Err(FetchError::Corrupt {
-                        expected: *chunk,
-                        actual,
-                    });
+        let mut arriving = Some(arriving);
+        for chunk in chunks {
+            // No time limit of its own: a request may wait in the peer's queue, held or
+            // not, and the fetch's request timeout covers a peer that never answers.
+            match read_frame(&mut recv).await? {
+                Frame::Chunk { chunk: c, len } if c == *chunk && len <= MAX_CHUNK_BYTES => {
+                    if let Some(f) = arriving.take() {
+                        f();
+                    }
+                    let mut bytes = vec![0u8; len as usize];
+                    recv.read_exact(&mut bytes).await.map_err(stream)?;
+                    let actual = ChunkHash::of(&bytes);
+                    if actual != *chunk {
+                        return Err(FetchError::Corrupt {
+                            expected: *chunk,
+                            actual,
+                        });
+                    }
+                    each(*chunk, bytes)?;
                 }
-                Ok(bytes)
+                Frame::Refuse { chunk: c, why } if c == *unit && arriving.is_some() => {
+                    return Err(FetchError::Refused(why))
+                }
+                other => return Err(unexpected("Chunk or Refuse", &other).into()),
             }
-            Frame::Refuse { chunk: c, why } if c == *chunk => Err(FetchError::Refused(why)),
-            other => Err(unexpected("Chunk or Refuse", &other).into()),
         }
+        Ok(())
     }
 
     pub fn close(&self, reason: &str) {
@@ -670,8 +685,9 @@ async fn serve_manifest(
     send.finish().map_err(stream)
 }
 
-/// What `store` holds of `release`: the chunks of its manifest that are there. Nothing
-/// when the manifest is not (a node that has not started on that release).
+/// What `store` holds of `release`: the units of its manifest whose every chunk is
+/// there. Nothing when the manifest is not (a node that has not started on that
+/// release).
 fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     let Ok(bytes) = store.get_manifest(release) else {
         return Vec::new();
@@ -679,11 +695,11 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     let Ok(manifest) = Manifest::decode(&bytes) else {
         return Vec::new();
     };
-    let mut held: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
-    held.sort_unstable();
-    held.dedup();
-    held.retain(|c| store.has_chunk(c).unwrap_or(false));
-    held
+    Units::of(manifest.chunks.iter().map(|c| (c.hash, u64::from(c.size))))
+        .iter()
+        .filter(|u| u.chunks.iter().all(|c| store.has_chunk(c).unwrap_or(false)))
+        .map(|u| u.id)
+        .collect()
 }
 
 /// A connection's hold flag and the slots it is read by, as the control stream sets it.
@@ -867,14 +883,18 @@ async fn serve_request(
     held: &Arc<AtomicBool>,
     far: bool,
 ) -> Result<(), PeerError> {
-    let (chunk, progress) = match timed(read_frame(&mut recv), "a request").await? {
-        Frame::Get { chunk, progress } => (chunk, progress),
+    let (unit, chunks, progress) = match timed(read_frame(&mut recv), "a request").await? {
+        Frame::Get {
+            chunk,
+            chunks,
+            progress,
+        } => (chunk, chunks, progress),
         Frame::GetManifest { release } => return serve_manifest(send, store, release).await,
         other => return Err(unexpected("Get or GetManifest", &other)),
     };
-    let refuse = |why| Frame::Refuse { chunk, why };
+    let refuse = |why| Frame::Refuse { chunk: unit, why };
     let slot = tokio::select! {
-        slot = slots.acquire(&chunk, held, Asker { far, progress }) => slot,
+        slot = slots.acquire(&unit, held, Asker { far, progress }) => slot,
         // The asker gave up while the request waited for a slot (it asked someone else):
         // its place in the queue goes now, not when a slot reaches it.
         _ = send.stopped() => return Ok(()),
@@ -883,41 +903,52 @@ async fn serve_request(
         write_frame(&mut send, &refuse(Refusal::Busy)).await?;
         return send.finish().map_err(stream);
     };
-    let read = tokio::task::spawn_blocking(move || store.get_chunk(&chunk))
-        .await
-        .map_err(stream)?;
-    match read {
-        Ok(bytes) => {
-            let len = u32::try_from(bytes.len())
-                .ok()
-                .filter(|l| *l <= MAX_CHUNK_BYTES)
-                .ok_or_else(|| PeerError::Stream(format!("stored chunk {chunk} is too large")))?;
-            write_frame(&mut send, &Frame::Chunk { chunk, len }).await?;
-            match send.write_all(&bytes).await {
-                Ok(()) => {}
-                // The asker cancelled (the endgame's other copy came first): no fault of
-                // the connection's.
-                Err(quinn::WriteError::Stopped(_)) => return Ok(()),
-                Err(e) => return Err(stream(e)),
-            }
-            // The slot is held until the peer has acknowledged every byte: `write_all`
-            // returns once the bytes are in QUIC's send buffer (64 MiB a connection), so
-            // a slot given up then would let every queued request go out at once,
-            // interleaved, each finishing late. On the namespace testbed (3 × 4, 48 MiB)
-            // releasing at the acknowledgement took the last node from 14.56 s to 13.82 s
-            // (and with `Hold`, which needs slots that mean something, to 13.41 s instead
-            // of 19.55 s).
-            send.finish().map_err(stream)?;
-            let _ = send.stopped().await;
-            return Ok(());
-        }
-        Err(ReleaseError::NotFound(_)) => write_frame(&mut send, &refuse(Refusal::NotHeld)).await?,
-        Err(e) => {
+    // All of the unit asked for, or nothing: a partial answer would spend the asker's
+    // round trip and this slot on a request that must go elsewhere anyway.
+    let check = store.clone();
+    let asked = chunks.clone();
+    let held_all = tokio::task::spawn_blocking(move || {
+        asked.iter().all(|c| check.has_chunk(c).unwrap_or(false))
+    })
+    .await
+    .map_err(stream)?;
+    if !held_all {
+        write_frame(&mut send, &refuse(Refusal::NotHeld)).await?;
+        return send.finish().map_err(stream);
+    }
+    for chunk in chunks {
+        let store = store.clone();
+        let read = tokio::task::spawn_blocking(move || store.get_chunk(&chunk))
+            .await
+            .map_err(stream)?;
+        // A chunk that went since the check (collected, or a failing disk): the asker
+        // sees the stream end early and asks elsewhere.
+        let bytes = read.map_err(|e| {
             tracing::warn!(%chunk, error = %e, "reading a chunk to serve failed");
-            write_frame(&mut send, &refuse(Refusal::NotHeld)).await?;
+            PeerError::Stream(format!("reading chunk {chunk}: {e}"))
+        })?;
+        let len = u32::try_from(bytes.len())
+            .ok()
+            .filter(|l| *l <= MAX_CHUNK_BYTES)
+            .ok_or_else(|| PeerError::Stream(format!("stored chunk {chunk} is too large")))?;
+        write_frame(&mut send, &Frame::Chunk { chunk, len }).await?;
+        match send.write_all(&bytes).await {
+            Ok(()) => {}
+            // The asker cancelled (the endgame's other copy came first): no fault of the
+            // connection's.
+            Err(quinn::WriteError::Stopped(_)) => return Ok(()),
+            Err(e) => return Err(stream(e)),
         }
     }
-    send.finish().map_err(stream)
+    // The slot is held until the peer has acknowledged every byte: `write_all` returns
+    // once the bytes are in QUIC's send buffer (64 MiB a connection), so a slot given up
+    // then would let every queued request go out at once, interleaved, each finishing
+    // late. On the namespace testbed (3 × 4, 48 MiB) releasing at the acknowledgement
+    // took the last node from 14.56 s to 13.82 s (and with `Hold`, which needs slots
+    // that mean something, to 13.41 s instead of 19.55 s).
+    send.finish().map_err(stream)?;
+    let _ = send.stopped().await;
+    Ok(())
 }
 
 #[cfg(test)]

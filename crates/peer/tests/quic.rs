@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use starling_peer::{FetchError, PeerConfig, PeerEndpoint, Serving};
+use starling_peer::{FetchError, PeerConfig, PeerConn, PeerEndpoint, Serving};
 use starling_pki::{client_config, ClusterCa, Identity};
 use starling_proto::peer::{Refusal, ALPN};
 use starling_proto::{ChunkHash, ReleaseId};
@@ -60,6 +60,23 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
     )
 }
 
+/// One chunk, as a unit of its own.
+async fn fetch_one(conn: &PeerConn, hash: &ChunkHash) -> Result<Vec<u8>, FetchError> {
+    let mut got = Vec::new();
+    conn.fetch(
+        hash,
+        &[*hash],
+        0,
+        || (),
+        |_, bytes| {
+            got = bytes;
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(got)
+}
+
 fn client(ca: &ClusterCa, name: &str) -> PeerEndpoint {
     PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), config(ca, name)).unwrap()
 }
@@ -71,11 +88,8 @@ async fn a_chunk_crosses_verified_and_a_missing_one_is_refused() {
     let me = client(&ca, "eu-1-n1");
     let conn = me.connect(served.addr, "origin-1").await.unwrap();
     assert_eq!(conn.remote.node, "origin-1");
-    assert_eq!(conn.fetch(&hash, 0, || ()).await.unwrap(), bytes);
-    match conn
-        .fetch(&ChunkHash::of(b"nobody has this"), 0, || ())
-        .await
-    {
+    assert_eq!(fetch_one(&conn, &hash).await.unwrap(), bytes);
+    match fetch_one(&conn, &ChunkHash::of(b"nobody has this")).await {
         Err(FetchError::Refused(Refusal::NotHeld)) => {}
         other => panic!("{other:?}"),
     }
@@ -84,10 +98,58 @@ async fn a_chunk_crosses_verified_and_a_missing_one_is_refused() {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let conn = conn.clone();
-        set.spawn(async move { conn.fetch(&hash, 0, || ()).await });
+        set.spawn(async move { fetch_one(&conn, &hash).await });
     }
     while let Some(got) = set.join_next().await {
         assert_eq!(got.unwrap().unwrap(), bytes);
+    }
+}
+
+/// A unit of several chunks comes in one request, each chunk checked and handed over
+/// in order; a unit the server lacks a chunk of is refused whole.
+#[tokio::test]
+async fn a_unit_of_several_chunks_crosses_in_one_request() {
+    let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsChunkStore::new(dir.path()).unwrap();
+    let parts: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| vec![i; 300_000 + usize::from(i)])
+        .collect();
+    let names: Vec<ChunkHash> = parts.iter().map(|b| ChunkHash::of(b)).collect();
+    for (n, b) in names.iter().zip(&parts) {
+        store.put_chunk(n, b).unwrap();
+    }
+    let endpoint = Arc::new(
+        PeerEndpoint::bind("127.0.0.1:0".parse().unwrap(), config(&ca, "origin-1")).unwrap(),
+    );
+    let addr = endpoint.local_addr().unwrap();
+    let e = endpoint.clone();
+    tokio::spawn(async move { e.serve(Serving::store(Arc::new(store))).await });
+    let me = client(&ca, "eu-1-n1");
+    let conn = me.connect(addr, "origin-1").await.unwrap();
+    let unit = ChunkHash::of(b"a unit");
+    let mut got = Vec::new();
+    let mut arrived = 0;
+    conn.fetch(
+        &unit,
+        &names,
+        0,
+        || arrived += 1,
+        |c, b| {
+            got.push((c, b));
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(arrived, 1);
+    let want: Vec<(ChunkHash, Vec<u8>)> = names.iter().copied().zip(parts).collect();
+    assert_eq!(got, want);
+    let mut asked = names.clone();
+    asked.push(ChunkHash::of(b"not there"));
+    match conn.fetch(&unit, &asked, 0, || (), |_, _| Ok(())).await {
+        Err(FetchError::Refused(Refusal::NotHeld)) => {}
+        other => panic!("{other:?}"),
     }
 }
 
@@ -166,7 +228,7 @@ async fn corrupted_bytes_are_caught() {
     let (served, _, hash) = serve(&ca, true);
     let me = client(&ca, "eu-1-n1");
     let conn = me.connect(served.addr, "origin-1").await.unwrap();
-    match conn.fetch(&hash, 0, || ()).await {
+    match fetch_one(&conn, &hash).await {
         Err(FetchError::Corrupt { expected, .. }) => assert_eq!(expected, hash),
         other => panic!("{:?}", other.map(|b| b.len())),
     }
@@ -194,7 +256,7 @@ async fn a_malformed_request_closes_only_its_connection() {
     // Everyone else is served as before.
     let me = client(&ca, "eu-1-n1");
     let good = me.connect(served.addr, "origin-1").await.unwrap();
-    assert_eq!(good.fetch(&hash, 0, || ()).await.unwrap(), bytes);
+    assert_eq!(fetch_one(&good, &hash).await.unwrap(), bytes);
 }
 
 #[tokio::test]

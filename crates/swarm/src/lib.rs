@@ -14,7 +14,9 @@
 pub mod fetch;
 pub mod pace;
 pub mod topology;
+pub mod units;
 pub mod upload;
 
 pub use fetch::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source};
 pub use topology::ingress_node;
+pub use units::{Unit, Units};
