@@ -8,6 +8,7 @@ use starling_sim::load::{self, Load};
 use starling_sim::report::{peak_rss_mib, Row};
 use starling_sim::scenario::{mbit, Faults, Scenario};
 use starling_sim::world::World;
+use starling_swarm::units::unit_bytes;
 
 #[derive(Parser)]
 #[command(name = "starling-sim", about = "Simulate a Starling swarm at scale")]
@@ -53,11 +54,12 @@ struct Shape {
     per_region: usize,
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// The transfer unit (chunk) size in KiB.
+    /// The simulated unit of transfer in KiB; by default the swarm's for the release
+    /// (`starling_swarm::units`; with `--preset testbed`, a 256 KiB chunk).
     #[arg(long)]
     chunk_kib: Option<u64>,
-    /// Model each unit as a run of chunks of this size that relays pass on one by one
-    /// (see `Scenario::piece_bytes`); 0 passes units on whole.
+    /// Model each unit as a run of the swarm's units of this size, which relays pass on
+    /// one by one (see `Scenario::piece_bytes`); 0 passes units on whole.
     #[arg(long)]
     piece_kib: Option<u64>,
     /// Nodes see the goal spread evenly over this long, ms.
@@ -127,7 +129,10 @@ impl Shape {
         let mut sc = if self.preset == "testbed" {
             Scenario::testbed(self.regions, self.per_region, self.size_mib)
         } else {
-            Scenario::internet(self.regions, self.per_region, self.size_mib << 20, 4 << 20)
+            // The swarm's unit for the release (whole chunks of 256 KiB at least).
+            let bytes = self.size_mib << 20;
+            let unit = unit_bytes(bytes).max(256 << 10);
+            Scenario::internet(self.regions, self.per_region, bytes, unit)
         };
         if let Some(k) = self.chunk_kib {
             sc.chunk_bytes = k << 10;

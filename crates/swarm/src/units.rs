@@ -55,8 +55,7 @@ impl Units {
             .into_iter()
             .filter(|(c, _)| seen.insert(*c))
             .collect();
-        let total: u64 = distinct.iter().map(|(_, n)| n).sum();
-        let target = (total / UNITS_PER_RELEASE).clamp(1, MAX_UNIT_BYTES);
+        let target = unit_bytes(distinct.iter().map(|(_, n)| n).sum());
         let mut units = Vec::new();
         let mut run: Vec<ChunkHash> = Vec::new();
         let mut bytes = 0;
@@ -95,6 +94,11 @@ impl Units {
     pub fn is_empty(&self) -> bool {
         self.units.is_empty()
     }
+}
+
+/// The bytes a unit of a release of `total` distinct bytes grows to.
+pub fn unit_bytes(total: u64) -> u64 {
+    (total / UNITS_PER_RELEASE).clamp(1, MAX_UNIT_BYTES)
 }
 
 /// A unit's name: its one chunk's, or the hash of its chunks' names.
