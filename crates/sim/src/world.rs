@@ -1125,7 +1125,11 @@ impl World {
             .active
             .iter()
             .any(|(r, _)| r.receiver == to && r.chunk == chunk);
-        if self.alive_node(to) && sending && !self.up[from as usize].corrupt {
+        let whole = self
+            .nodes
+            .get(from as usize)
+            .is_none_or(|x| x.held[chunk as usize]);
+        if self.alive_node(to) && sending && whole && !self.up[from as usize].corrupt {
             self.serve(to, from, chunk);
         }
     }
