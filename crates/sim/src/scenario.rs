@@ -20,11 +20,13 @@ pub struct Scenario {
     /// 256 KiB; a large run may model bigger transfer units, see the crate doc).
     pub release_bytes: u64,
     pub chunk_bytes: u64,
-    /// A unit larger than the release format's chunks stands for a run of them, and a
-    /// node passes each chunk on once it holds it whole: so a relay may send a unit on
-    /// once this many bytes of it arrived (its first chunk), and its copy ends no sooner
-    /// than this many bytes after the unit is whole at the relay. `None`: a unit is
-    /// passed on only once it is whole (as a single chunk is).
+    /// A simulated unit may stand for a run of the swarm's units of this many bytes,
+    /// which a node passes on one by one as each is whole: a relay receiving it from a
+    /// node that holds it whole may send it on once this many bytes arrived, and that
+    /// copy ends no sooner than this many bytes after the unit is whole at the relay.
+    /// Only one relay deep: a relay that served a unit to a peer it then asked for the
+    /// same unit (the endgame asks two) would wait on itself, which whole units of the
+    /// real swarm never do. `None`: a unit is passed on only once it is whole.
     pub piece_bytes: Option<u64>,
     /// Bytes per second. Download `f64::INFINITY`: unshaped (as on the testbed).
     pub node_up: f64,

@@ -1119,7 +1119,7 @@ impl World {
     }
 
     /// The first piece of `chunk` from `from` reached `to`, which serves it from now on
-    /// if it checks (the rest of it is on its way).
+    /// if it checks and `from` holds it whole (see [`Scenario::piece_bytes`]).
     fn piece(&mut self, to: u32, from: u32, chunk: u32) {
         let sending = self.up[from as usize]
             .active
