@@ -452,16 +452,17 @@ async fn fetch_unit(
         return Event::Refused(peer, unit);
     };
     // Those held already (from another release) are not asked for.
-    let need = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            chunks
-                .into_iter()
-                .filter(|c| !store.has_chunk(c).unwrap_or(false))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default()
+    let check = store.clone();
+    let need = tokio::task::spawn_blocking(move || {
+        chunks
+            .into_iter()
+            .filter(|c| !check.has_chunk(c).unwrap_or(false))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let need = match need {
+        Ok(need) => need,
+        Err(e) => return store_failed("checking", e),
     };
     let mut got: Vec<(ChunkHash, Vec<u8>)> = Vec::with_capacity(need.len());
     let fetched = if need.is_empty() {
@@ -471,8 +472,7 @@ async fn fetch_unit(
             let _ = tx.send(Event::Arriving(peer, unit));
         };
         conn.fetch(&unit, &need, progress, arriving, |c, bytes| {
-            got.push((c, bytes));
-            Ok(())
+            got.push((c, bytes))
         })
         .await
     };
@@ -490,9 +490,7 @@ async fn fetch_unit(
         // Another peer would not help a full or failing disk: the fetch ends, and the
         // node reports why.
         Ok(Err(e)) => return Event::StoreFailed(e),
-        Err(e) => {
-            return Event::StoreFailed(ReleaseError::Store(format!("the storing task failed: {e}")))
-        }
+        Err(e) => return store_failed("storing", e),
     }
     match fetched {
         Ok(()) => Event::Arrived(peer, unit, bytes),
@@ -501,4 +499,9 @@ async fn fetch_unit(
         Err(FetchError::Refused(_) | FetchError::NoManifest) => Event::Refused(peer, unit),
         Err(FetchError::Peer(_)) => Event::Gone(peer),
     }
+}
+
+/// A blocking task on the store that did not finish (it panicked or was cancelled).
+fn store_failed(what: &str, e: tokio::task::JoinError) -> Event {
+    Event::StoreFailed(ReleaseError::Store(format!("the {what} task failed: {e}")))
 }

@@ -526,7 +526,7 @@ impl PeerConn {
         chunks: &[ChunkHash],
         progress: u8,
         arriving: impl FnOnce(),
-        mut each: impl FnMut(ChunkHash, Vec<u8>) -> Result<(), FetchError>,
+        mut each: impl FnMut(ChunkHash, Vec<u8>),
     ) -> Result<(), FetchError> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(stream)?;
         let get = Frame::Get {
@@ -554,7 +554,7 @@ impl PeerConn {
                             actual,
                         });
                     }
-                    each(*chunk, bytes)?;
+                    each(*chunk, bytes);
                 }
                 Frame::Refuse { chunk: c, why } if c == *unit && arriving.is_some() => {
                     return Err(FetchError::Refused(why))

@@ -63,17 +63,8 @@ fn serve(ca: &ClusterCa, corrupt: bool) -> (Served, Vec<u8>, ChunkHash) {
 /// One chunk, as a unit of its own.
 async fn fetch_one(conn: &PeerConn, hash: &ChunkHash) -> Result<Vec<u8>, FetchError> {
     let mut got = Vec::new();
-    conn.fetch(
-        hash,
-        &[*hash],
-        0,
-        || (),
-        |_, bytes| {
-            got = bytes;
-            Ok(())
-        },
-    )
-    .await?;
+    conn.fetch(hash, &[*hash], 0, || (), |_, bytes| got = bytes)
+        .await?;
     Ok(got)
 }
 
@@ -130,24 +121,15 @@ async fn a_unit_of_several_chunks_crosses_in_one_request() {
     let unit = ChunkHash::of(b"a unit");
     let mut got = Vec::new();
     let mut arrived = 0;
-    conn.fetch(
-        &unit,
-        &names,
-        0,
-        || arrived += 1,
-        |c, b| {
-            got.push((c, b));
-            Ok(())
-        },
-    )
-    .await
-    .unwrap();
+    conn.fetch(&unit, &names, 0, || arrived += 1, |c, b| got.push((c, b)))
+        .await
+        .unwrap();
     assert_eq!(arrived, 1);
     let want: Vec<(ChunkHash, Vec<u8>)> = names.iter().copied().zip(parts).collect();
     assert_eq!(got, want);
     let mut asked = names.clone();
     asked.push(ChunkHash::of(b"not there"));
-    match conn.fetch(&unit, &asked, 0, || (), |_, _| Ok(())).await {
+    match conn.fetch(&unit, &asked, 0, || (), |_, _| ()).await {
         Err(FetchError::Refused(Refusal::NotHeld)) => {}
         other => panic!("{other:?}"),
     }
