@@ -17,7 +17,7 @@ use starling_proto::peer::Refusal;
 use starling_proto::release::Manifest;
 use starling_proto::{ChunkHash, ReleaseId};
 use starling_release::{ChunkStore, ReleaseError};
-use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source, Units};
+use starling_swarm::{Action, Fetch, FetchConfig, PeerId, PeerInfo, Source, Unit, Units};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -195,15 +195,7 @@ pub async fn fetch_release(
 ) -> Result<FetchReport, FetcherError> {
     // The manifest first: from now on this node can tell others what it holds.
     store.put_manifest(&release, &manifest.encode()?)?;
-    let units = Arc::new(Units::of(
-        manifest.chunks.iter().map(|c| (c.hash, u64::from(c.size))),
-    ));
-    let sizes: HashMap<ChunkHash, u64> = manifest
-        .chunks
-        .iter()
-        .map(|c| (c.hash, u64::from(c.size)))
-        .collect();
-    let sizes = Arc::new(sizes);
+    let units = Arc::new(Units::of_manifest(manifest));
     let started = Instant::now();
     let mut fetch = {
         let (store, units) = (store.clone(), units.clone());
@@ -213,9 +205,11 @@ pub async fn fetch_release(
             me,
             &ids,
             move |u| {
-                units
-                    .get(u)
-                    .is_some_and(|u| u.chunks.iter().all(|c| store.has_chunk(c).unwrap_or(false)))
+                units.get(u).is_some_and(|u| {
+                    u.lacking(|c| store.has_chunk(c).unwrap_or(false))
+                        .next()
+                        .is_none()
+                })
             },
             started.into_std(),
         )
@@ -275,12 +269,13 @@ pub async fn fetch_release(
                         "asking"
                     );
                     let (tx, store) = (tx.clone(), store.clone());
-                    let (units, sizes) = (units.clone(), sizes.clone());
+                    let unit = units.get(&chunk).cloned();
                     let progress = fetch.progress();
                     let task = tokio::spawn(async move {
-                        let event =
-                            fetch_unit(&conn, peer, chunk, progress, &units, &sizes, store, &tx)
-                                .await;
+                        let event = match unit {
+                            Some(unit) => fetch_unit(&conn, peer, unit, progress, store, &tx).await,
+                            None => Event::Refused(peer, chunk),
+                        };
                         let _ = tx.send(event);
                     });
                     requests.insert((peer, chunk), task.abort_handle());
@@ -437,26 +432,19 @@ pub async fn fetch_release(
 
 /// Fetch the chunks of `unit` this node lacks from `conn` and store them: what became
 /// of the request, as the fetch loop hears of it.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_unit(
     conn: &PeerConn,
     peer: PeerId,
-    unit: ChunkHash,
+    unit: Unit,
     progress: u8,
-    units: &Units,
-    sizes: &HashMap<ChunkHash, u64>,
     store: Arc<dyn ChunkStore>,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> Event {
-    let Some(chunks) = units.get(&unit).map(|u| u.chunks.clone()) else {
-        return Event::Refused(peer, unit);
-    };
+    let id = unit.id;
     // Those held already (from another release) are not asked for.
     let check = store.clone();
     let need = tokio::task::spawn_blocking(move || {
-        chunks
-            .into_iter()
-            .filter(|c| !check.has_chunk(c).unwrap_or(false))
+        unit.lacking(|c| check.has_chunk(c).unwrap_or(false))
             .collect::<Vec<_>>()
     })
     .await;
@@ -469,18 +457,15 @@ async fn fetch_unit(
         Ok(())
     } else {
         let arriving = || {
-            let _ = tx.send(Event::Arriving(peer, unit));
+            let _ = tx.send(Event::Arriving(peer, id));
         };
-        conn.fetch(&unit, &need, progress, arriving, |c, bytes| {
+        conn.fetch(&id, &need, progress, arriving, |c, bytes| {
             got.push((c, bytes))
         })
         .await
     };
     // What checked is kept, whatever became of the rest.
-    let bytes: u64 = got
-        .iter()
-        .map(|(c, _)| sizes.get(c).copied().unwrap_or(0))
-        .sum();
+    let bytes: u64 = got.iter().map(|(_, b)| b.len() as u64).sum();
     let put = tokio::task::spawn_blocking(move || {
         got.iter().try_for_each(|(c, b)| store.put_chunk(c, b))
     })
@@ -493,10 +478,10 @@ async fn fetch_unit(
         Err(e) => return store_failed("storing", e),
     }
     match fetched {
-        Ok(()) => Event::Arrived(peer, unit, bytes),
-        Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, unit),
-        Err(FetchError::Refused(Refusal::Busy)) => Event::Busy(peer, unit),
-        Err(FetchError::Refused(_) | FetchError::NoManifest) => Event::Refused(peer, unit),
+        Ok(()) => Event::Arrived(peer, id, bytes),
+        Err(FetchError::Corrupt { .. }) => Event::Corrupt(peer, id),
+        Err(FetchError::Refused(Refusal::Busy)) => Event::Busy(peer, id),
+        Err(FetchError::Refused(_) | FetchError::NoManifest) => Event::Refused(peer, id),
         Err(FetchError::Peer(_)) => Event::Gone(peer),
     }
 }

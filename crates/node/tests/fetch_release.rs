@@ -60,10 +60,6 @@ fn serve(e: &Arc<PeerEndpoint>, store: Arc<dyn ChunkStore>) {
     tokio::spawn(async move { e.serve(Serving::store(store)).await });
 }
 
-fn units(m: &Manifest) -> Units {
-    Units::of(m.chunks.iter().map(|c| (c.hash, u64::from(c.size))))
-}
-
 /// A node holding the manifest and every other unit (from `offset`).
 fn partial(
     dir: &Path,
@@ -75,7 +71,7 @@ fn partial(
     let s = FsChunkStore::new(dir).unwrap();
     s.put_manifest(id, &origin.get_manifest(id).unwrap())
         .unwrap();
-    for u in units(m).iter().skip(offset).step_by(2) {
+    for u in Units::of_manifest(m).iter().skip(offset).step_by(2) {
         for c in &u.chunks {
             s.put_chunk(c, &origin.get_chunk(c).unwrap()).unwrap();
         }
@@ -87,7 +83,7 @@ async fn run(corrupt_neighbour: bool, avg_chunk: u32) {
     let t = tempfile::tempdir().unwrap();
     let ca = ClusterCa::generate("starling-test", SystemTime::now()).unwrap();
     let (origin, id, manifest) = make_release(t.path(), avg_chunk);
-    let units = units(&manifest);
+    let units = Units::of_manifest(&manifest);
     let longest = units.iter().map(|u| u.chunks.len()).max().unwrap_or(0);
     eprintln!(
         "{} chunks in {} units of up to {longest} chunks",

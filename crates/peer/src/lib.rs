@@ -695,9 +695,13 @@ fn holdings(store: &dyn ChunkStore, release: &ReleaseId) -> Vec<ChunkHash> {
     let Ok(manifest) = Manifest::decode(&bytes) else {
         return Vec::new();
     };
-    Units::of(manifest.chunks.iter().map(|c| (c.hash, u64::from(c.size))))
+    Units::of_manifest(&manifest)
         .iter()
-        .filter(|u| u.chunks.iter().all(|c| store.has_chunk(c).unwrap_or(false)))
+        .filter(|u| {
+            u.lacking(|c| store.has_chunk(c).unwrap_or(false))
+                .next()
+                .is_none()
+        })
         .map(|u| u.id)
         .collect()
 }
@@ -906,9 +910,9 @@ async fn serve_request(
     // All of the unit asked for, or nothing: a partial answer would spend the asker's
     // round trip and this slot on a request that must go elsewhere anyway.
     let check = store.clone();
-    let asked = chunks.clone();
-    let held_all = tokio::task::spawn_blocking(move || {
-        asked.iter().all(|c| check.has_chunk(c).unwrap_or(false))
+    let (chunks, held_all) = tokio::task::spawn_blocking(move || {
+        let all = chunks.iter().all(|c| check.has_chunk(c).unwrap_or(false));
+        (chunks, all)
     })
     .await
     .map_err(stream)?;

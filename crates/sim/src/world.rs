@@ -547,11 +547,7 @@ impl World {
                     return;
                 }
                 if let Some(piece) = self.sc.piece_bytes.filter(|p| *p < self.sc.chunk_bytes) {
-                    let rate = self.up[from as usize]
-                        .active
-                        .iter()
-                        .find(|(r, _)| r.receiver == to && r.chunk == chunk)
-                        .and_then(|(_, f)| self.net.rate(*f));
+                    let rate = self.flow(from, to, chunk).and_then(|f| self.net.rate(f));
                     if let Some(rate) = rate.filter(|r| *r > 0.0) {
                         let wire = piece as f64 * self.sc.wire_overhead;
                         let at = self.now + (wire / rate * 1e9) as u64;
@@ -1121,10 +1117,7 @@ impl World {
     /// The first piece of `chunk` from `from` reached `to`, which serves it from now on
     /// if it checks and `from` holds it whole (see [`Scenario::piece_bytes`]).
     fn piece(&mut self, to: u32, from: u32, chunk: u32) {
-        let sending = self.up[from as usize]
-            .active
-            .iter()
-            .any(|(r, _)| r.receiver == to && r.chunk == chunk);
+        let sending = self.flow(from, to, chunk).is_some();
         let whole = self
             .nodes
             .get(from as usize)
@@ -1165,8 +1158,20 @@ impl World {
         }
     }
 
+    /// Uploader `from`'s flow of `chunk` to `to`, if one runs.
+    fn flow(&self, from: u32, to: u32, chunk: u32) -> Option<FlowId> {
+        self.up[from as usize]
+            .active
+            .iter()
+            .find(|(r, _)| r.receiver == to && r.chunk == chunk)
+            .map(|(_, f)| *f)
+    }
+
     /// `chunk` is whole at `k`: the sends of it that went out ahead end a piece later.
     fn relay(&mut self, k: u32, chunk: u32) {
+        if self.nodes[k as usize].relaying.is_empty() {
+            return;
+        }
         let relaying = std::mem::take(&mut self.nodes[k as usize].relaying);
         let (ended, waiting): (Vec<Req>, Vec<Req>) =
             relaying.into_iter().partition(|r| r.chunk == chunk);

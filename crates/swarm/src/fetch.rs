@@ -18,8 +18,9 @@
 //! everyone at once. Among the chunks it may ask for, a node asks for the rarest first
 //! (fewest peers hold it), ties broken differently on every node; a peer gets at most
 //! `per_peer` requests at once and the node at most `total`, and a peer that said it is
-//! busy is left alone for a few of this node's chunk times (`busy_backoff`). When every missing chunk is in flight, the
-//! endgame asks a second peer for each, and cancels the loser.
+//! busy is left alone for a few of this node's chunk times (`busy_backoff`). When every
+//! missing chunk is in flight, the endgame asks a second peer for each, and cancels the
+//! loser.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -108,11 +109,11 @@ pub struct FetchConfig {
     pub fanout: usize,
     /// How long after a chunk is first held a node waits for its turn at most.
     pub turn_patience: Duration,
-    /// How long a peer that said it is busy is left alone at most, and at least. In
-    /// between, [`BUSY_CHUNK_TIMES`] times the mean time between this node's last
-    /// arrivals (over `pace_window`; the most until two arrived, or without pacing): a busy peer's queue
-    /// drains in a few of its chunks' times, which is what the arrivals measure, and that
-    /// is 2 ms for a 256 KiB chunk at 1 Gbit/s but 134 ms for 16 MiB or 52 ms at
+    /// How long a peer that said it is busy is left alone at most (and `..._floor` at
+    /// least). In between, [`BUSY_CHUNK_TIMES`] times the mean time between this node's
+    /// last arrivals (over `pace_window`; the most until two arrived, or without
+    /// pacing): a busy peer's queue drains in a few of its chunks' times, which is what
+    /// the arrivals measure, and that is 2 ms for a 256 KiB chunk at 1 Gbit/s but 134 ms for 16 MiB or 52 ms at
     /// 40 Mbit/s. In the simulator (10 regions × 50 nodes, 1 GiB in 4 MiB units) 1 s
     /// instead of 200 ms cut the requests a node makes by a third and left the time as
     /// it was (19.2 s against 18.8 s), but with the release format's 256 KiB chunks at
@@ -433,11 +434,10 @@ impl Fetch {
         let (Some(first), Some(last)) = (self.arrivals.front(), self.arrivals.back()) else {
             return self.cfg.busy_backoff;
         };
-        let gaps = self.arrivals.len().saturating_sub(1) as u32;
-        if gaps == 0 {
+        let gaps = self.arrivals.len() as u32 - 1;
+        let Some(chunk_time) = last.saturating_duration_since(*first).checked_div(gaps) else {
             return self.cfg.busy_backoff;
-        }
-        let chunk_time = last.saturating_duration_since(*first) / gaps;
+        };
         (chunk_time * BUSY_CHUNK_TIMES).clamp(self.cfg.busy_backoff_floor, self.cfg.busy_backoff)
     }
 

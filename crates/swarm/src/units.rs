@@ -22,14 +22,16 @@
 
 use std::collections::{HashMap, HashSet};
 
+use starling_proto::peer::MAX_GET_CHUNKS;
+use starling_proto::release::Manifest;
 use starling_proto::ChunkHash;
 
 /// A release is cut into about this many units (fewer if its chunks are larger).
 pub const UNITS_PER_RELEASE: u64 = 256;
 /// A unit stops growing once it holds this many bytes.
 pub const MAX_UNIT_BYTES: u64 = 4 << 20;
-/// Most chunks in one unit (and so in one request).
-pub const MAX_UNIT_CHUNKS: usize = 64;
+/// Most chunks in one unit: as many as one request may ask for.
+pub const MAX_UNIT_CHUNKS: usize = MAX_GET_CHUNKS;
 
 /// One unit: its name and its chunks, in manifest order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +41,17 @@ pub struct Unit {
     pub bytes: u64,
 }
 
-/// A release's units, and which unit each chunk belongs to.
+impl Unit {
+    /// Its chunks that `has` says are not held, in order.
+    pub fn lacking<'a>(
+        &'a self,
+        has: impl Fn(&ChunkHash) -> bool + 'a,
+    ) -> impl Iterator<Item = ChunkHash> + 'a {
+        self.chunks.iter().copied().filter(move |c| !has(c))
+    }
+}
+
+/// A release's units, in manifest order, each found by its name.
 #[derive(Debug, Clone, Default)]
 pub struct Units {
     units: Vec<Unit>,
@@ -73,6 +85,11 @@ impl Units {
         }
         let by_id = units.iter().enumerate().map(|(i, u)| (u.id, i)).collect();
         Units { units, by_id }
+    }
+
+    /// The units of `manifest`'s chunks.
+    pub fn of_manifest(manifest: &Manifest) -> Units {
+        Units::of(manifest.chunks.iter().map(|c| (c.hash, u64::from(c.size))))
     }
 
     pub fn ids(&self) -> impl Iterator<Item = ChunkHash> + '_ {
